@@ -1,0 +1,54 @@
+"""Interleaved timing of competing callables.
+
+Why: on a shared 2-core machine absolute timings drift with load. Running the
+candidates round-robin within one process, and comparing medians, makes their
+*ratio* trustworthy even when the absolute numbers are not.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    candidates: dict[str, Callable[[], object]],
+    repeats: int = 30,
+    warmup: int = 3,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured round-robin.
+
+    Each round calls every candidate once, in the same order, so a slow spell of the
+    machine hits all of them alike.
+    """
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def format_table(headers: list[str], rows: list[list[object]]) -> str:
+    """A GitHub-markdown table (readable in a terminal and in report.md)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep, *(line(r) for r in cells)])

@@ -1,0 +1,136 @@
+"""The chapter's models: LeNet, and LeNet with a normalization layer after every conv/linear.
+
+Why: the chapter compares the *same* LeNet with its scratch BN, with torch's BN and with
+none. Building them from one function with the norm chosen by name (``bnlab.norms``)
+guarantees the comparison changes only the normalization.
+
+Layout of BN-LeNet (the chapter's, shapes for a 28x28 input)::
+
+    conv(6, k5)   -> norm -> sigmoid -> avgpool(2)   # (N, 6, 24, 24) -> (N, 6, 12, 12)
+    conv(16, k5)  -> norm -> sigmoid -> avgpool(2)   # (N, 16, 8, 8)  -> (N, 16, 4, 4)
+    flatten -> linear(120) -> norm -> sigmoid        # (N, 256) -> (N, 120)
+    linear(84) -> norm -> sigmoid                    # (N, 84)
+    linear(10)                                       # (N, 10) logits
+
+Plain LeNet (the baseline) pads the first conv by 2 and has no norm layers.
+Linear and conv layers are lazy, sized by a dry run, then Xavier-uniform initialized,
+as in the chapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from bnlab.norms import create_norm_layer
+
+NORM_SLOTS = ("conv1", "conv2", "fc1", "fc2")
+"""Where BN-LeNet can hold a norm layer: after each of its four hidden conv/linear layers."""
+
+MODELS = ("bn-lenet", "lenet")
+INPUT_SHAPE = (1, 28, 28)
+
+
+def parse_norm_slots(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """``"all"``, ``"none"``, ``"conv"``, ``"fc"`` or a comma list of slot names -> slot tuple."""
+    groups = {"all": NORM_SLOTS, "none": (), "conv": NORM_SLOTS[:2], "fc": NORM_SLOTS[2:]}
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    slots: list[str] = []
+    for name in (n.strip() for n in names if n.strip()):
+        if name in groups:
+            slots.extend(groups[name])
+        elif name in NORM_SLOTS:
+            slots.append(name)
+        else:
+            raise ValueError(
+                f"unknown norm slot {name!r}; expected {sorted(groups)} or a comma list of "
+                f"{list(NORM_SLOTS)}"
+            )
+    return tuple(s for s in NORM_SLOTS if s in slots)
+
+
+def bn_lenet(
+    norm: str = "bnlab",
+    norm_slots: str | Sequence[str] = "all",
+    num_classes: int = 10,
+) -> nn.Sequential:
+    """The chapter's BN-LeNet with ``norm`` (a ``bnlab.norms`` name) in ``norm_slots``."""
+    slots = parse_norm_slots(norm_slots)
+
+    def norm_or_identity(slot: str, kind: str, features: int) -> nn.Module:
+        return create_norm_layer(norm, kind, features) if slot in slots else nn.Identity()
+
+    return nn.Sequential(
+        nn.LazyConv2d(6, kernel_size=5), norm_or_identity("conv1", "conv", 6),
+        nn.Sigmoid(), nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.LazyConv2d(16, kernel_size=5), norm_or_identity("conv2", "conv", 16),
+        nn.Sigmoid(), nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Flatten(),
+        nn.LazyLinear(120), norm_or_identity("fc1", "fc", 120), nn.Sigmoid(),
+        nn.LazyLinear(84), norm_or_identity("fc2", "fc", 84), nn.Sigmoid(),
+        nn.LazyLinear(num_classes),
+    )
+
+
+def lenet(num_classes: int = 10) -> nn.Sequential:
+    """The chapter's plain LeNet (first conv padded by 2), the no-BN baseline."""
+    return nn.Sequential(
+        nn.LazyConv2d(6, kernel_size=5, padding=2), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.LazyConv2d(16, kernel_size=5), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Flatten(),
+        nn.LazyLinear(120), nn.Sigmoid(),
+        nn.LazyLinear(84), nn.Sigmoid(),
+        nn.LazyLinear(num_classes),
+    )
+
+
+def initialize(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Size lazy layers with a dry run on ``example``, then Xavier-uniform their weights.
+
+    The dry run is in eval mode under no_grad so it leaves no trace in BN running stats;
+    the model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(example)
+    model.train(was_training)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight)
+    return model
+
+
+def build_model(
+    name: str,
+    norm: str = "bnlab",
+    norm_slots: str = "all",
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """A named model of :data:`MODELS`, sized, initialized and on ``device``.
+
+    Initialization draws from torch's global RNG: seed it first for reproducible weights.
+    """
+    if name == "bn-lenet":
+        model = bn_lenet(norm, norm_slots)
+    elif name == "lenet":
+        if norm != "none":
+            raise ValueError(f"model 'lenet' has no norm layers (got norm={norm!r}); "
+                             "use model 'bn-lenet' for normalized variants")
+        model = lenet()
+    else:
+        raise ValueError(f"unknown model {name!r}; expected one of {list(MODELS)}")
+    model.to(device)
+    return initialize(model, torch.zeros(2, *INPUT_SHAPE, device=device))
+
+
+def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every batch-norm-like layer (one with running statistics or affine γ/β)."""
+    return [
+        (name, m) for name, m in model.named_modules()
+        if name and hasattr(m, "running_mean") and hasattr(m, "weight")
+    ]

@@ -1,0 +1,339 @@
+"""Training: minibatch SGD with per-epoch evaluation, checkpoints, resume and divergence.
+
+Why: the chapter's claims are about training curves, so the trainer's numbers must be
+trustworthy: ``train_one_epoch`` and ``evaluate`` are separate (evaluation always in eval
+mode under no_grad, the caller's mode restored), every epoch is checkpointed atomically,
+a resumed run ends with exactly the metrics of an uninterrupted one (data order is a pure
+function of (seed, epoch); RNG state travels in the checkpoint), and a non-finite loss is
+recorded as a result ("diverged") instead of crashing an experiment grid.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from bnlab import runs
+from bnlab.config import config_to_dict
+from bnlab.models import MODELS
+from bnlab.norms import NORM_LAYERS
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the chapter's: SGD, lr 0.1, batch 128, 10 epochs."""
+
+    model: str = field(default="bn-lenet", metadata={"help": "model", "choices": MODELS})
+    norm: str = field(default="bnlab", metadata={
+        "help": "norm layer (bnlab.norms); lenet takes only 'none'", "choices": tuple(NORM_LAYERS)})
+    norm_slots: str = field(default="all", metadata={
+        "help": "where bn-lenet has norm layers: all, none, conv, fc or a comma list of "
+                "conv1,conv2,fc1,fc2"})
+    epochs: int = field(default=10, metadata={"help": "training epochs"})
+    lr: float = field(default=0.1, metadata={"help": "SGD learning rate"})
+    batch_size: int = field(default=128, metadata={"help": "training minibatch size"})
+    momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay"})
+    seed: int = field(default=0, metadata={"help": "seed of weights, data order and dropout"})
+    subset: int = field(default=0, metadata={
+        "help": "train on a class-balanced subset of N training images (0 = all 60000); "
+                "the test set stays whole"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the training step (about 25-30 s of compile before epoch 1)"})
+    eval_batch_size: int = field(default=1000, metadata={"help": "batch size of evaluation"})
+
+    def __post_init__(self) -> None:
+        if self.model == "lenet" and self.norm != "none":
+            raise ValueError(f"model 'lenet' has no norm layers (got norm={self.norm!r}); "
+                             "use --norm none, or --model bn-lenet")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"expected {name} >= 1 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise ValueError(f"expected lr > 0 (got {self.lr})")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    return device
+
+
+@dataclass
+class EpochResult:
+    loss: float  # mean training loss over the epoch's steps
+    accuracy: float  # training accuracy over the epoch (batch-norm in train mode)
+    seconds: float
+    images: int
+    step_losses: list[float]
+    diverged_step: int | None = None  # 1-based step of the first non-finite loss
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    step_fn=None,
+    progress: tqdm | None = None,
+) -> EpochResult:
+    """One pass of minibatch SGD in train mode; stops at the first non-finite loss."""
+    step_fn = step_fn or make_step(model, optimizer)
+    model.train()
+    losses: list[float] = []
+    correct = images = 0
+    start = time.perf_counter()
+    for x, y in batches:
+        loss, logits = step_fn(x, y)
+        loss_value = loss.item()
+        losses.append(loss_value)
+        if not math.isfinite(loss_value):
+            return EpochResult(math.nan, math.nan, time.perf_counter() - start, images,
+                               losses, diverged_step=len(losses))
+        correct += (logits.argmax(dim=1) == y).sum().item()
+        images += y.numel()
+        if progress is not None:
+            progress.update(1)
+            if len(losses) % 10 == 0:
+                rate = images / (time.perf_counter() - start)
+                progress.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:,.0f}")
+    seconds = time.perf_counter() - start
+    return EpochResult(statistics.fmean(losses), correct / images, seconds, images, losses)
+
+
+def make_step(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """A training step ``(x, y) -> (loss, logits)``: forward, cross-entropy, backward, update."""
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)  # (N, 10)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), logits.detach()
+
+    return step
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over ``batches`` in eval mode; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct = count = 0
+        for x, y in batches:
+            logits = model(x)  # (N, 10)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double().cpu()
+            correct += (logits.argmax(dim=1) == y).sum().item()
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    return loss_sum.item() / count, correct / count
+
+
+class TrainingRun:
+    """A run that advances one epoch at a time (``fit`` loops it; the demo interleaves several).
+
+    ``train_loader`` must have ``set_epoch(epoch)`` and ``len()`` (``bnlab.data.Loader``):
+    its order depends only on (seed, epoch), which is what makes resume exact. With
+    ``run_dir`` every epoch is checkpointed and the run folder files are written
+    (``bnlab.runs``); ``resume=True`` continues from the last checkpoint there.
+    """
+
+    def __init__(self, model: nn.Module, train_loader, test_loader, config: TrainConfig,
+                 run_dir: str | Path | None = None, resume: bool = False,
+                 progress: bool = True, label: str = "") -> None:
+        self.model, self.config, self.progress = model, config, progress
+        self.label = label
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr,
+                                         momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.history: list[dict[str, Any]] = []
+        self.step_losses: list[list[float]] = []
+        self.diverged: dict[str, int] | None = None
+        if self.run_dir is not None:
+            checkpoint = runs.prepare(self.run_dir, config_to_dict(config), resume)
+            if checkpoint is not None:
+                self._restore(checkpoint)
+        self._step = make_step(torch.compile(model) if config.compile else model, self.optimizer)
+
+    @property
+    def done(self) -> bool:
+        return self.diverged is not None or len(self.history) >= self.config.epochs
+
+    def train_next_epoch(self) -> dict[str, Any] | None:
+        """Train and evaluate one epoch; return its metrics row (None if it diverged)."""
+        epoch = len(self.history) + 1
+        self.train_loader.set_epoch(epoch)
+        bar = tqdm(total=len(self.train_loader),
+                   desc=f"{self.label + ' ' if self.label else ''}epoch {epoch}/{self.config.epochs}",
+                   unit="step", leave=False, disable=not self.progress, dynamic_ncols=True)
+        with bar:
+            result = train_one_epoch(self.model, self.train_loader, self.optimizer, self._step, bar)
+        self.step_losses.append(result.step_losses)
+        if result.diverged_step is not None:
+            self.diverged = {"epoch": epoch, "step": result.diverged_step}
+            self._log(f"epoch {epoch}: loss is not finite at step {result.diverged_step}; "
+                      "stopping (diverged)")
+            self._checkpoint()
+            return None
+        eval_start = time.perf_counter()
+        val_loss, val_acc = evaluate(self.model, self.test_loader)
+        eval_seconds = time.perf_counter() - eval_start
+        row = {
+            "epoch": epoch,
+            "train_loss": result.loss,
+            "train_acc": result.accuracy,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "seconds": result.seconds + eval_seconds,
+            "train_seconds": result.seconds,
+            "eval_seconds": eval_seconds,
+            "images_per_s": result.images / result.seconds,
+        }
+        self.history.append(row)
+        self._log(format_epoch(row, self.config.epochs))
+        self._checkpoint()
+        return row
+
+    def finish(self) -> dict[str, Any]:
+        """The summary; with a run folder, also ``summary.json`` and ``curves.png``."""
+        summary = summarize(self.history, self.config.epochs, self.diverged)
+        if self.run_dir is not None:
+            runs.write_summary(self.run_dir, summary)
+            from bnlab.plots import plot_curves
+
+            plot_curves(self.history, self.run_dir / runs.CURVES, title=describe(self.config),
+                        diverged=self.diverged)
+        return summary
+
+    def _log(self, line: str) -> None:
+        if self.progress:
+            tqdm.write(f"{self.label}: {line}" if self.label else line)
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.history, self.step_losses = checkpoint["history"], checkpoint["step_losses"]
+        self.diverged = checkpoint["diverged"]
+        torch.set_rng_state(checkpoint["rng"])
+        if checkpoint["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+
+    def _checkpoint(self) -> None:
+        if self.run_dir is None:
+            return
+        runs.save_checkpoint(self.run_dir, {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "step_losses": self.step_losses,
+            "diverged": self.diverged,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        })
+        runs.write_history(self.run_dir, self.history, self.step_losses)
+
+
+def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig,
+        run_dir: str | Path | None = None, resume: bool = False,
+        progress: bool = True) -> dict[str, Any]:
+    """Train ``model`` for ``config.epochs`` (see :class:`TrainingRun`); return the summary."""
+    return complete(TrainingRun(model, train_loader, test_loader, config, run_dir, resume, progress))
+
+
+def complete(run: TrainingRun) -> dict[str, Any]:
+    """Train ``run`` to its last epoch (or divergence) and return its summary."""
+    while not run.done:
+        run.train_next_epoch()
+    return run.finish()
+
+
+def format_epoch(row: dict[str, Any], epochs: int) -> str:
+    return (f"epoch {row['epoch']:>2}/{epochs}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.4f} | val loss {row['val_loss']:.4f} "
+            f"acc {row['val_acc']:.4f} | {row['seconds']:.1f} s "
+            f"({row['images_per_s']:,.0f} img/s)")
+
+
+def summarize(history: list[dict[str, Any]], epochs: int, diverged: dict[str, int] | None) -> dict[str, Any]:
+    """Final and best validation accuracy, time per epoch, and whether the run diverged."""
+    seconds = [row["seconds"] for row in history]
+    best = max(history, key=lambda row: row["val_acc"], default=None)
+    return {
+        "epochs": epochs,
+        "epochs_completed": len(history),
+        "final_val_acc": history[-1]["val_acc"] if history else None,
+        "final_val_loss": history[-1]["val_loss"] if history else None,
+        "final_train_acc": history[-1]["train_acc"] if history else None,
+        "best_val_acc": best["val_acc"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "mean_seconds_per_epoch": statistics.fmean(seconds) if seconds else None,
+        "median_seconds_per_epoch": statistics.median(seconds) if seconds else None,
+        "median_images_per_s": statistics.median(r["images_per_s"] for r in history) if history else None,
+        "diverged": diverged is not None,
+        "diverged_at": diverged,
+    }
+
+
+def describe(config: TrainConfig) -> str:
+    """A short human label, e.g. ``bn-lenet (bnlab) lr=0.1 bs=128 seed=0``."""
+    norm = "" if config.model == "lenet" else f" ({config.norm}"
+    norm += "" if config.model == "lenet" else (
+        ")" if config.norm_slots == "all" else f" @ {config.norm_slots})")
+    return f"{config.model}{norm} lr={config.lr:g} bs={config.batch_size} seed={config.seed}"
+
+
+def build_loaders(config: TrainConfig, dataset, device: torch.device):
+    """Training and test loaders of ``dataset`` (a ``bnlab.data.FashionMNIST``) for ``config``.
+
+    ``config.subset`` takes a class-balanced subset of the training set; the test set is
+    always whole. A final training batch of one image is dropped, since batch norm cannot
+    train on one value per channel.
+    """
+    from bnlab.data import Loader, stratified_subset
+
+    images, labels = dataset.train_images, dataset.train_labels
+    if config.subset:
+        images, labels = stratified_subset(images, labels, config.subset)
+    train = Loader(images, labels, config.batch_size, shuffle=True, seed=config.seed,
+                   drop_last=len(labels) % config.batch_size == 1, device=device)
+    test = Loader(dataset.test_images, dataset.test_labels, config.eval_batch_size,
+                  shuffle=False, device=device)
+    return train, test
+
+
+def run_training(config: TrainConfig, dataset, run_dir: str | Path | None = None,
+                 resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Seed, build the model and loaders for ``config``, and fit; return the summary."""
+    return complete(start_run(config, dataset, run_dir, resume, progress))
+
+
+def start_run(config: TrainConfig, dataset, run_dir: str | Path | None = None,
+              resume: bool = False, progress: bool = True, label: str = "") -> TrainingRun:
+    """A seeded :class:`TrainingRun` of ``config`` on ``dataset``, not yet trained."""
+    from bnlab.models import build_model
+
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, config.norm, config.norm_slots, device)
+    train, test = build_loaders(config, dataset, device)
+    return TrainingRun(model, train, test, config, run_dir, resume, progress, label)

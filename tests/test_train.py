@@ -1,0 +1,123 @@
+"""The trainer on synthetic data: learning, exact resume, divergence, determinism, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bnlab import runs
+from bnlab.models import build_model
+from bnlab.train import TrainConfig, build_loaders, evaluate, run_training, start_run
+
+TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "images_per_s"}
+
+
+def small_config(**changes) -> TrainConfig:
+    values = dict(epochs=3, batch_size=32, lr=0.5, eval_batch_size=100, device="cpu", seed=0)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def without_timing(history):
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
+
+
+@pytest.mark.parametrize("norm", ["bnlab", "torch"])
+def test_bn_lenet_learns_the_synthetic_task(synthetic_fashion, norm):
+    summary = run_training(small_config(norm=norm), synthetic_fashion, progress=False)
+    assert not summary["diverged"]
+    assert summary["final_val_acc"] > 0.9  # chance is 0.1
+
+
+def test_loss_falls_within_an_epoch(synthetic_fashion, tmp_path):
+    run_training(small_config(epochs=1), synthetic_fashion, tmp_path / "run", progress=False)
+    (steps,) = runs.read_jsonl(tmp_path / "run" / runs.STEPS)
+    losses = steps["loss"]
+    assert len(losses) == 640 // 32
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_same_seed_gives_identical_metrics(synthetic_fashion):
+    a = start_run(small_config(epochs=2), synthetic_fashion, progress=False)
+    b = start_run(small_config(epochs=2), synthetic_fashion, progress=False)
+    for run in (a, b):
+        while not run.done:
+            run.train_next_epoch()
+    assert without_timing(a.history) == without_timing(b.history)
+    assert a.step_losses == b.step_losses
+    c = start_run(small_config(epochs=1, seed=1), synthetic_fashion, progress=False)
+    c.train_next_epoch()
+    assert c.step_losses[0] != a.step_losses[0]
+
+
+def test_resume_ends_with_the_metrics_of_an_uninterrupted_run(synthetic_fashion, tmp_path):
+    config = small_config(epochs=3)
+    run_training(config, synthetic_fashion, tmp_path / "whole", progress=False)
+
+    killed = start_run(config, synthetic_fashion, tmp_path / "cut", progress=False)
+    killed.train_next_epoch()  # the process "dies" after epoch 1 was checkpointed
+    assert not (tmp_path / "cut" / runs.SUMMARY).exists()
+    run_training(config, synthetic_fashion, tmp_path / "cut", resume=True, progress=False)
+
+    whole, cut = runs.load_run(tmp_path / "whole"), runs.load_run(tmp_path / "cut")
+    assert len(cut["metrics"]) == 3
+    assert without_timing(cut["metrics"]) == without_timing(whole["metrics"])
+    assert runs.read_jsonl(tmp_path / "cut" / runs.STEPS) == runs.read_jsonl(
+        tmp_path / "whole" / runs.STEPS)
+    state_whole = torch.load(tmp_path / "whole" / runs.CHECKPOINT, weights_only=False)["model"]
+    state_cut = torch.load(tmp_path / "cut" / runs.CHECKPOINT, weights_only=False)["model"]
+    for key, value in state_whole.items():
+        assert torch.equal(value, state_cut[key]), key
+
+
+def test_a_finished_run_folder_is_not_overwritten(synthetic_fashion, tmp_path):
+    run_training(small_config(epochs=1), synthetic_fashion, tmp_path / "r", progress=False)
+    before = (tmp_path / "r" / runs.METRICS).read_text()
+    with pytest.raises(runs.RunFolderError, match="already holds a run; pass --resume"):
+        run_training(small_config(epochs=1), synthetic_fashion, tmp_path / "r", progress=False)
+    with pytest.raises(runs.RunFolderError, match=r"config differs in \['lr'\]"):
+        run_training(small_config(epochs=1, lr=0.3), synthetic_fashion, tmp_path / "r",
+                     resume=True, progress=False)
+    assert (tmp_path / "r" / runs.METRICS).read_text() == before
+
+
+def test_divergence_is_recorded_not_raised(synthetic_fashion, tmp_path):
+    config = small_config(model="lenet", norm="none", lr=1e38, epochs=3)  # overflows the logits
+    summary = run_training(config, synthetic_fashion, tmp_path / "r", progress=False)
+    assert summary["diverged"] is True
+    assert summary["diverged_at"]["epoch"] == 1 and summary["diverged_at"]["step"] >= 1
+    saved = json.loads((tmp_path / "r" / runs.SUMMARY).read_text())
+    assert saved["diverged"] is True and saved["epochs_completed"] == 0
+    assert (tmp_path / "r" / runs.CURVES).exists()
+
+
+def test_evaluate_uses_eval_mode_restores_mode_and_keeps_buffers(synthetic_fashion):
+    torch.manual_seed(0)
+    model = build_model("bn-lenet", "bnlab", device="cpu")
+    _, test = build_loaders(small_config(), synthetic_fashion, torch.device("cpu"))
+    model.train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, acc = evaluate(model, test)
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, buffers[key]), key
+    assert 0 <= acc <= 1 and loss > 0
+    model.eval()
+    evaluate(model, test)
+    assert not model.training
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="model 'lenet' has no norm layers"):
+        TrainConfig(model="lenet", norm="bnlab")
+    with pytest.raises(ValueError, match=r"expected epochs >= 1 \(got 0\)"):
+        TrainConfig(epochs=0)
+
+
+def test_diverged_step_is_written_as_null(synthetic_fashion, tmp_path):
+    config = small_config(model="lenet", norm="none", lr=1e38, epochs=1)
+    run_training(config, synthetic_fashion, tmp_path / "r", progress=False)
+    (steps,) = runs.read_jsonl(tmp_path / "r" / runs.STEPS)
+    assert steps["loss"][-1] is None and all(x is not None for x in steps["loss"][:-1])

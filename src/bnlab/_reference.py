@@ -1,0 +1,49 @@
+"""The reference batch norm: the chapter's math, line by line, differentiated by autograd.
+
+Why keep it next to the fast path: it is the version a reader can check against the
+formula at a glance, and the tests hold the fast path to it (and both to torch). It is
+deliberately plain; speed is ``bnlab._fused``'s job.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bnlab._fused import reduce_dims, stat_dtype
+
+
+def reference_batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """y = (x - mean) / sqrt(var + eps) * gamma + beta, stats per channel (dim 1)."""
+    out_dtype = x.dtype
+    x = x.to(stat_dtype(x.dtype))  # half/bfloat16: compute in float32
+    dims = reduce_dims(x.dim())
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)  # broadcasts a per-channel vector
+    if training:
+        mean = x.mean(dim=dims, keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)  # biased: divides by m
+        if running_mean is not None and running_var is not None:
+            m = x.numel() // x.shape[1]
+            with torch.no_grad():  # the running averages are not part of the graph
+                new_mean = mean.reshape(-1).to(running_mean.dtype)
+                new_var = (var.reshape(-1) * m / (m - 1)).to(running_var.dtype)  # unbiased
+                running_mean.mul_(1 - momentum).add_(momentum * new_mean)
+                running_var.mul_(1 - momentum).add_(momentum * new_var)
+    else:
+        mean = running_mean.reshape(shape).to(x.dtype)
+        var = running_var.reshape(shape).to(x.dtype)
+    x_hat = (x - mean) / torch.sqrt(var + eps)
+    y = x_hat
+    if weight is not None:
+        y = y * weight.reshape(shape).to(x.dtype)
+    if bias is not None:
+        y = y + bias.reshape(shape).to(x.dtype)
+    return y.to(out_dtype)

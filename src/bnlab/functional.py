@@ -1,0 +1,122 @@
+"""``batch_norm`` as a function, a drop-in for ``torch.nn.functional.batch_norm``.
+
+Why a functional layer: the modules in ``bnlab.nn`` only decide *which* statistics to
+use and how fast the running averages move; the arithmetic lives here, once, and can be
+called (and tested) on its own, with either implementation:
+
+* ``impl="fast"`` (default): ``bnlab._fused.FusedBatchNorm``, an autograd Function with
+  the hand-derived backward; as fast as torch's own kernel on CPU.
+* ``impl="reference"``: ``bnlab._reference.reference_batch_norm``, the chapter's formula
+  as plain tensor ops, differentiated by autograd.
+
+Formula, per channel c (statistics over every dim but dim 1)::
+
+    y = (x - mean) / sqrt(var + eps) * gamma + beta
+
+Training uses the batch mean and the biased batch variance (divide by m, the number of
+values per channel) and updates the running statistics in place::
+
+    running_mean = (1 - momentum) * running_mean + momentum * batch_mean
+    running_var  = (1 - momentum) * running_var  + momentum * batch_var * m / (m - 1)
+
+(the running variance is stored unbiased, as torch does). Prediction uses the running
+statistics. ``momentum`` is the weight of the NEW batch (torch's convention); Keras and
+Flax call ``momentum`` the weight of the OLD value, so their ``momentum=0.99`` is
+``momentum=0.01`` here: bnlab momentum = 1 - Keras/Flax momentum.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from bnlab._fused import FusedBatchNorm
+from bnlab._reference import reference_batch_norm
+
+__all__ = ["batch_norm", "check_input"]
+
+Impl = Literal["fast", "reference"]
+
+
+def check_input(x: torch.Tensor, num_features: int | None, training: bool) -> None:
+    """Raise if ``x`` cannot be batch-normalized; touches nothing.
+
+    Called before any buffer is updated, so a bad batch leaves the running statistics
+    and ``num_batches_tracked`` exactly as they were.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor input (got {type(x).__name__})")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point input (got {x.dtype})")
+    if x.dim() < 2:
+        raise ValueError(
+            f"expected an input with at least 2 dims (N, C, ...) (got {x.dim()}D input)")
+    if num_features is not None and x.shape[1] != num_features:
+        raise RuntimeError(
+            f"expected {num_features} channels (dim 1) (got {x.shape[1]})")
+    if training and x.numel() // max(x.shape[1], 1) <= 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, "
+            f"got input size {x.shape}")
+
+
+def _check_vector(name: str, t: torch.Tensor | None, channels: int) -> None:
+    if t is not None and t.numel() != channels:
+        raise RuntimeError(
+            f"{name} should have {channels} elements, one per channel (dim 1) "
+            f"(got {t.numel()})")
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    impl: Impl = "fast",
+) -> torch.Tensor:
+    """Batch-normalize ``input`` (N, C, ...) per channel; same contract as torch's.
+
+    With ``training=True`` the batch statistics normalize and, when given, the running
+    statistics are updated in place with ``new = (1 - momentum) * old + momentum *
+    batch`` (variance unbiased). With ``training=False`` the running statistics
+    normalize; they must then be given. ``impl`` picks the implementation.
+    """
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError(
+            "running_mean and running_var must be given when training=False "
+            "(prediction normalizes with the running statistics)")
+    check_input(input, None, training)
+    channels = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        _check_vector(name, t, channels)
+    if impl == "fast":
+        return fused_batch_norm(input, running_mean, running_var, weight, bias,
+                                training, momentum, eps)
+    if impl == "reference":
+        return reference_batch_norm(input, running_mean, running_var, weight, bias,
+                                    training, momentum, eps)
+    raise ValueError(f"impl must be 'fast' or 'reference' (got {impl!r})")
+
+
+def fused_batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """The fast path without argument checks (callers have checked)."""
+    if running_mean is None or running_var is None:
+        running_mean = running_var = None
+    return FusedBatchNorm.apply(input, weight, bias, running_mean, running_var, training,
+                                momentum, eps)

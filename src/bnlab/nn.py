@@ -1,0 +1,305 @@
+"""Batch-norm modules: drop-ins for ``torch.nn.BatchNorm1d/2d/3d`` and their lazy forms.
+
+Why bnlab has its own modules rather than subclasses of torch's: the point of the lab is
+that the batch norm is ours, end to end, and still indistinguishable from torch's to
+the code around it: same constructor, same parameter and buffer names, state_dicts
+that load both ways, same ``repr``. ``convert_batchnorm`` swaps torch's for ours in an
+existing model.
+
+What a layer computes, per channel c (dim 1; statistics over all other dims)::
+
+    y = (x - mean) / sqrt(var + eps) * gamma + beta        (gamma = weight, beta = bias)
+
+* Training (``module.train()``): ``mean``/``var`` are the batch mean and the biased
+  batch variance, and the running statistics move towards them::
+
+      running = (1 - momentum) * running + momentum * batch
+
+  ``momentum`` is the weight of the NEW batch (torch's convention). Keras and Flax name
+  the weight of the OLD value ``momentum`` (default 0.99): Keras/Flax ``momentum=m``
+  is bnlab/torch ``momentum=1 - m``, so torch's default 0.1 is Keras's 0.9, and
+  Keras's 0.99 is 0.01 here. ``momentum=None`` gives a cumulative moving average
+  (factor ``1 / num_batches_tracked``: the plain mean of all batches seen).
+  The running variance is stored unbiased (batch variance times m / (m - 1), m the
+  number of values per channel), as torch stores it.
+* Prediction (``module.eval()``): the running statistics normalize, unless
+  ``track_running_stats=False``, in which case there are none and the batch statistics
+  are used in both modes.
+* ``eps`` (default 1e-5) is added to the variance before the square root, so a
+  constant channel does not divide by zero.
+
+The mode follows ``module.training`` only, never ``torch.is_grad_enabled()``. The
+chapter's scratch version picks batch statistics when grad mode is on; that is wrong as
+soon as the two differ: a gradient w.r.t. the input of a model in eval mode (saliency
+maps, FGSM-style attacks) would normalize with the batch's statistics and overwrite
+the running averages, and a training-mode pass under ``torch.no_grad()`` (e.g.
+re-estimating BN statistics after pruning or weight averaging) would use the stale
+running statistics and never update them.
+
+``impl`` (keyword-only, default ``"fast"``) picks ``bnlab.functional``'s implementation:
+``"fast"`` (analytic backward, no double backward) or ``"reference"`` (plain autograd).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+from bnlab.functional import Impl, check_input, fused_batch_norm
+from bnlab.functional import batch_norm as _functional_batch_norm
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "convert_batchnorm",
+]
+
+
+class _BatchNorm(nn.Module):
+    """Shared body of BatchNorm1d/2d/3d; subclasses only say which input ranks are valid."""
+
+    _version = 2  # state_dict layout version, as torch's (2 = has num_batches_tracked)
+    _ranks: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        impl: Impl = "fast",
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.impl = impl
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long,
+                             **{k: v for k, v in factory.items() if k != "dtype"}))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batches seen."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Running statistics reset; weight 1 and bias 0 (the identity transform)."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in self._ranks:
+            wanted = " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(f"expected {wanted} input (got {x.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # Every check first: a bad batch must not touch num_batches_tracked or the stats.
+        self._check_input_dim(input)
+        check_input(input, self.num_features, self.training)
+
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training, and in eval when there are no running ones.
+        use_batch_stats = self.training or (self.running_mean is None
+                                            and self.running_var is None)
+        # In training without tracking, the (absent) buffers are not updated.
+        track = not self.training or self.track_running_stats
+        running_mean = self.running_mean if track else None
+        running_var = self.running_var if track else None
+        if self.impl == "fast":
+            return fused_batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                    use_batch_stats, factor, self.eps)
+        return _functional_batch_norm(input, running_mean, running_var, self.weight,
+                                      self.bias, use_batch_stats, factor, self.eps,
+                                      impl=self.impl)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        # Checkpoints older than num_batches_tracked (version < 2) load with 0, as torch's.
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats:
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                state_dict[key] = (self.num_batches_tracked
+                                   if self.num_batches_tracked is not None
+                                   and self.num_batches_tracked.device != torch.device("meta")
+                                   else torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over (N, C) or (N, C, L) input; a drop-in for ``torch.nn.BatchNorm1d``.
+
+    See the module docstring for the formula, momentum convention and modes.
+    """
+
+    _ranks = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over (N, C, H, W) input; a drop-in for ``torch.nn.BatchNorm2d``."""
+
+    _ranks = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch norm over (N, C, D, H, W) input; a drop-in for ``torch.nn.BatchNorm3d``."""
+
+    _ranks = (5,)
+
+
+class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
+    """Learns ``num_features`` from the first input's dim 1, then becomes the concrete class."""
+
+    cls_to_become: type[_BatchNorm] | None = None
+
+    def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: Any = None, dtype: Any = None,
+                 *, impl: Impl = "fast") -> None:
+        factory = {"device": device, "dtype": dtype}
+        # affine/track False: build with 0 features so nothing is registered eagerly.
+        super().__init__(0, eps, momentum, False, False, impl=impl, **factory)
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = UninitializedParameter(**factory)
+            self.bias = UninitializedParameter(**factory)
+        if track_running_stats:
+            self.running_mean = UninitializedBuffer(**factory)
+            self.running_var = UninitializedBuffer(**factory)
+            self.num_batches_tracked = torch.tensor(
+                0, dtype=torch.long, device=factory["device"])
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.num_features != 0:
+            super().reset_parameters()
+
+    def initialize_parameters(self, input: torch.Tensor) -> None:  # called by LazyModuleMixin
+        if self.num_features == 0:
+            self._check_input_dim(input)
+            check_input(input, None, False)
+            self.num_features = input.shape[1]
+            if self.affine:
+                self.weight.materialize((self.num_features,))
+                self.bias.materialize((self.num_features,))
+            if self.track_running_stats:
+                self.running_mean.materialize((self.num_features,))
+                self.running_var.materialize((self.num_features,))
+            self.reset_parameters()
+
+
+class LazyBatchNorm1d(_LazyBatchNorm, BatchNorm1d):
+    """``BatchNorm1d`` whose ``num_features`` is read from the first input."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_LazyBatchNorm, BatchNorm2d):
+    """``BatchNorm2d`` whose ``num_features`` is read from the first input."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
+    """``BatchNorm3d`` whose ``num_features`` is read from the first input."""
+
+    cls_to_become = BatchNorm3d
+
+
+_TORCH_TO_BNLAB: dict[type[nn.Module], type[_BatchNorm]] = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def _convert_one(bn: nn.Module, impl: Impl) -> nn.Module:
+    if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+        raise ValueError(
+            f"cannot convert an uninitialized {type(bn).__name__}: run one batch through "
+            "the model first (or use bnlab.nn.Lazy* modules directly)")
+    target = _TORCH_TO_BNLAB.get(type(bn))
+    if target is None:  # SyncBatchNorm, subclasses: different semantics, leave alone
+        return bn
+    ref = bn.weight if bn.weight is not None else bn.running_mean
+    new = target(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                 device=None if ref is None else ref.device,
+                 dtype=None if ref is None else ref.dtype, impl=impl)
+    with torch.no_grad():
+        if bn.affine:
+            new.weight = bn.weight  # the same Parameter objects: optimizers keep working
+            new.bias = bn.bias
+        if bn.track_running_stats:
+            new.running_mean = bn.running_mean
+            new.running_var = bn.running_var
+            new.num_batches_tracked = bn.num_batches_tracked
+    new.train(bn.training)
+    if hasattr(bn, "qconfig"):
+        new.qconfig = bn.qconfig
+    return new
+
+
+def convert_batchnorm(module: nn.Module, *, impl: Impl = "fast") -> nn.Module:
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` by bnlab's; return it.
+
+    Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: works in place on children
+    and returns the (possibly new) root. State is kept exactly: the very same weight and
+    bias Parameters (so ``requires_grad`` and optimizer references carry over), the same
+    running-statistics buffers and ``num_batches_tracked``, device, dtype and train/eval
+    mode.
+
+    Left alone, on purpose: ``SyncBatchNorm`` (its cross-process reduction is the point
+    of using it) and any other subclass of torch's batch norms (it may override
+    behaviour we would silently drop). An uninitialized ``LazyBatchNorm*`` raises
+    ``ValueError``: it has no state to carry yet, so run one batch first.
+    """
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module = _convert_one(module, impl)
+    for name, child in module.named_children():
+        new_child = convert_batchnorm(child, impl=impl)
+        if new_child is not child:
+            module.add_module(name, new_child)
+    return module

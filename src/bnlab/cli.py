@@ -44,7 +44,7 @@ def _run_data_info(args: argparse.Namespace) -> None:
 
 def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="speed benchmarks (ratios measured side by side)")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{loader}")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{bn,loader}")
 
     loader = bench_sub.add_parser(
         "loader", help="bnlab's in-memory loader vs a per-sample torch DataLoader, one epoch")
@@ -53,11 +53,23 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     loader.add_argument("--repeats", type=int, default=3, help="epochs timed per loader")
     loader.set_defaults(handler=_run_bench_loader)
 
+    bn = bench_sub.add_parser(
+        "bn", help="bnlab's fast and reference batch norm vs torch's native kernel")
+    bn.add_argument("--repeats", type=int, default=30, help="interleaved repeats per shape")
+    bn.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    bn.set_defaults(handler=_run_bench_bn)
+
 
 def _run_bench_loader(args: argparse.Namespace) -> None:
     from bnlab.bench import loader
 
     print(loader.run_loader_benchmark(args.data_dir, args.batch_size, args.repeats))
+
+
+def _run_bench_bn(args: argparse.Namespace) -> None:
+    from bnlab.bench import bn
+
+    print(bn.run_bn_benchmark(repeats=args.repeats, device=args.device))
 
 
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [

@@ -81,38 +81,47 @@ class FusedBatchNorm(torch.autograd.Function):
         view = (channels,) + (1,) * (x.dim() - 2)
         count = x.numel() // channels
         if training:
-            # Pass 1: the mean. Pass 2: squared deviations, squared in place in the
-            # buffer that will then receive the output.
-            mean = x.sum(dims, dtype=sdt if sdt != x.dtype else None).div_(count)
-            buf = x - mean.view(view)
+            # Pass 1: a first mean.  Pass 2: deviations from it (exact in floating
+            # point), whose own mean is the first mean's rounding error (float32 sums of
+            # large values lose digits; torch accumulates in float64 instead).  Pass 3:
+            # squared deviations, squared in place in the buffer that later holds y.
+            mean_hi = x.sum(dims, dtype=sdt if sdt != x.dtype else None).div_(count)
+            buf = x - mean_hi.view(view)
+            resid = buf.sum(dims).div_(count)
             buf.mul_(buf)
-            sq = buf.sum(dims)
-            invstd = torch.rsqrt(sq.div(count).add_(eps))
+            var = torch.addcmul(buf.sum(dims).div_(count), resid, resid, value=-1)
+            mean = mean_hi + resid
+            invstd = torch.rsqrt(var + eps)
             if running_mean is not None:
                 torch._foreach_lerp_(
                     [running_mean, running_var],
                     [mean.to(running_mean.dtype),
-                     sq.div_(count - 1).to(running_var.dtype)],
+                     var.mul_(count / (count - 1)).to(running_var.dtype)],
                     momentum)
         else:
             # A copy: the running buffers may change in place before backward runs.
-            mean = running_mean.to(sdt, copy=True)
+            mean = mean_hi = running_mean.to(sdt, copy=True)
+            resid = None
             invstd = torch.rsqrt(running_var.to(sdt) + eps)
-            buf = None
         scale = invstd if weight is None else invstd * weight.to(sdt)
-        if bias is None:
-            shift = mean * scale
-            shift.neg_()
+        beta = None if bias is None else bias.to(sdt)
+        if training:
+            # y = (x - mean_hi) * scale + (beta - resid * scale): no large cancellation
+            # (x * scale + (beta - mean * scale) loses float32 digits for a large mean).
+            src, offset = torch.sub(x, mean_hi.view(view), out=buf), resid
+            out = buf if buf.dtype == x.dtype else torch.empty_like(x)
         else:
-            shift = torch.addcmul(bias.to(sdt), mean, scale, value=-1)
-        if buf is None or buf.dtype != x.dtype:
-            buf = torch.empty_like(x)
-        y = torch.addcmul(shift.view(view), x, scale.view(view), out=buf)
+            src, offset, out = x, mean, torch.empty_like(x)
+        if beta is None:
+            shift = torch.mul(offset, scale).neg_()
+        else:
+            shift = torch.addcmul(beta, offset, scale, value=-1)
+        y = torch.addcmul(shift.view(view), src, scale.view(view), out=out)
 
         ctx.training = training
         ctx.weight_dtype = None if weight is None else weight.dtype
         need_x = training or (weight is not None and ctx.needs_input_grad[1])
-        ctx.save_for_backward(x if need_x else None, mean, invstd, scale)
+        ctx.save_for_backward(x if need_x else None, mean, invstd, scale, mean_hi, resid)
         return y
 
     @staticmethod
@@ -120,7 +129,7 @@ class FusedBatchNorm(torch.autograd.Function):
     def backward(ctx, dy):
         if dy is None:
             return (None,) * 8
-        x, mean, invstd, scale = ctx.saved_tensors
+        x, mean, invstd, scale, mean_hi, resid = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         sdt = invstd.dtype
         dims = reduce_dims(dy.dim())
@@ -147,11 +156,14 @@ class FusedBatchNorm(torch.autograd.Function):
         if not (need_dx or need_dw):
             return dx, dw, db, None, None, None, None, None
         count = dy.numel() // channels
-        # sum(dy * (x - mean)) = sum(dy * x) - mean * sum(dy)
-        prod = torch.mul(dy, x)
         if sum_dy is None:
             sum_dy = dy.sum(dims, dtype=wide)
-        dot = torch.addcmul(prod.sum(dims), mean, sum_dy, value=-1)
+        # sum(dy * (x - mean)) = sum(dy * (x - mean_hi)) - resid * sum(dy): the product
+        # of small deviations, not sum(dy * x) - mean * sum(dy), which cancels
+        # catastrophically in float32 when the mean is large.
+        prod = x - mean_hi.view(view)
+        prod.mul_(dy)
+        dot = torch.addcmul(prod.sum(dims), resid, sum_dy, value=-1)
         dot.mul_(invstd)  # = sum(dy * x_hat) = dgamma
         if need_dw:
             dw = dot.to(ctx.weight_dtype)

@@ -64,8 +64,8 @@ def check_input(x: torch.Tensor, num_features: int | None, training: bool) -> No
 def _check_vector(name: str, t: torch.Tensor | None, channels: int) -> None:
     if t is not None and t.numel() != channels:
         raise RuntimeError(
-            f"{name} should have {channels} elements, one per channel (dim 1) "
-            f"(got {t.numel()})")
+            f"{name} should have {channels} elements, one per channel (dim 1) of the "
+            f"input (got {t.numel()})")
 
 
 def batch_norm(

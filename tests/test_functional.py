@@ -1,0 +1,234 @@
+"""bnlab.functional.batch_norm (both implementations) against torch's kernel, gradcheck,
+mixed precision, channels_last, large-mean stability and argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnlab.functional import batch_norm
+
+IMPLS = ["fast", "reference"]
+SHAPES = [(8, 3), (4, 3, 5), (4, 3, 5, 6), (3, 3, 2, 4, 3)]
+TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10},
+       torch.float32: {"rtol": 1e-5, "atol": 1e-5}}
+
+
+def _inputs(shape, dtype, affine=True, seed=0, mean=0.0, std=1.0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(dtype)
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype) if affine else None
+    b = torch.randn(c, generator=g, dtype=torch.float64).to(dtype) if affine else None
+    rm = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+    rv = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b, rm, rv, dy
+
+
+def _run(fn, x, w, b, rm, rv, dy, training, momentum=0.1, eps=1e-5):
+    """Output, grads of (x, w, b) and the running stats after one call."""
+    x = x.clone().requires_grad_()
+    w = None if w is None else w.clone().requires_grad_()
+    b = None if b is None else b.clone().requires_grad_()
+    rm = None if rm is None else rm.clone()
+    rv = None if rv is None else rv.clone()
+    y = fn(x, rm, rv, w, b, training, momentum, eps)
+    leaves = [t for t in (x, w, b) if t is not None]
+    grads = torch.autograd.grad(y, leaves, dy)
+    return [y.detach(), *grads, *(t for t in (rm, rv) if t is not None)]
+
+
+def _ours(impl):
+    return lambda *a: batch_norm(*a, impl=impl)
+
+
+def _assert_all_close(ours, theirs, **tol):
+    assert len(ours) == len(theirs)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, i=i: f"item {i}: {m}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, 0.5])
+def test_matches_torch(impl, shape, dtype, training, affine, momentum):
+    args = _inputs(shape, dtype, affine, mean=0.5, std=2.0)
+    ours = _run(_ours(impl), *args, training, momentum)
+    theirs = _run(F.batch_norm, *args, training, momentum)
+    _assert_all_close(ours, theirs, **TOL[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5, 6)])
+def test_training_without_running_stats(impl, shape):
+    x, w, b, _, _, dy = _inputs(shape, torch.float64)
+    ours = _run(_ours(impl), x, w, b, None, None, dy, True)
+    theirs = _run(F.batch_norm, x, w, b, None, None, dy, True)
+    _assert_all_close(ours, theirs, **TOL[torch.float64])
+
+
+def test_fast_and_reference_agree():
+    args = _inputs((5, 4, 3, 3), torch.float64, seed=3)
+    for training in (True, False):
+        _assert_all_close(_run(_ours("fast"), *args, training),
+                          _run(_ours("reference"), *args, training), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(5, 2), (3, 2, 2, 3)])
+def test_gradcheck(impl, training, affine, shape):
+    x, w, b, rm, rv, _ = _inputs(shape, torch.float64, affine, seed=1)
+    leaves = [x.requires_grad_()] + ([w.requires_grad_(), b.requires_grad_()] if affine else [])
+
+    def fn(*tensors):
+        weight, bias = (tensors[1], tensors[2]) if affine else (None, None)
+        # running stats are not inputs of the function being checked: fresh copies
+        return batch_norm(tensors[0], rm.clone(), rv.clone(), weight, bias, training,
+                          impl=impl)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_gradcheck_partial_requires_grad():
+    """needs_input_grad: only the weight, only the input."""
+    x, w, b, rm, rv, _ = _inputs((4, 3, 2), torch.float64, seed=2)
+    for training in (True, False):
+        w_leaf, x_leaf = w.clone().requires_grad_(), x.clone().requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda w_, t=training: batch_norm(x, rm.clone(), rv.clone(), w_, b, t), [w_leaf])
+        assert torch.autograd.gradcheck(
+            lambda x_, t=training: batch_norm(x_, rm.clone(), rv.clone(), w, b, t), [x_leaf])
+
+
+def test_double_backward_is_refused():
+    x, w, b, rm, rv, _ = _inputs((4, 3), torch.float64)
+    x.requires_grad_()
+    y = batch_norm(x, rm, rv, w, b, True)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice|double|once"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (3, 3, 2, 4, 3)])
+@pytest.mark.parametrize("training", [True, False])
+def test_channels_last(impl, shape, training):
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x, w, b, rm, rv, dy = _inputs(shape, torch.float32)
+    x, dy = x.to(memory_format=fmt), dy.to(memory_format=fmt)
+    ours = _run(_ours(impl), x, w, b, rm, rv, dy, training)
+    theirs = _run(F.batch_norm, x, w, b, rm, rv, dy, training)
+    _assert_all_close(ours, theirs, **TOL[torch.float32])
+    if impl == "fast":
+        assert ours[0].is_contiguous(memory_format=fmt)
+        assert ours[1].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [True, False])
+def test_low_precision_input_float32_params(impl, dtype, training):
+    x, w, b, rm, rv, dy = _inputs((16, 4, 3, 3), torch.float32, seed=4)
+    x, dy = x.to(dtype), dy.to(dtype)
+    ours = _run(_ours(impl), x, w, b, rm, rv, dy, training)
+    theirs = _run(F.batch_norm, x, w, b, rm, rv, dy, training)
+    assert ours[0].dtype == dtype and ours[1].dtype == dtype
+    assert ours[2].dtype == torch.float32 and ours[4].dtype == torch.float32
+    # Outputs and input grads are rounded to 8 (bf16) / 11 (fp16) bits; statistics and
+    # parameter grads are float32 sums of rounded values.
+    low = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 2e-3,
+                                                                           "atol": 2e-3}
+    _assert_all_close(ours[:2], theirs[:2], **low)
+    _assert_all_close(ours[2:], theirs[2:], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_mean_is_stable(impl):
+    """mean 1e4, std 1 in float32, against float64 truth, with torch's kernel as yardstick.
+
+    Naive E[x^2] - E[x]^2 in float32 would give errors of order 1 (or NaN). The fast path
+    corrects its float32 mean by the mean of the deviations and never forms x * scale with
+    a large x, so it must be at least as accurate as torch (which accumulates in float64).
+    The reference is the plain two-pass formula: float32-limited, within 1e-2.
+    """
+    x, w, b, rm, rv, dy = _inputs((64, 3, 6, 6), torch.float32, mean=1e4, std=1.0, seed=5)
+    x = x + torch.arange(3.0).view(1, 3, 1, 1) * 1e3  # different large means per channel
+    truth = _run(F.batch_norm, *(t.double() for t in (x, w, b, rm, rv, dy)), True)
+    ours = _run(_ours(impl), x, w, b, rm, rv, dy, True)
+    torchs = _run(F.batch_norm, x, w, b, rm, rv, dy, True)
+    for i, (o, t, r) in enumerate(zip(ours, torchs, truth)):
+        err_ours = (o.double() - r).abs().max().item()
+        err_torch = (t.double() - r).abs().max().item()
+        scale = max(r.abs().max().item(), 1.0)
+        assert err_ours <= 1e-2 * scale, (i, err_ours)
+        if impl == "fast":
+            assert err_ours <= 2 * err_torch + 1e-6 * scale, (i, err_ours, err_torch)
+
+
+@given(
+    n=st.integers(2, 6), c=st.integers(1, 4),
+    spatial=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    training=st.booleans(), affine=st.booleans(),
+    loc=st.floats(-100, 100), scale=st.floats(0.01, 100), seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_random_shapes_and_values(n, c, spatial, training, affine, loc, scale, seed):
+    shape = (n, c, *spatial)
+    args = _inputs(shape, torch.float64, affine, seed, mean=loc, std=scale)
+    theirs = _run(F.batch_norm, *args, training)
+    for impl in IMPLS:
+        _assert_all_close(_run(_ours(impl), *args, training), theirs, rtol=1e-8, atol=1e-8)
+
+
+def test_eval_does_not_touch_running_stats():
+    x, w, b, rm, rv, _ = _inputs((4, 3, 2, 2), torch.float32)
+    before = rm.clone(), rv.clone()
+    for impl in IMPLS:
+        batch_norm(x, rm, rv, w, b, False, impl=impl)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+# errors: raised before anything is touched, with torch's exception types ------------
+
+def _error_cases():
+    rm, rv = torch.zeros(3), torch.ones(3)
+    return [
+        (torch.randn(1, 3), True, ValueError,
+         r"Expected more than 1 value per channel when training, got input size "
+         r"torch.Size\(\[1, 3\]\)"),
+        (torch.ones(4, 3, dtype=torch.int64), True, TypeError,
+         r"expected a floating-point input \(got torch.int64\)"),
+        (torch.randn(4, 5), True, RuntimeError,
+         r"running_mean should have 5 elements, one per channel \(dim 1\) of the input "
+         r"\(got 3\)"),
+        (torch.randn(4), True, ValueError, r"at least 2 dims"),
+    ], rm, rv
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", range(4))
+def test_errors_leave_stats_alone(impl, case):
+    cases, rm, rv = _error_cases()
+    x, training, exc, msg = cases[case]
+    with pytest.raises(exc, match=msg):
+        batch_norm(x, rm, rv, None, None, training, impl=impl)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+def test_eval_needs_running_stats():
+    with pytest.raises(ValueError, match="running_mean and running_var must be given"):
+        batch_norm(torch.randn(4, 3), None, None, training=False)
+
+
+def test_bad_impl_name():
+    with pytest.raises(ValueError, match="impl must be"):
+        batch_norm(torch.randn(4, 3), None, None, training=True, impl="nope")

@@ -2,8 +2,8 @@
 
 Why: users of a teaching lab want one command per question ("is my data right?",
 "is the scratch BN as fast as torch's?", "reproduce the chapter"). Each sub-command
-is a thin shell over a library function; heavy imports happen only when a command runs,
-so ``bnlab --help`` is instant.
+is a thin shell over a library function; flags of runs and experiments are derived from
+their config dataclasses, so the CLI and the configs cannot drift apart.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+
+from bnlab.errors import BnlabError
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -72,9 +74,142 @@ def _run_bench_bn(args: argparse.Namespace) -> None:
     print(bn.run_bn_benchmark(repeats=args.repeats, device=args.device))
 
 
+def _add_train_commands(sub: argparse._SubParsersAction) -> None:
+    from bnlab.config import add_config_flags
+    from bnlab.demo import DemoConfig
+    from bnlab.train import TrainConfig
+
+    train = sub.add_parser("train", help="train one model on Fashion-MNIST (one run folder)",
+                           description="Train one model; writes config.json, metrics.jsonl, "
+                           "steps.jsonl, summary.json, curves.png and checkpoint.pt to --out.")
+    add_config_flags(train, TrainConfig)
+    train.add_argument("--out", help="run folder (default: runs/<model>-<norm>-lr<lr>-seed<seed>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _add_common_run_flags(train)
+    train.set_defaults(handler=_run_train)
+
+    inspect = sub.add_parser("inspect", help="gamma/beta and running stats of a run's norm layers")
+    inspect.add_argument("run", help="a run folder (from bnlab train or bnlab demo)")
+    inspect.add_argument("--no-figure", dest="figure", action="store_false",
+                         help="do not write norm_params.png")
+    inspect.set_defaults(handler=_run_inspect)
+
+    demo = sub.add_parser("demo", help="the chapter's demo: LeNet vs BN-LeNet (bnlab, torch)",
+                          description="Train plain LeNet, BN-LeNet with bnlab's BN and BN-LeNet "
+                          "with torch's BN, epochs interleaved; print a table and write "
+                          "report.md and figures to --out. Finished runs are reused.")
+    add_config_flags(demo, DemoConfig)
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument("--fresh", action="store_true",
+                      help="delete the demo's earlier runs in --out and start over")
+    _add_common_run_flags(demo)
+    demo.set_defaults(handler=_run_demo)
+
+
+def _add_common_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="look here first for Fashion-MNIST")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars or per-epoch lines")
+
+
+def _config_or_error(cls, args, base=None):
+    from bnlab.config import config_from_args
+
+    try:
+        return config_from_args(cls, args, base)
+    except ValueError as exc:
+        raise BnlabError(str(exc)) from None
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from bnlab.data import load_fashion_mnist
+    from bnlab.train import TrainConfig, describe, run_training
+
+    if args.norm is None and args.model == "lenet":
+        args.norm = "none"
+    config = _config_or_error(TrainConfig, args)
+    out = args.out or f"runs/{config.model}-{config.norm}-lr{config.lr:g}-seed{config.seed}"
+    print(f"training {describe(config)} -> {out}")
+    summary = run_training(config, load_fashion_mnist(args.data_dir), out, args.resume,
+                           args.progress)
+    state = "diverged" if summary["diverged"] else "finished"
+    print(f"{state}: final val acc {summary['final_val_acc']}, best {summary['best_val_acc']} "
+          f"(epoch {summary['best_epoch']}), {summary['median_seconds_per_epoch']} s/epoch "
+          f"(median); results in {out}")
+
+
+def _run_inspect(args: argparse.Namespace) -> None:
+    from bnlab.inspection import inspect_run
+
+    print(inspect_run(args.run, figure=args.figure))
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from bnlab.data import load_fashion_mnist
+    from bnlab.demo import DemoConfig, run_demo
+
+    config = _config_or_error(DemoConfig, args)
+    print(run_demo(config, args.out, load_fashion_mnist(args.data_dir), args.fresh,
+                   args.progress))
+    print(f"report: {args.out}/report.md")
+
+
+def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
+    from bnlab.config import add_config_flags
+    from bnlab.experiments import EXPERIMENTS
+    from bnlab.experiments.runner import ExpSettings
+
+    listing = "; ".join(f"{name}: {e.title}" for name, e in EXPERIMENTS.items())
+    exp = sub.add_parser(
+        "exp", help="run an experiment (a grid of training runs) and write its report",
+        description=f"Experiments: {listing}. Finished runs are skipped, cut-off runs resumed.")
+    exp.add_argument("name", choices=sorted(EXPERIMENTS), help="which experiment")
+    add_config_flags(exp, ExpSettings)
+    size = exp.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="smoke test: 1 seed, 1 epoch, 1000 training images")
+    size.add_argument("--full", action="store_true",
+                      help="the chapter's settings: 3 seeds, 10 epochs, all 60000 images")
+    exp.add_argument("--jobs", type=int, default=1,
+                     help="runs in parallel processes; threads are split between them")
+    exp.add_argument("--out", default="runs/exp", help="output folder (default: runs/exp)")
+    _add_common_run_flags(exp)
+    exp.set_defaults(handler=_run_experiment)
+
+    report = sub.add_parser("report", help="gather the demo and all experiment reports into one")
+    report.add_argument("--runs", nargs="+", default=["runs/demo", "runs/exp"],
+                        help="folders to gather from (default: runs/demo runs/exp)")
+    report.add_argument("--out", default="runs/report.md", help="(default: runs/report.md)")
+    report.set_defaults(handler=_run_report)
+
+
+def _run_experiment(args: argparse.Namespace) -> None:
+    from bnlab.data import load_fashion_mnist
+    from bnlab.experiments import get_experiment
+    from bnlab.experiments.runner import FULL, QUICK, ExpSettings, run_experiment
+
+    base = QUICK if args.quick else FULL if args.full else None
+    settings = _config_or_error(ExpSettings, args, base)
+    if args.jobs < 1:
+        raise BnlabError(f"expected --jobs >= 1 (got {args.jobs})")
+    experiment = get_experiment(args.name)
+    print(run_experiment(experiment, settings, args.out, load_fashion_mnist(args.data_dir),
+                         args.jobs, args.progress))
+    print(f"report: {args.out}/{experiment.name}/report.md")
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    from bnlab.report import build_report
+
+    path, gathered = build_report(args.runs, args.out)
+    print(f"gathered {len(gathered)} report(s) into {path}")
+
+
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_data_commands,
     _add_bench_commands,
+    _add_train_commands,
+    _add_experiment_commands,
 ]
 
 
@@ -94,8 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from bnlab.errors import BnlabError
-
     try:
         code = args.handler(args)
     except BnlabError as exc:

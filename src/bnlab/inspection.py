@@ -31,7 +31,8 @@ def load_trained_model(run_dir: str | Path) -> tuple[nn.Module, Any]:
     if not checkpoint_path.exists():
         raise runs.RunFolderError(f"{run_dir} has no {runs.CHECKPOINT} (no epoch finished yet)")
     torch.manual_seed(config.seed)
-    model = build_model(config.model, config.norm, config.norm_slots, "cpu")
+    model = build_model(config.model, config.norm, config.norm_slots, "cpu", config.dropout,
+                        config.dropout_order)
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), config

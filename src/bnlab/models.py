@@ -51,16 +51,36 @@ def parse_norm_slots(spec: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(s for s in NORM_SLOTS if s in slots)
 
 
+DROPOUT_ORDERS = ("after", "before")
+"""Where dropout sits in a hidden FC block: ``after`` the activation (linear -> norm -> sigmoid
+-> dropout, the usual place) or ``before`` the norm (linear -> dropout -> norm -> sigmoid)."""
+
+
 def bn_lenet(
     norm: str = "bnlab",
     norm_slots: str | Sequence[str] = "all",
+    dropout: float = 0.0,
+    dropout_order: str = "after",
     num_classes: int = 10,
 ) -> nn.Sequential:
-    """The chapter's BN-LeNet with ``norm`` (a ``bnlab.norms`` name) in ``norm_slots``."""
+    """The chapter's BN-LeNet with ``norm`` (a ``bnlab.norms`` name) in ``norm_slots``.
+
+    ``dropout > 0`` adds dropout with that probability to the two hidden FC blocks, at
+    ``dropout_order`` (see :data:`DROPOUT_ORDERS`).
+    """
     slots = parse_norm_slots(norm_slots)
+    if dropout_order not in DROPOUT_ORDERS:
+        raise ValueError(f"expected dropout_order in {DROPOUT_ORDERS} (got {dropout_order!r})")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"expected 0 <= dropout < 1 (got {dropout})")
 
     def norm_or_identity(slot: str, kind: str, features: int) -> nn.Module:
         return create_norm_layer(norm, kind, features) if slot in slots else nn.Identity()
+
+    def fc_block(slot: str, features: int) -> list[nn.Module]:
+        drop = [nn.Dropout(dropout)] if dropout > 0 else []
+        core = [norm_or_identity(slot, "fc", features), nn.Sigmoid()]
+        return [nn.LazyLinear(features), *(drop + core if dropout_order == "before" else core + drop)]
 
     return nn.Sequential(
         nn.LazyConv2d(6, kernel_size=5), norm_or_identity("conv1", "conv", 6),
@@ -68,8 +88,8 @@ def bn_lenet(
         nn.LazyConv2d(16, kernel_size=5), norm_or_identity("conv2", "conv", 16),
         nn.Sigmoid(), nn.AvgPool2d(kernel_size=2, stride=2),
         nn.Flatten(),
-        nn.LazyLinear(120), norm_or_identity("fc1", "fc", 120), nn.Sigmoid(),
-        nn.LazyLinear(84), norm_or_identity("fc2", "fc", 84), nn.Sigmoid(),
+        *fc_block("fc1", 120),
+        *fc_block("fc2", 84),
         nn.LazyLinear(num_classes),
     )
 
@@ -110,17 +130,20 @@ def build_model(
     norm: str = "bnlab",
     norm_slots: str = "all",
     device: torch.device | str = "cpu",
+    dropout: float = 0.0,
+    dropout_order: str = "after",
 ) -> nn.Module:
     """A named model of :data:`MODELS`, sized, initialized and on ``device``.
 
     Initialization draws from torch's global RNG: seed it first for reproducible weights.
     """
     if name == "bn-lenet":
-        model = bn_lenet(norm, norm_slots)
+        model = bn_lenet(norm, norm_slots, dropout, dropout_order)
     elif name == "lenet":
-        if norm != "none":
-            raise ValueError(f"model 'lenet' has no norm layers (got norm={norm!r}); "
-                             "use model 'bn-lenet' for normalized variants")
+        if norm != "none" or dropout:
+            raise ValueError(f"model 'lenet' is the chapter's plain LeNet: no norm layers, no "
+                             f"dropout (got norm={norm!r}, dropout={dropout}); use model "
+                             "'bn-lenet' (with norm 'none' for no BN) for variants")
         model = lenet()
     else:
         raise ValueError(f"unknown model {name!r}; expected one of {list(MODELS)}")

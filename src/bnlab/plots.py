@@ -81,3 +81,17 @@ def plot_norm_parameters(layers: dict[str, dict[str, Sequence[float]]], path: st
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_mean_curves(curves: dict[str, tuple[list[int], list[float], list[float]]], ax,
+                     ylabel: str, cmap: str | None = None) -> None:
+    """Mean curves with 95% CI bands on ``ax`` (one per label; colors from ``cmap`` if given)."""
+    colors = plt.get_cmap(cmap)(range(0, 256, max(1, 256 // max(1, len(curves))))) if cmap else None
+    for i, (label, (xs, means, halves)) in enumerate(curves.items()):
+        color = colors[i] if colors is not None else None
+        ax.plot(xs, means, marker="o", markersize=3, label=label, color=color)
+        ax.fill_between(xs, [m - h for m, h in zip(means, halves)],
+                        [m + h for m, h in zip(means, halves)], alpha=0.15, color=color)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)

@@ -39,6 +39,11 @@ class TrainConfig:
     norm_slots: str = field(default="all", metadata={
         "help": "where bn-lenet has norm layers: all, none, conv, fc or a comma list of "
                 "conv1,conv2,fc1,fc2"})
+    dropout: float = field(default=0.0, metadata={
+        "help": "bn-lenet: dropout probability in the two hidden FC blocks (0 = none)"})
+    dropout_order: str = field(default="after", metadata={
+        "help": "bn-lenet: dropout 'after' the activation or 'before' the norm",
+        "choices": ("after", "before")})
     epochs: int = field(default=10, metadata={"help": "training epochs"})
     lr: float = field(default=0.1, metadata={"help": "SGD learning rate"})
     batch_size: int = field(default=128, metadata={"help": "training minibatch size"})
@@ -54,9 +59,10 @@ class TrainConfig:
     eval_batch_size: int = field(default=1000, metadata={"help": "batch size of evaluation"})
 
     def __post_init__(self) -> None:
-        if self.model == "lenet" and self.norm != "none":
-            raise ValueError(f"model 'lenet' has no norm layers (got norm={self.norm!r}); "
-                             "use --norm none, or --model bn-lenet")
+        if self.model == "lenet" and (self.norm != "none" or self.dropout):
+            raise ValueError(f"model 'lenet' has no norm layers and no dropout (got norm="
+                             f"{self.norm!r}, dropout={self.dropout}); use --norm none, or "
+                             "--model bn-lenet")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"expected {name} >= 1 (got {getattr(self, name)})")
@@ -334,6 +340,7 @@ def start_run(config: TrainConfig, dataset, run_dir: str | Path | None = None,
 
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, config.norm, config.norm_slots, device)
+    model = build_model(config.model, config.norm, config.norm_slots, device, config.dropout,
+                        config.dropout_order)
     train, test = build_loaders(config, dataset, device)
     return TrainingRun(model, train, test, config, run_dir, resume, progress, label)

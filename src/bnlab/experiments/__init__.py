@@ -1,0 +1,21 @@
+"""The chapter's exercises and claims as experiments: grids of runs, with plots and reports.
+
+Each module defines one ``EXPERIMENT`` (``bnlab.experiments.runner.Experiment``); this
+registry is what ``bnlab exp NAME`` looks names up in.
+"""
+
+from __future__ import annotations
+
+from bnlab.experiments import chapter, dropout, lr, placement
+from bnlab.experiments.runner import Experiment
+
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e for e in (chapter.EXPERIMENT, lr.EXPERIMENT, placement.EXPERIMENT, dropout.EXPERIMENT)
+}
+
+
+def get_experiment(name: str) -> Experiment:
+    try:
+        return EXPERIMENTS[name]
+    except KeyError:
+        raise ValueError(f"unknown experiment {name!r}; expected one of {sorted(EXPERIMENTS)}") from None

@@ -1,0 +1,144 @@
+"""Exercise 3: can batch norm replace dropout? How does behaviour change?
+
+Why: both BN and dropout act differently in training and in prediction, and both are said
+to regularize. This grid trains BN-LeNet with BN only, dropout only, both (in either
+order) and neither, then measures the regularization (the train–validation gap) and the
+train-mode vs eval-mode behaviour of the finished models on the same images.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnlab.bench.timing import format_table
+from bnlab.experiments.analysis import final, mean_curve, train_val_gap
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
+from bnlab.experiments.stats import format_mean_ci, mean_ci
+
+MODE_EVAL_IMAGES = 10000  # training images used to compare train and eval mode
+
+
+def variants(settings: ExpSettings) -> list[Variant]:
+    p = settings.dropout
+    base = {"model": "bn-lenet"}
+    return [
+        Variant("neither", {**base, "norm": "none"}, {"bn": False, "dropout": 0.0}),
+        Variant("BN only", {**base, "norm": "bnlab"}, {"bn": True, "dropout": 0.0}),
+        Variant(f"dropout {p:g} only", {**base, "norm": "none", "dropout": p},
+                {"bn": False, "dropout": p}),
+        Variant(f"BN, then dropout {p:g}", {**base, "norm": "bnlab", "dropout": p},
+                {"bn": True, "dropout": p, "order": "after"}),
+        Variant(f"dropout {p:g}, then BN", {**base, "norm": "bnlab", "dropout": p,
+                                           "dropout_order": "before"},
+                {"bn": True, "dropout": p, "order": "before"}),
+    ]
+
+
+@torch.no_grad()
+def accuracy_in_mode(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     training: bool, seed: int = 0, batch_size: int = 1000) -> float:
+    """Accuracy of a copy of ``model`` in train or eval mode (the model and its BN buffers
+    are untouched; dropout masks are seeded)."""
+    probe = copy.deepcopy(model).train(training)
+    torch.manual_seed(seed)
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = images[start:start + batch_size].unsqueeze(1).float().div(255)  # (B, 1, 28, 28)
+        correct += (probe(x).argmax(dim=1) == labels[start:start + batch_size]).sum().item()
+    return correct / len(labels)
+
+
+def mode_table(groups: dict[str, list[dict[str, Any]]], dataset) -> tuple[str, dict[str, dict]]:
+    """Per variant: accuracy on training and test images in eval mode and in train mode."""
+    from bnlab.inspection import load_trained_model
+
+    train_x = dataset.train_images[:MODE_EVAL_IMAGES]
+    train_y = dataset.train_labels[:MODE_EVAL_IMAGES]
+    measured: dict[str, dict[str, list[float]]] = {}
+    for label, group in groups.items():
+        cells = measured.setdefault(label, {"train_eval": [], "val_eval": [], "val_train": []})
+        for row in group:
+            if row["summary"]["diverged"]:
+                continue
+            model, _ = load_trained_model(row["run_dir"])
+            cells["train_eval"].append(accuracy_in_mode(model, train_x, train_y, False))
+            cells["val_eval"].append(accuracy_in_mode(model, dataset.test_images,
+                                                      dataset.test_labels, False))
+            cells["val_train"].append(accuracy_in_mode(model, dataset.test_images,
+                                                       dataset.test_labels, True))
+    rows = []
+    for label, cells in measured.items():
+        gaps = [a - b for a, b in zip(cells["train_eval"], cells["val_eval"])]
+        drops = [a - b for a, b in zip(cells["val_train"], cells["val_eval"])]
+        rows.append([label, format_mean_ci(cells["train_eval"]), format_mean_ci(cells["val_eval"]),
+                     format_mean_ci(gaps), format_mean_ci(cells["val_train"]),
+                     format_mean_ci(drops)])
+    headers = ["variant", "train acc (eval mode)", "val acc (eval mode)", "gap",
+               "val acc (train mode)", "train mode − eval mode"]
+    return format_table(headers, rows), measured
+
+
+def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+    from bnlab.plots import plot_mean_curves, plt, save_figure
+
+    groups = by_label(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    plot_mean_curves({label: mean_curve(g) for label, g in groups.items()}, axes[0],
+                     "validation accuracy")
+    plot_mean_curves({label: mean_curve(g, "train_acc") for label, g in groups.items()},
+                     axes[1], "training accuracy (train mode)")
+    axes[0].legend(fontsize=8)
+    save_figure(fig, out / "accuracy_per_epoch.png")
+
+    table = format_table(["variant", "final val acc", "final train acc (train mode)",
+                          "train − val gap"], [
+        [label, format_mean_ci([final(r) for r in g]),
+         format_mean_ci([final(r, "final_train_acc") for r in g]),
+         format_mean_ci([train_val_gap(r) for r in g])] for label, g in groups.items()])
+    sections = ["## Accuracy and regularization", "", table, "",
+                "The training accuracy here is measured while training (train mode, averaged "
+                "over the last epoch), as the chapter's plots show it.", ""]
+    measured: dict[str, dict] = {}
+    if dataset is not None:
+        mode, measured = mode_table(groups, dataset)
+        sections += ["## Train mode vs eval mode of the finished models", "", mode, "",
+                     f"Same images in both modes: the first {MODE_EVAL_IMAGES} training images "
+                     "and the full test set, batches of 1000, on a copy of each model (its BN "
+                     "buffers are not touched). 'gap' = train − val accuracy, both in eval mode.",
+                     ""]
+    return sections + findings(groups, measured) + [
+        "", "![accuracy per epoch](accuracy_per_epoch.png)"]
+
+
+def findings(groups: dict[str, list[dict[str, Any]]], measured: dict[str, dict]) -> list[str]:
+    finals = {label: mean_ci([final(r) for r in g])[0] for label, g in groups.items()}
+    gaps = {label: mean_ci([train_val_gap(r) for r in g])[0] for label, g in groups.items()}
+    best = max(finals, key=finals.get)
+    smallest_gap = min(gaps, key=gaps.get)
+    lines = [f"- Highest final validation accuracy: {best} ({finals[best]:.4f}); "
+             f"smallest train − val gap: {smallest_gap} ({gaps[smallest_gap]:+.4f}).",
+             "- Final validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in finals.items())
+             + "."]
+    if measured:
+        drops = {label: mean_ci([a - b for a, b in zip(c["val_train"], c["val_eval"])])[0]
+                 for label, c in measured.items() if c["val_eval"]}
+        lines.append("- Switching a finished model to train mode changes its validation "
+                     "accuracy by: " + ", ".join(f"{k} {100 * v:+.2f} points"
+                                                for k, v in drops.items()) + ".")
+    return lines
+
+
+EXPERIMENT = Experiment(
+    name="dropout",
+    title="Exercise 3: dropout vs batch norm",
+    question="Can batch normalization replace dropout? How do accuracy, regularization and the "
+             "train/eval behaviour change with BN, dropout, both (in either order) or neither?",
+    variants=variants,
+    analyze=analyze,
+    default_epochs=10,
+    default_subset=-1,
+)

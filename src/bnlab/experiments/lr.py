@@ -1,0 +1,118 @@
+"""Exercise 1: learning rates for LeNet with and without batch norm.
+
+Why: the chapter claims BN tolerates larger learning rates. This grid trains the chapter's
+plain LeNet and BN-LeNet (bnlab's BN) over a log grid of learning rates and reports the
+largest rate that still trains for each: a run *fails* when it diverges or ends at chance
+level (final validation accuracy <= 0.2, see ``analysis.FAIL_ACCURACY``); a rate *trains*
+when no seed fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bnlab.bench.timing import format_table
+from bnlab.experiments.analysis import FAIL_ACCURACY, failed, final, mean_curve
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
+from bnlab.experiments.stats import format_mean_ci, mean_ci
+
+LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+MODELS = {False: ("LeNet", {"model": "lenet", "norm": "none"}),
+          True: ("BN-LeNet", {"model": "bn-lenet", "norm": "bnlab"})}
+
+
+def variants(settings: ExpSettings) -> list[Variant]:
+    return [Variant(f"{MODELS[bn][0]} lr={lr:g}", {**MODELS[bn][1], "lr": lr}, {"bn": bn, "lr": lr})
+            for bn in (False, True) for lr in LEARNING_RATES]
+
+
+def largest_training_lr(rows: list[dict[str, Any]], bn: bool) -> float | None:
+    """The largest rate of the grid at which no seed failed (None if there is none)."""
+    ok = [lr for lr in LEARNING_RATES
+          if (group := [r for r in rows if r["tags"] == {"bn": bn, "lr": lr}])
+          and not any(failed(r) for r in group)]
+    return max(ok, default=None)
+
+
+def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+    from bnlab.plots import plot_mean_curves, plt, save_figure
+
+    groups = by_label(rows)
+    # Validation accuracy per epoch, one line per learning rate, one panel per model.
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    for ax, bn in zip(axes, (False, True)):
+        curves = {f"lr={r[0]['tags']['lr']:g}": mean_curve(r) for r in groups.values()
+                  if r[0]["tags"]["bn"] == bn}
+        plot_mean_curves(curves, ax, "validation accuracy", cmap="viridis")
+        ax.set_title(MODELS[bn][0])
+        ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, out / "val_acc_per_epoch.png")
+
+    # Final validation accuracy against learning rate.
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for bn in (False, True):
+        lrs, means, halves = [], [], []
+        for lr in LEARNING_RATES:
+            group = groups.get(f"{MODELS[bn][0]} lr={lr:g}", [])
+            if group:
+                mean, half = mean_ci([final(r) for r in group])
+                lrs.append(lr)
+                means.append(mean)
+                halves.append(half or 0.0)
+        ax.errorbar(lrs, means, yerr=halves, marker="o", capsize=3, label=MODELS[bn][0])
+    ax.axhline(FAIL_ACCURACY, color="crimson", lw=0.8, ls="--", label="fails at or below")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, out / "final_acc_vs_lr.png")
+
+    table_rows = []
+    for lr in LEARNING_RATES:
+        cells = [f"{lr:g}"]
+        for bn in (False, True):
+            group = groups.get(f"{MODELS[bn][0]} lr={lr:g}", [])
+            fails = sum(failed(r) for r in group)
+            cells += [format_mean_ci([final(r) for r in group]), f"{fails}/{len(group)}"]
+        table_rows.append(cells)
+    table = format_table(["lr", "LeNet final val acc", "LeNet failed", "BN-LeNet final val acc",
+                          "BN-LeNet failed"], table_rows)
+    return ["## Accuracy by learning rate", "", table, "", *findings(rows), "",
+            "![validation accuracy per epoch](val_acc_per_epoch.png)", "",
+            "![final accuracy against learning rate](final_acc_vs_lr.png)"]
+
+
+def findings(rows: list[dict[str, Any]]) -> list[str]:
+    plain, with_bn = largest_training_lr(rows, False), largest_training_lr(rows, True)
+    lines = [f"- A run **fails** when its loss becomes non-finite or its final validation "
+             f"accuracy is at most {FAIL_ACCURACY} (chance is 0.1); a learning rate trains when "
+             "no seed fails."]
+    for name, lr in (("LeNet (no BN)", plain), ("BN-LeNet", with_bn)):
+        lines.append(f"- Largest learning rate that still trains, {name}: "
+                     + (f"**{lr:g}**." if lr is not None else "none of the grid."))
+    if plain and with_bn:
+        lines.append(f"- Batch norm tolerates a learning rate {with_bn / plain:g}x as large "
+                     "(the grid's spacing is about 3x, so this is resolved to that factor).")
+    for bn in (False, True):
+        best = max((r for r in rows if r["tags"]["bn"] == bn),
+                   key=final, default=None)
+        if best is not None:
+            lines.append(f"- Best single run, {MODELS[bn][0]}: lr {best['tags']['lr']:g}, final "
+                         f"val acc {final(best):.4f}.")
+    return lines
+
+
+EXPERIMENT = Experiment(
+    name="lr",
+    title="Exercise 1: learning rates with and without batch norm",
+    question="How large can the learning rate be before optimization fails, for LeNet with and "
+             "without batch normalization, and how does validation accuracy rise per epoch?",
+    variants=variants,
+    analyze=analyze,
+    default_epochs=5,
+    default_subset=-1,
+    notes="(Default: 5 epochs instead of the chapter's 10, to fit 48 runs in 40 minutes; "
+          "`--full` runs 10.)",
+)

@@ -1,0 +1,90 @@
+"""Exercise 2: do we need batch norm in every layer?
+
+Why: BN-LeNet has four places for a norm layer. Training the same network with BN in all,
+some or none of them shows which placements carry the benefit, in final accuracy and in
+how fast a fixed accuracy is reached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bnlab.bench.timing import format_table
+from bnlab.experiments.analysis import describe_epochs_to_reach, final, mean_curve
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
+from bnlab.experiments.stats import format_mean_ci, mean_ci
+
+PLACEMENTS = {
+    "every layer": "all",
+    "conv layers only": "conv",
+    "FC layers only": "fc",
+    "first layer only": "conv1",
+    "last hidden layer only": "fc2",
+    "no BN": "none",
+}
+THRESHOLDS = (0.80, 0.85)
+
+
+def variants(settings: ExpSettings) -> list[Variant]:
+    return [Variant(label, {"model": "bn-lenet", "norm": "bnlab", "norm_slots": slots},
+                    {"slots": slots}) for label, slots in PLACEMENTS.items()]
+
+
+def _intervals_overlap(a: list[float], b: list[float]) -> bool:
+    (ma, ha), (mb, hb) = mean_ci(a), mean_ci(b)
+    return abs(ma - mb) <= (ha or 0.0) + (hb or 0.0)
+
+
+def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+    from bnlab.plots import plot_mean_curves, plt, save_figure
+
+    groups = by_label(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_mean_curves({label: mean_curve(g) for label, g in groups.items()}, ax,
+                     "validation accuracy")
+    ax.legend(fontsize=8)
+    ax.set_title("BN placement in LeNet (mean, 95% CI over seeds)")
+    save_figure(fig, out / "val_acc_per_epoch.png")
+
+    headers = ["placement", "final val acc", *[f"epochs to {t:.2f}" for t in THRESHOLDS]]
+    table = format_table(headers, [
+        [label, format_mean_ci([final(r) for r in g]),
+         *[describe_epochs_to_reach(g, t) for t in THRESHOLDS]]
+        for label, g in groups.items()])
+    return ["## Accuracy and convergence by placement", "", table, "",
+            "Epochs to a threshold: mean over seeds (each seed's epoch in parentheses).", "",
+            *findings(groups), "", "![validation accuracy per epoch](val_acc_per_epoch.png)"]
+
+
+def findings(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
+    finals = {label: [final(r) for r in g] for label, g in groups.items()}
+    means = {label: mean_ci(v)[0] for label, v in finals.items()}
+    ranked = sorted(means, key=means.get, reverse=True)
+    lines = ["- Ranking by mean final validation accuracy: "
+             + ", ".join(f"{label} ({means[label]:.4f})" for label in ranked) + "."]
+    reference, baseline = "every layer", "no BN"
+    if reference in finals and baseline in finals:
+        for label in ranked:
+            if label in (reference, baseline):
+                continue
+            gain = means[label] - means[baseline]
+            same = _intervals_overlap(finals[label], finals[reference])
+            lines.append(
+                f"- {label}: {100 * gain:+.2f} points over no BN; "
+                + ("its interval overlaps BN-everywhere's (no difference resolved)." if same
+                   else f"{100 * (means[label] - means[reference]):+.2f} points from BN "
+                        "everywhere, intervals apart."))
+    return lines
+
+
+EXPERIMENT = Experiment(
+    name="placement",
+    title="Exercise 2: batch norm in every layer, some, or none",
+    question="Does LeNet need batch norm after every layer? Which placements matter for "
+             "accuracy and for convergence speed?",
+    variants=variants,
+    analyze=analyze,
+    default_epochs=10,
+    default_subset=-1,
+)

@@ -1,0 +1,261 @@
+"""Experiments as grids of training runs: planned from data, stored by key, resumable, parallel.
+
+Why: each of the chapter's exercises is "train these configs over a few seeds and compare".
+Describing an experiment as a list of variants (plain dicts of ``TrainConfig`` fields) keeps
+it data, not copied code. Every run lives in a folder named by a hash of its config, so a
+second invocation skips finished runs and resumes cut-off ones, and ``--jobs`` can spread
+the grid over processes without any two touching the same folder.
+
+Layout of ``<out>/``::
+
+    runs/<model>-<norm>-seed<k>-<hash>/   one run folder per config (bnlab.runs), shared by
+                    every experiment: a config two experiments have in common trains once
+    <experiment>/settings.json   the ExpSettings used
+    <experiment>/results.jsonl   one row per run: variant, config, per-epoch metrics, summary
+    <experiment>/summary.md, summary.csv   mean ± 95% CI over seeds per variant
+    <experiment>/*.png, report.md   the experiment's own plots and computed conclusions
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from bnlab import runs
+from bnlab.bench.timing import format_table
+from bnlab.config import config_to_dict
+from bnlab.experiments.stats import format_mean_ci, to_csv
+from bnlab.io import atomic_write_json, atomic_write_text
+from bnlab.train import TrainConfig, run_training
+
+
+@dataclass
+class ExpSettings:
+    """How big an experiment's grid is. ``0`` for epochs/subset means the experiment's default;
+    ``subset=-1`` means the whole training set."""
+
+    seeds: int = field(default=3, metadata={"help": "seeds per variant (0, 1, ...)"})
+    epochs: int = field(default=0, metadata={"help": "epochs per run (0 = experiment default)"})
+    subset: int = field(default=0, metadata={
+        "help": "training images per run (0 = experiment default, -1 = all 60000)"})
+    dropout: float = field(default=0.5, metadata={"help": "dropout probability (dropout experiment)"})
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"expected seeds >= 1 (got {self.seeds})")
+        if self.epochs < 0:
+            raise ValueError(f"expected epochs >= 0 (got {self.epochs})")
+
+
+QUICK = ExpSettings(seeds=1, epochs=1, subset=1000)
+"""``--quick``: the whole grid, tiny (smoke tests)."""
+FULL = ExpSettings(seeds=3, epochs=10, subset=-1)
+"""``--full``: the chapter's settings (10 epochs on all 60000 images)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of the grid: a label, the TrainConfig fields it sets, and fields for analysis."""
+
+    label: str
+    params: dict[str, Any]
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named grid with default size and an analysis that writes plots and report sections."""
+
+    name: str
+    title: str
+    question: str
+    variants: Callable[[ExpSettings], list[Variant]]
+    analyze: Callable[[list[dict[str, Any]], Path, Any], list[str]]  # (rows, out, dataset)
+    default_epochs: int
+    default_subset: int  # -1 = all
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    variant: Variant
+    config: TrainConfig
+    run_dir: Path
+
+
+def resolve(settings: ExpSettings, experiment: Experiment) -> ExpSettings:
+    """Settings with the experiment's defaults filled in."""
+    return dataclasses.replace(
+        settings,
+        epochs=settings.epochs or experiment.default_epochs,
+        subset=settings.subset or experiment.default_subset,
+    )
+
+
+def config_key(config: TrainConfig) -> str:
+    """A short stable hash of every field of ``config``."""
+    blob = json.dumps(config_to_dict(config), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def run_folder_name(config: TrainConfig) -> str:
+    """Readable and unique: ``bn-lenet-bnlab-lr0.1-seed0-<hash>``."""
+    readable = f"{config.model}-{config.norm}-lr{config.lr:g}-seed{config.seed}"
+    return f"{re.sub(r'[^A-Za-z0-9.]+', '-', readable)}-{config_key(config)}"
+
+
+def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list[PlannedRun]:
+    """Every (variant, seed) run of the grid with its folder under ``runs_root``."""
+    subset = 0 if settings.subset == -1 else settings.subset
+    planned = []
+    for variant in experiment.variants(settings):
+        for seed in range(settings.seeds):
+            config = TrainConfig(**{**variant.params, "seed": seed, "epochs": settings.epochs,
+                                    "subset": subset})
+            planned.append(PlannedRun(variant, config, runs_root / run_folder_name(config)))
+    return planned
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / runs.SUMMARY).exists()
+
+
+# --------------------------------------------------------------------------- execution
+
+_WORKER_DATASET = None
+
+
+def _init_worker(dataset, threads: int) -> None:
+    global _WORKER_DATASET
+    _WORKER_DATASET = dataset
+    torch.set_num_threads(threads)
+
+
+def _run_one(config: TrainConfig, run_dir: str) -> dict[str, Any]:
+    return run_training(config, _WORKER_DATASET, run_dir, resume=True, progress=False)
+
+
+def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = True) -> None:
+    """Train every unfinished run of ``planned`` (resuming cut-off ones), ``jobs`` at a time.
+
+    With ``jobs > 1`` runs go to worker processes, and the machine's threads are split
+    between them (each gets ``cpu_count // jobs``).
+    """
+    todo = [p for p in planned if not is_finished(p.run_dir)]
+    bar = tqdm(total=len(planned), initial=len(planned) - len(todo), unit="run",
+               desc="grid", disable=not progress, dynamic_ncols=True)
+    with bar:
+        if jobs <= 1:
+            for p in todo:
+                bar.set_postfix_str(f"{p.variant.label} seed {p.config.seed}")
+                _report(bar, p, run_training(p.config, dataset, p.run_dir, resume=True,
+                                             progress=False))
+            return
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
+                                 initializer=_init_worker, initargs=(dataset, threads)) as pool:
+            futures = {pool.submit(_run_one, p.config, str(p.run_dir)): p for p in todo}
+            for future in as_completed(futures):
+                _report(bar, futures[future], future.result())
+
+
+def _report(bar: tqdm, p: PlannedRun, summary: dict[str, Any]) -> None:
+    bar.update(1)
+    outcome = "diverged" if summary["diverged"] else f"val acc {summary['final_val_acc']:.4f}"
+    bar.set_postfix_str(f"last: {p.variant.label} seed {p.config.seed}: {outcome}")
+
+
+# --------------------------------------------------------------------------- results
+
+def collect(planned: list[PlannedRun]) -> list[dict[str, Any]]:
+    """One row per finished run: label, tags, seed, config, metrics, summary, folder."""
+    rows = []
+    for p in planned:
+        if not is_finished(p.run_dir):
+            continue
+        run = runs.load_run(p.run_dir)
+        rows.append({
+            "label": p.variant.label,
+            "tags": p.variant.tags,
+            "seed": p.config.seed,
+            "config": run["config"],
+            "metrics": run["metrics"],
+            "summary": run["summary"],
+            "run_dir": str(p.run_dir),
+        })
+    return rows
+
+
+def by_label(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows grouped by variant label, in grid order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["label"], []).append(row)
+    return groups
+
+
+SUMMARY_HEADERS = ["variant", "seeds", "final val acc", "best val acc", "final train acc",
+                   "diverged", "s/epoch"]
+
+
+def summary_rows(rows: list[dict[str, Any]]) -> list[list[object]]:
+    """Per variant: mean ± 95% CI over seeds of the headline numbers (diverged runs excluded)."""
+    out = []
+    for label, group in by_label(rows).items():
+        ok = [r["summary"] for r in group if not r["summary"]["diverged"]]
+        out.append([
+            label, len(group),
+            format_mean_ci([s["final_val_acc"] for s in ok]),
+            format_mean_ci([s["best_val_acc"] for s in ok]),
+            format_mean_ci([s["final_train_acc"] for s in ok]),
+            f"{len(group) - len(ok)}/{len(group)}",
+            format_mean_ci([s["median_seconds_per_epoch"] for s in ok], ".2f"),
+        ])
+    return out
+
+
+def describe_settings(settings: ExpSettings) -> str:
+    data = ("all 60000 training images" if settings.subset in (-1, 0)
+            else f"a class-balanced subset of {settings.subset} training images")
+    return (f"{settings.epochs} epochs on {data}, {settings.seeds} seed(s) per variant; "
+            "validation on the full test set (10000 images). Intervals are 95% Student-t "
+            "intervals over seeds.")
+
+
+def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Path, dataset,
+                   jobs: int = 1, progress: bool = True) -> str:
+    """Plan, train (skipping finished runs), collect and analyze; return ``report.md``'s text."""
+    settings = resolve(settings, experiment)
+    runs_root = Path(out) / "runs"
+    out = Path(out) / experiment.name
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "settings.json", config_to_dict(settings))
+    planned = plan(experiment, settings, runs_root)
+    execute(planned, dataset, jobs, progress)
+    rows = collect(planned)
+    atomic_write_text(out / "results.jsonl",
+                      "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    table_rows = summary_rows(rows)
+    atomic_write_text(out / "summary.csv", to_csv(SUMMARY_HEADERS, table_rows))
+    table = format_table(SUMMARY_HEADERS, table_rows)
+    atomic_write_text(out / "summary.md", table + "\n")
+    sections = experiment.analyze(rows, out, dataset)
+    report = "\n".join([
+        f"# {experiment.title}", "", f"**Question.** {experiment.question}", "",
+        f"**Settings.** {describe_settings(settings)} {experiment.notes}".rstrip(), "",
+        "## Summary", "", table, "", *sections,
+    ]) + "\n"
+    atomic_write_text(out / "report.md", report)
+    return report

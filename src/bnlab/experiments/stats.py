@@ -1,0 +1,51 @@
+"""Means with 95% confidence intervals over seeds, and the tables that show them.
+
+Why: with 3 seeds a mean alone overstates what is known; a Student-t interval says how
+far apart two settings must be before the difference means anything. scipy is not a
+dependency, so the few t quantiles needed are tabulated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections.abc import Sequence
+
+# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30; beyond, the normal 1.96.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_quantile_975(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"expected df >= 1 (got {df})")
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
+    """(mean, half-width of the 95% t interval); the half-width is None for one value."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, None
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def format_mean_ci(values: Sequence[float], spec: str = ".4f") -> str:
+    mean, half = mean_ci(values)
+    if math.isnan(mean):
+        return "-"
+    return format(mean, spec) if half is None else f"{mean:{spec}} ± {half:{spec}}"
+
+
+def to_csv(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(headers)
+    writer.writerows(rows)
+    return buffer.getvalue()

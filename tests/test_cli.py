@@ -1,0 +1,93 @@
+"""Every CLI command runs end to end on synthetic data (the real dataset is never needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bnlab import cli, data
+
+
+@pytest.fixture
+def fake_dataset(monkeypatch, synthetic_fashion):
+    monkeypatch.setattr(data, "load_fashion_mnist", lambda root=None, **kw: synthetic_fashion)
+    return synthetic_fashion
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("data", "bench", "train", "inspect", "demo", "exp", "report"):
+        assert command in out
+
+
+def test_train_then_inspect(capsys, fake_dataset, tmp_path):
+    out_dir = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "train", "--epochs", "2", "--batch-size", "64", "--device",
+                           "cpu", "--out", str(out_dir), "--no-progress")
+    assert code == 0 and "finished: final val acc" in out
+    assert json.loads((out_dir / "config.json").read_text())["epochs"] == 2
+    code, out, _ = run_cli(capsys, "inspect", str(out_dir))
+    assert code == 0
+    assert "first norm layer (1), 6 channels" in out and "gamma = [" in out
+    assert "running_var" in out and (out_dir / "norm_params.png").exists()
+
+
+def test_train_lenet_defaults_to_no_norm_and_rejects_bn(capsys, fake_dataset, tmp_path):
+    code, out, _ = run_cli(capsys, "train", "--model", "lenet", "--epochs", "1", "--out",
+                           str(tmp_path / "a"), "--no-progress")
+    assert code == 0 and "lenet lr=0.1" in out
+    code, _, err = run_cli(capsys, "train", "--model", "lenet", "--norm", "torch", "--out",
+                           str(tmp_path / "b"), "--no-progress")
+    assert code == 2 and "model 'lenet' has no norm layers" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_train_refuses_to_overwrite_and_resumes(capsys, fake_dataset, tmp_path):
+    args = ["train", "--epochs", "1", "--out", str(tmp_path / "r"), "--no-progress"]
+    assert run_cli(capsys, *args)[0] == 0
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "already holds a run; pass --resume" in err
+    assert run_cli(capsys, *args, "--resume")[0] == 0
+
+
+def test_demo_writes_table_report_and_figures(capsys, fake_dataset, tmp_path):
+    code, out, _ = run_cli(capsys, "demo", "--epochs", "2", "--device", "cpu", "--out",
+                           str(tmp_path), "--no-progress")
+    assert code == 0
+    for name in ("lenet", "bn-lenet-bnlab", "bn-lenet-torch"):
+        assert name in out
+        assert len((tmp_path / name / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "train time vs torch BN" in out and "first norm layer" in out
+    for path in ("report.md", "comparison.png", "results.json",
+                 "bn-lenet-bnlab/norm_params.png"):
+        assert (tmp_path / path).exists(), path
+    # A second demo reuses the finished runs instead of training again.
+    code, again, _ = run_cli(capsys, "demo", "--epochs", "2", "--device", "cpu", "--out",
+                             str(tmp_path), "--no-progress")
+    assert code == 0 and again.splitlines()[:6] == out.splitlines()[:6]
+
+
+def test_demo_with_other_settings_needs_fresh(capsys, fake_dataset, tmp_path):
+    assert run_cli(capsys, "demo", "--epochs", "1", "--out", str(tmp_path), "--no-progress")[0] == 0
+    code, _, err = run_cli(capsys, "demo", "--epochs", "2", "--out", str(tmp_path), "--no-progress")
+    assert code == 2 and "config differs in ['epochs']" in err
+    assert run_cli(capsys, "demo", "--epochs", "2", "--out", str(tmp_path), "--fresh",
+                   "--no-progress")[0] == 0
+
+
+def test_unknown_config_key_is_an_error():
+    from bnlab.config import config_from_dict
+    from bnlab.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"unknown TrainConfig key\(s\) \['learning_rate'\]"):
+        config_from_dict(TrainConfig, {"learning_rate": 0.1})

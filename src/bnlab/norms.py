@@ -41,11 +41,59 @@ def _no_norm(kind: str, num_features: int) -> nn.Module:
     return nn.Identity()
 
 
+def _layer_norm(kind: str, num_features: int) -> nn.Module:
+    # LayerNorm normalizes each sample over all of its features. For (N, C, H, W) that is
+    # the (C, H, W) block of each sample; nn.LayerNorm([C, H, W]) would need H and W when
+    # the layer is built and would learn one affine pair per *element*. GroupNorm with a
+    # single group computes exactly the same per-sample statistics over (C, H, W), needs
+    # only C, and learns one affine pair per channel (the convolutional convention).
+    return nn.GroupNorm(1, num_features) if kind == "conv" else nn.LayerNorm(num_features)
+
+
+MAX_GROUPS = 4
+"""Upper bound on the number of groups of the ``"group"`` norm (see :func:`group_count`)."""
+
+
+def group_count(num_features: int, max_groups: int = MAX_GROUPS) -> int:
+    """Groups G of the ``"group"`` norm: the largest divisor of C with G <= 4 and C / G >= 2.
+
+    Why this rule: GroupNorm needs G to divide C, and the "group" layer should sit between
+    layer norm (G = 1) and instance norm (G = C). Wu & He's G = 32 does not divide the
+    chapter's widths (6, 16, 120, 84); a small fixed G does: 6 -> 3, 16 -> 4, 120 -> 4,
+    84 -> 4, and the deep nets' 16/32/64/128 -> 4. Keeping at least two channels per group
+    means a group is never a single value on (N, C) activations, where its normalized
+    output would always be 0. Widths with no such divisor (1, or a prime > 4) get G = 1,
+    i.e. layer norm.
+    """
+    if num_features < 1:
+        raise ValueError(f"expected num_features >= 1 (got {num_features})")
+    candidates = [g for g in range(1, max_groups + 1)
+                  if num_features % g == 0 and num_features // g >= 2]
+    return max(candidates, default=1)
+
+
+def _group_norm(kind: str, num_features: int) -> nn.Module:
+    return nn.GroupNorm(group_count(num_features), num_features)
+
+
+def _instance_norm(kind: str, num_features: int) -> nn.Module:
+    # Instance norm normalizes each (sample, channel) over its spatial positions. An (N, C)
+    # activation has ONE value per sample and channel, whose normalized value is always 0,
+    # so instance norm is undefined there; "fc" falls back to layer norm (the per-sample
+    # normalization that is defined), as NORM_DESCRIPTIONS says.
+    if kind == "conv":
+        return nn.InstanceNorm2d(num_features, affine=True, track_running_stats=False)
+    return nn.LayerNorm(num_features)
+
+
 NORM_LAYERS: dict[str, NormFactory] = {
     "bnlab": _bnlab_batch_norm,
     "bnlab-ref": _bnlab_reference_batch_norm,
     "torch": _torch_batch_norm,
     "none": _no_norm,
+    "layer": _layer_norm,
+    "group": _group_norm,
+    "instance": _instance_norm,
 }
 
 NORM_DESCRIPTIONS: dict[str, str] = {
@@ -53,6 +101,13 @@ NORM_DESCRIPTIONS: dict[str, str] = {
     "bnlab-ref": "bnlab's reference batch norm (plain tensor ops through autograd)",
     "torch": "torch.nn.BatchNorm1d/2d",
     "none": "no normalization (identity)",
+    "layer": "layer norm: each sample over all its features; conv: GroupNorm(1, C), i.e. over "
+             "(C, H, W) with a per-channel affine; fc: nn.LayerNorm(C)",
+    "group": "group norm: GroupNorm(G, C), each sample over groups of C/G channels; G = largest "
+             "divisor of C that is <= 4 and leaves >= 2 channels per group (see group_count)",
+    "instance": "instance norm: conv: InstanceNorm2d(C, affine=True), each (sample, channel) over "
+                "(H, W), no running stats; fc: undefined (one value per channel), falls back to "
+                "layer norm nn.LayerNorm(C)",
 }
 
 

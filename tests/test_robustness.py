@@ -1,0 +1,119 @@
+"""Noise/FGSM/PGD accuracy: zero size is clean accuracy, attacks hurt, no side effects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlab.data import Loader
+from bnlab.models import build_model
+from bnlab.robustness import fgsm_accuracy, input_gradient, noise_accuracy, pgd_accuracy
+from bnlab.train import evaluate
+
+EPSILONS = [0.0, 0.02, 0.05, 0.1]
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_fashion) -> tuple[nn.Module, Loader]:
+    """BN-LeNet (bnlab BN) after 20 SGD steps on the synthetic data, and a test loader."""
+    torch.manual_seed(0)
+    model = build_model("bn-lenet", norm="bnlab").train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    train = Loader(synthetic_fashion.train_images, synthetic_fashion.train_labels, 64, seed=0)
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        for x, y in train:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    test = Loader(synthetic_fashion.test_images, synthetic_fashion.test_labels, 100, shuffle=False)
+    return model, test
+
+
+def buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [b.clone() for b in model.buffers()]
+
+
+def test_the_fixture_model_learned(trained) -> None:
+    model, test = trained
+    assert evaluate(model, test)[1] > 0.8
+
+
+def test_zero_perturbation_is_clean_accuracy(trained) -> None:
+    model, test = trained
+    clean = evaluate(model, test)[1]
+    assert noise_accuracy(model, test, [0.0]) == [(0.0, clean)]
+    assert fgsm_accuracy(model, test, [0.0]) == [(0.0, clean)]
+    assert pgd_accuracy(model, test, [0.0], steps=2) == [(0.0, clean)]
+
+
+def test_fgsm_accuracy_falls_and_pgd_is_at_least_as_strong(trained) -> None:
+    model, test = trained
+    fgsm = fgsm_accuracy(model, test, EPSILONS)
+    pgd = pgd_accuracy(model, test, EPSILONS, steps=5, seed=0)
+    assert [eps for eps, _ in fgsm] == EPSILONS
+    fgsm_acc = [acc for _, acc in fgsm]
+    assert all(later <= earlier + 0.02 for earlier, later in zip(fgsm_acc, fgsm_acc[1:]))
+    assert fgsm_acc[-1] < fgsm_acc[0] - 0.3
+    for (_, f), (_, p) in zip(fgsm, pgd):
+        assert p <= f + 0.02
+
+
+def test_noise_is_deterministic_per_seed_and_hurts_when_large(trained) -> None:
+    model, test = trained
+    sigmas = [0.0, 0.3, 1.0]
+    first = noise_accuracy(model, test, sigmas, seed=3)
+    assert noise_accuracy(model, test, sigmas, seed=3) == first
+    assert first[-1][1] < first[0][1]
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_mode_buffers_and_grads_are_left_as_they_were(trained, mode: bool) -> None:
+    model, test = trained
+    model.train(mode)
+    before = buffers(model)
+    noise_accuracy(model, test, [0.1], max_batches=1)
+    fgsm_accuracy(model, test, [0.1], max_batches=1)
+    pgd_accuracy(model, test, [0.1], steps=2, max_batches=1)
+    assert model.training is mode
+    assert all(torch.equal(old, new) for old, new in zip(before, model.buffers()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_input_gradient_through_bnlab_bn_in_eval_mode(trained) -> None:
+    """The chapter's scratch BN chooses statistics by grad mode; bnlab's follows
+    module.training, so eval mode with autograd on is still the evaluated function."""
+    model, test = trained
+    model.eval()
+    x, y = next(iter(test))
+    before = buffers(model)
+    with torch.no_grad():
+        gradient = input_gradient(model, x, y)  # works under an outer no_grad too
+        no_grad_logits = model(x)
+    assert gradient.shape == x.shape and gradient.abs().sum() > 0
+    with torch.enable_grad():
+        torch.testing.assert_close(model(x.requires_grad_(True)).detach(), no_grad_logits)
+    assert all(torch.equal(old, new) for old, new in zip(before, model.buffers()))
+
+
+def test_max_batches_caps_the_work(trained) -> None:
+    model, test = trained
+    calls = []
+    original_forward = model.forward
+    model.forward = lambda x: calls.append(len(x)) or original_forward(x)
+    try:
+        fgsm_accuracy(model, test, [0.1], max_batches=1)
+    finally:
+        del model.forward
+    assert calls == [100, 100]  # one gradient and one scoring forward of one batch
+
+
+def test_negative_sizes_are_refused(trained) -> None:
+    model, test = trained
+    with pytest.raises(ValueError, match=r"expected epsilon >= 0 \(got -0.1\)"):
+        fgsm_accuracy(model, test, [-0.1])
+    with pytest.raises(ValueError, match=r"expected steps >= 1 \(got 0\)"):
+        pgd_accuracy(model, test, [0.1], steps=0)

@@ -2,7 +2,8 @@
 
 Why bnlab has its own modules rather than subclasses of torch's: the point of the lab is
 that the batch norm is ours, end to end, and still indistinguishable from torch's to
-the code around it: same constructor, same parameter and buffer names, state_dicts
+the code around it: same constructor (including torch 2.13's keyword-only ``bias``), same parameter and
+buffer names, state_dicts
 that load both ways, same ``repr``. ``convert_batchnorm`` swaps torch's for ours in an
 existing model.
 
@@ -79,6 +80,7 @@ class _BatchNorm(nn.Module):
         device: Any = None,
         dtype: Any = None,
         *,
+        bias: bool = True,
         impl: Impl = "fast",
     ) -> None:
         super().__init__()
@@ -91,7 +93,10 @@ class _BatchNorm(nn.Module):
         self.impl = impl
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -120,11 +125,13 @@ class _BatchNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}")
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() not in self._ranks:
@@ -198,7 +205,7 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
 
     def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device: Any = None, dtype: Any = None,
-                 *, impl: Impl = "fast") -> None:
+                 *, bias: bool = True, impl: Impl = "fast") -> None:
         factory = {"device": device, "dtype": dtype}
         # affine/track False: build with 0 features so nothing is registered eagerly.
         super().__init__(0, eps, momentum, False, False, impl=impl, **factory)
@@ -206,7 +213,8 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = UninitializedParameter(**factory)
-            self.bias = UninitializedParameter(**factory)
+            if bias:
+                self.bias = UninitializedParameter(**factory)
         if track_running_stats:
             self.running_mean = UninitializedBuffer(**factory)
             self.running_var = UninitializedBuffer(**factory)
@@ -224,7 +232,8 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
             self.num_features = input.shape[1]
             if self.affine:
                 self.weight.materialize((self.num_features,))
-                self.bias.materialize((self.num_features,))
+                if self.bias is not None:
+                    self.bias.materialize((self.num_features,))
             if self.track_running_stats:
                 self.running_mean.materialize((self.num_features,))
                 self.running_var.materialize((self.num_features,))
@@ -267,11 +276,12 @@ def _convert_one(bn: nn.Module, impl: Impl) -> nn.Module:
     ref = bn.weight if bn.weight is not None else bn.running_mean
     new = target(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                  device=None if ref is None else ref.device,
-                 dtype=None if ref is None else ref.dtype, impl=impl)
+                 dtype=None if ref is None else ref.dtype, bias=bn.bias is not None, impl=impl)
     with torch.no_grad():
         if bn.affine:
             new.weight = bn.weight  # the same Parameter objects: optimizers keep working
-            new.bias = bn.bias
+            if bn.bias is not None:
+                new.bias = bn.bias
         if bn.track_running_stats:
             new.running_mean = bn.running_mean
             new.running_var = bn.running_var

@@ -152,8 +152,8 @@ def build_model(
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every batch-norm-like layer (one with running statistics or affine γ/β)."""
-    return [
-        (name, m) for name, m in model.named_modules()
-        if name and hasattr(m, "running_mean") and hasattr(m, "weight")
-    ]
+    """(name, module) of every batch-norm layer in ``model``, torch's or bnlab's."""
+    from bnlab.nn import _BatchNorm as BnlabBatchNorm
+
+    kinds = (nn.modules.batchnorm._BatchNorm, BnlabBatchNorm)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]

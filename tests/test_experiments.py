@@ -1,0 +1,144 @@
+"""Experiments: every one runs --quick end to end; grids skip, resume and parallelize; the
+definitions their reports rest on (failure, CI, epochs to a threshold) are exact."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bnlab import cli, data, runs
+from bnlab.experiments import EXPERIMENTS, get_experiment, runner
+from bnlab.experiments.analysis import (describe_epochs_to_reach, epochs_to_reach, failed,
+                                        mean_curve)
+from bnlab.experiments.lr import largest_training_lr
+from bnlab.experiments.runner import QUICK, ExpSettings, execute, plan, resolve
+from bnlab.experiments.stats import mean_ci, t_quantile_975
+from bnlab.report import build_report
+from bnlab.train import start_run
+
+
+@pytest.fixture
+def fake_dataset(monkeypatch, synthetic_fashion):
+    monkeypatch.setattr(data, "load_fashion_mnist", lambda root=None, **kw: synthetic_fashion)
+    return synthetic_fashion
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_quick_experiment_runs_end_to_end(name, fake_dataset, tmp_path, capsys):
+    code = cli.main(["exp", name, "--quick", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    folder = tmp_path / name
+    experiment = get_experiment(name)
+    expected_runs = len(experiment.variants(resolve(QUICK, experiment)))
+    rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == expected_runs
+    assert all(len(r["metrics"]) == 1 or r["summary"]["diverged"] for r in rows)
+    assert {r["config"]["subset"] for r in rows} == {1000}
+    report = (folder / "report.md").read_text()
+    assert report.startswith(f"# {experiment.title}") and "## Summary" in report
+    assert len((folder / "summary.csv").read_text().splitlines()) == expected_runs + 1
+    for figure in [line.split("](")[1].rstrip(")") for line in report.splitlines()
+                   if line.startswith("![")]:
+        assert (folder / figure).exists(), figure
+
+
+def test_a_second_invocation_trains_nothing(fake_dataset, tmp_path, monkeypatch, capsys):
+    argv = ["exp", "placement", "--quick", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    first = (tmp_path / "placement" / "summary.md").read_text()
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(runner, "run_training", must_not_train)
+    assert cli.main(argv) == 0
+    assert (tmp_path / "placement" / "summary.md").read_text() == first
+
+
+def test_runs_shared_between_experiments_train_once(fake_dataset, tmp_path, capsys):
+    settings = ExpSettings(seeds=1, epochs=1, subset=1000)
+    chapter = plan(get_experiment("chapter"), settings, tmp_path)
+    placement = plan(get_experiment("placement"), settings, tmp_path)
+    shared = {p.run_dir for p in chapter} & {p.run_dir for p in placement}
+    assert len(shared) == 1  # BN-LeNet with bnlab's BN everywhere
+
+
+def test_a_cut_off_run_is_resumed(synthetic_fashion, tmp_path):
+    settings = ExpSettings(seeds=1, epochs=2, subset=1000)
+    planned = plan(get_experiment("chapter"), settings, tmp_path)
+    first = planned[0]
+    partial = start_run(first.config, synthetic_fashion, first.run_dir, progress=False)
+    partial.train_next_epoch()  # killed after one of two epochs
+    execute(planned, synthetic_fashion, jobs=1, progress=False)
+    assert len(runs.load_run(first.run_dir)["metrics"]) == 2
+    assert all(runner.is_finished(p.run_dir) for p in planned)
+
+
+def test_parallel_jobs_give_the_serial_results(synthetic_fashion, tmp_path):
+    settings = ExpSettings(seeds=2, epochs=1, subset=1000)
+    experiment = get_experiment("chapter")
+    serial = plan(experiment, settings, tmp_path / "serial")
+    parallel = plan(experiment, settings, tmp_path / "parallel")
+    execute(serial, synthetic_fashion, jobs=1, progress=False)
+    execute(parallel, synthetic_fashion, jobs=2, progress=False)
+    for a, b in zip(serial, parallel):
+        ra, rb = runs.load_run(a.run_dir), runs.load_run(b.run_dir)
+        assert ra["metrics"][0]["val_acc"] == rb["metrics"][0]["val_acc"]
+        assert ra["metrics"][0]["train_loss"] == pytest.approx(rb["metrics"][0]["train_loss"],
+                                                               rel=1e-5)
+
+
+def _row(tags, final_acc, diverged=False, accs=()):
+    metrics = [{"epoch": i + 1, "val_acc": a, "train_acc": a, "val_loss": 1.0}
+               for i, a in enumerate(accs)]
+    return {"tags": tags, "label": str(tags), "metrics": metrics,
+            "summary": {"diverged": diverged, "final_val_acc": None if diverged else final_acc,
+                        "epochs": max(len(accs), 1)}}
+
+
+def test_failure_means_diverged_or_chance_level():
+    assert failed(_row({}, 0.2)) and failed(_row({}, 0.15)) and failed(_row({}, None, True))
+    assert not failed(_row({}, 0.21))
+
+
+def test_largest_training_lr_needs_every_seed():
+    rows = [_row({"bn": True, "lr": 0.1}, 0.8), _row({"bn": True, "lr": 0.1}, 0.8),
+            _row({"bn": True, "lr": 1.0}, 0.8), _row({"bn": True, "lr": 1.0}, 0.1),
+            _row({"bn": True, "lr": 3.0}, None, diverged=True),
+            _row({"bn": False, "lr": 0.01}, 0.1)]
+    assert largest_training_lr(rows, True) == 0.1
+    assert largest_training_lr(rows, False) is None
+
+
+def test_mean_ci_uses_student_t():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))
+    assert mean_ci([0.5]) == (0.5, None)
+    assert t_quantile_975(1) == 12.706 and t_quantile_975(100) == 1.96
+
+
+def test_epochs_to_reach_and_mean_curve_with_a_diverged_seed():
+    a = _row({}, 0.86, accs=[0.7, 0.82, 0.86])
+    b = _row({}, 0.85, accs=[0.75, 0.79, 0.85])
+    assert epochs_to_reach(a, 0.80) == 2 and epochs_to_reach(b, 0.80) == 3
+    assert epochs_to_reach(a, 0.9) is None
+    assert describe_epochs_to_reach([a, b], 0.80) == "2.5 (2, 3)"
+    assert describe_epochs_to_reach([a, b], 0.86) == "not reached by 1/2 seeds"
+    gone = _row({}, None, diverged=True, accs=[0.5])
+    gone["summary"]["epochs"] = 3
+    xs, means, _ = mean_curve([a, gone])
+    assert xs == [1, 2, 3] and means[2] == pytest.approx((0.86 + 0.1) / 2)
+
+
+def test_report_gathers_and_relinks(tmp_path):
+    (tmp_path / "exp" / "lr").mkdir(parents=True)
+    (tmp_path / "exp" / "lr" / "report.md").write_text("# LR\n\n![plot](a.png)\n")
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "report.md").write_text("# Demo\n\n![c](comparison.png)\n")
+    out, gathered = build_report([tmp_path / "demo", tmp_path / "exp"], tmp_path / "report.md")
+    text = out.read_text()
+    assert len(gathered) == 2
+    assert "![plot](exp/lr/a.png)" in text and "![c](demo/comparison.png)" in text
+    assert "## LR" in text and "## Demo" in text

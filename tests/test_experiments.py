@@ -10,8 +10,7 @@ import pytest
 
 from bnlab import cli, data, runs
 from bnlab.experiments import EXPERIMENTS, get_experiment, runner
-from bnlab.experiments.analysis import (describe_epochs_to_reach, epochs_to_reach, failed,
-                                        mean_curve)
+from bnlab.experiments.analysis import describe_epochs_to_reach, epochs_to_reach, failed, mean_curve
 from bnlab.experiments.lr import largest_training_lr
 from bnlab.experiments.runner import QUICK, ExpSettings, execute, plan, resolve
 from bnlab.experiments.stats import mean_ci, t_quantile_975

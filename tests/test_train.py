@@ -96,7 +96,7 @@ def test_divergence_is_recorded_not_raised(synthetic_fashion, tmp_path):
 
 def test_evaluate_uses_eval_mode_restores_mode_and_keeps_buffers(synthetic_fashion):
     torch.manual_seed(0)
-    model = build_model("bn-lenet", "bnlab", device="cpu")
+    model = build_model("bn-lenet", "bnlab", "cpu")
     _, test = build_loaders(small_config(), synthetic_fashion, torch.device("cpu"))
     model.train()
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
@@ -122,3 +122,30 @@ def test_diverged_step_is_written_as_null(synthetic_fashion, tmp_path):
     run_training(config, synthetic_fashion, tmp_path / "r", progress=False)
     (steps,) = runs.read_jsonl(tmp_path / "r" / runs.STEPS)
     assert steps["loss"][-1] is None and all(x is not None for x in steps["loss"][:-1])
+
+
+def test_eval_every_records_validation_between_epochs_and_survives_resume(synthetic_fashion,
+                                                                           tmp_path):
+    config = small_config(epochs=2, eval_every=10)
+    steps_per_epoch = math.ceil(len(synthetic_fashion.train_labels) / config.batch_size)
+    run_training(config, synthetic_fashion, tmp_path / "whole", progress=False)
+    cut = start_run(config, synthetic_fashion, tmp_path / "cut", progress=False)
+    cut.train_next_epoch()
+    run_training(config, synthetic_fashion, tmp_path / "cut", resume=True, progress=False)
+    whole = runs.load_run(tmp_path / "whole")["evals"]
+    assert [e["step"] for e in whole] == list(range(10, 2 * steps_per_epoch + 1, 10))
+    assert all(0 < e["train_seconds"] for e in whole)
+    resumed = runs.load_run(tmp_path / "cut")["evals"]
+    strip = lambda evals: [{k: v for k, v in e.items() if k != "train_seconds"} for e in evals]  # noqa: E731
+    assert strip(resumed) == strip(whole)
+    # Periodic evaluation does not change training.
+    plain = run_training(small_config(epochs=2), synthetic_fashion, progress=False)
+    assert plain["final_val_acc"] == runs.load_run(tmp_path / "whole")["summary"]["final_val_acc"]
+
+
+def test_model_options_must_fit_the_model():
+    with pytest.raises(ValueError, match=r"\['depth'\] set, but model 'bn-lenet' takes only"):
+        TrainConfig(model="bn-lenet", depth=50)
+    with pytest.raises(ValueError, match=r"\['dropout'\] set, but model 'deep-mlp'"):
+        TrainConfig(model="deep-mlp", norm="none", dropout=0.5)
+    TrainConfig(model="deep-mlp", norm="bnlab", depth=50, activation="relu")

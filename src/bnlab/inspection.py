@@ -16,14 +16,14 @@ from torch import nn
 from bnlab import runs
 from bnlab.bench.timing import format_table
 from bnlab.config import config_from_dict
-from bnlab.models import build_model, norm_layers
+from bnlab.models import norm_layers
 
 PARAMS_FIGURE = "norm_params.png"
 
 
 def load_trained_model(run_dir: str | Path) -> tuple[nn.Module, Any]:
     """The model of a run folder with its last checkpointed weights (on CPU, eval mode)."""
-    from bnlab.train import TrainConfig
+    from bnlab.train import TrainConfig, model_for
 
     run = runs.load_run(run_dir)
     config = config_from_dict(TrainConfig, run["config"])
@@ -31,8 +31,7 @@ def load_trained_model(run_dir: str | Path) -> tuple[nn.Module, Any]:
     if not checkpoint_path.exists():
         raise runs.RunFolderError(f"{run_dir} has no {runs.CHECKPOINT} (no epoch finished yet)")
     torch.manual_seed(config.seed)
-    model = build_model(config.model, config.norm, config.norm_slots, "cpu", config.dropout,
-                        config.dropout_order)
+    model = model_for(config, "cpu")
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), config

@@ -29,7 +29,6 @@ from bnlab.norms import create_norm_layer
 NORM_SLOTS = ("conv1", "conv2", "fc1", "fc2")
 """Where BN-LeNet can hold a norm layer: after each of its four hidden conv/linear layers."""
 
-MODELS = ("bn-lenet", "lenet")
 INPUT_SHAPE = (1, 28, 28)
 
 
@@ -125,30 +124,42 @@ def initialize(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return model
 
 
-def build_model(
-    name: str,
-    norm: str = "bnlab",
-    norm_slots: str = "all",
-    device: torch.device | str = "cpu",
-    dropout: float = 0.0,
-    dropout_order: str = "after",
-) -> nn.Module:
-    """A named model of :data:`MODELS`, sized, initialized and on ``device``.
+MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "bn-lenet": ("norm_slots", "dropout", "dropout_order"),
+    "lenet": (),
+    "deep-mlp": ("depth", "width", "activation"),
+    "deep-cnn": ("depth", "width", "activation"),
+}
+"""The options (``TrainConfig`` fields) each model takes beyond its norm."""
 
-    Initialization draws from torch's global RNG: seed it first for reproducible weights.
+
+def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cpu",
+                **options) -> nn.Module:
+    """A named model of :data:`MODEL_OPTIONS`, initialized and on ``device``.
+
+    The LeNets are sized by a dry run and Xavier-initialized (:func:`initialize`); the deep
+    nets (``bnlab.deep``) bring their own per-activation initialization. Initialization
+    draws from torch's global RNG: seed it first for reproducible weights.
     """
+    if name not in MODEL_OPTIONS:
+        raise ValueError(f"unknown model {name!r}; expected one of {list(MODEL_OPTIONS)}")
+    unknown = sorted(set(options) - set(MODEL_OPTIONS[name]))
+    if unknown:
+        raise ValueError(f"model {name!r} takes options {list(MODEL_OPTIONS[name])} (got {unknown})")
+    if name == "lenet":
+        if norm != "none":
+            raise ValueError(f"model 'lenet' is the chapter's plain LeNet, with no norm layers "
+                             f"(got norm={norm!r}); use 'bn-lenet' with norm 'none' for variants")
+        return initialize(lenet().to(device), torch.zeros(2, *INPUT_SHAPE, device=device))
     if name == "bn-lenet":
-        model = bn_lenet(norm, norm_slots, dropout, dropout_order)
-    elif name == "lenet":
-        if norm != "none" or dropout:
-            raise ValueError(f"model 'lenet' is the chapter's plain LeNet: no norm layers, no "
-                             f"dropout (got norm={norm!r}, dropout={dropout}); use model "
-                             "'bn-lenet' (with norm 'none' for no BN) for variants")
-        model = lenet()
-    else:
-        raise ValueError(f"unknown model {name!r}; expected one of {list(MODELS)}")
-    model.to(device)
-    return initialize(model, torch.zeros(2, *INPUT_SHAPE, device=device))
+        model = bn_lenet(norm, **options).to(device)
+        return initialize(model, torch.zeros(2, *INPUT_SHAPE, device=device))
+    from bnlab import deep
+
+    if name == "deep-mlp":
+        return deep.deep_mlp(norm=norm, **options).to(device)
+    width = options.pop("width", 16)
+    return deep.deep_cnn(norm=norm, channels=width, **options).to(device)
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

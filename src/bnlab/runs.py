@@ -8,6 +8,7 @@ killed run leaves the previous epoch's state, never a torn file::
       config.json      the TrainConfig, verbatim
       metrics.jsonl    one JSON object per finished epoch
       steps.jsonl      the training loss of every step, one line per epoch
+      evals.jsonl      validation every N steps (only with eval_every)
       summary.json     final/best val acc, seconds per epoch, diverged (written at the end)
       checkpoint.pt    model, optimizer, history and RNG state after the last finished epoch
       curves.png       train loss, val loss and val acc against epoch
@@ -28,6 +29,7 @@ from bnlab.io import atomic_write, atomic_write_json, atomic_write_text, read_js
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 STEPS = "steps.jsonl"
+EVALS = "evals.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 CURVES = "curves.png"
@@ -78,8 +80,11 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     atomic_write(run_dir / CHECKPOINT, lambda f: torch.save(state, f))
 
 
-def write_history(run_dir: Path, history: list[dict[str, Any]], step_losses: list[list[float]]) -> None:
+def write_history(run_dir: Path, history: list[dict[str, Any]], step_losses: list[list[float]],
+                  evals: list[dict[str, Any]]) -> None:
     write_jsonl(run_dir / METRICS, history)
+    if evals:
+        write_jsonl(run_dir / EVALS, evals)
     # A non-finite loss (the step a run diverged) is written as null: JSON has no NaN.
     write_jsonl(run_dir / STEPS, [
         {"epoch": i + 1, "loss": [x if math.isfinite(x) else None for x in losses]}
@@ -100,5 +105,6 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "dir": run_dir,
         "config": read_json(run_dir / CONFIG),
         "metrics": read_jsonl(run_dir / METRICS) if (run_dir / METRICS).exists() else [],
+        "evals": read_jsonl(run_dir / EVALS) if (run_dir / EVALS).exists() else [],
         "summary": read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).exists() else None,
     }

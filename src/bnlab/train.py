@@ -10,10 +10,11 @@ recorded as a result ("diverged") instead of crashing an experiment grid.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from bnlab import runs
 from bnlab.config import config_to_dict
-from bnlab.models import MODELS
+from bnlab.models import MODEL_OPTIONS, build_model
 from bnlab.norms import NORM_LAYERS
 
 
@@ -33,7 +34,7 @@ from bnlab.norms import NORM_LAYERS
 class TrainConfig:
     """One training run. Defaults are the chapter's: SGD, lr 0.1, batch 128, 10 epochs."""
 
-    model: str = field(default="bn-lenet", metadata={"help": "model", "choices": MODELS})
+    model: str = field(default="bn-lenet", metadata={"help": "model", "choices": tuple(MODEL_OPTIONS)})
     norm: str = field(default="bnlab", metadata={
         "help": "norm layer (bnlab.norms); lenet takes only 'none'", "choices": tuple(NORM_LAYERS)})
     norm_slots: str = field(default="all", metadata={
@@ -44,6 +45,10 @@ class TrainConfig:
     dropout_order: str = field(default="after", metadata={
         "help": "bn-lenet: dropout 'after' the activation or 'before' the norm",
         "choices": ("after", "before")})
+    depth: int = field(default=20, metadata={"help": "deep-mlp/deep-cnn: number of weight layers"})
+    width: int = field(default=64, metadata={"help": "deep-mlp: hidden width; deep-cnn: channels"})
+    activation: str = field(default="sigmoid", metadata={
+        "help": "deep-mlp/deep-cnn: activation", "choices": ("sigmoid", "tanh", "relu")})
     epochs: int = field(default=10, metadata={"help": "training epochs"})
     lr: float = field(default=0.1, metadata={"help": "SGD learning rate"})
     batch_size: int = field(default=128, metadata={"help": "training minibatch size"})
@@ -57,17 +62,32 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the training step (about 25-30 s of compile before epoch 1)"})
     eval_batch_size: int = field(default=1000, metadata={"help": "batch size of evaluation"})
+    eval_every: int = field(default=0, metadata={
+        "help": "also evaluate every N training steps (0 = only after each epoch)"})
 
     def __post_init__(self) -> None:
-        if self.model == "lenet" and (self.norm != "none" or self.dropout):
-            raise ValueError(f"model 'lenet' has no norm layers and no dropout (got norm="
-                             f"{self.norm!r}, dropout={self.dropout}); use --norm none, or "
-                             "--model bn-lenet")
+        if self.model == "lenet" and self.norm != "none":
+            raise ValueError(f"model 'lenet' has no norm layers (got norm={self.norm!r}); "
+                             "use --norm none, or --model bn-lenet")
+        unused = [f.name for f in dataclasses.fields(self) if f.name in _ALL_MODEL_OPTIONS
+                  and f.name not in MODEL_OPTIONS[self.model] and getattr(self, f.name) != f.default]
+        if unused:
+            raise ValueError(f"{unused} set, but model {self.model!r} takes only "
+                             f"{list(MODEL_OPTIONS[self.model])}")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"expected {name} >= 1 (got {getattr(self, name)})")
         if not self.lr > 0:
             raise ValueError(f"expected lr > 0 (got {self.lr})")
+
+
+_ALL_MODEL_OPTIONS = {option for options in MODEL_OPTIONS.values() for option in options}
+
+
+def model_for(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The initialized model ``config`` describes (seed torch's RNG first)."""
+    options = {name: getattr(config, name) for name in MODEL_OPTIONS[config.model]}
+    return build_model(config.model, config.norm, device, **options)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,28 +116,36 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     step_fn=None,
     progress: tqdm | None = None,
+    after_step: Callable[[int, float], float] | None = None,
 ) -> EpochResult:
-    """One pass of minibatch SGD in train mode; stops at the first non-finite loss."""
+    """One pass of minibatch SGD in train mode; stops at the first non-finite loss.
+
+    ``after_step(step, train_seconds_so_far)`` runs after every step (for periodic
+    evaluation) and returns the seconds it took, which are not counted as training time.
+    """
     step_fn = step_fn or make_step(model, optimizer)
     model.train()
     losses: list[float] = []
     correct = images = 0
     start = time.perf_counter()
+    paused = 0.0
     for x, y in batches:
         loss, logits = step_fn(x, y)
         loss_value = loss.item()
         losses.append(loss_value)
         if not math.isfinite(loss_value):
-            return EpochResult(math.nan, math.nan, time.perf_counter() - start, images,
+            return EpochResult(math.nan, math.nan, time.perf_counter() - start - paused, images,
                                losses, diverged_step=len(losses))
         correct += (logits.argmax(dim=1) == y).sum().item()
         images += y.numel()
+        if after_step is not None:
+            paused += after_step(len(losses), time.perf_counter() - start - paused)
         if progress is not None:
             progress.update(1)
             if len(losses) % 10 == 0:
-                rate = images / (time.perf_counter() - start)
+                rate = images / (time.perf_counter() - start - paused)
                 progress.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:,.0f}")
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - paused
     return EpochResult(statistics.fmean(losses), correct / images, seconds, images, losses)
 
 
@@ -174,6 +202,7 @@ class TrainingRun:
                                          weight_decay=config.weight_decay)
         self.history: list[dict[str, Any]] = []
         self.step_losses: list[list[float]] = []
+        self.evals: list[dict[str, Any]] = []  # every config.eval_every steps
         self.diverged: dict[str, int] | None = None
         if self.run_dir is not None:
             checkpoint = runs.prepare(self.run_dir, config_to_dict(config), resume)
@@ -193,7 +222,8 @@ class TrainingRun:
                    desc=f"{self.label + ' ' if self.label else ''}epoch {epoch}/{self.config.epochs}",
                    unit="step", leave=False, disable=not self.progress, dynamic_ncols=True)
         with bar:
-            result = train_one_epoch(self.model, self.train_loader, self.optimizer, self._step, bar)
+            result = train_one_epoch(self.model, self.train_loader, self.optimizer, self._step, bar,
+                                     self._periodic_evaluation(epoch))
         self.step_losses.append(result.step_losses)
         if result.diverged_step is not None:
             self.diverged = {"epoch": epoch, "step": result.diverged_step}
@@ -220,6 +250,25 @@ class TrainingRun:
         self._checkpoint()
         return row
 
+    def _periodic_evaluation(self, epoch: int) -> Callable[[int, float], float] | None:
+        """The ``after_step`` hook that evaluates every ``config.eval_every`` global steps."""
+        every = self.config.eval_every
+        if not every:
+            return None
+        steps_before = sum(len(losses) for losses in self.step_losses)
+        seconds_before = sum(row["train_seconds"] for row in self.history)
+
+        def after_step(step: int, train_seconds: float) -> float:
+            if (steps_before + step) % every:
+                return 0.0
+            start = time.perf_counter()
+            val_loss, val_acc = evaluate(self.model, self.test_loader)
+            self.evals.append({"step": steps_before + step, "epoch": epoch, "val_loss": val_loss,
+                               "val_acc": val_acc, "train_seconds": seconds_before + train_seconds})
+            return time.perf_counter() - start
+
+        return after_step
+
     def finish(self) -> dict[str, Any]:
         """The summary; with a run folder, also ``summary.json`` and ``curves.png``."""
         summary = summarize(self.history, self.config.epochs, self.diverged)
@@ -239,6 +288,7 @@ class TrainingRun:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.history, self.step_losses = checkpoint["history"], checkpoint["step_losses"]
+        self.evals = checkpoint["evals"]
         self.diverged = checkpoint["diverged"]
         torch.set_rng_state(checkpoint["rng"])
         if checkpoint["cuda_rng"] is not None and torch.cuda.is_available():
@@ -252,11 +302,12 @@ class TrainingRun:
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
             "step_losses": self.step_losses,
+            "evals": self.evals,
             "diverged": self.diverged,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         })
-        runs.write_history(self.run_dir, self.history, self.step_losses)
+        runs.write_history(self.run_dir, self.history, self.step_losses, self.evals)
 
 
 def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig,
@@ -336,11 +387,8 @@ def run_training(config: TrainConfig, dataset, run_dir: str | Path | None = None
 def start_run(config: TrainConfig, dataset, run_dir: str | Path | None = None,
               resume: bool = False, progress: bool = True, label: str = "") -> TrainingRun:
     """A seeded :class:`TrainingRun` of ``config`` on ``dataset``, not yet trained."""
-    from bnlab.models import build_model
-
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, config.norm, config.norm_slots, device, config.dropout,
-                        config.dropout_order)
+    model = model_for(config, device)
     train, test = build_loaders(config, dataset, device)
     return TrainingRun(model, train, test, config, run_dir, resume, progress, label)

@@ -1,54 +1,48 @@
 """The fast batch norm: one ``torch.autograd.Function`` with a hand-derived backward.
 
-Why a custom Function: letting autograd differentiate the textbook formula records
-every intermediate (x - mean, its square, x_hat, x_hat * gamma, ...) and replays a
-backward op for each; that is what made the chapter's scratch version 3-5x slower
-than torch's kernel. Deriving the gradient by hand lets us keep only the input and
-two per-channel vectors for backward, and do both directions in a handful of passes
-over memory with plain tensor ops (no compiler needed at run time; works on any
-device torch supports).
+Why a custom Function: letting autograd differentiate the textbook formula records every
+intermediate (x - mean, its square, x_hat, x_hat * gamma, ...) and replays a backward op
+for each; that is what made the chapter's scratch version 3-5x slower than torch's kernel.
+Deriving the gradient by hand keeps one saved tensor and a few per-channel vectors, and
+does each direction in a handful of passes over memory with plain tensor ops (no compiler
+at run time; any device torch supports).
 
-The math, per channel, with M values per channel (all dims but dim 1), and
-sigma = sqrt(var + eps):
+The math, per channel, with m values per channel (every dim but dim 1),
+``sigma = sqrt(var + eps)`` and ``x_hat = (x - mean) / sigma``::
 
-    forward   y  = (x - mean) / sigma * gamma + beta = x * scale + shift,
-              scale = gamma / sigma,   shift = beta - mean * scale
+    forward   y = x_hat * gamma + beta
     backward  dbeta  = sum(dy)
               dgamma = sum(dy * x_hat)
               dx     = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat))   (training)
               dx     = dy * gamma / sigma_running                                    (eval)
 
-Choices below were made by timing the candidates on the chapter's shapes
-((128, 6, 24, 24), (128, 16, 8, 8), (128, 120), (128, 84)) and (64, 64, 32, 32), on
-2 CPU cores, interleaved (medians, ms; the machine was shared, so only ratios count):
+How it is fast (each choice timed against its alternatives on the chapter's shapes,
+interleaved, on 2 CPU cores):
 
-* per-channel sums: ``x.sum(dims)`` 0.02 / 0.02 / 0.5 ms (on 128x6x24x24 / 128x16x8x8
-  / 64x64x32x32) against ``torch.var_mean`` 1.4 / 0.40 / 27 ms,
-  ``linalg.vector_norm`` 0.21 / 0.09 / 6.5 ms, reshaping to (N, C, -1) first
-  0.06 / 0.03 / 4.2 ms, ``einsum('nc...,nc...->c')`` 1.3 / 0.7 / 40 ms, a float64
-  accumulating sum 0.16 / 0.06 / 7.2 ms and a batched-dot ``bmm`` 0.30 / 0.05 / 2.5 ms.
-  So every statistic is ``tensor.sum(dims)`` of something.
-* variance by two passes (a first mean, then deviations from it), plus the mean of the
-  deviations as a correction of the first mean: a float32 sum of 1e4-sized values loses
-  digits (torch's CPU kernel accumulates in float64 instead; a float64-accumulating
-  sum measured 8x slower than the float32 sum plus one more sum over the deviations).
-  The deviations are squared IN PLACE in the buffer that then receives the output, so
-  the forward allocates one full-size tensor, like torch's.
-* output as ``addcmul(beta - resid * scale, x - mean_hi, scale)`` written into that
-  buffer. The cheaper ``addcmul(shift, x, scale)`` (one pass less, ~0.08 ms on
-  128x6x24x24) measured 1-2e-3 absolute error at mean 1e4 (torch: 3-8e-4); this form
-  measures ~1e-6.
-* backward saves ``x`` (alive anyway for the previous layer), not a new x_hat, and forms
-  ``x - mean_hi`` once, multiplies it by dy in place and sums: ``sum(dy * (x - mean))``
-  computed directly, not as ``sum(dy*x) - mean*sum(dy)`` (measured: dgamma error 0.05-0.15
-  at mean 1e4 against torch's 0.01; this form 1e-5). ``dx = dy * a + x * b + c`` is then
-  two ``addcmul`` into that same buffer: one full-size allocation, like torch's.
-* known cost: every op is a separate dispatch (~2-5 us each on this machine), so on
-  small 2D inputs such as (128, 120) the Python-level op count, not memory traffic,
-  decides (about 2.8x torch's single fused kernel there).
+* Per-channel statistics are plain ``tensor.sum(dims)`` (``var_mean`` over (0, 2, 3) of a
+  (128, 6, 24, 24) tensor took 1.4 ms against 0.02 ms for ``sum``; ``einsum``,
+  ``vector_norm`` and reshaping first were all slower).
+* Forward keeps the centered input ``xc = x - mean`` and saves *it* for backward instead
+  of ``x``: nothing else keeps BN's input alive (a conv saves its own input, not its
+  output), so this costs no memory over saving ``x``, and backward needs no new
+  subtraction pass. The square of ``xc`` is computed into the buffer that then receives
+  ``y``, so forward allocates two full-size tensors (``xc`` and ``y``), backward one
+  (``dx``, which first holds ``dy * xc``).
+* ``y = xc * scale + shift`` and ``dx = xc * b + c + dy * scale`` (per-channel ``scale =
+  gamma / sigma``, ``b``, ``c``) are written in place into buffers that already exist:
+  ``mul(out=)`` then ``add_``, and one ``addcmul_`` (``addcmul`` with two per-channel
+  broadcast operands measured 3x slower than ``mul`` + ``add_``).
+* Small inputs (the FC layers' (128, 120)) are dominated by per-op and Python overhead, so
+  the code has few ops and no no-op conversions in the float32/float64 case.
 
-Double backward is not supported (the backward is ``once_differentiable``; asking for
-a second derivative raises a clear error).
+Numerics: the mean is kept in two parts, ``mean_hi`` (a float sum) plus ``resid`` (the
+mean of ``x - mean_hi``, i.e. the rounding error of the first), so data with a large mean
+(1e4 with std 1 in float32) is normalized about as exactly as float64 would, where the
+naive ``E[x^2] - E[x]^2`` loses every digit. float16/bfloat16 inputs are computed in
+float32 and rounded once at the end (statistics and parameters in float32, as torch).
+
+Double backward is not supported (the backward is ``once_differentiable``: asking for a
+second derivative raises an error).
 """
 
 from __future__ import annotations
@@ -57,6 +51,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_REDUCE_DIMS = {ndim: (0, *range(2, ndim)) for ndim in range(2, 9)}
+_CHANNEL_SHAPE = {ndim: (-1,) + (1,) * (ndim - 2) for ndim in range(2, 9)}
+_SHIFT_SAMPLES = 8  # samples whose mean shifts the data before the statistics are summed
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,7 +63,11 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def reduce_dims(ndim: int) -> tuple[int, ...]:
     """Every dim but the channel dim 1."""
-    return (0, *range(2, ndim))
+    return _REDUCE_DIMS[ndim]
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class FusedBatchNorm(torch.autograd.Function):
@@ -81,108 +82,82 @@ class FusedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
         ctx.set_materialize_grads(False)
-        sdt = stat_dtype(x.dtype)
-        dims = reduce_dims(x.dim())
-        channels = x.shape[1]
-        view = (channels,) + (1,) * (x.dim() - 2)
-        count = x.numel() // channels
+        ndim = x.dim()
+        dims, shape = _REDUCE_DIMS[ndim], _CHANNEL_SHAPE[ndim]
+        xs = x.float() if x.dtype in _LOW_PRECISION else x
         if training:
-            # Pass 1: a first mean.  Pass 2: deviations from it (exact in floating
-            # point), whose own mean is the first mean's rounding error (float32 sums of
-            # large values lose digits; torch accumulates in float64 instead).  Pass 3:
-            # squared deviations, squared in place in the buffer that later holds y.
-            mean_hi = x.sum(dims, dtype=sdt if sdt != x.dtype else None).div_(count)
-            buf = x - mean_hi.view(view)
-            resid = buf.sum(dims).div_(count)
-            buf.mul_(buf)
-            var = torch.addcmul(buf.sum(dims).div_(count), resid, resid, value=-1)
-            mean = mean_hi + resid
-            invstd = torch.rsqrt(var + eps)
+            count = x.numel() // x.shape[1]
+            shift_k = xs[:_SHIFT_SAMPLES].mean(dims)  # near the batch mean: from a few samples
+            xk = xs - shift_k.view(shape)  # (N, C, ...) shifted data, of size ~ std
+            mean_k = xk.sum(dims).div_(count)  # batch mean = shift_k + mean_k
+            out = torch.mul(xk, xk)  # squares now, y below
+            var = out.sum(dims).div_(count).addcmul_(mean_k, mean_k, value=-1)
+            invstd = var.add(eps).rsqrt_()
             if running_mean is not None:
-                torch._foreach_lerp_(
-                    [running_mean, running_var],
-                    [mean.to(running_mean.dtype),
-                     var.mul_(count / (count - 1)).to(running_var.dtype)],
-                    momentum)
+                batch_mean = shift_k.add_(mean_k)
+                unbiased_var = var.mul_(count / (count - 1))
+                torch._foreach_lerp_([running_mean, running_var],
+                                     [_as(batch_mean, running_mean.dtype),
+                                      _as(unbiased_var, running_var.dtype)], momentum)
+            centered, offset = xk, mean_k
         else:
-            # A copy: the running buffers may change in place before backward runs.
-            mean = mean_hi = running_mean.to(sdt, copy=True)
-            resid = None
-            invstd = torch.rsqrt(running_var.to(sdt) + eps)
-        scale = invstd if weight is None else invstd * weight.to(sdt)
-        beta = None if bias is None else bias.to(sdt)
-        if training:
-            # y = (x - mean_hi) * scale + (beta - resid * scale): no large cancellation
-            # (x * scale + (beta - mean * scale) loses float32 digits for a large mean).
-            src, offset = torch.sub(x, mean_hi.view(view), out=buf), resid
-            out = buf if buf.dtype == x.dtype else torch.empty_like(x)
-        else:
-            src, offset, out = x, mean, torch.empty_like(x)
-        if beta is None:
+            invstd = _as(running_var, xs.dtype).add(eps).rsqrt_()
+            # A copy: the running mean may change in place before backward runs.
+            offset = _as(running_mean, xs.dtype).clone()
+            centered, out = xs, None
+        scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
+        if bias is None:
             shift = torch.mul(offset, scale).neg_()
         else:
-            shift = torch.addcmul(beta, offset, scale, value=-1)
-        y = torch.addcmul(shift.view(view), src, scale.view(view), out=out)
+            shift = torch.addcmul(_as(bias, scale.dtype), offset, scale, value=-1)
+        # mul then add_: torch.addcmul with two per-channel (broadcast) operands measured
+        # 3x slower (176 vs 53 us on (128, 6, 24, 24)).
+        y = torch.mul(centered, scale.view(shape), out=out).add_(shift.view(shape))
 
         ctx.training = training
         ctx.weight_dtype = None if weight is None else weight.dtype
-        need_x = training or (weight is not None and ctx.needs_input_grad[1])
-        ctx.save_for_backward(x if need_x else None, mean, invstd, scale, mean_hi, resid)
-        return y
+        # Saved: xc (training) or x (eval, only when dgamma is needed), and per-channel vectors.
+        keep = centered if training or (weight is not None and ctx.needs_input_grad[1]) else None
+        ctx.save_for_backward(keep, invstd, scale, offset)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         if dy is None:
             return (None,) * 8
-        x, mean, invstd, scale, mean_hi, resid = ctx.saved_tensors
+        saved, invstd, scale, offset = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        sdt = invstd.dtype
-        dims = reduce_dims(dy.dim())
-        channels = dy.shape[1]
-        view = (channels,) + (1,) * (dy.dim() - 2)
-        wide = sdt if sdt != dy.dtype else None
+        ndim = dy.dim()
+        dims, shape = _REDUCE_DIMS[ndim], _CHANNEL_SHAPE[ndim]
+        dys = dy.float() if dy.dtype in _LOW_PRECISION else dy
         dx = dw = db = None
-        training = ctx.training
-        sum_dy = None
-        if need_db or (training and need_dx):
-            sum_dy = dy.sum(dims, dtype=wide)
-        if need_db:
-            db = sum_dy.to(ctx.weight_dtype or sdt)
-
-        if not training:
+        if not ctx.training:  # y = x * scale + shift with constant statistics
+            if need_db:
+                db = _as(dys.sum(dims), ctx.weight_dtype)
             if need_dw:
-                prod = x - mean.view(view)
-                prod.mul_(dy)
-                dw = prod.sum(dims).mul_(invstd).to(ctx.weight_dtype)
+                dot = torch.mul(dys, saved.sub(offset.view(shape))).sum(dims)
+                dw = _as(dot.mul_(invstd), ctx.weight_dtype)
             if need_dx:
-                dx = torch.mul(dy, scale.view(view)).to(dy.dtype)
+                dx = _as(dys * scale.view(shape), dy.dtype)
             return dx, dw, db, None, None, None, None, None
 
+        xc, resid = saved, offset  # xc = x - shift_k; x - mean = xc - resid
+        count = dy.numel() // dy.shape[1]
+        sum_dy = dys.sum(dims)
+        if need_db:
+            db = _as(sum_dy, ctx.weight_dtype)
         if not (need_dx or need_dw):
-            return dx, dw, db, None, None, None, None, None
-        count = dy.numel() // channels
-        if sum_dy is None:
-            sum_dy = dy.sum(dims, dtype=wide)
-        # sum(dy * (x - mean)) = sum(dy * (x - mean_hi)) - resid * sum(dy): the product
-        # of small deviations, not sum(dy * x) - mean * sum(dy), which cancels
-        # catastrophically in float32 when the mean is large.
-        prod = x - mean_hi.view(view)
-        prod.mul_(dy)
-        dot = torch.addcmul(prod.sum(dims), resid, sum_dy, value=-1)
-        dot.mul_(invstd)  # = sum(dy * x_hat) = dgamma
+            return None, None, db, None, None, None, None, None
+        prod = dys * xc  # (N, C, ...), reused for dx
+        dot = torch.addcmul(prod.sum(dims), resid, sum_dy, value=-1)  # sum(dy * (x - mean))
         if need_dw:
-            dw = dot.to(ctx.weight_dtype)
+            dw = _as(dot * invstd, ctx.weight_dtype)  # sum(dy * x_hat)
         if need_dx:
-            # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat))
-            #    = scale * dy + b * x + c,  b = -scale * invstd * mean(dy * x_hat),
-            #                               c = -scale * mean(dy) - b * mean
-            b = dot.mul(invstd).mul_(scale).mul_(-1.0 / count)
-            c = torch.addcmul(torch.mul(scale, sum_dy).mul_(-1.0 / count), b, mean, value=-1)
-            # Both addcmuls write into the product buffer: no new allocation.  For
-            # half/bfloat16 that buffer is float32, so the result is rounded once.
-            dx = torch.addcmul(c.view(view), x, b.view(view), out=prod)
-            dx.addcmul_(dy, scale.view(view))
-            if dx.dtype != dy.dtype:
-                dx = dx.to(dy.dtype)
+            # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)) = dy * scale + xc * b + c
+            b = (invstd * invstd).mul_(scale).mul_(dot).mul_(-1.0 / count)
+            c = torch.mul(scale, sum_dy).mul_(-1.0 / count).addcmul_(b, resid, value=-1)
+            dx = torch.mul(xc, b.view(shape), out=prod).add_(c.view(shape))
+            dx.addcmul_(dys, scale.view(shape))  # one broadcast operand: addcmul is fast here
+            dx = _as(dx, dy.dtype)
         return dx, dw, db, None, None, None, None, None

@@ -57,7 +57,7 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
 
     bn = bench_sub.add_parser(
         "bn", help="bnlab's fast and reference batch norm vs torch's native kernel")
-    bn.add_argument("--repeats", type=int, default=30, help="interleaved repeats per shape")
+    bn.add_argument("--repeats", type=int, default=100, help="interleaved repeats per shape")
     bn.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     bn.set_defaults(handler=_run_bench_bn)
 

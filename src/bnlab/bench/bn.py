@@ -86,7 +86,7 @@ def _peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def run_bn_benchmark(repeats: int = 30, device: str = "auto", warmup: int = 3) -> str:
+def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3) -> str:
     """Time forward and forward+backward of each implementation; a markdown table."""
     dev = _resolve_device(device)
     cuda = dev.type == "cuda"

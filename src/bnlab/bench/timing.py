@@ -27,16 +27,20 @@ def time_interleaved(
 ) -> dict[str, float]:
     """Median seconds per call of each candidate, measured round-robin.
 
-    Each round calls every candidate once, in the same order, so a slow spell of the
-    machine hits all of them alike.
+    Each round calls every candidate once, so a slow spell of the machine hits all of
+    them alike; the order rotates from round to round, so no candidate always runs right
+    after the same neighbour (whose freed memory or evicted cache it would inherit).
     """
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
+    names = list(candidates)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = candidates[name]
             start = time.perf_counter()
             fn()
             _sync(device)

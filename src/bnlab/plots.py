@@ -47,13 +47,18 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str 
 
 def plot_comparison(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path,
                     title: str = "") -> Path:
-    """Train loss, val loss and val accuracy of several runs side by side (one color each)."""
+    """Train loss, val loss and val accuracy of several runs side by side.
+
+    Each run has its own color, line style and marker, so runs whose curves coincide (bnlab's
+    and torch's BN) stay visible on top of each other.
+    """
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     panels = [("train_loss", "train loss"), ("val_loss", "val loss"), ("val_acc", "val accuracy")]
+    styles = [("-", "o", 5), ("--", "x", 7), (":", "s", 4), ("-.", "^", 5)]
     for ax, (key, label) in zip(axes, panels):
-        for name, history in runs.items():
-            ax.plot([r["epoch"] for r in history], [r[key] for r in history], marker="o",
-                    markersize=3, label=name)
+        for (name, history), (line, marker, size) in zip(runs.items(), styles * len(runs)):
+            ax.plot([r["epoch"] for r in history], [r[key] for r in history], linestyle=line,
+                    marker=marker, markersize=size, label=name)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

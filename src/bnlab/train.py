@@ -90,6 +90,12 @@ def model_for(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Mod
     return build_model(config.model, config.norm, device, **options)
 
 
+def bar_disabled(progress: bool) -> bool | None:
+    """tqdm's ``disable``: off when not asked for; when asked for, only on a terminal (None),
+    so logs get the per-epoch lines without thousands of carriage-return updates."""
+    return None if progress else True
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; anything else as torch spells it."""
     if name == "auto":
@@ -220,7 +226,8 @@ class TrainingRun:
         self.train_loader.set_epoch(epoch)
         bar = tqdm(total=len(self.train_loader),
                    desc=f"{self.label + ' ' if self.label else ''}epoch {epoch}/{self.config.epochs}",
-                   unit="step", leave=False, disable=not self.progress, dynamic_ncols=True)
+                   unit="step", leave=False, disable=bar_disabled(self.progress),
+                   dynamic_ncols=True)
         with bar:
             result = train_one_epoch(self.model, self.train_loader, self.optimizer, self._step, bar,
                                      self._periodic_evaluation(epoch))

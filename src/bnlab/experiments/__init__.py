@@ -6,11 +6,22 @@ registry is what ``bnlab exp NAME`` looks names up in.
 
 from __future__ import annotations
 
-from bnlab.experiments import chapter, dropout, lr, placement
+from bnlab.experiments import (
+    chapter,
+    convergence,
+    depth,
+    dropout,
+    lr,
+    norm_choice,
+    placement,
+    robustness_claim,
+)
 from bnlab.experiments.runner import Experiment
 
 EXPERIMENTS: dict[str, Experiment] = {
-    e.name: e for e in (chapter.EXPERIMENT, lr.EXPERIMENT, placement.EXPERIMENT, dropout.EXPERIMENT)
+    e.name: e for e in (chapter.EXPERIMENT, lr.EXPERIMENT, placement.EXPERIMENT, dropout.EXPERIMENT,
+                        depth.EXPERIMENT, convergence.EXPERIMENT, norm_choice.EXPERIMENT,
+                        robustness_claim.EXPERIMENT)
 }
 
 

@@ -38,7 +38,7 @@ from bnlab.bench.timing import format_table
 from bnlab.config import config_to_dict
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.io import atomic_write_json, atomic_write_text
-from bnlab.train import TrainConfig, run_training
+from bnlab.train import TrainConfig, bar_disabled, run_training
 
 
 @dataclass
@@ -155,7 +155,7 @@ def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = 
     """
     todo = [p for p in planned if not is_finished(p.run_dir)]
     bar = tqdm(total=len(planned), initial=len(planned) - len(todo), unit="run",
-               desc="grid", disable=not progress, dynamic_ncols=True)
+               desc="grid", disable=bar_disabled(progress), dynamic_ncols=True)
     with bar:
         if jobs <= 1:
             for p in todo:

@@ -1,0 +1,284 @@
+"""Claim: batch normalization "reliably speeds up training".
+
+Why: "faster" needs a measure. This grid trains the chapter's plain LeNet and BN-LeNet
+(bnlab's BN) over a small learning-rate sweep, evaluating on the test set every
+``eval_every`` SGD steps (finer than an epoch), and measures for each model *at its own
+best learning rate* (highest mean final validation accuracy over seeds):
+
+* the SGD steps, and the training seconds (evaluation time excluded), until validation
+  accuracy first reaches 0.80 and 0.85, and the speed-up factor (baseline / BN);
+* the comparison Ioffe & Szegedy (2015) headline: the baseline's best accuracy (the
+  maximum of its seed-mean validation curve) is the target; how many steps did BN need to
+  reach it, against the baseline's steps, and at what learning-rate ratio. (They report
+  BN reaching Inception's accuracy in 14x fewer steps, at 5x its learning rate.)
+
+Definitions: a run's progress curve is its periodic evaluations plus its end-of-epoch
+evaluations, by global step; steps to a threshold is the first evaluated step at or above
+it (so it is resolved to ``eval_every`` steps), "not reached" when no evaluation reaches
+it. Seed-mean curves average the seeds at each evaluated step (a diverged seed counts at
+chance after it diverged).
+
+Learning rates: LeNet {0.1, 0.3, 1, 3}, BN-LeNet {0.1, 0.3, 1, 3, 10}: the chapter's 0.1
+and a 3x-spaced sweep up to the rates where each model stops training (the ``lr``
+experiment's finding: plain sigmoid LeNet diverges or stalls above a few units, BN-LeNet
+tolerates about 3x more). Default: 4 epochs on all 60000 training images (1876 steps),
+evaluation every 50 steps; 27 runs fit in about 30-35 minutes on 2 cores (an evaluation of
+the 10000 test images costs about as much as 30-60 training steps, so they double the
+run time; 4 epochs rather than 5 keep the grid within 40 minutes with 3 seeds).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bnlab.bench.timing import format_table
+from bnlab.experiments.analysis import CHANCE, final
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
+from bnlab.experiments.stats import format_mean_ci, mean_ci
+
+LEARNING_RATES = {False: (0.1, 0.3, 1.0, 3.0), True: (0.1, 0.3, 1.0, 3.0, 10.0)}
+MODELS = {False: ("LeNet", {"model": "lenet", "norm": "none"}),
+          True: ("BN-LeNet", {"model": "bn-lenet", "norm": "bnlab"})}
+THRESHOLDS = (0.80, 0.85)
+EVAL_EVERY = 50
+BATCH_SIZE = 128
+TRAIN_IMAGES = 60000
+IOFFE_SZEGEDY = "Ioffe & Szegedy (2015): BN-x5 reached Inception's accuracy in 14x fewer steps " \
+                "at 5x its learning rate"
+
+Point = tuple[int, float, float]  # (global step, training seconds so far, val acc)
+
+
+def steps_per_epoch(n_images: int, batch_size: int = BATCH_SIZE) -> int:
+    """Steps of one epoch, as ``train.build_loaders`` batches (a last batch of 1 is dropped)."""
+    return n_images // batch_size if n_images % batch_size == 1 else math.ceil(n_images / batch_size)
+
+
+def eval_interval(subset: int) -> int:
+    """``EVAL_EVERY``, or fewer steps when an epoch is short (at least 2 evaluations/epoch)."""
+    n = TRAIN_IMAGES if subset in (0, -1) else subset
+    return min(EVAL_EVERY, max(1, steps_per_epoch(n) // 2))
+
+
+def variants(settings: ExpSettings) -> list[Variant]:
+    every = eval_interval(settings.subset)
+    return [Variant(f"{MODELS[bn][0]} lr={lr:g}", {**MODELS[bn][1], "lr": lr, "eval_every": every},
+                    {"bn": bn, "lr": lr})
+            for bn in (False, True) for lr in LEARNING_RATES[bn]]
+
+
+# --------------------------------------------------------------------------- definitions
+
+def progress(row: dict[str, Any], n_images: int | None = None) -> list[Point]:
+    """A run's (step, train seconds, val acc) at every periodic and end-of-epoch evaluation.
+
+    ``row["evals"]`` is used when present, else read from the run folder. ``n_images`` is
+    the training set size when the run did not take a subset (default 60000).
+    """
+    evals = row.get("evals")
+    if evals is None:
+        from bnlab.runs import load_run
+
+        evals = load_run(row["run_dir"])["evals"]
+    config = row["config"]
+    per_epoch = steps_per_epoch(config["subset"] or n_images or TRAIN_IMAGES,
+                                config["batch_size"])
+    points = {e["step"]: (e["step"], e["train_seconds"], e["val_acc"]) for e in evals}
+    seconds = 0.0
+    for m in row["metrics"]:
+        seconds += m["train_seconds"]
+        step = m["epoch"] * per_epoch
+        points.setdefault(step, (step, seconds, m["val_acc"]))
+    return [points[s] for s in sorted(points)]
+
+
+def steps_to_reach(points: list[Point], threshold: float) -> tuple[int, float] | None:
+    """(step, seconds) of the first evaluation at or above ``threshold``; None if none."""
+    return next(((s, t) for s, t, acc in points if acc >= threshold), None)
+
+
+def mean_progress(rows: list[dict[str, Any]], n_images: int | None = None) -> list[Point]:
+    """Seed-mean (step, seconds, val acc) at every step evaluated in any seed; after a seed
+    diverged it counts at chance (and its seconds are left out)."""
+    curves = [(progress(r, n_images), r["summary"]["diverged"]) for r in rows]
+    steps = sorted({p[0] for points, _ in curves for p in points})
+    out = []
+    for step in steps:
+        accs, secs = [], []
+        for points, diverged in curves:
+            at = {p[0]: p for p in points}
+            if step in at:
+                accs.append(at[step][2])
+                secs.append(at[step][1])
+            elif diverged and (not points or step > points[-1][0]):
+                accs.append(CHANCE)
+        if accs:
+            out.append((step, statistics.fmean(secs) if secs else math.nan,
+                        statistics.fmean(accs)))
+    return out
+
+
+def best_lr(rows: list[dict[str, Any]], bn: bool) -> float | None:
+    """The rate with the highest mean final validation accuracy (ties: the smaller rate)."""
+    means = {lr: mean_ci([final(r) for r in group])[0] for lr in LEARNING_RATES[bn]
+             if (group := _group(rows, bn, lr))}
+    return max(sorted(means), key=lambda lr: means[lr], default=None)
+
+
+def _group(rows: list[dict[str, Any]], bn: bool, lr: float) -> list[dict[str, Any]]:
+    return [r for r in rows if r["tags"]["bn"] == bn and r["tags"]["lr"] == lr]
+
+
+def reach_stats(rows: list[dict[str, Any]], threshold: float,
+                n_images: int | None = None) -> dict[str, Any]:
+    """Per seed steps/seconds to ``threshold``; means over the seeds that reached it."""
+    hits = [steps_to_reach(progress(r, n_images), threshold) for r in rows]
+    reached = [h for h in hits if h is not None]
+    return {"seeds": len(rows), "reached": len(reached),
+            "steps": [h[0] for h in reached], "seconds": [h[1] for h in reached],
+            "mean_steps": statistics.fmean(h[0] for h in reached) if reached else None,
+            "mean_seconds": statistics.fmean(h[1] for h in reached) if reached else None}
+
+
+def describe_reach(stats: dict[str, Any]) -> str:
+    """E.g. ``350 steps, 6.1 s (300, 400)`` or ``not reached by 1/2 seeds``."""
+    if stats["seeds"] == 0:
+        return "-"
+    if stats["reached"] < stats["seeds"]:
+        return f"not reached by {stats['seeds'] - stats['reached']}/{stats['seeds']} seeds"
+    return (f"{stats['mean_steps']:.0f} steps, {stats['mean_seconds']:.1f} s "
+            f"({', '.join(map(str, stats['steps']))})")
+
+
+def ioffe_comparison(rows: list[dict[str, Any]], n_images: int | None = None) -> dict[str, Any] | None:
+    """The baseline's best seed-mean accuracy, the step it got there, and per BN rate the
+    first step BN's seed-mean curve reached it (None when BN never did)."""
+    base_lr = best_lr(rows, False)
+    if base_lr is None:
+        return None
+    base = mean_progress(_group(rows, False, base_lr), n_images)
+    if not base:
+        return None
+    target_step, _, target = max(base, key=lambda p: (p[2], -p[0]))
+    per_lr = {}
+    for lr in LEARNING_RATES[True]:
+        group = _group(rows, True, lr)
+        if group:
+            hit = steps_to_reach(mean_progress(group, n_images), target)
+            per_lr[lr] = None if hit is None else hit[0]
+    return {"base_lr": base_lr, "target": target, "base_steps": target_step, "bn": per_lr}
+
+
+# --------------------------------------------------------------------------- report
+
+def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+    n_images = len(dataset.train_labels) if dataset is not None else None
+    plot_best_curves(rows, out, n_images)
+    headers = ["model", "lr", "final val acc", *[f"to {t:.2f}" for t in THRESHOLDS]]
+    table_rows = []
+    for bn in (False, True):
+        for lr in LEARNING_RATES[bn]:
+            group = _group(rows, bn, lr)
+            if group:
+                table_rows.append([MODELS[bn][0], f"{lr:g}", format_mean_ci([final(r) for r in group]),
+                                   *[describe_reach(reach_stats(group, t, n_images))
+                                     for t in THRESHOLDS]])
+    return ["## Steps to a validation accuracy, by learning rate", "",
+            format_table(headers, table_rows), "",
+            "Steps (and training seconds, evaluation excluded) until validation accuracy first "
+            "reaches the threshold: mean over seeds (each seed's step in parentheses), resolved "
+            "to the evaluation interval.", "", *findings(rows, n_images), "",
+            "![validation accuracy against steps and seconds](convergence.png)"]
+
+
+def findings(rows: list[dict[str, Any]], n_images: int | None = None) -> list[str]:
+    lines = []
+    best = {bn: best_lr(rows, bn) for bn in (False, True)}
+    for bn in (False, True):
+        if best[bn] is not None:
+            group = _group(rows, bn, best[bn])
+            lines.append(f"- Best learning rate, {MODELS[bn][0]}: **{best[bn]:g}** (mean final val "
+                         f"acc {mean_ci([final(r) for r in group])[0]:.4f}).")
+    if best[False] is None or best[True] is None:
+        return lines
+    base_group, bn_group = _group(rows, False, best[False]), _group(rows, True, best[True])
+    for threshold in THRESHOLDS:
+        b, n = reach_stats(base_group, threshold, n_images), reach_stats(bn_group, threshold, n_images)
+        b_all, n_all = b["reached"] == b["seeds"], n["reached"] == n["seeds"]
+        head = f"- To {threshold:.2f} at each model's best rate: "
+        if b_all and n_all:
+            lines.append(head + f"LeNet {b['mean_steps']:.0f} steps ({b['mean_seconds']:.1f} s), "
+                         f"BN-LeNet {n['mean_steps']:.0f} steps ({n['mean_seconds']:.1f} s): "
+                         f"**{b['mean_steps'] / n['mean_steps']:.1f}x** fewer steps, "
+                         f"{b['mean_seconds'] / n['mean_seconds']:.1f}x less training time with BN.")
+        elif n_all:
+            total = max((p[0] for r in base_group for p in progress(r, n_images)), default=0)
+            lines.append(head + f"BN-LeNet {n['mean_steps']:.0f} steps ({n['mean_seconds']:.1f} s); "
+                         f"LeNet did not reach it in {b['seeds'] - b['reached']}/{b['seeds']} "
+                         f"seeds within {total} steps (speed-up > {total / n['mean_steps']:.1f}x).")
+        elif b_all:
+            lines.append(head + f"LeNet {b['mean_steps']:.0f} steps; BN-LeNet did not reach it in "
+                         f"{n['seeds'] - n['reached']}/{n['seeds']} seeds.")
+        else:
+            lines.append(head + "neither model reached it in every seed.")
+    comparison = ioffe_comparison(rows, n_images)
+    if comparison is not None:
+        target, base_steps = comparison["target"], comparison["base_steps"]
+        lines.append(f"- Ioffe & Szegedy-style: LeNet's best seed-mean accuracy is "
+                     f"{target:.4f}, first reached at step {base_steps} (lr {comparison['base_lr']:g}).")
+        parts = []
+        for lr, steps in comparison["bn"].items():
+            ratio = f"{lr / comparison['base_lr']:g}x the rate"
+            parts.append(f"lr {lr:g} ({ratio}): " + (
+                "never" if steps is None else f"step {steps}, {base_steps / steps:.1f}x fewer steps"))
+        lines.append("- BN-LeNet reaches that accuracy at " + "; ".join(parts) + ".")
+        hits = {lr: s for lr, s in comparison["bn"].items() if s is not None}
+        if hits:
+            fastest = min(hits, key=lambda lr: (hits[lr], lr))
+            lines.append(f"- Largest step saving here: **{base_steps / hits[fastest]:.1f}x** at "
+                         f"{fastest / comparison['base_lr']:g}x the baseline's learning rate "
+                         f"(for reference, {IOFFE_SZEGEDY}).")
+    return lines
+
+
+def plot_best_curves(rows: list[dict[str, Any]], out: Path, n_images: int | None) -> None:
+    from bnlab.plots import plt, save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for bn in (False, True):
+        lr = best_lr(rows, bn)
+        if lr is None:
+            continue
+        curve = mean_progress(_group(rows, bn, lr), n_images)
+        name = f"{MODELS[bn][0]} (lr {lr:g})"
+        axes[0].plot([p[0] for p in curve], [p[2] for p in curve], marker=".", label=name)
+        axes[1].plot([p[1] for p in curve], [p[2] for p in curve], marker=".", label=name)
+    for ax, xlabel in zip(axes, ("SGD step", "training seconds (evaluation excluded)")):
+        for t in THRESHOLDS:
+            ax.axhline(t, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("validation accuracy (seed mean)")
+    fig.suptitle("Each model at its best learning rate")
+    save_figure(fig, out / "convergence.png")
+
+
+EXPERIMENT = Experiment(
+    name="convergence",
+    title="Claim: batch norm speeds up training",
+    question="At each model's best learning rate, how many SGD steps and seconds do LeNet and "
+             "BN-LeNet need to reach fixed validation accuracies, and how does the saving compare "
+             "with Ioffe & Szegedy's 14x?",
+    variants=variants,
+    analyze=analyze,
+    default_epochs=4,
+    default_subset=-1,
+    notes=f"Learning rates: LeNet {list(LEARNING_RATES[False])}, BN-LeNet "
+          f"{list(LEARNING_RATES[True])}; validation every {EVAL_EVERY} steps (every half epoch "
+          "at most, for small subsets). Default: 4 epochs (1876 steps) so that 27 runs with their "
+          "evaluations fit in 40 minutes.",
+)

@@ -1,0 +1,336 @@
+"""Claim: "batch normalization has enabled practitioners to train networks exceeding 100 layers".
+
+Why: the chapter states it without showing it. This grid trains *plain* MLPs (no residual
+connections, ``bnlab.deep.deep_mlp``, width 64) of depth 10, 20, 50 and 110 weight layers,
+with sigmoid and with ReLU, with bnlab's BN after every hidden linear layer and without
+any norm, and measures two things:
+
+* where each family stops training. A run *fails* as everywhere in bnlab
+  (``analysis.failed``: non-finite loss, or final validation accuracy <= 0.2). A depth
+  *trains* for an (activation, norm) pair when at least one learning rate of the sweep has
+  no failing seed; the report gives the largest depth that trains and the first that does
+  not. A small learning-rate sweep is part of the grid because the best rate moves with
+  depth and with BN (a plain BN net gets *larger* gradients in its first layers as it gets
+  deeper, so large rates can fail where small ones train); judging each depth at one
+  fixed rate would measure the rate, not the depth.
+* the mechanism: the norm of dL/dW of every weight layer, in depth order
+  (``bnlab.gradients.layer_gradient_norms``, train mode, one fixed class-balanced batch
+  of 256 training images), for seed 0 of every (activation, norm, depth) at
+  initialization and after training (the run at that family's best rate), with the ratio
+  first layer / last layer as the headline number (vanishing: << 1; exploding: >> 1).
+
+Defaults: 5 epochs on a class-balanced subset of 10000 training images (395 steps of
+batch 128), SGD without momentum as in the chapter, learning rates {0.001, 0.01, 0.1}.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from bnlab.bench.timing import format_table
+from bnlab.experiments.analysis import FAIL_ACCURACY, failed, final
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
+from bnlab.experiments.stats import format_mean_ci, mean_ci
+
+DEPTHS = (10, 20, 50, 110)
+ACTIVATIONS = ("sigmoid", "relu")
+NORMS = {"none": "no BN", "bnlab": "BN"}
+LEARNING_RATES = (0.001, 0.01, 0.1)
+WIDTH = 64
+GRADIENT_BATCH = 256
+PLOTTED_DEPTHS = (50, 110)
+
+
+def label(activation: str, norm: str, depth: int, lr: float) -> str:
+    return f"{activation} {NORMS[norm]} depth={depth} lr={lr:g}"
+
+
+def variants(settings: ExpSettings) -> list[Variant]:
+    return [Variant(label(act, norm, depth, lr),
+                    {"model": "deep-mlp", "norm": norm, "depth": depth, "width": WIDTH,
+                     "activation": act, "lr": lr},
+                    {"activation": act, "norm": norm, "depth": depth, "lr": lr})
+            for act in ACTIVATIONS for norm in NORMS for depth in DEPTHS for lr in LEARNING_RATES]
+
+
+# --------------------------------------------------------------------------- definitions
+
+def select(rows: list[dict[str, Any]], **tags: Any) -> list[dict[str, Any]]:
+    """Rows whose tags match every given tag."""
+    return [r for r in rows if all(r["tags"].get(k) == v for k, v in tags.items())]
+
+
+def best_lr(rows: list[dict[str, Any]], activation: str, norm: str, depth: int) -> float | None:
+    """The rate with the highest mean final validation accuracy (diverged seeds count at
+    chance; ties go to the smaller rate); None when the grid has no run of that family."""
+    means = {lr: mean_ci([final(r) for r in group])[0] for lr in LEARNING_RATES
+             if (group := select(rows, activation=activation, norm=norm, depth=depth, lr=lr))}
+    return max(sorted(means), key=lambda lr: means[lr], default=None)
+
+
+def trains_at(rows: list[dict[str, Any]], activation: str, norm: str, depth: int) -> bool | None:
+    """True when some rate has runs and none of its seeds failed; None without runs."""
+    groups = [g for lr in LEARNING_RATES
+              if (g := select(rows, activation=activation, norm=norm, depth=depth, lr=lr))]
+    if not groups:
+        return None
+    return any(not any(failed(r) for r in g) for g in groups)
+
+
+def deepest_training(rows: list[dict[str, Any]], activation: str, norm: str) -> int | None:
+    """The largest depth of the grid that trains (None if none does)."""
+    return max((d for d in DEPTHS if trains_at(rows, activation, norm, d)), default=None)
+
+
+def first_failing(rows: list[dict[str, Any]], activation: str, norm: str) -> int | None:
+    """The smallest depth of the grid that does not train (None if every depth trains)."""
+    return min((d for d in DEPTHS if trains_at(rows, activation, norm, d) is False), default=None)
+
+
+def first_last_ratio(norms: list[float]) -> float:
+    """||dL/dW|| of the first weight layer over that of the last (nan if undefined)."""
+    if len(norms) < 2 or not all(math.isfinite(v) for v in (norms[0], norms[-1])) \
+            or norms[-1] == 0:
+        return math.nan
+    return norms[0] / norms[-1]
+
+
+# --------------------------------------------------------------------------- gradients
+
+def gradient_profiles(rows: list[dict[str, Any]], dataset) -> dict[tuple, dict[str, Any]]:
+    """Per (activation, norm, depth): per-layer gradient norms of seed 0 at initialization
+    and after training at the family's best rate, with the run's step count."""
+    import torch
+
+    from bnlab.config import config_from_dict
+    from bnlab.data import stratified_subset
+    from bnlab.gradients import layer_gradient_norms
+    from bnlab.inspection import load_trained_model
+    from bnlab.train import TrainConfig, model_for
+
+    images, labels = stratified_subset(dataset.train_images, dataset.train_labels,
+                                       min(GRADIENT_BATCH, len(dataset.train_labels)))
+    x = images.unsqueeze(1).float().div(255)  # (256, 1, 28, 28)
+    profiles: dict[tuple, dict[str, Any]] = {}
+    for act in ACTIVATIONS:
+        for norm in NORMS:
+            for depth in DEPTHS:
+                lr = best_lr(rows, act, norm, depth)
+                if lr is None:
+                    continue
+                group = select(rows, activation=act, norm=norm, depth=depth, lr=lr)
+                row = min(group, key=lambda r: r["seed"])
+                config = config_from_dict(TrainConfig, row["config"])
+                torch.manual_seed(config.seed)
+                init = [v for _, v in layer_gradient_norms(model_for(config, "cpu").train(),
+                                                           x, labels)]
+                trained = None
+                if not row["summary"]["diverged"]:
+                    model, _ = load_trained_model(row["run_dir"])
+                    trained = [v for _, v in layer_gradient_norms(model.train(), x, labels)]
+                profiles[(act, norm, depth)] = {"lr": lr, "seed": row["seed"], "init": init,
+                                                "trained": trained, "row": row}
+    return profiles
+
+
+def _steps(row: dict[str, Any]) -> int:
+    config = row["config"]
+    n = config["subset"] or 60000
+    bs = config["batch_size"]
+    per_epoch = n // bs if n % bs == 1 else math.ceil(n / bs)
+    return per_epoch * len(row["metrics"])
+
+
+def _fmt_ratio(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2e}"
+
+
+def plot_profiles(profiles: dict[tuple, dict[str, Any]], path: Path) -> None:
+    from bnlab.plots import plt, save_figure
+
+    fig, axes = plt.subplots(2, len(ACTIVATIONS), figsize=(12, 8), squeeze=False)
+    colors = {"bnlab": "tab:blue", "none": "tab:red"}
+    styles = dict(zip(PLOTTED_DEPTHS, ("--", "-")))
+    for row_axes, when in zip(axes, ("init", "trained")):
+        for ax, act in zip(row_axes, ACTIVATIONS):
+            for (a, norm, depth), p in profiles.items():
+                values = p[when]
+                if a != act or depth not in styles or values is None:
+                    continue
+                ys = [v if v > 0 and math.isfinite(v) else math.nan for v in values]
+                ax.plot(range(1, len(ys) + 1), ys, styles[depth], color=colors[norm],
+                        label=f"{NORMS[norm]}, depth {depth}")
+            ax.set_yscale("log")
+            ax.set_xlabel("weight layer (1 = input side)")
+            ax.set_ylabel("||dL/dW||")
+            title = "at initialization" if when == "init" else "after training (best lr)"
+            ax.set_title(f"{act}: {title}", fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+            if ax.lines:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"Per-layer gradient norms, plain MLP width {WIDTH}, batch of "
+                 f"{GRADIENT_BATCH} training images, seed 0")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_accuracy_vs_depth(rows: list[dict[str, Any]], path: Path) -> None:
+    from bnlab.plots import plt, save_figure
+
+    fig, axes = plt.subplots(1, len(ACTIVATIONS), figsize=(12, 4), sharey=True, squeeze=False)
+    for ax, act in zip(axes[0], ACTIVATIONS):
+        for norm, name in NORMS.items():
+            xs, means, halves = [], [], []
+            for depth in DEPTHS:
+                lr = best_lr(rows, act, norm, depth)
+                if lr is None:
+                    continue
+                mean, half = mean_ci([final(r) for r in select(
+                    rows, activation=act, norm=norm, depth=depth, lr=lr)])
+                xs.append(depth)
+                means.append(mean)
+                halves.append(half or 0.0)
+            ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=name)
+        ax.axhline(FAIL_ACCURACY, color="crimson", lw=0.8, ls="--", label="fails at or below")
+        ax.set_xscale("log")
+        ax.set_xticks(DEPTHS, [str(d) for d in DEPTHS])
+        ax.set_xlabel("depth (weight layers)")
+        ax.set_ylabel("final val acc at the best lr")
+        ax.set_title(act)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------- report
+
+def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+    plot_accuracy_vs_depth(rows, out / "accuracy_vs_depth.png")
+    headers = ["activation", "norm", *[f"depth {d}" for d in DEPTHS]]
+    table_rows = []
+    for act in ACTIVATIONS:
+        for norm, name in NORMS.items():
+            cells = [act, name]
+            for depth in DEPTHS:
+                lr = best_lr(rows, act, norm, depth)
+                if lr is None:
+                    cells.append("-")
+                    continue
+                group = select(rows, activation=act, norm=norm, depth=depth, lr=lr)
+                verdict = "" if trains_at(rows, act, norm, depth) else " FAILS"
+                cells.append(f"{format_mean_ci([final(r) for r in group])} (lr {lr:g}){verdict}")
+            table_rows.append(cells)
+    sections = ["## Final validation accuracy by depth", "",
+                format_table(headers, table_rows), "",
+                "Each cell: mean final validation accuracy over seeds at the learning rate of "
+                f"the sweep {list(LEARNING_RATES)} that is best for that cell; FAILS = no rate "
+                f"of the sweep trains every seed past {FAIL_ACCURACY} accuracy.", "",
+                *depth_findings(rows), "",
+                "![final accuracy against depth](accuracy_vs_depth.png)", ""]
+    if dataset is not None and rows:
+        profiles = gradient_profiles(rows, dataset)
+        plot_profiles(profiles, out / "gradient_norms.png")
+        sections += ["## Gradient norms per layer", "", gradient_table(profiles), "",
+                     "ratio = ||dL/dW|| of the first weight layer / that of the head, for seed 0 "
+                     f"on a class-balanced batch of {GRADIENT_BATCH} training images in train "
+                     "mode; 'trained' is the model after its run at the best rate (the steps "
+                     "are the run's SGD steps).", "", *gradient_findings(profiles), "",
+                     "![per-layer gradient norms](gradient_norms.png)"]
+    return sections
+
+
+def gradient_table(profiles: dict[tuple, dict[str, Any]]) -> str:
+    rows = []
+    for (act, norm, depth), p in profiles.items():
+        trained = p["trained"]
+        rows.append([act, NORMS[norm], depth, f"{p['lr']:g}",
+                     _fmt_ratio(first_last_ratio(p["init"])),
+                     "diverged" if trained is None else _fmt_ratio(first_last_ratio(trained)),
+                     "-" if trained is None else _steps(p["row"]),
+                     f"{min(p['init']):.1e} .. {max(p['init']):.1e}"])
+    return format_table(["activation", "norm", "depth", "lr", "first/last at init",
+                         "first/last trained", "steps", "init range of ||dL/dW||"], rows)
+
+
+def depth_findings(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for act in ACTIVATIONS:
+        for norm, name in NORMS.items():
+            if not select(rows, activation=act, norm=norm):
+                continue
+            deepest, failing = deepest_training(rows, act, norm), first_failing(rows, act, norm)
+            text = f"- {act}, {name}: "
+            text += ("no depth of the grid trains" if deepest is None
+                     else f"trains up to depth **{deepest}**")
+            text += ("; every depth trains" if failing is None
+                     else f"; first depth that fails: **{failing}**")
+            lines.append(text + ".")
+    for act in ACTIVATIONS:
+        with_bn, without = deepest_training(rows, act, "bnlab"), deepest_training(rows, act, "none")
+        if not select(rows, activation=act):
+            continue
+        if (with_bn or 0) > (without or 0):
+            lines.append(f"- {act}: BN extends the trainable depth from {without or 'none'} to "
+                         f"{with_bn}.")
+        elif (with_bn or 0) < (without or 0):
+            lines.append(f"- {act}: without BN the net trains deeper ({without}) than with BN "
+                         f"({with_bn or 'none'}).")
+        else:
+            lines.append(f"- {act}: with and without BN the deepest trainable depth is the same "
+                         f"({with_bn or 'none'}).")
+    over_100 = [act for act in ACTIVATIONS if (deepest_training(rows, act, "bnlab") or 0) > 100]
+    lines.append("- With BN, a plain net of more than 100 layers trains here for: "
+                 + (", ".join(over_100) if over_100 else "no activation") + ".")
+    return lines
+
+
+def gradient_findings(profiles: dict[tuple, dict[str, Any]]) -> list[str]:
+    lines = []
+    deepest = max((d for (_, _, d) in profiles), default=None)
+    for act in ACTIVATIONS:
+        cells = {norm: profiles.get((act, norm, deepest)) for norm in NORMS}
+        if deepest is None or not all(cells.values()):
+            continue
+        ratios = {norm: first_last_ratio(p["init"]) for norm, p in cells.items()}
+        parts = [f"{NORMS[n]} {_fmt_ratio(v)}" for n, v in ratios.items()]
+        lines.append(f"- {act}, depth {deepest}, at initialization: first/last layer gradient "
+                     f"norm ratio {', '.join(parts)} ("
+                     + "; ".join(f"{NORMS[n]} {_describe_ratio(v)}" for n, v in ratios.items())
+                     + ").")
+        trained = {n: first_last_ratio(p["trained"]) for n, p in cells.items() if p["trained"]}
+        if trained:
+            lines.append(f"- {act}, depth {deepest}, after training: ratio "
+                         + ", ".join(f"{NORMS[n]} {_fmt_ratio(v)}" for n, v in trained.items())
+                         + ".")
+    return lines
+
+
+def _describe_ratio(ratio: float) -> str:
+    if math.isnan(ratio):
+        return "undefined"
+    if ratio == 0:
+        return "the first layer's gradient underflows to 0"
+    decades = math.log10(ratio)
+    if abs(decades) < 1:
+        return "within a factor 10 across depth"
+    direction = "vanishes" if decades < 0 else "grows"
+    return f"gradient {direction} by {abs(decades):.1f} orders of magnitude towards the input"
+
+
+EXPERIMENT = Experiment(
+    name="depth",
+    title="Claim: batch norm makes networks of over 100 layers trainable",
+    question="Up to which depth do plain MLPs (no residual connections) train on Fashion-MNIST, "
+             "with and without batch norm, with sigmoid and ReLU, and what happens to the "
+             "gradient of each layer?",
+    variants=variants,
+    analyze=analyze,
+    default_epochs=5,
+    default_subset=10000,
+    notes=f"Plain MLPs of width {WIDTH}, depths {list(DEPTHS)}, SGD without momentum, batch 128, "
+          f"learning rates {list(LEARNING_RATES)} (a depth counts as trainable when one rate "
+          "trains every seed). Default: 5 epochs on 10000 images to fit the 96-run grid in "
+          "40 minutes.",
+)

@@ -232,3 +232,12 @@ def test_eval_needs_running_stats():
 def test_bad_impl_name():
     with pytest.raises(ValueError, match="impl must be"):
         batch_norm(torch.randn(4, 3), None, None, training=True, impl="nope")
+
+
+def test_compiled_impl_matches_torch():
+    """impl='compiled' (torch.compile of the reference math): one small case, since each
+    new shape compiles (seconds)."""
+    args = _inputs((16, 4), torch.float32, mean=0.5, std=2.0)
+    ours = _run(_ours("compiled"), *args, True, 0.1)
+    theirs = _run(F.batch_norm, *args, True, 0.1)
+    _assert_all_close(ours, theirs, **TOL[torch.float32])

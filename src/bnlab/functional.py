@@ -8,6 +8,10 @@ called (and tested) on its own, with either implementation:
   the hand-derived backward; as fast as torch's own kernel on CPU.
 * ``impl="reference"``: ``bnlab._reference.reference_batch_norm``, the chapter's formula
   as plain tensor ops, differentiated by autograd.
+* ``impl="compiled"``: the reference formula through ``torch.compile`` (Inductor fuses the
+  forward and the derived backward into a few loops). Needs a C++ compiler (CPU) or Triton
+  (CUDA) at run time, and each new input shape or mode compiles on its first call (about
+  10-15 s on 2 CPU cores); see ``bnlab bench bn --compiled`` for whether it pays.
 
 Formula, per channel c (statistics over every dim but dim 1)::
 
@@ -27,6 +31,7 @@ Flax call ``momentum`` the weight of the OLD value, so their ``momentum=0.99`` i
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -36,7 +41,12 @@ from bnlab._reference import reference_batch_norm
 
 __all__ = ["batch_norm", "check_input"]
 
-Impl = Literal["fast", "reference"]
+Impl = Literal["fast", "reference", "compiled"]
+
+
+@functools.cache
+def _compiled_reference():
+    return torch.compile(reference_batch_norm)
 
 
 def check_input(x: torch.Tensor, num_features: int | None, training: bool) -> None:
@@ -102,7 +112,10 @@ def batch_norm(
     if impl == "reference":
         return reference_batch_norm(input, running_mean, running_var, weight, bias,
                                     training, momentum, eps)
-    raise ValueError(f"impl must be 'fast' or 'reference' (got {impl!r})")
+    if impl == "compiled":
+        return _compiled_reference()(input, running_mean, running_var, weight, bias,
+                                     training, momentum, eps)
+    raise ValueError(f"impl must be 'fast', 'reference' or 'compiled' (got {impl!r})")
 
 
 def fused_batch_norm(

@@ -38,7 +38,8 @@ re-estimating BN statistics after pruning or weight averaging) would use the sta
 running statistics and never update them.
 
 ``impl`` (keyword-only, default ``"fast"``) picks ``bnlab.functional``'s implementation:
-``"fast"`` (analytic backward, no double backward) or ``"reference"`` (plain autograd).
+``"fast"`` (analytic backward, no double backward), ``"reference"`` (plain autograd) or
+``"compiled"`` (the reference math through ``torch.compile``; compiles on first use).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ the input included, since every implementation saves it).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -86,14 +87,27 @@ def _peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3) -> str:
-    """Time forward and forward+backward of each implementation; a markdown table."""
+def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3,
+                     compiled: bool = False) -> str:
+    """Time forward and forward+backward of each implementation; a markdown table.
+
+    ``compiled`` adds ``impl="compiled"`` (torch.compile of the reference math); its
+    compile time per shape is reported separately and excluded from the timings.
+    """
     dev = _resolve_device(device)
+    impls = dict(IMPLS)
+    if compiled:
+        impls["compiled"] = lambda *a, **k: batch_norm(*a, impl="compiled", **k)
+    compile_seconds: dict[str, float] = {}
     cuda = dev.type == "cuda"
     mem_label = "peak step MiB (cuda max_memory_allocated)" if cuda else "saved-for-backward MiB"
     rows = []
     for shape in SHAPES:
-        cases = {name: _case(shape, dev, fn) for name, fn in IMPLS.items()}
+        cases = {name: _case(shape, dev, fn) for name, fn in impls.items()}
+        if compiled:
+            start = time.perf_counter()
+            cases["compiled"][1]()  # first call: compiles forward and backward
+            compile_seconds["x".join(map(str, shape))] = time.perf_counter() - start
         candidates = {}
         for name, (forward, step) in cases.items():
             candidates[f"{name} fwd"] = forward
@@ -114,4 +128,7 @@ def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3) 
     note = (f"device: {dev}, torch {torch.__version__}, {threads} threads, float32, "
             f"training mode, affine, running stats tracked; median of {repeats} "
             "interleaved repeats.")
+    if compile_seconds:
+        note += " First call of impl='compiled' (compile, excluded above): " + ", ".join(
+            f"{shape} {sec:.1f} s" for shape, sec in compile_seconds.items()) + "."
     return note + "\n\n" + format_table(headers, rows)

@@ -166,8 +166,8 @@ def findings(rows: list[dict[str, Any]], gaps: dict[tuple[str, int], float]) -> 
             if verdict is None:
                 continue
             worst = max((g for (n, _), g in gaps.items() if n == norm), key=abs)
-            lines.append(f"- {name}: train-mode − eval-mode accuracy at most "
-                         f"{100 * abs(worst):.2f} points in size ("
+            lines.append(f"- {name}: largest |train mode − eval mode| accuracy gap "
+                         f"{100 * abs(worst):.2f} points ("
                          + ("mode-independent" if verdict else "depends on the mode") + "); "
                          + ", ".join(f"bs {bs}: {100 * gaps[(norm, bs)]:+.2f}"
                                      for bs in BATCH_SIZES if (norm, bs) in gaps) + ".")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
+from bnlab.experiments.analysis import FAIL_ACCURACY, failed
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 
@@ -70,12 +71,13 @@ def perturbation_curves(model, dataset, seed: int = 0) -> dict[str, list[tuple[f
 
 
 def measure(rows: list[dict[str, Any]], dataset) -> Measured:
-    """Per variant, kind and size: the accuracy of each non-diverged seed."""
+    """Per variant, kind and size: the accuracy of each seed that trained (a failed run,
+    diverged or at chance level, has no robustness to measure)."""
     from bnlab.inspection import load_trained_model
 
     measured: Measured = {}
     for row in rows:
-        if row["summary"]["diverged"]:
+        if failed(row):
             continue
         model, _ = load_trained_model(row["run_dir"])
         cells = measured.setdefault(row["label"], {})
@@ -141,9 +143,16 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
         "Test accuracy (mean ± 95% CI over seeds) in eval mode; in parentheses, relative to the "
         "model's clean accuracy. Noise and FGSM on all 10000 test images; PGD "
         f"({PGD_STEPS} steps, step 2.5·eps/steps, random start) on the first "
-        f"{PGD_BATCHES * EVAL_BATCH}.", "", *findings(measured), "",
+        f"{PGD_BATCHES * EVAL_BATCH}. Runs that failed (diverged, or final validation accuracy "
+        f"at most {FAIL_ACCURACY}) are not measured.", "", *skipped(rows), *findings(measured), "",
         "![accuracy under perturbations](robustness.png)"]
     return sections
+
+
+def skipped(rows: list[dict[str, Any]]) -> list[str]:
+    """A line per variant with failed seeds."""
+    return [f"- {label}: {sum(map(failed, g))}/{len(g)} seeds failed and are not measured."
+            for label, g in by_label(rows).items() if any(map(failed, g))]
 
 
 def findings(measured: Measured) -> list[str]:
@@ -152,6 +161,8 @@ def findings(measured: Measured) -> list[str]:
         clean = measured[label].get("noise", {}).get(0.0)
         if clean:
             lines.append(f"- Clean test accuracy, {label}: {mean_ci(clean)[0]:.4f}.")
+    if BASELINE not in measured:
+        return lines + [f"- No comparison: {BASELINE} has no seed that trained."]
     for label in measured:
         if label == BASELINE:
             continue

@@ -244,7 +244,9 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
                      "ratio = ||dL/dW|| of the first weight layer / that of the head, for seed 0 "
                      f"on a class-balanced batch of {GRADIENT_BATCH} training images in train "
                      "mode; 'trained' is the model after its run at the best rate (the steps "
-                     "are the run's SGD steps).", "", *gradient_findings(profiles), "",
+                     "are the run's SGD steps). 'layers at 0': weight gradients that underflow "
+                     "to exactly 0 in float32 (not drawn on the log scale).", "",
+                     *gradient_findings(profiles), "",
                      "![per-layer gradient norms](gradient_norms.png)"]
     return sections
 
@@ -257,9 +259,11 @@ def gradient_table(profiles: dict[tuple, dict[str, Any]]) -> str:
                      _fmt_ratio(first_last_ratio(p["init"])),
                      "diverged" if trained is None else _fmt_ratio(first_last_ratio(trained)),
                      "-" if trained is None else _steps(p["row"]),
-                     f"{min(p['init']):.1e} .. {max(p['init']):.1e}"])
+                     f"{min(p['init']):.1e} .. {max(p['init']):.1e}",
+                     sum(v == 0 for v in p["init"])])
     return format_table(["activation", "norm", "depth", "lr", "first/last at init",
-                         "first/last trained", "steps", "init range of ||dL/dW||"], rows)
+                         "first/last trained", "steps", "init range of ||dL/dW||",
+                         "layers at 0 (init)"], rows)
 
 
 def depth_findings(rows: list[dict[str, Any]]) -> list[str]:

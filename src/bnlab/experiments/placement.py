@@ -71,7 +71,7 @@ def findings(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
             gain = means[label] - means[baseline]
             same = _intervals_overlap(finals[label], finals[reference])
             lines.append(
-                f"- {label}: {100 * gain:+.2f} points over no BN; "
+                f"- {label}: {100 * gain:+.2f} points against no BN; "
                 + ("its interval overlaps BN-everywhere's (no difference resolved)." if same
                    else f"{100 * (means[label] - means[reference]):+.2f} points from BN "
                         "everywhere, intervals apart."))

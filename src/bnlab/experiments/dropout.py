@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import final, mean_curve, train_val_gap
+from bnlab.experiments.analysis import FAIL_ACCURACY, final, mean_curve, train_val_gap
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 
@@ -115,14 +115,34 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
 
 
 def findings(groups: dict[str, list[dict[str, Any]]], measured: dict[str, dict]) -> list[str]:
+    """Best accuracy, smallest generalization gap and the train-mode effect, from the numbers.
+
+    The gap is taken in eval mode on the finished models when they were measured (dropout
+    lowers train-mode accuracy, so a gap against training-time accuracy understates
+    overfitting); otherwise from the training-time accuracy.
+    """
     finals = {label: mean_ci([final(r) for r in g])[0] for label, g in groups.items()}
-    gaps = {label: mean_ci([train_val_gap(r) for r in g])[0] for label, g in groups.items()}
+    if measured:
+        gaps = {label: mean_ci([a - b for a, b in zip(c["train_eval"], c["val_eval"])])[0]
+                for label, c in measured.items() if c["val_eval"]}
+        gap_kind = "train − val gap (both in eval mode)"
+    else:
+        gaps = {label: mean_ci([train_val_gap(r) for r in g])[0] for label, g in groups.items()}
+        gap_kind = "train − val gap (training-time train accuracy)"
     best = max(finals, key=finals.get)
-    smallest_gap = min(gaps, key=gaps.get)
-    lines = [f"- Highest final validation accuracy: {best} ({finals[best]:.4f}); "
-             f"smallest train − val gap: {smallest_gap} ({gaps[smallest_gap]:+.4f}).",
+    lines = [f"- Highest final validation accuracy: {best} ({finals[best]:.4f}).",
              "- Final validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in finals.items())
              + "."]
+    trained = {k: v for k, v in gaps.items() if finals[k] > FAIL_ACCURACY}
+    if trained:
+        smallest = min(trained, key=lambda k: abs(trained[k]))
+        lines.append(f"- Smallest {gap_kind} among the runs that trained: {smallest} "
+                     f"({100 * trained[smallest]:+.2f} points); " + ", ".join(
+                         f"{k} {100 * v:+.2f}" for k, v in trained.items()) + ".")
+    failed_variants = [k for k, v in finals.items() if v <= FAIL_ACCURACY]
+    if failed_variants:
+        lines.append(f"- Did not train (final accuracy at most {FAIL_ACCURACY}): "
+                     + ", ".join(failed_variants) + ".")
     if measured:
         drops = {label: mean_ci([a - b for a, b in zip(c["val_train"], c["val_eval"])])[0]
                  for label, c in measured.items() if c["val_eval"]}

@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from bnlab.io import atomic_write  # noqa: E402
 
@@ -105,6 +106,7 @@ def plot_mean_curves(curves: dict[str, tuple[list[int], list[float], list[float]
         ax.fill_between(xs, low, high, alpha=0.12, color=line.get_color(), linewidth=0)
     if "accuracy" in ylabel:
         ax.set_ylim(0.0, 1.0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

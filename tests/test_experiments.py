@@ -11,7 +11,7 @@ import pytest
 from bnlab import cli, data, runs
 from bnlab.experiments import EXPERIMENTS, get_experiment, runner
 from bnlab.experiments.analysis import describe_epochs_to_reach, epochs_to_reach, failed, mean_curve
-from bnlab.experiments.lr import largest_training_lr
+from bnlab.experiments.lr import training_lrs
 from bnlab.experiments.runner import QUICK, ExpSettings, execute, plan, resolve
 from bnlab.experiments.stats import mean_ci, t_quantile_975
 from bnlab.report import build_report
@@ -102,13 +102,13 @@ def test_failure_means_diverged_or_chance_level():
     assert not failed(_row({}, 0.21))
 
 
-def test_largest_training_lr_needs_every_seed():
+def test_a_learning_rate_trains_only_when_every_seed_does():
     rows = [_row({"bn": True, "lr": 0.1}, 0.8), _row({"bn": True, "lr": 0.1}, 0.8),
             _row({"bn": True, "lr": 1.0}, 0.8), _row({"bn": True, "lr": 1.0}, 0.1),
             _row({"bn": True, "lr": 3.0}, None, diverged=True),
             _row({"bn": False, "lr": 0.01}, 0.1)]
-    assert largest_training_lr(rows, True) == 0.1
-    assert largest_training_lr(rows, False) is None
+    assert training_lrs(rows, True) == [0.1]
+    assert training_lrs(rows, False) == []
 
 
 def test_mean_ci_uses_student_t():

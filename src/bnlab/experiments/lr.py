@@ -34,11 +34,6 @@ def training_lrs(rows: list[dict[str, Any]], bn: bool) -> list[float]:
             and not any(failed(r) for r in group)]
 
 
-def largest_training_lr(rows: list[dict[str, Any]], bn: bool) -> float | None:
-    """The largest rate of the grid at which no seed failed (None if there is none)."""
-    return max(training_lrs(rows, bn), default=None)
-
-
 def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
     from bnlab.plots import plot_mean_curves, plt, save_figure
 

@@ -141,3 +141,11 @@ def test_report_gathers_and_relinks(tmp_path):
     assert len(gathered) == 2
     assert "![plot](exp/lr/a.png)" in text and "![c](demo/comparison.png)" in text
     assert "## LR" in text and "## Demo" in text
+
+
+def test_report_follows_the_given_order(tmp_path):
+    for name in ("placement", "lr", "zeta"):
+        (tmp_path / "exp" / name).mkdir(parents=True)
+        (tmp_path / "exp" / name / "report.md").write_text(f"# {name}\n")
+    _, gathered = build_report([tmp_path / "exp"], tmp_path / "r.md", order=("lr", "placement"))
+    assert [p.parent.name for p in gathered] == ["lr", "placement", "zeta"]

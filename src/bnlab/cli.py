@@ -201,9 +201,10 @@ def _run_experiment(args: argparse.Namespace) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> None:
+    from bnlab.experiments import EXPERIMENTS
     from bnlab.report import build_report
 
-    path, gathered = build_report(args.runs, args.out)
+    path, gathered = build_report(args.runs, args.out, order=tuple(EXPERIMENTS))
     print(f"gathered {len(gathered)} report(s) into {path}")
 
 

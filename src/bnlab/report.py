@@ -33,20 +33,26 @@ def _demote(markdown: str) -> str:
     return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.MULTILINE)
 
 
-def find_reports(roots: list[Path]) -> list[Path]:
-    """Every ``report.md`` directly in a root or one folder below it, in a stable order."""
+def find_reports(roots: list[Path], order: tuple[str, ...] = ()) -> list[Path]:
+    """Every ``report.md`` directly in a root or one folder below it: roots in the given
+    order, and within a root the folders named in ``order`` first (in that order), then the
+    rest alphabetically."""
+    rank = {name: i for i, name in enumerate(order)}
     found = []
     for root in roots:
-        for candidate in [root / "report.md", *sorted(root.glob("*/report.md"))]:
+        below = sorted(root.glob("*/report.md"),
+                       key=lambda p: (rank.get(p.parent.name, len(rank)), p.parent.name))
+        for candidate in [root / "report.md", *below]:
             if candidate.is_file() and candidate not in found:
                 found.append(candidate)
     return found
 
 
-def build_report(roots: list[str | Path], out: str | Path) -> tuple[Path, list[Path]]:
+def build_report(roots: list[str | Path], out: str | Path,
+                 order: tuple[str, ...] = ()) -> tuple[Path, list[Path]]:
     """Write the combined report to ``out``; return its path and the reports it gathered."""
     out = Path(out)
-    reports = find_reports([Path(r) for r in roots])
+    reports = find_reports([Path(r) for r in roots], order)
     parts = ["# bnlab: the batch normalization chapter, measured", ""]
     if not reports:
         parts.append("Nothing has been run yet: try `bnlab demo` or `bnlab exp lr`.")

@@ -241,3 +241,13 @@ def test_compiled_impl_matches_torch():
     ours = _run(_ours("compiled"), *args, True, 0.1)
     theirs = _run(F.batch_norm, *args, True, 0.1)
     _assert_all_close(ours, theirs, **TOL[torch.float32])
+
+
+def test_bn_benchmark_reports_every_shape_and_impl():
+    from bnlab.bench.bn import SHAPES, run_bn_benchmark
+
+    table = run_bn_benchmark(repeats=2, warmup=1)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "impl" not in line]
+    assert len(rows) == 3 * len(SHAPES)
+    native = [r for r in rows if "| native " in r]
+    assert all("| 1.00 " in r for r in native) and len(native) == len(SHAPES)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _impls import CPP_SKIP, IMPL_PARAMS, RUNNABLE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnlab.functional import batch_norm
 
-IMPLS = ["fast", "reference"]
+IMPLS = IMPL_PARAMS
 SHAPES = [(8, 3), (4, 3, 5), (4, 3, 5, 6), (3, 3, 2, 4, 3)]
 TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10},
        torch.float32: {"rtol": 1e-5, "atol": 1e-5}}
@@ -109,12 +110,15 @@ def test_gradcheck_partial_requires_grad():
             lambda x_, t=training: batch_norm(x_, rm.clone(), rv.clone(), w, b, t), [x_leaf])
 
 
-def test_double_backward_is_refused():
+@pytest.mark.parametrize("impl", ["fast", pytest.param("cpp", marks=CPP_SKIP)])
+def test_double_backward_is_refused(impl):
     x, w, b, rm, rv, _ = _inputs((4, 3), torch.float64)
     x.requires_grad_()
-    y = batch_norm(x, rm, rv, w, b, True)
-    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    y = batch_norm(x, rm, rv, w, b, True, impl=impl)
+    # The fast path refuses at the second backward, the C++ node already at the first
+    # backward that asks for a graph.
     with pytest.raises(RuntimeError, match="twice|double|once"):
+        (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
         gx.sum().backward()
 
 
@@ -128,7 +132,7 @@ def test_channels_last(impl, shape, training):
     ours = _run(_ours(impl), x, w, b, rm, rv, dy, training)
     theirs = _run(F.batch_norm, x, w, b, rm, rv, dy, training)
     _assert_all_close(ours, theirs, **TOL[torch.float32])
-    if impl == "fast":
+    if impl != "reference":
         assert ours[0].is_contiguous(memory_format=fmt)
         assert ours[1].is_contiguous(memory_format=fmt)
 
@@ -158,7 +162,9 @@ def test_large_mean_is_stable(impl):
     Naive E[x^2] - E[x]^2 in float32 would give errors of order 1 (or NaN). The fast path
     corrects its float32 mean by the mean of the deviations and never forms x * scale with
     a large x, so it must be at least as accurate as torch (which accumulates in float64).
-    The reference is the plain two-pass formula: float32-limited, within 1e-2.
+    The C++ kernel merges per-chunk means and squared deviations in float64, so it must
+    be as accurate as torch too. The reference is the plain two-pass formula:
+    float32-limited, within 1e-2.
     """
     x, w, b, rm, rv, dy = _inputs((64, 3, 6, 6), torch.float32, mean=1e4, std=1.0, seed=5)
     x = x + torch.arange(3.0).view(1, 3, 1, 1) * 1e3  # different large means per channel
@@ -170,7 +176,7 @@ def test_large_mean_is_stable(impl):
         err_torch = (t.double() - r).abs().max().item()
         scale = max(r.abs().max().item(), 1.0)
         assert err_ours <= 1e-2 * scale, (i, err_ours)
-        if impl == "fast":
+        if impl != "reference":
             assert err_ours <= 2 * err_torch + 1e-6 * scale, (i, err_ours, err_torch)
 
 
@@ -185,14 +191,14 @@ def test_random_shapes_and_values(n, c, spatial, training, affine, loc, scale, s
     shape = (n, c, *spatial)
     args = _inputs(shape, torch.float64, affine, seed, mean=loc, std=scale)
     theirs = _run(F.batch_norm, *args, training)
-    for impl in IMPLS:
+    for impl in RUNNABLE:
         _assert_all_close(_run(_ours(impl), *args, training), theirs, rtol=1e-8, atol=1e-8)
 
 
 def test_eval_does_not_touch_running_stats():
     x, w, b, rm, rv, _ = _inputs((4, 3, 2, 2), torch.float32)
     before = rm.clone(), rv.clone()
-    for impl in IMPLS:
+    for impl in RUNNABLE:
         batch_norm(x, rm, rv, w, b, False, impl=impl)
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
 
@@ -243,11 +249,67 @@ def test_compiled_impl_matches_torch():
     _assert_all_close(ours, theirs, **TOL[torch.float32])
 
 
-def test_bn_benchmark_reports_every_shape_and_impl():
+@pytest.mark.parametrize("cpp", [False, pytest.param(True, marks=CPP_SKIP)])
+def test_bn_benchmark_reports_every_shape_and_impl(cpp):
     from bnlab.bench.bn import SHAPES, run_bn_benchmark
 
-    table = run_bn_benchmark(repeats=2, warmup=1)
+    table = run_bn_benchmark(repeats=2, warmup=1, cpp=cpp)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "impl" not in line]
-    assert len(rows) == 3 * len(SHAPES)
+    assert len(rows) == (4 if cpp else 3) * len(SHAPES)
+    assert sum("| cpp " in r for r in rows) == (len(SHAPES) if cpp else 0)
     native = [r for r in rows if "| native " in r]
     assert all("| 1.00 " in r for r in native) and len(native) == len(SHAPES)
+
+
+# impl="cpp": the C++ kernel runs where it can, the fast path takes the rest ------------
+
+def _grad_fn_name(impl, x):
+    return batch_norm(x, None, None, training=True, impl=impl).grad_fn.name()
+
+
+@CPP_SKIP
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_cpp_kernel_runs_on_cpu_float_inputs(dtype, fmt):
+    x = torch.randn(4, 3, 2, 2, dtype=dtype).to(memory_format=fmt).requires_grad_()
+    assert _grad_fn_name("cpp", x) == "torch::autograd::CppNode<bnlab::BatchNormFunction>"
+
+
+@CPP_SKIP
+@pytest.mark.parametrize("x", [
+    torch.randn(4, 3, 2, 2).to(torch.bfloat16),                # low precision
+    torch.randn(4, 3, 2, 6)[..., ::2],                       # strided view
+    torch.randn(8, 3, 5)[::2],                               # every other sample
+], ids=["bfloat16", "strided", "sliced"])
+def test_cpp_falls_back_to_fast_path(x):
+    x = x.detach().requires_grad_()
+    assert _grad_fn_name("cpp", x) == _grad_fn_name("fast", x) == "FusedBatchNormBackward"
+    dy = torch.randn_like(x)
+    _assert_all_close(_run(_ours("cpp"), x.detach(), None, None, None, None, dy, True),
+                      _run(F.batch_norm, x.detach(), None, None, None, None, dy, True),
+                      rtol=2e-2, atol=2e-2)
+
+
+@CPP_SKIP
+def test_cpp_large_batch_parallel_chunks():
+    """Enough rows and channels that the kernel splits the work across threads and
+    merges per-chunk statistics (both layouts)."""
+    for shape, fmt in [((1000, 40), torch.contiguous_format),
+                       ((64, 8, 24, 24), torch.contiguous_format),
+                       ((64, 8, 12, 12), torch.channels_last)]:
+        args = list(_inputs(shape, torch.float64, mean=3.0, std=2.0, seed=9))
+        args[0], args[5] = (t.to(memory_format=fmt) for t in (args[0], args[5]))
+        _assert_all_close(_run(_ours("cpp"), *args, True), _run(F.batch_norm, *args, True),
+                          **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("given", ["weight", "bias"])
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 2, 2)])
+def test_weight_or_bias_alone(impl, given, shape):
+    x, w, b, rm, rv, dy = _inputs(shape, torch.float64, seed=11)
+    w, b = (w, None) if given == "weight" else (None, b)
+    for training in (True, False):
+        _assert_all_close(_run(_ours(impl), x, w, b, rm, rv, dy, training),
+                          _run(F.batch_norm, x, w, b, rm, rv, dy, training),
+                          **TOL[torch.float64])

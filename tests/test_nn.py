@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _impls import IMPL_PARAMS
 from torch import nn
 
 import bnlab.nn as bnn
@@ -47,7 +48,7 @@ def _same_state(a, b, tol):
         torch.testing.assert_close(sa[k], sb[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("kind,shape", GRID)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("track", [True, False])
@@ -220,15 +221,17 @@ def _model():
     )
 
 
-def test_convert_keeps_outputs_state_and_mode():
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_convert_keeps_outputs_state_and_mode(impl):
     import copy
 
     ref = _model()
     ref(torch.randn(8, 1, 6, 6))  # non-trivial running stats
     ref[1].weight.requires_grad_(False)
     ref.eval()
-    model = bnn.convert_batchnorm(copy.deepcopy(ref))
+    model = bnn.convert_batchnorm(copy.deepcopy(ref), impl=impl)
     assert isinstance(model[1], bnn.BatchNorm2d) and isinstance(model[3][2], bnn.BatchNorm1d)
+    assert model[1].impl == impl
     assert not model.training and not model[1].training
     assert not model[1].weight.requires_grad and model[3][2].weight.requires_grad
     assert model[3][2].momentum is None
@@ -279,3 +282,9 @@ def test_compiled_model_matches_eager():
     compiled_model.eval()
     x = torch.randn(8, 5)
     torch.testing.assert_close(compiled(x), eager(x))
+
+
+def test_unknown_impl_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"impl must be one of fast, reference, cpp, compiled "
+                                         r"\(got 'fats'\)"):
+        bnn.BatchNorm2d(3, impl="fats")

@@ -58,6 +58,8 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     bn = bench_sub.add_parser(
         "bn", help="bnlab's fast and reference batch norm vs torch's native kernel")
     bn.add_argument("--repeats", type=int, default=100, help="interleaved repeats per shape")
+    bn.add_argument("--cpp", action="store_true",
+                    help="also time impl='cpp' (bnlab's C++ kernel; builds it on first use, ~30 s)")
     bn.add_argument("--compiled", action="store_true",
                     help="also time impl='compiled' (torch.compile; compiles each shape first)")
     bn.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -73,7 +75,8 @@ def _run_bench_loader(args: argparse.Namespace) -> None:
 def _run_bench_bn(args: argparse.Namespace) -> None:
     from bnlab.bench import bn
 
-    print(bn.run_bn_benchmark(repeats=args.repeats, device=args.device, compiled=args.compiled))
+    print(bn.run_bn_benchmark(repeats=args.repeats, device=args.device, compiled=args.compiled,
+                              cpp=args.cpp))
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:

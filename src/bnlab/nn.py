@@ -38,12 +38,15 @@ re-estimating BN statistics after pruning or weight averaging) would use the sta
 running statistics and never update them.
 
 ``impl`` (keyword-only, default ``"fast"``) picks ``bnlab.functional``'s implementation:
-``"fast"`` (analytic backward, no double backward), ``"reference"`` (plain autograd) or
-``"compiled"`` (the reference math through ``torch.compile``; compiles on first use).
+``"fast"`` (analytic backward, no double backward), ``"reference"`` (plain autograd),
+``"cpp"`` (the fast path's math as a C++ kernel, CPU float32/float64; builds a C++
+extension on first use, ~30 s once per machine) or ``"compiled"`` (the reference math
+through ``torch.compile``; compiles each shape on first use).
 """
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import torch
@@ -91,6 +94,9 @@ class _BatchNorm(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
+        if impl not in typing.get_args(Impl):
+            raise ValueError(f"impl must be one of {', '.join(typing.get_args(Impl))} "
+                             f"(got {impl!r})")
         self.impl = impl
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))

@@ -11,6 +11,7 @@ activations and ``"fc"`` for (N, C) activations, and returns a module.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from torch import nn
@@ -20,17 +21,11 @@ NormFactory = Callable[[str, int], nn.Module]
 _KINDS = ("conv", "fc")
 
 
-def _bnlab_batch_norm(kind: str, num_features: int) -> nn.Module:
-    from bnlab import nn as bnn
-
-    return bnn.BatchNorm2d(num_features) if kind == "conv" else bnn.BatchNorm1d(num_features)
-
-
-def _bnlab_reference_batch_norm(kind: str, num_features: int) -> nn.Module:
+def _bnlab_batch_norm(kind: str, num_features: int, impl: str = "fast") -> nn.Module:
     from bnlab import nn as bnn
 
     cls = bnn.BatchNorm2d if kind == "conv" else bnn.BatchNorm1d
-    return cls(num_features, impl="reference")
+    return cls(num_features, impl=impl)
 
 
 def _torch_batch_norm(kind: str, num_features: int) -> nn.Module:
@@ -88,7 +83,8 @@ def _instance_norm(kind: str, num_features: int) -> nn.Module:
 
 NORM_LAYERS: dict[str, NormFactory] = {
     "bnlab": _bnlab_batch_norm,
-    "bnlab-ref": _bnlab_reference_batch_norm,
+    "bnlab-ref": functools.partial(_bnlab_batch_norm, impl="reference"),
+    "bnlab-cpp": functools.partial(_bnlab_batch_norm, impl="cpp"),
     "torch": _torch_batch_norm,
     "none": _no_norm,
     "layer": _layer_norm,
@@ -99,6 +95,7 @@ NORM_LAYERS: dict[str, NormFactory] = {
 NORM_DESCRIPTIONS: dict[str, str] = {
     "bnlab": "bnlab's from-scratch batch norm (fast path)",
     "bnlab-ref": "bnlab's reference batch norm (plain tensor ops through autograd)",
+    "bnlab-cpp": "bnlab's batch norm as a C++ kernel (impl='cpp'; builds on first use)",
     "torch": "torch.nn.BatchNorm1d/2d",
     "none": "no normalization (identity)",
     "layer": "layer norm: each sample over all its features; conv: GroupNorm(1, C), i.e. over "

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from bnlab._cpp import load_extension
 from bnlab.bench.timing import format_table, time_interleaved
 from bnlab.functional import batch_norm
 
@@ -95,14 +96,22 @@ def _peak_bytes(step: Callable[[], None], device: torch.device) -> int:
 
 
 def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3,
-                     compiled: bool = False) -> str:
+                     compiled: bool = False, cpp: bool = False) -> str:
     """Time forward and forward+backward of each implementation; a markdown table.
 
-    ``compiled`` adds ``impl="compiled"`` (torch.compile of the reference math); its
-    compile time per shape is reported separately and excluded from the timings.
+    ``cpp`` adds ``impl="cpp"`` (bnlab's C++ kernel); the time to build or load its
+    extension is reported separately. ``compiled`` adds ``impl="compiled"``
+    (torch.compile of the reference math); its compile time per shape is reported
+    separately. Both first-call costs are excluded from the timings.
     """
     dev = _resolve_device(device)
     impls = dict(IMPLS)
+    cpp_seconds = None
+    if cpp:
+        start = time.perf_counter()
+        load_extension()  # builds on first use on this machine, else loads the cached build
+        cpp_seconds = time.perf_counter() - start
+        impls["cpp"] = lambda *a, **k: batch_norm(*a, impl="cpp", **k)
     if compiled:
         impls["compiled"] = lambda *a, **k: batch_norm(*a, impl="compiled", **k)
     compile_seconds: dict[str, float] = {}
@@ -137,6 +146,9 @@ def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3,
             f"training mode, affine, running stats tracked; each implementation interleaved "
             f"with native in its own loop, median of {repeats} repeats (native's row: the "
             "median over those loops).")
+    if cpp_seconds is not None:
+        note += (f" impl='cpp' extension built or loaded in {cpp_seconds:.1f} s before "
+                 "timing (a build takes ~30 s once per machine; a cached load ~1 s).")
     if compile_seconds:
         note += " First call of impl='compiled' (compile, excluded above): " + ", ".join(
             f"{shape} {sec:.1f} s" for shape, sec in compile_seconds.items()) + "."

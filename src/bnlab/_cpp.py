@@ -1,0 +1,97 @@
+"""The opt-in C++ batch norm (``impl="cpp"``): one loop per direction, autograd in C++.
+
+Why: the fast path (``bnlab._fused``) is plain tensor ops under a Python
+``autograd.Function``. On large activations it is memory-bound and near torch's kernel,
+but on the chapter's FC activations, (128, 120) and (128, 84), a whole forward+backward
+of torch's kernel takes ~65 us, of which a do-nothing Python ``autograd.Function`` already
+costs ~40 us; the ~20 tensor ops of the math add ~60 us more. Only compiled code gets
+under that floor, so this module compiles ``csrc/batch_norm.cpp`` (our own kernel, not
+torch's) on first use with ``torch.utils.cpp_extension`` and caches the build.
+
+First-call cost: a C++ compiler and ninja are needed at run time, and the first use on a
+machine builds the extension (about 30 s on 2 CPU cores); later processes load the cached
+build from ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in well under
+a second. ``bnlab bench bn --cpp`` reports the load time it saw.
+
+Scope: CPU tensors in float32/float64, contiguous or channels_last, with parameters and
+running statistics of the input's dtype. Anything else (CUDA, float16/bfloat16, other
+strides) goes to the fast path, which has the same contract. Statistics are accumulated
+per chunk in the input's dtype and merged across chunks in float64 (Chan et al.'s
+pairwise update), so data with a large mean is as safe as in the fast path.
+Double backward raises, as in the fast path.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from bnlab._fused import FusedBatchNorm
+
+_SOURCE = Path(__file__).with_name("csrc") / "batch_norm.cpp"
+_ARCH_FLAGS = {  # what torch's own CPU kernels were picked for on this machine
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def build_requirements_missing() -> list[str]:
+    """What the build needs and this machine lacks (empty when it can build)."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    missing = []
+    if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        missing.append("a C++ compiler (c++, g++ or clang++ on PATH)")
+    if not is_ninja_available():
+        missing.append("ninja (pip install ninja)")
+    return missing
+
+
+@functools.cache
+def load_extension() -> ModuleType:
+    """Build (first time on this machine) or load the cached C++ extension."""
+    missing = build_requirements_missing()
+    if missing:
+        raise RuntimeError("impl='cpp' compiles a C++ kernel on first use and needs "
+                           + " and ".join(missing) + "; impl='fast' needs neither")
+    from torch.utils.cpp_extension import load
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    return load(name=f"bnlab_batch_norm_{capability.lower()}", sources=[str(_SOURCE)],
+                extra_cflags=["-O3", "-fopenmp-simd", *_ARCH_FLAGS.get(capability, [])],
+                verbose=False)
+
+
+def supported(input: torch.Tensor, *vectors: torch.Tensor | None) -> bool:
+    """Whether the C++ kernel takes this call (otherwise the fast path does)."""
+    if input.device.type != "cpu" or input.dtype not in _FLOAT_DTYPES:
+        return False
+    if any(v is not None and (v.dtype != input.dtype or v.device != input.device
+                              or not v.is_contiguous()) for v in vectors):
+        return False
+    return load_extension().supported(input)
+
+
+def cpp_batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """``impl="cpp"`` without argument checks (callers have checked)."""
+    if running_mean is None or running_var is None:
+        running_mean = running_var = None
+    if supported(input, weight, bias, running_mean, running_var):
+        return load_extension().batch_norm(input, weight, bias, running_mean, running_var,
+                                           training, momentum, eps)
+    return FusedBatchNorm.apply(input, weight, bias, running_mean, running_var, training,
+                                momentum, eps)

@@ -51,6 +51,8 @@ second derivative raises an error).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -83,6 +85,45 @@ def _scale_shift(invstd, weight, bias, center):
     return scale, torch.addcmul(_as(bias, scale.dtype), center, scale, value=-1)
 
 
+def _train_forward_2d(x, weight, bias, running_mean, running_var, momentum, eps):
+    """Training forward for (N, C) input: y and the tensors backward needs.
+
+    FC activations are small ((128, 120) in BN-LeNet), so time goes to per-op overhead,
+    not memory: this path uses the fewest ops (an exact two-pass mean and variance,
+    ``linalg.vecdot`` for the sum of squares, ~10 ops against ~20 in the general path)
+    and keeps the centered input for backward.
+    """
+    count = x.shape[0]
+    total = x.sum(0)  # (C,)
+    centered = torch.sub(x, total, alpha=1.0 / count)  # (N, C): x - mean
+    sq_dev = torch.linalg.vecdot(centered, centered, dim=0)  # (C,): sum (x - mean)^2
+    # invstd = 1 / sqrt(sq_dev / m + eps) = sqrt(m) / sqrt(sq_dev + m * eps)
+    invstd = torch.add(sq_dev, count * eps).rsqrt_().mul_(math.sqrt(count))
+    if running_mean is not None:
+        torch._foreach_mul_((running_mean, running_var), 1.0 - momentum)
+        running_mean.add_(total, alpha=momentum / count)
+        running_var.add_(sq_dev, alpha=momentum / (count - 1))  # unbiased variance
+    scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
+    y = torch.mul(centered, scale)
+    if bias is not None:
+        y.add_(_as(bias, y.dtype))
+    return y, (centered, invstd, scale, None, None)
+
+
+def _train_backward_2d(ctx, dy, centered, invstd, scale):
+    """dx, dgamma, dbeta for :func:`_train_forward_2d` (dy: (N, C) in the stats dtype)."""
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    count = dy.shape[0]
+    sum_dy = dy.sum(0)
+    dw = torch.linalg.vecdot(dy, centered, dim=0).mul_(invstd)  # sum(dy * x_hat)
+    dx = None
+    if need_dx:  # (dy - mean(dy) - x_hat * mean(dy * x_hat)) * gamma * invstd
+        dx = torch.sub(dy, centered * (dw * invstd), alpha=1.0 / count)
+        dx = _as(dx.sub_(sum_dy, alpha=1.0 / count).mul_(scale), ctx.input_dtype)
+    return (dx, _as(dw, ctx.weight_dtype) if need_dw else None,
+            _as(sum_dy, ctx.weight_dtype) if need_db else None)
+
+
 class FusedBatchNorm(torch.autograd.Function):
     """Batch norm with an analytic backward.
 
@@ -98,7 +139,11 @@ class FusedBatchNorm(torch.autograd.Function):
         ndim = x.dim()
         dims, shape = _REDUCE_DIMS[ndim], _CHANNEL_SHAPE[ndim]
         xs = x.float() if x.dtype in _LOW_PRECISION else x
-        if training:
+        if training and ndim == 2:
+            y, saved = _train_forward_2d(xs, weight, bias, running_mean, running_var,
+                                         momentum, eps)
+            ctx.save_for_backward(*saved)
+        elif training:
             count = x.numel() // x.shape[1]
             shift_k = xs[:_SHIFT_SAMPLES].mean(dims)  # near the batch mean: from a few samples
             kv = shift_k.view(shape)
@@ -124,6 +169,7 @@ class FusedBatchNorm(torch.autograd.Function):
             ctx.save_for_backward(keep, invstd, scale, offset, None)
         ctx.training = training
         ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.input_dtype = x.dtype
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
@@ -148,6 +194,8 @@ class FusedBatchNorm(torch.autograd.Function):
                 dx = _as(dys * scale.view(shape), dy.dtype)
             return dx, dw, db, None, None, None, None, None
 
+        if ndim == 2:
+            return (*_train_backward_2d(ctx, dys, x, invstd, scale), None, None, None, None, None)
         mean_k = offset  # x - mean = (x - shift_k) - mean_k
         count = dy.numel() // dy.shape[1]
         sum_dy = dys.sum(dims)

@@ -8,9 +8,11 @@
 //   backward  dbeta = sum(dy),  dgamma = sum(dy * x_hat),
 //             dx = gamma * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))
 //
-// Statistics are two-pass (mean first, then the sum of squared deviations), accumulated
-// in double; running stats follow new = (1 - momentum) * old + momentum * batch, with the
-// variance stored unbiased (m / (m - 1)).
+// Statistics take one pass over memory: each chunk (a row of `inner` values, or a block
+// of rows) gets its mean and squared deviations from two passes while it is in cache, in
+// the input's precision, and the chunks are merged in double (Chan et al.), so a large
+// mean costs no precision (no E[x^2] - E[x]^2). Running stats follow
+// new = (1 - momentum) * old + momentum * batch, the variance stored unbiased (m / (m - 1)).
 //
 // Layouts: the input is seen as (outer, C, inner) with channel c of sample n at
 // x[(n * C + c) * inner + l]; a contiguous (N, C, *) input has inner = prod(spatial),
@@ -18,8 +20,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
-#include <array>
 #include <mutex>
 #include <vector>
 
@@ -49,74 +51,69 @@ bool supported(const Tensor& x) {
   return false;
 }
 
-// Per channel c, over every n and l:
-//   s1[c] = sum a,   s2[c] = sum (a - ca[c]) * (b - cb[c])
-// (forward: a = b = x, first with zero centers for the mean, then with the mean for the
-// squared deviations; backward: a = dy, b = x, cb = mean gives sum(dy) and
-// sum(dy * (x - mean))). Partial sums run in scalar_t over one contiguous stretch (a row
-// of `inner` values, or a block of kRowBlock rows of C channels), which vectorizes, and
-// are added up in double across stretches.
-constexpr int64_t kRowBlock = 64;
-constexpr int64_t kGrain = 32768;  // elements below which a loop runs on one thread
+constexpr int64_t kRowBlock = 64;   // rows of C channels per chunk (channels_last, 2D)
+constexpr int64_t kGrain = 32768;   // elements below which a loop runs on one thread
 
+// Backward's two sums per channel c, over every n and l: sum_dy[c] = sum dy and
+// dot[c] = sum dy * (x - center[c]). Partial sums run in scalar_t over one contiguous
+// stretch (which vectorizes) and are added up in double across stretches.
 template <typename scalar_t>
-void channel_moments(const Layout& s, const scalar_t* a, const scalar_t* b, const scalar_t* ca,
-                     const scalar_t* cb, double* s1, double* s2) {
+void channel_dy_sums(const Layout& s, const scalar_t* dy, const scalar_t* x, const scalar_t* center,
+                     double* sum_dy, double* dot) {
   const int64_t C = s.channels;
-  std::fill(s1, s1 + C, 0.0);
-  std::fill(s2, s2 + C, 0.0);
+  std::fill(sum_dy, sum_dy + C, 0.0);
+  std::fill(dot, dot + C, 0.0);
   if (s.inner == 1) {  // rows of C channels (2D input, or channels_last)
     std::mutex merge;
     const int64_t blocks = (s.outer + kRowBlock - 1) / kRowBlock;
     at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / (kRowBlock * C)), [&](int64_t lo, int64_t hi) {
-      std::vector<double> t1(C, 0.0), t2(C, 0.0);
-      std::vector<scalar_t> p1(C), p2(C);
+      std::vector<double> total_dy(C, 0.0), total_dot(C, 0.0);
+      std::vector<scalar_t> block_dy(C), block_dot(C);
+      scalar_t *bd = block_dy.data(), *bt = block_dot.data();
       for (int64_t blk = lo; blk < hi; ++blk) {
-        std::fill(p1.begin(), p1.end(), scalar_t(0));
-        std::fill(p2.begin(), p2.end(), scalar_t(0));
+        std::fill(block_dy.begin(), block_dy.end(), scalar_t(0));
+        std::fill(block_dot.begin(), block_dot.end(), scalar_t(0));
         const int64_t last = std::min(s.outer, (blk + 1) * kRowBlock);
         for (int64_t n = blk * kRowBlock; n < last; ++n) {
-          const scalar_t* ar = a + n * C;
-          const scalar_t* br = b + n * C;
-          scalar_t* q1 = p1.data();
-          scalar_t* q2 = p2.data();
+          const scalar_t* g = dy + n * C;
+          const scalar_t* r = x + n * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            q1[c] += ar[c];
-            q2[c] += (ar[c] - ca[c]) * (br[c] - cb[c]);
+            bd[c] += g[c];
+            bt[c] += g[c] * (r[c] - center[c]);
           }
         }
         for (int64_t c = 0; c < C; ++c) {
-          t1[c] += p1[c];
-          t2[c] += p2[c];
+          total_dy[c] += bd[c];
+          total_dot[c] += bt[c];
         }
       }
       std::lock_guard<std::mutex> lock(merge);
       for (int64_t c = 0; c < C; ++c) {
-        s1[c] += t1[c];
-        s2[c] += t2[c];
+        sum_dy[c] += total_dy[c];
+        dot[c] += total_dot[c];
       }
     });
     return;
   }
   at::parallel_for(0, C, std::max<int64_t>(1, kGrain / (s.outer * s.inner)), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
-      const scalar_t xa = ca[c], xb = cb[c];
-      double t1 = 0.0, t2 = 0.0;
+      const scalar_t mid = center[c];
+      double total_dy = 0.0, total_dot = 0.0;
       for (int64_t n = 0; n < s.outer; ++n) {
-        const scalar_t* ar = a + (n * C + c) * s.inner;
-        const scalar_t* br = b + (n * C + c) * s.inner;
-        scalar_t p1 = 0, p2 = 0;
-#pragma omp simd reduction(+ : p1, p2)
+        const scalar_t* g = dy + (n * C + c) * s.inner;
+        const scalar_t* r = x + (n * C + c) * s.inner;
+        scalar_t part_dy = 0, part_dot = 0;
+#pragma omp simd reduction(+ : part_dy, part_dot)
         for (int64_t l = 0; l < s.inner; ++l) {
-          p1 += ar[l];
-          p2 += (ar[l] - xa) * (br[l] - xb);
+          part_dy += g[l];
+          part_dot += g[l] * (r[l] - mid);
         }
-        t1 += p1;
-        t2 += p2;
+        total_dy += part_dy;
+        total_dot += part_dot;
       }
-      s1[c] = t1;
-      s2[c] = t2;
+      sum_dy[c] = total_dy;
+      dot[c] = total_dot;
     }
   });
 }
@@ -290,11 +287,11 @@ void backward_kernel(const Tensor& dy, const Tensor& x, const Tensor& weight, co
   const double* mean = mean_t.const_data_ptr<double>();
   const double* invstd = invstd_t.const_data_ptr<double>();
   const int64_t count = s.outer * s.inner;
-  std::vector<scalar_t> zero(s.channels, scalar_t(0)), center(s.channels);
+  std::vector<scalar_t> center(s.channels);
   for (int64_t c = 0; c < s.channels; ++c) center[c] = scalar_t(mean[c]);
   std::vector<double> dot(s.channels);
   db.resize(s.channels);
-  channel_moments<scalar_t>(s, g, xp, zero.data(), center.data(), db.data(), dot.data());
+  channel_dy_sums<scalar_t>(s, g, xp, center.data(), db.data(), dot.data());
   // sum(dy * (x - mean)) from sum(dy * (x - center)): the mean's rounding, exactly
   for (int64_t c = 0; c < s.channels; ++c) dot[c] -= (mean[c] - double(center[c])) * db[c];
   dw.resize(s.channels);

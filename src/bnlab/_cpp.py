@@ -37,7 +37,6 @@ _ARCH_FLAGS = {  # what torch's own CPU kernels were picked for on this machine
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
-_FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 def build_requirements_missing() -> list[str]:
@@ -67,16 +66,6 @@ def load_extension() -> ModuleType:
                 verbose=False)
 
 
-def supported(input: torch.Tensor, *vectors: torch.Tensor | None) -> bool:
-    """Whether the C++ kernel takes this call (otherwise the fast path does)."""
-    if input.device.type != "cpu" or input.dtype not in _FLOAT_DTYPES:
-        return False
-    if any(v is not None and (v.dtype != input.dtype or v.device != input.device
-                              or not v.is_contiguous()) for v in vectors):
-        return False
-    return load_extension().supported(input)
-
-
 def cpp_batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -90,8 +79,9 @@ def cpp_batch_norm(
     """``impl="cpp"`` without argument checks (callers have checked)."""
     if running_mean is None or running_var is None:
         running_mean = running_var = None
-    if supported(input, weight, bias, running_mean, running_var):
-        return load_extension().batch_norm(input, weight, bias, running_mean, running_var,
-                                           training, momentum, eps)
-    return FusedBatchNorm.apply(input, weight, bias, running_mean, running_var, training,
-                                momentum, eps)
+    y = load_extension().try_batch_norm(input, weight, bias, running_mean, running_var,
+                                        training, momentum, eps)
+    if y is None:  # not a CPU float32/float64 call the kernel takes: the fast path
+        y = FusedBatchNorm.apply(input, weight, bias, running_mean, running_var, training,
+                                 momentum, eps)
+    return y

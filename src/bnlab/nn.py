@@ -54,8 +54,11 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
+from bnlab._cpp import cpp_batch_norm
 from bnlab.functional import Impl, check_input, fused_batch_norm
 from bnlab.functional import batch_norm as _functional_batch_norm
+
+_UNCHECKED = {"fast": fused_batch_norm, "cpp": cpp_batch_norm}
 
 __all__ = [
     "BatchNorm1d",
@@ -162,9 +165,10 @@ class _BatchNorm(nn.Module):
         track = not self.training or self.track_running_stats
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
-        if self.impl == "fast":
-            return fused_batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                    use_batch_stats, factor, self.eps)
+        # The input was checked above: the fast and C++ paths are called without re-checks.
+        if self.impl in _UNCHECKED:
+            return _UNCHECKED[self.impl](input, running_mean, running_var, self.weight,
+                                         self.bias, use_batch_stats, factor, self.eps)
         return _functional_batch_norm(input, running_mean, running_var, self.weight,
                                       self.bias, use_batch_stats, factor, self.eps,
                                       impl=self.impl)

@@ -42,9 +42,18 @@ Layout layout_of(const Tensor& x) {
   return {x.numel() / std::max<int64_t>(channels, 1), channels, 1};  // channels_last
 }
 
-bool supported(const Tensor& x) {
+// Whether the kernel takes this call: a CPU float32/float64 input, contiguous or
+// channels_last, with contiguous per-channel vectors of the same dtype.
+bool supported(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+               const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var) {
   if (!x.device().is_cpu()) return false;
   if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return false;
+  for (const auto* v : {&weight, &bias, &running_mean, &running_var}) {
+    if (v->has_value() && v->value().defined()) {
+      const Tensor& t = v->value();
+      if (t.scalar_type() != x.scalar_type() || !t.device().is_cpu() || !t.is_contiguous()) return false;
+    }
+  }
   if (x.is_contiguous()) return true;
   if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
   if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
@@ -279,8 +288,8 @@ void forward_kernel(const Tensor& x, const Tensor& y, const Tensor& weight, cons
 
 template <typename scalar_t>
 void backward_kernel(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& mean_t,
-                     const Tensor& invstd_t, bool training, const Tensor& dx, std::vector<double>& dw,
-                     std::vector<double>& db, bool need_dx) {
+                     const Tensor& invstd_t, bool training, const Tensor& dx, const Tensor& dweight,
+                     const Tensor& dbias) {
   const Layout s = layout_of(x);
   const scalar_t* g = dy.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -289,14 +298,19 @@ void backward_kernel(const Tensor& dy, const Tensor& x, const Tensor& weight, co
   const int64_t count = s.outer * s.inner;
   std::vector<scalar_t> center(s.channels);
   for (int64_t c = 0; c < s.channels; ++c) center[c] = scalar_t(mean[c]);
-  std::vector<double> dot(s.channels);
-  db.resize(s.channels);
+  std::vector<double> db(s.channels), dot(s.channels);
   channel_dy_sums<scalar_t>(s, g, xp, center.data(), db.data(), dot.data());
   // sum(dy * (x - mean)) from sum(dy * (x - center)): the mean's rounding, exactly
   for (int64_t c = 0; c < s.channels; ++c) dot[c] -= (mean[c] - double(center[c])) * db[c];
-  dw.resize(s.channels);
-  for (int64_t c = 0; c < s.channels; ++c) dw[c] = dot[c] * invstd[c];
-  if (!need_dx) return;
+  if (dweight.defined()) {  // dgamma = sum(dy * x_hat)
+    scalar_t* out = dweight.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < s.channels; ++c) out[c] = scalar_t(dot[c] * invstd[c]);
+  }
+  if (dbias.defined()) {  // dbeta = sum(dy)
+    scalar_t* out = dbias.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < s.channels; ++c) out[c] = scalar_t(db[c]);
+  }
+  if (!dx.defined()) return;
   scalar_t* out = dx.mutable_data_ptr<scalar_t>();
   std::vector<scalar_t> a(s.channels), b(s.channels), k(s.channels);
   for (int64_t c = 0; c < s.channels; ++c) {
@@ -346,37 +360,34 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     Tensor dy = grads[0];
     if (!dy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     dy = dy.contiguous(x.suggest_memory_format());
-    const bool need_dx = ctx->needs_input_grad(0);
-    Tensor dx = need_dx ? at::empty_like(x) : Tensor();
-    std::vector<double> dw, db;
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_batch_norm_backward", [&] {
-      backward_kernel<scalar_t>(dy, x, weight, mean, invstd, training, dx, dw, db, need_dx);
-    });
-    Tensor dweight, dbias;
-    auto vec = [&](const std::vector<double>& v) {
-      return at::tensor(v, x.options().dtype(at::kDouble)).to(x.scalar_type());
-    };
     // needs_input_grad counts only the inputs that were defined tensors: x, then the
     // weight if given, then the bias if given.
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
-    if (has_weight && ctx->needs_input_grad(1)) dweight = vec(dw);
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(has_weight ? 2 : 1))
-      dbias = vec(db);
+    const bool need_dw = has_weight && ctx->needs_input_grad(1);
+    const bool need_db = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(has_weight ? 2 : 1);
+    Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(x) : Tensor();
+    Tensor dweight = need_dw ? at::empty({x.size(1)}, x.options()) : Tensor();
+    Tensor dbias = need_db ? at::empty({x.size(1)}, x.options()) : Tensor();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_batch_norm_backward", [&] {
+      backward_kernel<scalar_t>(dy, x, weight, mean, invstd, training, dx, dweight, dbias);
+    });
     return {dx, dweight, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
-Tensor batch_norm(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                  const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-                  bool training, double momentum, double eps) {
-  TORCH_CHECK(supported(x), "bnlab cpp batch norm: expected a CPU float32/float64 input, contiguous "
-              "or channels_last (got ", x.scalar_type(), " on ", x.device(), ")");
+// The kernel's output, or None when it does not take this call (the caller falls back).
+std::optional<Tensor> try_batch_norm(const Tensor& x, const std::optional<Tensor>& weight,
+                                     const std::optional<Tensor>& bias,
+                                     const std::optional<Tensor>& running_mean,
+                                     const std::optional<Tensor>& running_var, bool training,
+                                     double momentum, double eps) {
+  if (!supported(x, weight, bias, running_mean, running_var)) return std::nullopt;
   return BatchNormFunction::apply(x, weight, bias, running_mean, running_var, training, momentum, eps);
 }
 
 }  // namespace bnlab
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("batch_norm", &bnlab::batch_norm, "bnlab batch norm (CPU kernel with a C++ autograd node)");
-  m.def("supported", &bnlab::supported, "whether the kernel takes this input");
+  m.def("try_batch_norm", &bnlab::try_batch_norm,
+        "bnlab batch norm (CPU kernel, C++ autograd node); None where the kernel does not apply");
 }

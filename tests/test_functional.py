@@ -313,3 +313,19 @@ def test_weight_or_bias_alone(impl, given, shape):
         _assert_all_close(_run(_ours(impl), x, w, b, rm, rv, dy, training),
                           _run(F.batch_norm, x, w, b, rm, rv, dy, training),
                           **TOL[torch.float64])
+
+
+def test_cpp_says_what_its_build_lacks(monkeypatch):
+    import shutil
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    import bnlab._cpp as cpp
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    assert cpp.build_requirements_missing() == [
+        "a C++ compiler (c++, g++ or clang++ on PATH)", "ninja (pip install ninja)"]
+    with pytest.raises(RuntimeError, match=r"impl='cpp' compiles a C\+\+ kernel on first use "
+                                           r"and needs a C\+\+ compiler .* and ninja"):
+        cpp.load_extension.__wrapped__()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -61,9 +62,25 @@ def load_extension() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     capability = torch.backends.cpu.get_cpu_capability()
-    return load(name=f"bnlab_batch_norm_{capability.lower()}", sources=[str(_SOURCE)],
+    name = f"bnlab_batch_norm_{capability.lower()}"
+    if not _is_built(name):
+        print(f"bnlab: building the impl='cpp' kernel {name} (once per machine, ~35 s on 2 "
+              "cores)...", file=sys.stderr, flush=True)
+    return load(name=name, sources=[str(_SOURCE)],
                 extra_cflags=["-O3", "-fopenmp-simd", *_ARCH_FLAGS.get(capability, [])],
                 verbose=False)
+
+
+def _is_built(name: str) -> bool:
+    """Whether torch's extension cache already holds a build of ``name`` (a guess: torch
+    rebuilds a cached one whose source changed)."""
+    from torch.utils import cpp_extension
+
+    try:
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except (AttributeError, OSError):  # a private helper: treat as not built if it moved
+        return False
+    return any(build_dir.glob(f"{name}*.so"))
 
 
 def cpp_batch_norm(

@@ -91,3 +91,20 @@ def test_unknown_config_key_is_an_error():
 
     with pytest.raises(ValueError, match=r"unknown TrainConfig key\(s\) \['learning_rate'\]"):
         config_from_dict(TrainConfig, {"learning_rate": 0.1})
+
+
+def test_bench_step_tracks_torch_and_refuses_bad_norms(capsys, fake_dataset):
+    code, out, _ = run_cli(capsys, "bench", "step", "--norms", "bnlab,bnlab-ref,torch",
+                           "--steps", "6", "--batch-size", "64", "--device", "cpu")
+    assert code == 0
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines()
+            if line.startswith("| ") and "norm" not in line}
+    assert set(rows) == {"bnlab", "bnlab-ref", "torch"}
+    assert rows["torch"][1].strip() == "1.000"
+    # Same seed, same batches: every implementation ends on torch's loss.
+    losses = {n: float(cells[2]) for n, cells in rows.items()}
+    assert losses["bnlab"] == pytest.approx(losses["torch"], abs=1e-5)
+    assert losses["bnlab-ref"] == pytest.approx(losses["torch"], abs=1e-5)
+    for bad in ("bnlab,nope,torch", "bnlab"):
+        code, _, err = run_cli(capsys, "bench", "step", "--norms", bad, "--steps", "2")
+        assert code == 2 and "--norms: expected names from" in err

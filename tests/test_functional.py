@@ -250,13 +250,15 @@ def test_compiled_impl_matches_torch():
 
 
 @pytest.mark.parametrize("cpp", [False, pytest.param(True, marks=CPP_SKIP)])
-def test_bn_benchmark_reports_every_shape_and_impl(cpp):
+@pytest.mark.parametrize("floor", [False, True])
+def test_bn_benchmark_reports_every_shape_and_impl(cpp, floor):
     from bnlab.bench.bn import SHAPES, run_bn_benchmark
 
-    table = run_bn_benchmark(repeats=2, warmup=1, cpp=cpp)
+    table = run_bn_benchmark(repeats=2, warmup=1, cpp=cpp, floor=floor)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "impl" not in line]
-    assert len(rows) == (4 if cpp else 3) * len(SHAPES)
+    assert len(rows) == (3 + cpp + floor) * len(SHAPES)
     assert sum("| cpp " in r for r in rows) == (len(SHAPES) if cpp else 0)
+    assert sum("| floor " in r for r in rows) == (len(SHAPES) if floor else 0)
     native = [r for r in rows if "| native " in r]
     assert all("| 1.00 " in r for r in native) and len(native) == len(SHAPES)
 

@@ -46,7 +46,7 @@ def _run_data_info(args: argparse.Namespace) -> None:
 
 def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="speed benchmarks (ratios measured side by side)")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{bn,loader}")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{bn,loader,step}")
 
     loader = bench_sub.add_parser(
         "loader", help="bnlab's in-memory loader vs a per-sample torch DataLoader, one epoch")
@@ -60,10 +60,25 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     bn.add_argument("--repeats", type=int, default=100, help="interleaved repeats per shape")
     bn.add_argument("--cpp", action="store_true",
                     help="also time impl='cpp' (bnlab's C++ kernel; builds it on first use, ~30 s)")
+    bn.add_argument("--floor", action="store_true",
+                    help="also time a do-nothing Python autograd.Function: the overhead any "
+                         "plain-tensor-op implementation pays before its math")
     bn.add_argument("--compiled", action="store_true",
                     help="also time impl='compiled' (torch.compile; compiles each shape first)")
     bn.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     bn.set_defaults(handler=_run_bench_bn)
+
+    step = bench_sub.add_parser(
+        "step", help="BN-LeNet training steps with each norm, stepped in turn on the same "
+                     "Fashion-MNIST batches")
+    step.add_argument("--norms", default="bnlab,torch",
+                      help="comma-separated norm names (see `bnlab train --help`), e.g. "
+                           "bnlab,bnlab-cpp,torch; ratios are to torch's")
+    step.add_argument("--steps", type=int, default=300, help="timed steps per norm")
+    step.add_argument("--batch-size", type=int, default=128)
+    step.add_argument("--data-dir", help="look here first for Fashion-MNIST")
+    step.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    step.set_defaults(handler=_run_bench_step)
 
 
 def _run_bench_loader(args: argparse.Namespace) -> None:
@@ -72,11 +87,25 @@ def _run_bench_loader(args: argparse.Namespace) -> None:
     print(loader.run_loader_benchmark(args.data_dir, args.batch_size, args.repeats))
 
 
+def _run_bench_step(args: argparse.Namespace) -> None:
+    from bnlab.bench import step
+    from bnlab.data import load_fashion_mnist
+    from bnlab.norms import NORM_LAYERS
+
+    norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
+    unknown = [n for n in norms if n not in NORM_LAYERS]
+    if unknown or "torch" not in norms:
+        raise BnlabError(f"--norms: expected names from {sorted(NORM_LAYERS)}, torch among "
+                         f"them (got {args.norms!r})")
+    print(step.run_step_benchmark(load_fashion_mnist(args.data_dir), norms, steps=args.steps,
+                                  batch_size=args.batch_size, device=args.device))
+
+
 def _run_bench_bn(args: argparse.Namespace) -> None:
     from bnlab.bench import bn
 
     print(bn.run_bn_benchmark(repeats=args.repeats, device=args.device, compiled=args.compiled,
-                              cpp=args.cpp))
+                              cpp=args.cpp, floor=args.floor))
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:

@@ -40,6 +40,27 @@ IMPLS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+class _PythonFunctionFloor(torch.autograd.Function):
+    """A Python ``autograd.Function`` that does no math: the forward copies the input (an
+    output must be a new tensor), the backward hands back ``dy`` and the parameters
+    themselves as their gradients. Its time is what the fast path pays before any
+    arithmetic, so ``floor / native`` bounds what plain tensor ops can reach."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight, bias)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, bias = ctx.saved_tensors
+        return dy, weight, bias
+
+
+def _floor(x, running_mean, running_var, weight, bias, **_):
+    return _PythonFunctionFloor.apply(x, weight, bias)
+
+
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,13 +117,14 @@ def _peak_bytes(step: Callable[[], None], device: torch.device) -> int:
 
 
 def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3,
-                     compiled: bool = False, cpp: bool = False) -> str:
+                     compiled: bool = False, cpp: bool = False, floor: bool = False) -> str:
     """Time forward and forward+backward of each implementation; a markdown table.
 
     ``cpp`` adds ``impl="cpp"`` (bnlab's C++ kernel); the time to build or load its
     extension is reported separately. ``compiled`` adds ``impl="compiled"``
     (torch.compile of the reference math); its compile time per shape is reported
-    separately. Both first-call costs are excluded from the timings.
+    separately. Both first-call costs are excluded from the timings. ``floor`` adds a
+    do-nothing Python ``autograd.Function`` (see ``_PythonFunctionFloor``).
     """
     dev = _resolve_device(device)
     impls = dict(IMPLS)
@@ -114,6 +136,8 @@ def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3,
         impls["cpp"] = lambda *a, **k: batch_norm(*a, impl="cpp", **k)
     if compiled:
         impls["compiled"] = lambda *a, **k: batch_norm(*a, impl="compiled", **k)
+    if floor:
+        impls["floor"] = _floor
     compile_seconds: dict[str, float] = {}
     cuda = dev.type == "cuda"
     mem_label = "peak step MiB (cuda max_memory_allocated)" if cuda else "saved-for-backward MiB"

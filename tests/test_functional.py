@@ -331,3 +331,17 @@ def test_cpp_says_what_its_build_lacks(monkeypatch):
     with pytest.raises(RuntimeError, match=r"impl='cpp' compiles a C\+\+ kernel on first use "
                                            r"and needs a C\+\+ compiler .* and ninja"):
         cpp.load_extension.__wrapped__()
+
+
+def test_cpp_off_the_cpu_needs_no_build(monkeypatch):
+    """A non-CPU input takes the fast path without building (or needing) the extension.
+    The meta device stands in for CUDA here: shapes and dtypes, no data."""
+    import bnlab._cpp as cpp
+
+    def refuse():
+        raise AssertionError("the extension was loaded for a non-CPU input")
+
+    monkeypatch.setattr(cpp, "load_extension", refuse)
+    x = torch.empty(4, 3, 2, 2, device="meta")
+    y = cpp.cpp_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+    assert y.device.type == "meta" and y.shape == x.shape

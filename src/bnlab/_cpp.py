@@ -96,8 +96,9 @@ def cpp_batch_norm(
     """``impl="cpp"`` without argument checks (callers have checked)."""
     if running_mean is None or running_var is None:
         running_mean = running_var = None
-    y = load_extension().try_batch_norm(input, weight, bias, running_mean, running_var,
-                                        training, momentum, eps)
+    # Off the CPU the kernel never applies: no build needed to know that.
+    y = None if input.device.type != "cpu" else load_extension().try_batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum, eps)
     if y is None:  # not a CPU float32/float64 call the kernel takes: the fast path
         y = FusedBatchNorm.apply(input, weight, bias, running_mean, running_var, training,
                                  momentum, eps)

@@ -31,7 +31,7 @@ from types import ModuleType
 
 import torch
 
-from bnlab._fused import FusedBatchNorm
+from bnlab._fused import fused_batch_norm
 
 _SOURCE = Path(__file__).with_name("csrc") / "batch_norm.cpp"
 _ARCH_FLAGS = {  # what torch's own CPU kernels were picked for on this machine
@@ -94,12 +94,12 @@ def cpp_batch_norm(
     eps: float,
 ) -> torch.Tensor:
     """``impl="cpp"`` without argument checks (callers have checked)."""
-    if running_mean is None or running_var is None:
+    if running_mean is None or running_var is None:  # half-given: neither is updated
         running_mean = running_var = None
     # Off the CPU the kernel never applies: no build needed to know that.
     y = None if input.device.type != "cpu" else load_extension().try_batch_norm(
         input, weight, bias, running_mean, running_var, training, momentum, eps)
     if y is None:  # not a CPU float32/float64 call the kernel takes: the fast path
-        y = FusedBatchNorm.apply(input, weight, bias, running_mean, running_var, training,
-                                 momentum, eps)
+        y = fused_batch_norm(input, running_mean, running_var, weight, bias, training,
+                             momentum, eps)
     return y

@@ -249,3 +249,20 @@ def _backward(ctx, dy):
 
 
 _once_differentiable_backward = once_differentiable(_backward)
+
+
+def fused_batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """The fast path without argument checks (callers have checked)."""
+    if running_mean is None or running_var is None:
+        running_mean = running_var = None
+    return FusedBatchNorm.apply(input, weight, bias, running_mean, running_var, training,
+                                momentum, eps)

@@ -41,10 +41,10 @@ from typing import Literal
 import torch
 
 from bnlab._cpp import cpp_batch_norm
-from bnlab._fused import FusedBatchNorm
+from bnlab._fused import fused_batch_norm
 from bnlab._reference import reference_batch_norm
 
-__all__ = ["batch_norm", "check_input"]
+__all__ = ["batch_norm", "check_input", "fused_batch_norm"]
 
 Impl = Literal["fast", "reference", "cpp", "compiled"]
 
@@ -126,19 +126,3 @@ def batch_norm(
     raise ValueError(
         f"impl must be 'fast', 'reference', 'cpp' or 'compiled' (got {impl!r})")
 
-
-def fused_batch_norm(
-    input: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-) -> torch.Tensor:
-    """The fast path without argument checks (callers have checked)."""
-    if running_mean is None or running_var is None:
-        running_mean = running_var = None
-    return FusedBatchNorm.apply(input, weight, bias, running_mean, running_var, training,
-                                momentum, eps)

@@ -16,15 +16,10 @@ import time
 
 import torch
 
-from bnlab.bench.timing import format_table
+from bnlab.bench.timing import format_table, sync
 from bnlab.train import TrainConfig, build_loaders, make_step, model_for, resolve_device
 
 DEFAULT_NORMS = ("bnlab", "torch")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_step_benchmark(dataset, norms: tuple[str, ...] = DEFAULT_NORMS, steps: int = 300,
@@ -60,7 +55,7 @@ def run_step_benchmark(dataset, norms: tuple[str, ...] = DEFAULT_NORMS, steps: i
             for norm in order:
                 start = time.perf_counter()
                 loss, _ = step_fns[norm](x, y)
-                _sync(dev)
+                sync(dev)
                 if done >= warmup:
                     samples[norm].append(time.perf_counter() - start)
                 losses[norm] = loss.item()

@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 
 
-def _sync(device: torch.device | str | None) -> None:
+def sync(device: torch.device | str | None) -> None:
+    """Wait for queued CUDA work on ``device`` (a no-op elsewhere), so timings cover it."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -34,7 +35,7 @@ def time_interleaved(
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
-    _sync(device)
+    sync(device)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     names = list(candidates)
     for round_ in range(repeats):
@@ -43,7 +44,7 @@ def time_interleaved(
             fn = candidates[name]
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
 

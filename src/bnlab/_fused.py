@@ -17,36 +17,44 @@ The math, per channel, with m values per channel (every dim but dim 1),
               dx     = dy * gamma / sigma_running                                    (eval)
 
 How it is fast (each choice timed against its alternatives on the chapter's shapes,
-interleaved, on 2 CPU cores):
+interleaved with torch's kernel, on 2 CPU cores):
 
-* Per-channel statistics are plain ``tensor.sum(dims)`` (``var_mean`` over (0, 2, 3) of a
-  (128, 6, 24, 24) tensor took 1.4 ms against 0.02 ms for ``sum``; ``einsum``,
-  ``vector_norm`` and reshaping first were all slower).
-* One full-size allocation per direction, as torch's kernel: forward computes the shifted
-  input ``xk = x - shift_k`` into the output's buffer, takes the statistics from it (the
-  sum of squares with ``_channel_dot``, which reads ``xk`` once and writes nothing), then
-  scales it in place into ``y``; backward does the same in ``dx``'s buffer. Only ``x`` is
-  saved (as torch saves it). A fresh full-size temporary costs page faults that outweighed
-  the extra in-cache passes: saving ``xk`` instead measured 1.57-1.61x torch's fwd+bwd on
-  (128, 6, 24, 24) and (64, 64, 32, 32), this layout 1.0-1.1x.
+* Per-channel statistics are plain reductions. A contiguous (N, C, ...) tensor is viewed
+  as (N, C, L) and reduced over the contiguous L first (``var_mean`` over (0, 2, 3) of a
+  (128, 6, 24, 24) tensor took 1.4 ms against 0.02 ms for ``sum``). The sum of squares is
+  ``vector_norm`` over L, squared: it squares inside the reduction and writes nothing,
+  where ``vecdot`` or ``(x * x).sum()`` materialize a full-size product.
+* No full-size temporary, only the buffer each direction must return: forward writes
+  ``x - shift_k`` into the output's buffer, takes the statistics from it and scales it in
+  place into ``y``; backward forms ``dy * (x - shift_k)`` in dx's buffer, sums it, then
+  refills the buffer with ``x - shift_k`` and turns it into dx in place. A fresh
+  full-size tensor costs page faults (~0.5 us per 4 KiB page) that outweigh an extra
+  pass over memory that is in cache: (64, 64, 32, 32) went from 1.17x torch's fwd+bwd with
+  one temporary per direction to 0.68x without.
 * ``y = xk * scale + shift`` and ``dx = xk * b + c + dy * scale`` (per-channel ``scale =
   gamma / sigma``, ``b``, ``c``) are in-place ``mul_`` / ``add_`` / ``addcmul_`` chains
   (``addcmul`` with two per-channel broadcast operands measured 3x slower than ``mul`` +
   ``add_``).
+* Per-channel arithmetic takes no Python floats as operands (each is wrapped into a new
+  tensor and cast, ~2 us an op on a (C,) vector): constants are cached 0-dim tensors
+  (``_scalar``) or ``alpha=`` / ``value=`` arguments, and both running buffers are updated
+  by two ``_foreach`` ops.
 * Small inputs (the FC layers' (128, 120)) are dominated by per-op and Python overhead:
-  (N, C) input in training takes its own path (``_train_forward_2d``) with about 10 ops per
-  direction and no no-op conversions. Even so it stays ~1.9x torch's fwd+bwd there: a
-  do-nothing Python ``autograd.Function`` costs ~40 us of torch's ~65 us, and each tensor
-  op ~2-5 us more. ``impl="cpp"`` (``bnlab._cpp``) is the answer for those shapes.
+  (N, C) input in training takes its own path (``_train_forward_2d``) with 9 ops forward
+  and 8 backward. Even so it stays ~1.7x torch's fwd+bwd there: a do-nothing Python
+  ``autograd.Function`` costs ~0.65x of torch's whole fwd+bwd, and each tensor op ~3-5 us
+  more in a real step. ``impl="cpp"`` (``bnlab._cpp``) is the answer for those shapes.
 
 Numerics (shifted data): the statistics are sums of ``xk = x - shift_k``, where
 ``shift_k`` is the per-channel mean of the first few samples of the batch, so ``xk`` is of
 the size of the standard deviation, not of the mean. Then ``mean = shift_k + mean(xk)`` and
 ``var = mean(xk^2) - mean(xk)^2`` lose almost nothing: data with mean 1e4 and std 1 in
 float32 is normalized about as exactly as float64 would (error ~1e-6, torch's ~3e-4),
-where the naive ``E[x^2] - E[x]^2`` loses every digit. It also spares a full pass: no
-separate ``sum(x)`` for the mean. float16/bfloat16 inputs are computed in float32 and
-rounded once at the end (statistics and parameters in float32, as torch).
+where the naive ``E[x^2] - E[x]^2`` loses every digit. Backward works on ``x - shift_k``
+too, so dx is as exact (~1e-6 there; folding the shift into a per-channel constant would
+save a pass but measured torch's 3e-5). (N, C) input uses an exact two-pass mean and
+variance instead. float16/bfloat16 inputs are computed in float32 and rounded once at
+the end (statistics and parameters in float32, as torch).
 
 Double backward is not supported (the backward is ``once_differentiable``: asking for a
 second derivative raises an error).
@@ -54,7 +62,7 @@ second derivative raises an error).
 
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -79,21 +87,56 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-channel ``sum(a * b)`` over every dim but 1, in one read pass and no temporary.
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``value`` as a cached 0-dim tensor, an operand torch uses as it is.
 
-    ``linalg.vecdot`` over each (sample, channel) row of a contiguous (N, C, L) view, then
-    a sum over N (a channels_last pair is an (N * L, C) matrix: one vecdot over rows).
-    Timed against ``(a * b).sum(dims)`` in a reused buffer: 0.57x on (128, 6, 24, 24),
-    0.59x on (128, 16, 8, 8), 0.39x on (64, 64, 32, 32).
+    A Python float operand is wrapped into a new tensor and cast on every call: on the
+    per-channel vectors that made ``v.mul_(0.5)`` ~3 us against ~1 us for ``v.mul_(t)``.
+    The cached tensors are only ever read. Under ``torch.compile`` a fresh one is traced
+    (the compiler folds it; a cache would only hide a global from it).
     """
-    n, c = a.shape[:2]
-    if a.is_contiguous() and b.is_contiguous():
-        return torch.linalg.vecdot(a.view(n, c, -1), b.view(n, c, -1), dim=2).sum(0)  # (N, C) -> (C,)
-    rows_a, rows_b = a.movedim(1, -1), b.movedim(1, -1)  # (N, *, C)
-    if rows_a.is_contiguous() and rows_b.is_contiguous():
-        return torch.linalg.vecdot(rows_a.reshape(-1, c), rows_b.reshape(-1, c), dim=0)
-    return torch.mul(a, b).sum(_REDUCE_DIMS[a.dim()])
+    if torch.compiler.is_compiling():
+        return torch.full((), value, dtype=dtype, device=device)
+    return _cached_scalar(value, dtype, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.full((), value, dtype=dtype, device=device)
+
+
+def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """``t * factor`` as a new tensor, with ``factor`` a cached 0-dim tensor."""
+    return torch.mul(t, _scalar(factor, t.dtype, t.device))
+
+
+def _channel_sum(t: torch.Tensor) -> torch.Tensor:
+    """Per-channel sum over every dim but 1: (N, C, ...) -> (C,).
+
+    A contiguous input is viewed as (N, C, L) and summed over the contiguous L first
+    (0.6-0.8x the time of ``t.sum((0, 2, 3))`` on (128, 16, 8, 8)), then over N.
+    """
+    if t.is_contiguous():
+        n, c = t.shape[:2]
+        return t.view(n, c, -1).sum(2).sum(0)  # (N, C, L) -> (N, C) -> (C,)
+    return t.sum(_REDUCE_DIMS[t.dim()])
+
+
+def _channel_sum_sq(t: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``sum(t * t)`` over every dim but 1, without a full-size temporary.
+
+    Contiguous: ``vector_norm`` over each (sample, channel) row of the (N, C, L) view
+    squares inside the reduction (one read, nothing written; 0.5-0.7x ``vecdot``, which
+    materializes the product), then squared and summed over N. Other layouts: ``vecdot``
+    over the rows of a channels_last (N * L, C) matrix, or a product and a sum.
+    """
+    n, c = t.shape[:2]
+    if t.is_contiguous():
+        return torch.linalg.vector_norm(t.view(n, c, -1), dim=2).square_().sum(0)
+    rows = t.movedim(1, -1)  # (N, *, C)
+    if rows.is_contiguous():
+        return torch.linalg.vecdot(rows.reshape(-1, c), rows.reshape(-1, c), dim=0)
+    return torch.mul(t, t).sum(_REDUCE_DIMS[t.dim()])
 
 
 def _scale_shift(invstd, weight, bias, center):
@@ -105,43 +148,106 @@ def _scale_shift(invstd, weight, bias, center):
     return scale, torch.addcmul(_as(bias, scale.dtype), center, scale, value=-1)
 
 
+def _update_running(running_mean, running_var, mean_sum, var_sum, mean_div, var_div, momentum):
+    """``running = (1 - momentum) * running + momentum * batch`` for both buffers in two ops,
+    with batch mean ``mean_sum / mean_div`` and unbiased batch variance ``var_sum / var_div``.
+    """
+    dtype, device = running_mean.dtype, running_mean.device
+    torch._foreach_mul_((running_mean, running_var), _scalar(1.0 - momentum, dtype, device))
+    torch._foreach_addcmul_((running_mean, running_var), (mean_sum, var_sum),
+                            (_scalar(momentum / mean_div, dtype, device),
+                             _scalar(momentum / var_div, dtype, device)))
+
+
 def _train_forward_2d(x, weight, bias, running_mean, running_var, momentum, eps):
     """Training forward for (N, C) input: y and the tensors backward needs.
 
     FC activations are small ((128, 120) in BN-LeNet), so time goes to per-op overhead,
-    not memory: this path uses the fewest ops (an exact two-pass mean and variance,
-    ``linalg.vecdot`` for the sum of squares, ~10 ops against ~20 in the general path)
-    and keeps the centered input for backward.
+    not memory: an exact two-pass mean and variance in ~10 ops, no Python-float operands,
+    and the centered input kept for backward.
     """
     count = x.shape[0]
-    total = x.sum(0)  # (C,)
+    total = torch.sum(x, 0)  # (C,)
     centered = torch.sub(x, total, alpha=1.0 / count)  # (N, C): x - mean
     sq_dev = torch.linalg.vecdot(centered, centered, dim=0)  # (C,): sum (x - mean)^2
-    # invstd = 1 / sqrt(sq_dev / m + eps) = sqrt(m) / sqrt(sq_dev + m * eps)
-    invstd = torch.add(sq_dev, count * eps).rsqrt_().mul_(math.sqrt(count))
+    # invstd = 1 / sqrt(sq_dev / count + eps)
+    invstd = torch.add(_scalar(eps, x.dtype, x.device), sq_dev, alpha=1.0 / count).rsqrt_()
     if running_mean is not None:
-        torch._foreach_mul_((running_mean, running_var), 1.0 - momentum)
-        running_mean.add_(total, alpha=momentum / count)
-        running_var.add_(sq_dev, alpha=momentum / (count - 1))  # unbiased variance
-    scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
-    y = torch.mul(centered, scale)
+        _update_running(running_mean, running_var, total, sq_dev, count, count - 1, momentum)
+    scale = invstd if weight is None else torch.mul(invstd, _as(weight, invstd.dtype))
     if bias is not None:
-        y.add_(_as(bias, y.dtype))
-    return y, (centered, invstd, scale, None, None)
+        return torch.addcmul(_as(bias, scale.dtype), centered, scale), (centered, invstd, scale)
+    return torch.mul(centered, scale), (centered, invstd, scale)
 
 
 def _train_backward_2d(ctx, dy, centered, invstd, scale):
     """dx, dgamma, dbeta for :func:`_train_forward_2d` (dy: (N, C) in the stats dtype)."""
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     count = dy.shape[0]
-    sum_dy = dy.sum(0)
+    sum_dy = torch.sum(dy, 0)
     dw = torch.linalg.vecdot(dy, centered, dim=0).mul_(invstd)  # sum(dy * x_hat)
     dx = None
     if need_dx:  # (dy - mean(dy) - x_hat * mean(dy * x_hat)) * gamma * invstd
-        dx = torch.sub(dy, centered * (dw * invstd), alpha=1.0 / count)
-        dx = _as(dx.sub_(sum_dy, alpha=1.0 / count).mul_(scale), ctx.input_dtype)
+        coef = torch.mul(dw, invstd).mul_(scale)
+        dx = torch.sub(dy, sum_dy, alpha=1.0 / count).mul_(scale)
+        dx = _as(dx.addcmul_(centered, coef, value=-1.0 / count), ctx.input_dtype)
     return (dx, _as(dw, ctx.weight_dtype) if need_dw else None,
             _as(sum_dy, ctx.weight_dtype) if need_db else None)
+
+
+def _train_forward_nd(xs, weight, bias, running_mean, running_var, momentum, eps):
+    """Training forward for (N, C, ...) input (xs in the stats dtype).
+
+    Three passes for the statistics (x - shift_k into the output's buffer, its sum, its
+    sum of squares), two to scale and shift that buffer in place into y.
+    """
+    ndim = xs.dim()
+    shape = _CHANNEL_SHAPE[ndim]
+    count = xs.numel() // xs.shape[1]
+    head = xs[:_SHIFT_SAMPLES]
+    shift_k = _scaled(_channel_sum(head), xs.shape[1] / head.numel())  # ~ the batch mean
+    y = torch.sub(xs, shift_k.view(shape))  # the output's buffer; holds x - shift_k for now
+    mean_k = _scaled(_channel_sum(y), 1.0 / count)  # batch mean = shift_k + mean_k
+    var = _scaled(_channel_sum_sq(y), 1.0 / count).addcmul_(mean_k, mean_k, value=-1)
+    invstd = torch.add(var, _scalar(eps, var.dtype, var.device)).rsqrt_()
+    if running_mean is not None:
+        _update_running(running_mean, running_var, torch.add(shift_k, mean_k), var, 1,
+                        (count - 1) / count, momentum)
+    scale, shift = _scale_shift(invstd, weight, bias, mean_k)
+    y.mul_(scale.view(shape)).add_(shift.view(shape))
+    return y, (invstd, scale, mean_k, shift_k)
+
+
+def _train_backward_nd(ctx, dys, x, invstd, scale, mean_k, shift_k):
+    """dx, dgamma, dbeta for :func:`_train_forward_nd` (dys in the stats dtype).
+
+    ``sum(dy * (x - mean))`` is summed from the product formed in dx's buffer, which
+    is then refilled with ``x - shift_k``: one pass more than keeping the product in a
+    temporary, but no full-size allocation (whose page faults cost more, ~0.5 us a page).
+    """
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    ndim = dys.dim()
+    shape = _CHANNEL_SHAPE[ndim]
+    count = dys.numel() // dys.shape[1]
+    sum_dy = _channel_sum(dys)
+    db = _as(sum_dy, ctx.weight_dtype) if need_db else None
+    if not (need_dx or need_dw):
+        return None, None, db
+    xs = x.float() if x.dtype in _LOW_PRECISION else x
+    kv = shift_k.view(shape)
+    buf = torch.sub(xs, kv).mul_(dys)  # (N, C, ...): dx's buffer; dy * (x - shift_k)
+    dot = _channel_sum(buf).addcmul_(mean_k, sum_dy, value=-1)  # sum(dy * (x - mean))
+    dw = _as(dot * invstd, ctx.weight_dtype) if need_dw else None  # sum(dy * x_hat)
+    dx = None
+    if need_dx:
+        # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat))
+        #    = (x - shift_k) * b + c + dy * scale
+        minus_inv_count = _scalar(-1.0 / count, dot.dtype, dot.device)
+        b = torch.mul(invstd, invstd).mul_(scale).mul_(dot).mul_(minus_inv_count)
+        c = torch.mul(scale, sum_dy).mul_(minus_inv_count).addcmul_(b, mean_k, value=-1)
+        dx = torch.sub(xs, kv, out=buf).mul_(b.view(shape)).add_(c.view(shape))
+        dx = _as(dx.addcmul_(dys, scale.view(shape)), ctx.input_dtype)
+    return dx, dw, db
 
 
 class FusedBatchNorm(torch.autograd.Function):
@@ -156,37 +262,19 @@ class FusedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
         ctx.set_materialize_grads(False)
-        ndim = x.dim()
-        dims, shape = _REDUCE_DIMS[ndim], _CHANNEL_SHAPE[ndim]
         xs = x.float() if x.dtype in _LOW_PRECISION else x
-        if training and ndim == 2:
+        if training and x.dim() == 2:
             y, saved = _train_forward_2d(xs, weight, bias, running_mean, running_var,
                                          momentum, eps)
-            ctx.save_for_backward(*saved)
         elif training:
-            count = x.numel() // x.shape[1]
-            shift_k = xs[:_SHIFT_SAMPLES].mean(dims)  # near the batch mean: from a few samples
-            kv = shift_k.view(shape)
-            y = torch.sub(xs, kv)  # the output's buffer; holds x - shift_k for now
-            mean_k = y.sum(dims).div_(count)  # batch mean = shift_k + mean_k
-            var = _channel_dot(y, y).div_(count).addcmul_(mean_k, mean_k, value=-1)
-            invstd = var.add(eps).rsqrt_()
-            if running_mean is not None:
-                unbiased_var = var.mul_(count / (count - 1))
-                torch._foreach_lerp_([running_mean, running_var],
-                                     [_as(shift_k + mean_k, running_mean.dtype),
-                                      _as(unbiased_var, running_var.dtype)], momentum)
-            scale, shift = _scale_shift(invstd, weight, bias, mean_k)
-            y.mul_(scale.view(shape)).add_(shift.view(shape))
-            ctx.save_for_backward(x, invstd, scale, mean_k, shift_k)
+            y, stats = _train_forward_nd(xs, weight, bias, running_mean, running_var,
+                                         momentum, eps)
+            saved = (x, *stats)  # only x is full-size, as in torch's kernel
         else:
-            invstd = _as(running_var, xs.dtype).add(eps).rsqrt_()
-            # A copy: the running mean may change in place before backward runs.
-            offset = _as(running_mean, xs.dtype).clone()
-            scale, shift = _scale_shift(invstd, weight, bias, offset)
-            y = torch.mul(xs, scale.view(shape)).add_(shift.view(shape))
-            keep = x if weight is not None and ctx.needs_input_grad[1] else None
-            ctx.save_for_backward(keep, invstd, scale, offset, None)
+            keep_x = weight is not None and ctx.needs_input_grad[1]
+            y, saved = _eval_forward(xs, weight, bias, running_mean, running_var, eps)
+            saved = (x if keep_x else None, *saved)
+        ctx.save_for_backward(*saved)
         ctx.training = training
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.input_dtype = x.dtype
@@ -201,51 +289,46 @@ class FusedBatchNorm(torch.autograd.Function):
         return _backward(ctx, dy)
 
 
+def _eval_forward(xs, weight, bias, running_mean, running_var, eps):
+    """Prediction: y = x * scale + shift with the running statistics."""
+    shape = _CHANNEL_SHAPE[xs.dim()]
+    invstd = torch.add(_as(running_var, xs.dtype), _scalar(eps, xs.dtype, xs.device)).rsqrt_()
+    # A copy: the running mean may change in place before backward runs.
+    offset = _as(running_mean, xs.dtype).clone()
+    scale, shift = _scale_shift(invstd, weight, bias, offset)
+    y = torch.mul(xs, scale.view(shape)).add_(shift.view(shape))
+    return y, (invstd, scale, offset, None)
+
+
+def _eval_backward(ctx, dys, x, invstd, scale, offset):
+    """dx, dgamma, dbeta of :func:`_eval_forward` (constant statistics)."""
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dims, shape = _REDUCE_DIMS[dys.dim()], _CHANNEL_SHAPE[dys.dim()]
+    dx = dw = db = None
+    if need_db:
+        db = _as(dys.sum(dims), ctx.weight_dtype)
+    if need_dw:
+        xs = x.float() if x.dtype in _LOW_PRECISION else x
+        dot = torch.sub(xs, offset.view(shape)).mul_(dys).sum(dims)
+        dw = _as(dot.mul_(invstd), ctx.weight_dtype)
+    if need_dx:
+        dx = _as(dys * scale.view(shape), ctx.input_dtype)
+    return dx, dw, db
+
+
 def _backward(ctx, dy):
     """dx, dgamma, dbeta (and None for the other inputs) of ``FusedBatchNorm``."""
     if dy is None:
         return (None,) * 8
-    x, invstd, scale, offset, shift_k = ctx.saved_tensors
-    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    ndim = dy.dim()
-    dims, shape = _REDUCE_DIMS[ndim], _CHANNEL_SHAPE[ndim]
+    saved = ctx.saved_tensors
     dys = dy.float() if dy.dtype in _LOW_PRECISION else dy
-    dx = dw = db = None
-    if not ctx.training:  # y = x * scale + shift with constant statistics
-        if need_db:
-            db = _as(dys.sum(dims), ctx.weight_dtype)
-        if need_dw:
-            xs = x.float() if x.dtype in _LOW_PRECISION else x
-            dot = torch.sub(xs, offset.view(shape)).mul_(dys).sum(dims)
-            dw = _as(dot.mul_(invstd), ctx.weight_dtype)
-        if need_dx:
-            dx = _as(dys * scale.view(shape), dy.dtype)
-        return dx, dw, db, None, None, None, None, None
-
-    if ndim == 2:
-        return (*_train_backward_2d(ctx, dys, x, invstd, scale), None, None, None, None, None)
-    mean_k = offset  # x - mean = (x - shift_k) - mean_k
-    count = dy.numel() // dy.shape[1]
-    sum_dy = dys.sum(dims)
-    if need_db:
-        db = _as(sum_dy, ctx.weight_dtype)
-    if not (need_dx or need_dw):
-        return None, None, db, None, None, None, None, None
-    xs = x.float() if x.dtype in _LOW_PRECISION else x
-    kv = shift_k.view(shape)
-    buf = torch.sub(xs, kv)  # (N, C, ...): dx's buffer; holds x - shift_k first
-    dot = _channel_dot(buf, dys).addcmul_(mean_k, sum_dy, value=-1)  # sum(dy * (x - mean))
-    if need_dw:
-        dw = _as(dot * invstd, ctx.weight_dtype)  # sum(dy * x_hat)
-    if need_dx:
-        # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat))
-        #    = (x - shift_k) * b + c + dy * scale
-        b = (invstd * invstd).mul_(scale).mul_(dot).mul_(-1.0 / count)
-        c = torch.mul(scale, sum_dy).mul_(-1.0 / count).addcmul_(b, mean_k, value=-1)
-        dx = buf.mul_(b.view(shape)).add_(c.view(shape))
-        dx.addcmul_(dys, scale.view(shape))
-        dx = _as(dx, dy.dtype)
-    return dx, dw, db, None, None, None, None, None
+    if not ctx.training:
+        grads = _eval_backward(ctx, dys, *saved[:4])
+    elif dy.dim() == 2:
+        grads = _train_backward_2d(ctx, dys, *saved[:3])
+    else:
+        grads = _train_backward_nd(ctx, dys, *saved)
+    return (*grads, None, None, None, None, None)
 
 
 _once_differentiable_backward = once_differentiable(_backward)

@@ -205,7 +205,7 @@ def _train_forward_nd(xs, weight, bias, running_mean, running_var, momentum, eps
     shape = _CHANNEL_SHAPE[ndim]
     count = xs.numel() // xs.shape[1]
     head = xs[:_SHIFT_SAMPLES]
-    shift_k = _scaled(_channel_sum(head), xs.shape[1] / head.numel())  # ~ the batch mean
+    shift_k = head.mean(_REDUCE_DIMS[ndim])  # ~ the batch mean
     y = torch.sub(xs, shift_k.view(shape))  # the output's buffer; holds x - shift_k for now
     mean_k = _scaled(_channel_sum(y), 1.0 / count)  # batch mean = shift_k + mean_k
     var = _scaled(_channel_sum_sq(y), 1.0 / count).addcmul_(mean_k, mean_k, value=-1)

@@ -41,9 +41,10 @@ interleaved with torch's kernel, on 2 CPU cores):
   by two ``_foreach`` ops.
 * Small inputs (the FC layers' (128, 120)) are dominated by per-op and Python overhead:
   (N, C) input in training takes its own path (``_train_forward_2d``) with 9 ops forward
-  and 8 backward. Even so it stays ~1.7x torch's fwd+bwd there: a do-nothing Python
-  ``autograd.Function`` costs ~0.65x of torch's whole fwd+bwd, and each tensor op ~3-5 us
-  more in a real step. ``impl="cpp"`` (``bnlab._cpp``) is the answer for those shapes.
+  and 8 backward. Even so it stays 1.1-1.8x torch's fwd+bwd there (~0.13 ms against
+  torch's 0.075-0.11 ms): a do-nothing Python ``autograd.Function`` costs ~0.045 ms, and
+  each tensor op ~5 us more in a real step. ``impl="cpp"`` (``bnlab._cpp``) is the
+  answer for those shapes.
 
 Numerics (shifted data): the statistics are sums of ``xk = x - shift_k``, where
 ``shift_k`` is the per-channel mean of the first few samples of the batch, so ``xk`` is of

@@ -4,7 +4,7 @@ Why: the fast path (``bnlab._fused``) is plain tensor ops under a Python
 ``autograd.Function``. On large activations it is memory-bound and as fast as torch's
 kernel or faster, but on the chapter's FC activations, (128, 120) and (128, 84), a whole
 forward+backward of torch's kernel takes 75-110 us, of which a do-nothing Python
-``autograd.Function`` already costs ~45 us; the 17 tensor ops of the math add ~85 us
+``autograd.Function`` already costs ~45 us; the 15 tensor ops of the math add ~80 us
 more. Only compiled code gets under that floor, so this module compiles
 ``csrc/batch_norm.cpp`` (our own kernel, not torch's) on first use with
 ``torch.utils.cpp_extension`` and caches the build.

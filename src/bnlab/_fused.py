@@ -98,13 +98,15 @@ def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Ten
     (the compiler folds it; a cache would only hide a global from it).
     """
     if torch.compiler.is_compiling():
-        return torch.full((), value, dtype=dtype, device=device)
+        return _new_scalar(value, dtype, device)
     return _cached_scalar(value, dtype, device)
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _new_scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.full((), value, dtype=dtype, device=device)
+
+
+_cached_scalar = functools.lru_cache(maxsize=256)(_new_scalar)
 
 
 def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:

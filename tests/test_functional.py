@@ -10,6 +10,7 @@ from _impls import CPP_SKIP, IMPL_PARAMS, RUNNABLE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bnlab._fused import FusedBatchNorm, fused_batch_norm
 from bnlab.functional import batch_norm
 
 IMPLS = IMPL_PARAMS
@@ -80,6 +81,24 @@ def test_fast_and_reference_agree():
     for training in (True, False):
         _assert_all_close(_run(_ours("fast"), *args, training),
                           _run(_ours("reference"), *args, training), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (5, 4, 3, 3)])
+@pytest.mark.parametrize("training", [True, False])
+def test_fast_path_direct_apply_is_function_apply(shape, training):
+    """The fast path enters its Function through the C++ apply, skipping the Python
+    wrapper of ``Function.apply``: same node, same numbers, bit for bit."""
+    args = _inputs(shape, torch.float32, seed=4)
+
+    def public_apply(x, rm, rv, w, b, training, momentum, eps):
+        return FusedBatchNorm.apply(x, w, b, rm, rv, training, momentum, eps)
+
+    _assert_all_close(_run(fused_batch_norm, *args, training),
+                      _run(public_apply, *args, training), rtol=0, atol=0)
+    nodes = [type(fn(args[0].clone().requires_grad_(), *(t.clone() for t in args[3:5]),
+                     *args[1:3], training, 0.1, 1e-5).grad_fn)
+             for fn in (fused_batch_norm, public_apply)]
+    assert nodes[0] is nodes[1]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -39,12 +39,19 @@ interleaved with torch's kernel, on 2 CPU cores):
   tensor and cast, ~2 us an op on a (C,) vector): constants are cached 0-dim tensors
   (``_scalar``) or ``alpha=`` / ``value=`` arguments, and both running buffers are updated
   by two ``_foreach`` ops.
+* The Function is entered through the C++ ``apply`` under ``Function.apply``
+  (``fused_batch_norm``; the public one under functorch transforms and ``torch.compile``).
+  The Python wrapper binds default arguments and walks every argument for functorch:
+  10-20 us a call, which took (128, 120) from 1.67x torch's fwd+bwd to 1.48x and
+  (128, 16, 8, 8) from 1.52x to 1.47x (interleaved A/B in one process).
 * Small inputs (the FC layers' (128, 120)) are dominated by per-op and Python overhead:
   (N, C) input in training takes its own path (``_train_forward_2d``) with 9 ops forward
-  and 6 backward. Even so it stays 1.1-1.8x torch's fwd+bwd there. Timed inside a real
-  step on (128, 120): the Python ``autograd.Function`` machinery alone took ~66 us
-  (apply ~19, the autograd call around our backward ~47) against ~90 us for torch's whole
-  fwd+bwd, and each tensor op took ~5 us (bodies: forward ~51 us, backward ~31 us).
+  and 6 backward, and still takes 1.4-1.7x torch's fwd+bwd there. Timed alone on
+  (128, 120): torch's fwd+bwd 62 us; a do-nothing Python Function 32 us; the 15 ops'
+  own times, each op timed alone, add up to ~38 us; our fwd+bwd 113-120 us, because
+  inside a fwd+bwd each op and the Function's backward call take longer than alone
+  (forward body 27 us alone, backward body 20 us; a backward that returns without
+  computing still took 49 us after that forward, against 25 us after a do-nothing one).
   ``impl="cpp"`` (``bnlab._cpp``) is the answer for those shapes.
 
 Numerics (shifted data): the statistics are sums of ``xk = x - shift_k``, where
@@ -136,7 +143,8 @@ def _channel_sum_sq(t: torch.Tensor) -> torch.Tensor:
     """
     n, c = t.shape[:2]
     if t.is_contiguous():
-        return torch.linalg.vector_norm(t.view(n, c, -1), dim=2).square_().sum(0)
+        norms = torch.linalg.vector_norm(t.view(n, c, -1), dim=2)
+        return norms.mul_(norms).sum(0)
     rows = t.movedim(1, -1)  # (N, *, C)
     if rows.is_contiguous():
         return torch.linalg.vecdot(rows.reshape(-1, c), rows.reshape(-1, c), dim=0)
@@ -215,7 +223,7 @@ def _train_forward_nd(xs, weight, bias, running_mean, running_var, momentum, eps
     shape = _CHANNEL_SHAPE[ndim]
     count = xs.numel() // xs.shape[1]
     head = xs[:_SHIFT_SAMPLES]
-    shift_k = head.mean(_REDUCE_DIMS[ndim])  # ~ the batch mean
+    shift_k = _scaled(head.sum(_REDUCE_DIMS[ndim]), head.shape[1] / head.numel())
     y = torch.sub(xs, shift_k.view(shape))  # the output's buffer; holds x - shift_k for now
     mean_k = _scaled(_channel_sum(y), 1.0 / count)  # batch mean = shift_k + mean_k
     var = _scaled(_channel_sum_sq(y), 1.0 / count).addcmul_(mean_k, mean_k, value=-1)
@@ -357,5 +365,20 @@ def fused_batch_norm(
     """The fast path without argument checks (callers have checked)."""
     if running_mean is None or running_var is None:
         running_mean = running_var = None
-    return FusedBatchNorm.apply(input, weight, bias, running_mean, running_var, training,
-                                momentum, eps)
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return FusedBatchNorm.apply(input, weight, bias, running_mean, running_var, training,
+                                    momentum, eps)
+    # What Function.apply does outside functorch transforms and torch.compile, minus its
+    # generic per-argument Python: unwrap tensors left over from an exited transform,
+    # then the C++ apply that records the autograd node.
+    return _apply(_unwrap(input), _unwrap(weight), _unwrap(bias), running_mean, running_var,
+                  training, momentum, eps)
+
+
+def _unwrap(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None else _unwrap_if_dead(t)
+
+
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+# The C++ ``apply`` under ``Function.apply`` (see the module docstring for its cost).
+_apply = super(torch.autograd.Function, FusedBatchNorm).apply

@@ -6,7 +6,7 @@ called (and tested) on its own, with either implementation:
 
 * ``impl="fast"`` (default): ``bnlab._fused.FusedBatchNorm``, an autograd Function with
   the hand-derived backward; at or below torch's kernel time on large conv activations
-  on CPU, 1.1-1.8x on small ones, where Python overhead dominates (``bnlab bench bn``).
+  on CPU, 1.4-1.7x on small ones, where Python overhead dominates (``bnlab bench bn``).
 * ``impl="reference"``: ``bnlab._reference.reference_batch_norm``, the chapter's formula
   as plain tensor ops, differentiated by autograd.
 * ``impl="cpp"``: ``bnlab._cpp``, the same math as one C++ loop per direction with the

@@ -32,16 +32,16 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_data_fetch(args: argparse.Namespace) -> None:
-    from bnlab import data
+    from bnlab.data.fetch import fetch_fashion_mnist
 
-    root = data.fetch_fashion_mnist(args.data_dir)
+    root = fetch_fashion_mnist(args.data_dir)
     print(f"Fashion-MNIST ready at {root}")
 
 
 def _run_data_info(args: argparse.Namespace) -> None:
-    from bnlab import data
+    from bnlab.data.dataset import dataset_info
 
-    print(data.dataset_info(args.data_dir))
+    print(dataset_info(args.data_dir))
 
 
 def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
@@ -89,7 +89,7 @@ def _run_bench_loader(args: argparse.Namespace) -> None:
 
 def _run_bench_step(args: argparse.Namespace) -> None:
     from bnlab.bench import step
-    from bnlab.data import load_fashion_mnist
+    from bnlab.data.dataset import load_fashion_mnist
     from bnlab.norms import NORM_LAYERS
 
     norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
@@ -156,7 +156,7 @@ def _config_or_error(cls, args, base=None):
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from bnlab.data import load_fashion_mnist
+    from bnlab.data.dataset import load_fashion_mnist
     from bnlab.train import TrainConfig, describe, run_training
 
     if args.norm is None and args.model == "lenet":
@@ -179,7 +179,7 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from bnlab.data import load_fashion_mnist
+    from bnlab.data.dataset import load_fashion_mnist
     from bnlab.demo import DemoConfig, run_demo
 
     config = _config_or_error(DemoConfig, args)
@@ -218,7 +218,7 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_experiment(args: argparse.Namespace) -> None:
-    from bnlab.data import load_fashion_mnist
+    from bnlab.data.dataset import load_fashion_mnist
     from bnlab.experiments import get_experiment
     from bnlab.experiments.runner import FULL, QUICK, ExpSettings, run_experiment
 

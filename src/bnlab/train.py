@@ -190,7 +190,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 class TrainingRun:
     """A run that advances one epoch at a time (``fit`` loops it; the demo interleaves several).
 
-    ``train_loader`` must have ``set_epoch(epoch)`` and ``len()`` (``bnlab.data.Loader``):
+    ``train_loader`` must have ``set_epoch(epoch)`` and ``len()`` (``bnlab.data.loader.Loader``):
     its order depends only on (seed, epoch), which is what makes resume exact. With
     ``run_dir`` every epoch is checkpointed and the run folder files are written
     (``bnlab.runs``); ``resume=True`` continues from the last checkpoint there.
@@ -367,13 +367,13 @@ def describe(config: TrainConfig) -> str:
 
 
 def build_loaders(config: TrainConfig, dataset, device: torch.device):
-    """Training and test loaders of ``dataset`` (a ``bnlab.data.FashionMNIST``) for ``config``.
+    """Training and test loaders of ``dataset`` (a ``bnlab.data.dataset.FashionMNIST``) for ``config``.
 
     ``config.subset`` takes a class-balanced subset of the training set; the test set is
     always whole. A final training batch of one image is dropped, since batch norm cannot
     train on one value per channel.
     """
-    from bnlab.data import Loader, stratified_subset
+    from bnlab.data.loader import Loader, stratified_subset
 
     images, labels = dataset.train_images, dataset.train_labels
     if config.subset:

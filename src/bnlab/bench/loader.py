@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bnlab.bench.timing import format_table, time_interleaved
-from bnlab.data import Loader, load_fashion_mnist
+from bnlab.data.dataset import load_fashion_mnist
+from bnlab.data.loader import Loader
 
 
 class PerSampleDataset(Dataset):

@@ -27,7 +27,7 @@ def run_step_benchmark(dataset, norms: tuple[str, ...] = DEFAULT_NORMS, steps: i
                        device: str = "auto", reference: str = "torch") -> str:
     """Median seconds per training step of BN-LeNet with each norm; a markdown table.
 
-    ``dataset`` is a ``bnlab.data.FashionMNIST``; ``steps`` batches are timed after
+    ``dataset`` is a ``bnlab.data.dataset.FashionMNIST``; ``steps`` batches are timed after
     ``warmup`` untimed ones (more than an epoch wraps around to the next epoch).
     """
     if reference not in norms:

@@ -60,7 +60,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 def perturbation_curves(model, dataset, seed: int = 0) -> dict[str, list[tuple[float, float]]]:
     """Accuracy of ``model`` under each perturbation kind at each size (see the docstring)."""
-    from bnlab.data import Loader
+    from bnlab.data.loader import Loader
     from bnlab.robustness import fgsm_accuracy, noise_accuracy, pgd_accuracy
 
     batches = Loader(dataset.test_images, dataset.test_labels, EVAL_BATCH, shuffle=False)

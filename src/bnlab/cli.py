@@ -157,15 +157,16 @@ def _config_or_error(cls, args, base=None):
 
 def _run_train(args: argparse.Namespace) -> None:
     from bnlab.data.dataset import load_fashion_mnist
-    from bnlab.train import TrainConfig, describe, run_training
+    from bnlab.models import has_norm_layers
+    from bnlab.train import TrainConfig, describe, start_run
 
-    if args.norm is None and args.model == "lenet":
+    if args.norm is None and not has_norm_layers(args.model):
         args.norm = "none"
     config = _config_or_error(TrainConfig, args)
     out = args.out or f"runs/{config.model}-{config.norm}-lr{config.lr:g}-seed{config.seed}"
     print(f"training {describe(config)} -> {out}")
-    summary = run_training(config, load_fashion_mnist(args.data_dir), out, args.resume,
-                           args.progress)
+    summary = start_run(config, load_fashion_mnist(args.data_dir), out, args.resume,
+                        args.progress).train()
     state = "diverged" if summary["diverged"] else "finished"
     print(f"{state}: final val acc {summary['final_val_acc']}, best {summary['best_val_acc']} "
           f"(epoch {summary['best_epoch']}), {summary['median_seconds_per_epoch']} s/epoch "

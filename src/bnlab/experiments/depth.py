@@ -144,11 +144,10 @@ def gradient_profiles(rows: list[dict[str, Any]], dataset) -> dict[tuple, dict[s
 
 
 def _steps(row: dict[str, Any]) -> int:
+    from bnlab.train import steps_per_epoch, training_images
+
     config = row["config"]
-    n = config["subset"] or 60000
-    bs = config["batch_size"]
-    per_epoch = n // bs if n % bs == 1 else math.ceil(n / bs)
-    return per_epoch * len(row["metrics"])
+    return steps_per_epoch(training_images(config["subset"]), config["batch_size"]) * len(row["metrics"])
 
 
 def _fmt_ratio(value: float) -> str:

@@ -69,12 +69,13 @@ def mode_accuracies(row: dict[str, Any], dataset) -> dict[str, float] | None:
     the training batch size); None for a diverged run."""
     from bnlab.experiments.dropout import accuracy_in_mode
     from bnlab.inspection import load_trained_model
+    from bnlab.train import drops_last_batch
 
     if row["summary"]["diverged"]:
         return None
     model, config = load_trained_model(row["run_dir"])
     images, labels = dataset.test_images, dataset.test_labels
-    if len(labels) % config.batch_size == 1:  # BN cannot normalize a batch of one
+    if drops_last_batch(len(labels), config.batch_size):
         images, labels = images[:-1], labels[:-1]
     return {"eval": accuracy_in_mode(model, images, labels, False, batch_size=EVAL_BATCH),
             "train": accuracy_in_mode(model, images, labels, True, batch_size=config.batch_size)}

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from bnlab import runs
-from bnlab.bench.timing import format_table
 from bnlab.config import config_to_dict
 from bnlab.io import atomic_write_json, atomic_write_text
+from bnlab.tables import format_table
 from bnlab.train import SUBSET_HELP, TrainConfig, describe, describe_training_set, start_run
 
 REPORT = "report.md"

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from bnlab.bench.timing import format_table, sync
+from bnlab.bench.timing import sync
+from bnlab.tables import format_table
 from bnlab.train import TrainConfig, build_loaders, make_step, model_for, resolve_device
 
 DEFAULT_NORMS = ("bnlab", "torch")

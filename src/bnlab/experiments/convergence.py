@@ -39,11 +39,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bnlab.bench.timing import format_table
 from bnlab.data.dataset import TRAIN_SIZE
 from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, final
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
 from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.tables import format_table
 from bnlab.train import steps_per_epoch, training_images
 
 LEARNING_RATES = {False: (0.3, 1.0, 3.0), True: (0.1, 0.3, 1.0, 3.0)}

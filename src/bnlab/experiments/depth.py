@@ -37,10 +37,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bnlab.bench.timing import format_table
 from bnlab.experiments.analysis import FAIL_ACCURACY, failed, final
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.tables import format_table
 
 DEPTHS = (5, 10, 20, 50, 110)
 ACTIVATIONS = ("sigmoid", "relu")

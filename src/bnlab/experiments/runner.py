@@ -34,10 +34,10 @@ import torch
 from tqdm.auto import tqdm
 
 from bnlab import runs
-from bnlab.bench.timing import format_table
 from bnlab.config import config_to_dict
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.io import atomic_write_json, atomic_write_text
+from bnlab.tables import format_table
 from bnlab.train import TrainConfig, bar_disabled, describe_training_set, start_run
 
 

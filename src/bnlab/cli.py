@@ -91,14 +91,19 @@ def _run_bench_step(args: argparse.Namespace) -> None:
     from bnlab.bench import step
     from bnlab.data.dataset import load_fashion_mnist
     from bnlab.norms import NORM_LAYERS
+    from bnlab.train import TrainConfig, build_loaders, resolve_device, seeded_steps
 
     norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
     unknown = [n for n in norms if n not in NORM_LAYERS]
     if unknown or "torch" not in norms:
         raise BnlabError(f"--norms: expected names from {sorted(NORM_LAYERS)}, torch among "
                          f"them (got {args.norms!r})")
-    print(step.run_step_benchmark(load_fashion_mnist(args.data_dir), norms, steps=args.steps,
-                                  batch_size=args.batch_size, device=args.device))
+    device, lr = resolve_device(args.device), 0.1
+    configs = {n: TrainConfig(model="bn-lenet", norm=n, lr=lr, batch_size=args.batch_size, seed=0)
+               for n in norms}
+    batches, _ = build_loaders(configs["torch"], load_fashion_mnist(args.data_dir), device)
+    print(step.run_step_benchmark(seeded_steps(configs, device), batches, steps=args.steps,
+                                  setup=f"SGD lr {lr}, batch {args.batch_size}", device=device))
 
 
 def _run_bench_bn(args: argparse.Namespace) -> None:

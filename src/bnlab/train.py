@@ -130,6 +130,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""A training step ``(x, y) -> (loss, logits)``, both detached."""
+
+
 @dataclass
 class EpochResult:
     loss: float  # mean training loss over the epoch's steps
@@ -144,7 +148,7 @@ def train_one_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
-    step_fn=None,
+    step_fn: Step | None = None,
     progress: tqdm | None = None,
     after_step: Callable[[int, float], float] | None = None,
 ) -> EpochResult:
@@ -179,7 +183,25 @@ def train_one_epoch(
     return EpochResult(statistics.fmean(losses), correct / images, seconds, images, losses)
 
 
-def make_step(model: nn.Module, optimizer: torch.optim.Optimizer):
+def optimizer_for(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """The optimizer ``config`` trains ``model`` with: SGD with its lr, momentum and weight decay."""
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def seeded_steps(configs: dict[str, TrainConfig], device: torch.device | str) -> dict[str, Step]:
+    """Per name, the training step (``make_step``) of a fresh model of that config in train
+    mode, torch's RNG seeded with ``config.seed`` before each model is built (so configs
+    that differ only in their norm start from the same weights)."""
+    steps = {}
+    for name, config in configs.items():
+        torch.manual_seed(config.seed)
+        model = model_for(config, device).train()
+        steps[name] = make_step(model, optimizer_for(model, config))
+    return steps
+
+
+def make_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step:
     """A training step ``(x, y) -> (loss, logits)``: forward, cross-entropy, backward, update."""
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,9 +250,7 @@ class TrainingRun:
         self.label = label
         self.train_loader, self.test_loader = train_loader, test_loader
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr,
-                                         momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        self.optimizer = optimizer_for(model, config)
         self.history: list[dict[str, Any]] = []
         self.step_losses: list[list[float]] = []
         self.evals: list[dict[str, Any]] = []  # every config.eval_every steps

@@ -25,9 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bnlab import runs
-from bnlab.config import config_to_dict
+from bnlab.config import OMIT_AT_DEFAULT, config_to_dict
 from bnlab.data.dataset import TRAIN_SIZE, FashionMNIST
 from bnlab.data.loader import Loader, stratified_subset
+from bnlab.denormals import denormals_flushed
 from bnlab.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers
 from bnlab.norms import NORM_LAYERS
 
@@ -90,6 +91,10 @@ class TrainConfig:
     eval_batch_size: int = field(default=1000, metadata={"help": "batch size of evaluation"})
     eval_every: int = field(default=0, metadata={
         "help": "also evaluate every N training steps (0 = only after each epoch)"})
+    flush_denormal: bool = field(default=True, metadata={
+        "help": "flush denormal floats to zero on CPU while training and evaluating "
+                "(bnlab.denormals: a saturated net otherwise runs many times slower per step)",
+        OMIT_AT_DEFAULT: True})
 
     def __post_init__(self) -> None:
         check_norm(self.model, self.norm)
@@ -273,7 +278,7 @@ class TrainingRun:
                    desc=f"{self.label + ' ' if self.label else ''}epoch {epoch}/{self.config.epochs}",
                    unit="step", leave=False, disable=bar_disabled(self.progress),
                    dynamic_ncols=True)
-        with bar:
+        with bar, denormals_flushed(self.config.flush_denormal):
             result = train_one_epoch(self.model, self.train_loader, self.optimizer, self._step, bar,
                                      self._periodic_evaluation(epoch))
         self.step_losses.append(result.step_losses)
@@ -284,7 +289,8 @@ class TrainingRun:
             self._checkpoint()
             return None
         eval_start = time.perf_counter()
-        val_loss, val_acc = evaluate(self.model, self.test_loader)
+        with denormals_flushed(self.config.flush_denormal):
+            val_loss, val_acc = evaluate(self.model, self.test_loader)
         eval_seconds = time.perf_counter() - eval_start
         row = {
             "epoch": epoch,

@@ -1,4 +1,7 @@
-"""Shared fixtures: a small, learnable, synthetic Fashion-MNIST so no test needs the real one."""
+"""Shared fixtures and helpers: a small, learnable, synthetic Fashion-MNIST so no test needs the
+real one, the CLI reading it instead of the real one, and a copy of a model's buffers.
+
+Helpers that are not fixtures are imported by name (``from conftest import buffers``)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from bnlab.data import dataset
 from bnlab.data.dataset import FashionMNIST
 
 # The suite's tensors are tiny: one intra-op thread is faster than two, and keeps the suite's
@@ -34,3 +39,15 @@ def make_synthetic_fashion(n_train: int = 1200, n_test: int = 200, seed: int = 0
 @pytest.fixture(scope="session")
 def synthetic_fashion() -> FashionMNIST:
     return make_synthetic_fashion()
+
+
+@pytest.fixture
+def fake_dataset(monkeypatch, synthetic_fashion) -> FashionMNIST:
+    """The synthetic dataset, returned by every ``load_fashion_mnist`` the CLI calls."""
+    monkeypatch.setattr(dataset, "load_fashion_mnist", lambda root=None, **kw: synthetic_fashion)
+    return synthetic_fashion
+
+
+def buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of ``model``'s buffers (running statistics), to check they were left alone."""
+    return [b.clone() for b in model.buffers()]

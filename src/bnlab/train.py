@@ -248,8 +248,8 @@ class TrainingRun:
     (``bnlab.runs``); ``resume=True`` continues from the last checkpoint there.
     """
 
-    def __init__(self, model: nn.Module, train_loader, test_loader, config: TrainConfig,
-                 run_dir: str | Path | None = None, resume: bool = False,
+    def __init__(self, model: nn.Module, train_loader: Loader, test_loader: Loader,
+                 config: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
                  progress: bool = True, label: str = "") -> None:
         self.model, self.config, self.progress = model, config, progress
         self.label = label

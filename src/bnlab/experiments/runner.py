@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from bnlab import runs
 from bnlab.config import config_to_dict
+from bnlab.data.dataset import FashionMNIST
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.io import atomic_write_json, atomic_write_text
 from bnlab.tables import format_table
@@ -152,7 +153,8 @@ def _run_one(config: TrainConfig, run_dir: str) -> dict[str, Any]:
     return start_run(config, _WORKER_DATASET, run_dir, resume=True, progress=False).train()
 
 
-def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = True) -> None:
+def execute(planned: list[PlannedRun], dataset: FashionMNIST, jobs: int = 1,
+            progress: bool = True) -> None:
     """Train every unfinished run of ``planned`` (resuming cut-off ones), ``jobs`` at a time.
 
     With ``jobs > 1`` runs go to worker processes, and the machine's threads are split
@@ -238,7 +240,8 @@ def describe_settings(settings: ExpSettings) -> str:
             "intervals over seeds.")
 
 
-def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Path, dataset,
+def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Path,
+                   dataset: FashionMNIST,
                    jobs: int = 1, progress: bool = True) -> str:
     """Plan, train (skipping finished runs), collect and analyze; return ``report.md``'s text."""
     settings = resolve(settings, experiment)

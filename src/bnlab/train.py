@@ -93,7 +93,8 @@ class TrainConfig:
         "help": "also evaluate every N training steps (0 = only after each epoch)"})
     flush_denormal: bool = field(default=True, metadata={
         "help": "flush denormal floats to zero on CPU while training and evaluating "
-                "(bnlab.denormals: a saturated net otherwise runs many times slower per step)",
+                "(bnlab.denormals: where the CPU is slow at them, a saturated net otherwise "
+                "runs many times slower per step)",
         OMIT_AT_DEFAULT: True})
 
     def __post_init__(self) -> None:

@@ -381,3 +381,35 @@ def test_freeze_a_lone_batch_norm_returns_the_frozen_root() -> None:
     frozen = freeze_batch_norm(BatchNorm1d(3))
     assert isinstance(frozen, FrozenBatchNorm1d)
     assert isinstance(unfreeze_batch_norm(frozen), BatchNorm1d)
+
+
+# ---------------------------------------------------------------- the norm registry
+
+
+@pytest.mark.parametrize(("norm", "epochs", "accuracy"), [("ghost", 1, 0.5), ("renorm", 3, 0.5),
+                                                          ("frozen", 1, None)])
+def test_train_with_the_family_norms(synthetic_fashion, norm, epochs, accuracy) -> None:
+    from bnlab.cli import build_parser
+    from bnlab.train import TrainConfig, run_training
+
+    assert build_parser().parse_args(["train", "--norm", norm]).norm == norm
+    config = TrainConfig(norm=norm, epochs=epochs, batch_size=32, lr=0.5, eval_batch_size=100,
+                         device="cpu", seed=0)
+    summary = run_training(config, synthetic_fashion, progress=False)
+    assert not summary["diverged"]
+    if accuracy is not None:  # frozen fresh layers: training without normalization
+        assert summary["final_val_acc"] > accuracy
+
+
+def test_frozen_registry_layers_stay_fixed_through_a_training_step() -> None:
+    from bnlab.models import build_model
+
+    model = build_model("bn-lenet", "frozen").train()
+    frozen = [m for m in model.modules() if isinstance(m, FrozenBatchNorm1d | FrozenBatchNorm2d)]
+    assert len(frozen) == 4
+    before = [buffers_of(m) for m in frozen]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    nn.functional.cross_entropy(model(torch.rand(8, 1, 28, 28)), torch.arange(8)).backward()
+    optimizer.step()
+    for state, m in zip(before, frozen):
+        assert_same_buffers(state, m)

@@ -249,3 +249,23 @@ def test_onnx_export_runs_in_onnxruntime_with_the_eval_output(variant: str) -> N
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(expected),
                                rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- bench fold
+
+
+def test_bench_fold_times_four_models_that_agree() -> None:
+    from bnlab.bench.fold import run_fold_benchmark
+
+    table = run_fold_benchmark(repeats=2, device="cpu", batch_sizes=(2,))
+    rows = [line for line in table.splitlines() if line.startswith("| 2 ")]
+    assert [r.split("|")[2].strip() for r in rows] == [
+        "unfolded (bnlab BN)", "unfolded (torch BN)", "folded (bnlab.fold)", "torch fx fuse"]
+    assert all(float(r.split("|")[5]) < 1e-5 for r in rows)  # the same function
+
+
+def test_bench_fold_cli_rejects_bad_repeats(capsys) -> None:
+    from bnlab.cli import main
+
+    assert main(["bench", "fold", "--repeats", "0"]) == 2
+    assert "bnlab: error: --repeats: expected >= 1 (got 0)" in capsys.readouterr().err

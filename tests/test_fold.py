@@ -3,6 +3,7 @@ exact), to_torch (the inverse of convert_batchnorm), and ONNX export through onn
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -11,17 +12,21 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from bnlab.fold import fold_batch_norm
-from bnlab.frozen import FrozenBatchNorm2d
-from bnlab.ghost import GhostBatchNorm1d
+from bnlab.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
+from bnlab.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.models import build_model
 from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, convert_batchnorm, to_torch
 from bnlab.nn import _BatchNorm as BnlabBatchNorm
-from bnlab.renorm import BatchRenorm2d
+from bnlab.renorm import BatchRenorm1d, BatchRenorm2d
 
 CONVS = {1: (nn.Conv1d, nn.ConvTranspose1d), 2: (nn.Conv2d, nn.ConvTranspose2d),
          3: (nn.Conv3d, nn.ConvTranspose3d)}
-BNS = {1: (nn.BatchNorm1d, BatchNorm1d), 2: (nn.BatchNorm2d, BatchNorm2d),
-       3: (nn.BatchNorm3d, BatchNorm3d)}
+BNS = {  # every batch norm that folds: its eval output is plain batch norm
+    1: (nn.BatchNorm1d, BatchNorm1d, FrozenBatchNorm1d, BatchRenorm1d,
+        functools.partial(GhostBatchNorm1d, virtual_batch_size=2)),
+    2: (nn.BatchNorm2d, BatchNorm2d, FrozenBatchNorm2d, BatchRenorm2d,
+        functools.partial(GhostBatchNorm2d, virtual_batch_size=2)),
+    3: (nn.BatchNorm3d, BatchNorm3d, FrozenBatchNorm3d)}
 
 
 def randomize_bn(bn: nn.Module, rng: random.Random) -> None:
@@ -96,7 +101,8 @@ def test_folded_random_models_give_the_same_eval_output(seed: int, method: str) 
     model64, x64 = random_model(seed, torch.float64)
     folded64 = fold_batch_norm(model64, method=method)
     remaining = [m for m in folded64.modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm | BnlabBatchNorm)]
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm | BnlabBatchNorm
+                               | _FrozenBatchNorm)]
     assert remaining == []
     with torch.no_grad():
         expected = model64(x64)

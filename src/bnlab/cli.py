@@ -46,7 +46,7 @@ def _run_data_info(args: argparse.Namespace) -> None:
 
 def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="speed benchmarks (ratios measured side by side)")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{bn,loader,step}")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{bn,fold,loader,step}")
 
     loader = bench_sub.add_parser(
         "loader", help="bnlab's in-memory loader vs a per-sample torch DataLoader, one epoch")
@@ -80,6 +80,13 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     step.set_defaults(handler=_run_bench_step)
 
+    fold = bench_sub.add_parser(
+        "fold", help="BN-LeNet eval latency at batch 1 and 128: unfolded, folded "
+                     "(bnlab.fold) and torch's conv-BN fusion, interleaved")
+    fold.add_argument("--repeats", type=int, default=200, help="interleaved calls per model")
+    fold.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    fold.set_defaults(handler=_run_bench_fold)
+
 
 def _run_bench_loader(args: argparse.Namespace) -> None:
     from bnlab.bench import loader
@@ -104,6 +111,14 @@ def _run_bench_step(args: argparse.Namespace) -> None:
     batches, _ = build_loaders(configs["torch"], load_fashion_mnist(args.data_dir), device)
     print(step.run_step_benchmark(seeded_steps(configs, device), batches, steps=args.steps,
                                   setup=f"SGD lr {lr}, batch {args.batch_size}", device=device))
+
+
+def _run_bench_fold(args: argparse.Namespace) -> None:
+    from bnlab.bench import fold
+
+    if args.repeats < 1:
+        raise BnlabError(f"--repeats: expected >= 1 (got {args.repeats})")
+    print(fold.run_fold_benchmark(repeats=args.repeats, device=args.device))
 
 
 def _run_bench_bn(args: argparse.Namespace) -> None:

@@ -390,12 +390,12 @@ def test_freeze_a_lone_batch_norm_returns_the_frozen_root() -> None:
                                                           ("frozen", 1, None)])
 def test_train_with_the_family_norms(synthetic_fashion, norm, epochs, accuracy) -> None:
     from bnlab.cli import build_parser
-    from bnlab.train import TrainConfig, run_training
+    from bnlab.train import TrainConfig, start_run
 
     assert build_parser().parse_args(["train", "--norm", norm]).norm == norm
     config = TrainConfig(norm=norm, epochs=epochs, batch_size=32, lr=0.5, eval_batch_size=100,
                          device="cpu", seed=0)
-    summary = run_training(config, synthetic_fashion, progress=False)
+    summary = start_run(config, synthetic_fashion, progress=False).train()
     assert not summary["diverged"]
     if accuracy is not None:  # frozen fresh layers: training without normalization
         assert summary["final_val_acc"] > accuracy

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse as torch_fuse
 
-from bnlab.bench.timing import format_table, sync, time_interleaved
+from bnlab.bench.timing import sync, time_interleaved
 from bnlab.fold import fold_batch_norm
 from bnlab.models import build_model
 from bnlab.nn import to_torch
+from bnlab.tables import format_table
 
 BATCH_SIZES = (1, 128)
 

@@ -324,13 +324,3 @@ def convert_batchnorm(module: nn.Module, *, impl: Impl = "fast") -> nn.Module:
         if new_child is not child:
             module.add_module(name, new_child)
     return module
-
-
-def __getattr__(name: str) -> Any:
-    # bnlab.nn.SyncBatchNorm lives in bnlab.sync (which builds on _BatchNorm above); loaded
-    # on first use, so importing bnlab.nn neither imports torch.distributed nor cycles.
-    if name == "SyncBatchNorm":
-        from bnlab.sync import SyncBatchNorm
-
-        return SyncBatchNorm
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -324,3 +324,24 @@ def convert_batchnorm(module: nn.Module, *, impl: Impl = "fast") -> nn.Module:
         if new_child is not child:
             module.add_module(name, new_child)
     return module
+
+
+# The batch-norm family and interop live one concept per file; exported here by name,
+# imported on first use (the family's modules build on _BatchNorm above).
+_FAMILY_EXPORTS = {
+    "GhostBatchNorm1d": "bnlab.ghost", "GhostBatchNorm2d": "bnlab.ghost",
+    "BatchRenorm1d": "bnlab.renorm", "BatchRenorm2d": "bnlab.renorm",
+    "FrozenBatchNorm1d": "bnlab.frozen", "FrozenBatchNorm2d": "bnlab.frozen",
+    "FrozenBatchNorm3d": "bnlab.frozen",
+    "freeze_batch_norm": "bnlab.frozen", "unfreeze_batch_norm": "bnlab.frozen",
+    "to_torch": "bnlab.interop",
+}
+__all__ += list(_FAMILY_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _FAMILY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_FAMILY_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -108,6 +108,39 @@ NORM_DESCRIPTIONS: dict[str, str] = {
 }
 
 
+GHOST_VIRTUAL_BATCH_SIZE = 32
+"""Virtual batch size of the ``"ghost"`` norm: the batch size whose statistics Hoffer et al.
+(2017) found to generalize well; the chapter's batch of 128 becomes four ghost batches."""
+
+
+def _family_layer(kind: str, num_features: int, family: str) -> nn.Module:
+    from bnlab import frozen, ghost, renorm
+
+    classes = {"ghost": (ghost.GhostBatchNorm2d, ghost.GhostBatchNorm1d),
+               "renorm": (renorm.BatchRenorm2d, renorm.BatchRenorm1d),
+               "frozen": (frozen.FrozenBatchNorm2d, frozen.FrozenBatchNorm1d)}[family]
+    cls = classes[0] if kind == "conv" else classes[1]
+    if family == "ghost":
+        return cls(num_features, GHOST_VIRTUAL_BATCH_SIZE)
+    return cls(num_features)
+
+
+# The batch-norm family (bnlab.ghost, bnlab.renorm, bnlab.frozen), with their defaults.
+NORM_LAYERS["ghost"] = functools.partial(_family_layer, family="ghost")
+NORM_LAYERS["renorm"] = functools.partial(_family_layer, family="renorm")
+NORM_LAYERS["frozen"] = functools.partial(_family_layer, family="frozen")
+NORM_DESCRIPTIONS["ghost"] = (
+    f"ghost batch norm: batch norm on each chunk of {GHOST_VIRTUAL_BATCH_SIZE} samples, running "
+    "statistics updated per chunk; prediction as batch norm (bnlab.ghost)")
+NORM_DESCRIPTIONS["renorm"] = (
+    "batch renormalization: r_max 3, d_max 5 after 100 steps of plain batch norm; prediction as "
+    "batch norm (bnlab.renorm)")
+NORM_DESCRIPTIONS["frozen"] = (
+    "frozen batch norm: fixed statistics and affine, the same in train and eval; fresh ones are "
+    "(0, 1) statistics and the identity affine, so training with it is training without "
+    "normalization: for inference and as a baseline (bnlab.frozen)")
+
+
 def create_norm_layer(name: str, kind: str, num_features: int) -> nn.Module:
     """The norm layer registered as ``name`` for ``kind`` activations with ``num_features``."""
     if kind not in _KINDS:

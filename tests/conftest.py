@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnlab.data import FashionMNIST
+from bnlab.data.dataset import FashionMNIST
 
 # The suite's tensors are tiny: one intra-op thread is faster than two, and keeps the suite's
 # time steady on a loaded machine (OpenMP threads spin-waiting on busy cores are very slow).

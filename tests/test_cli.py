@@ -6,12 +6,13 @@ import json
 
 import pytest
 
-from bnlab import cli, data
+from bnlab import cli
+from bnlab.data import dataset
 
 
 @pytest.fixture
 def fake_dataset(monkeypatch, synthetic_fashion):
-    monkeypatch.setattr(data, "load_fashion_mnist", lambda root=None, **kw: synthetic_fashion)
+    monkeypatch.setattr(dataset, "load_fashion_mnist", lambda root=None, **kw: synthetic_fashion)
     return synthetic_fashion
 
 

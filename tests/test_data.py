@@ -19,14 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from bnlab import data
 from bnlab.cli import main
+from bnlab.data import dataset, fetch
+from bnlab.data.loader import Loader, stratified_subset
 from bnlab.errors import DatasetError
 
 # Captured before any fixture replaces them: the real search path, hash table and apt step.
-REAL_LOCATIONS = data.search_locations()
-REAL_EXPECTED = dict(data.EXPECTED_FILES)
-REAL_INSTALL_WITH_APT = data.install_with_apt
+REAL_LOCATIONS = dataset.search_locations()
+REAL_EXPECTED = dict(dataset.EXPECTED_FILES)
+REAL_INSTALL_WITH_APT = fetch.install_with_apt
 
 N_TRAIN, N_TEST = 50, 20
 
@@ -45,15 +46,15 @@ def synthetic_split(n: int, seed: int) -> tuple[bytes, bytes]:
     images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
     labels = (np.arange(n) % 10).astype(np.uint8)
     rng.shuffle(labels)
-    return (idx_bytes(data.IMAGES_MAGIC, (n, 28, 28), images.tobytes()),
-            idx_bytes(data.LABELS_MAGIC, (n,), labels.tobytes()))
+    return (idx_bytes(dataset.IMAGES_MAGIC, (n, 28, 28), images.tobytes()),
+            idx_bytes(dataset.LABELS_MAGIC, (n,), labels.tobytes()))
 
 
 def synthetic_contents() -> dict[str, bytes]:
     train_images, train_labels = synthetic_split(N_TRAIN, seed=1)
     test_images, test_labels = synthetic_split(N_TEST, seed=2)
-    return {data.TRAIN_IMAGES: train_images, data.TRAIN_LABELS: train_labels,
-            data.TEST_IMAGES: test_images, data.TEST_LABELS: test_labels}
+    return {dataset.TRAIN_IMAGES: train_images, dataset.TRAIN_LABELS: train_labels,
+            dataset.TEST_IMAGES: test_images, dataset.TEST_LABELS: test_labels}
 
 
 CONTENTS = synthetic_contents()
@@ -81,10 +82,10 @@ def isolated(tmp_path, monkeypatch):
     """Fresh cache, no $BNLAB_DATA, a private system dir, synthetic hashes, no network/apt."""
     monkeypatch.setenv("BNLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("BNLAB_DATA", raising=False)
-    monkeypatch.setattr(data, "SYSTEM_DIRS", (tmp_path / "system",))
-    monkeypatch.setattr(data, "EXPECTED_FILES", SYNTHETIC_EXPECTED)
-    monkeypatch.setattr(data, "download_url", no_network)
-    monkeypatch.setattr(data, "install_with_apt", no_apt)
+    monkeypatch.setattr(dataset, "SYSTEM_DIRS", (tmp_path / "system",))
+    monkeypatch.setattr(dataset, "EXPECTED_FILES", SYNTHETIC_EXPECTED)
+    monkeypatch.setattr(fetch, "download_url", no_network)
+    monkeypatch.setattr(fetch, "install_with_apt", no_apt)
 
 
 @pytest.fixture
@@ -95,13 +96,13 @@ def dataset_dir(tmp_path) -> Path:
 @pytest.fixture
 def hash_calls(monkeypatch) -> list[int]:
     calls = []
-    real = data.sha256_hex
+    real = dataset.sha256_hex
 
     def counting(raw: bytes) -> str:
         calls.append(len(raw))
         return real(raw)
 
-    monkeypatch.setattr(data, "sha256_hex", counting)
+    monkeypatch.setattr(dataset, "sha256_hex", counting)
     return calls
 
 
@@ -110,25 +111,25 @@ def hash_calls(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_loads_valid_synthetic_dataset(tmp_path, gz):
-    ds = data.load_fashion_mnist(make_dataset(tmp_path / "d", gz=gz))
+    ds = dataset.load_fashion_mnist(make_dataset(tmp_path / "d", gz=gz))
     assert ds.train_images.shape == (N_TRAIN, 28, 28) and ds.train_images.dtype == torch.uint8
     assert ds.test_images.shape == (N_TEST, 28, 28)
     assert ds.train_labels.dtype == torch.int64 and ds.train_labels.shape == (N_TRAIN,)
-    assert data.class_counts(ds.train_labels) == [5] * 10
+    assert dataset.class_counts(ds.train_labels) == [5] * 10
     assert [f.sha256_check for f in ds.files] == ["hashed now"] * 4
 
 
 def test_read_idx_returns_file_content(tmp_path):
     payload = bytes(range(24))
-    path = write_file(tmp_path / "x.gz", idx_bytes(data.IMAGES_MAGIC, (2, 3, 4), payload))
-    tensor = data.read_idx(path, magic=data.IMAGES_MAGIC)
+    path = write_file(tmp_path / "x.gz", idx_bytes(dataset.IMAGES_MAGIC, (2, 3, 4), payload))
+    tensor = dataset.read_idx(path, magic=dataset.IMAGES_MAGIC)
     assert tensor.shape == (2, 3, 4)
     assert tensor.flatten().tolist() == list(payload)
 
 
 def test_classes_are_the_ten_fashion_mnist_names():
-    assert data.CLASSES[0] == "T-shirt/top" and data.CLASSES[9] == "Ankle boot"
-    assert len(data.CLASSES) == 10
+    assert dataset.CLASSES[0] == "T-shirt/top" and dataset.CLASSES[9] == "Ankle boot"
+    assert len(dataset.CLASSES) == 10
 
 
 # --------------------------------------------------------------------------- broken files
@@ -139,71 +140,71 @@ def replace(directory: Path, name: str, raw: bytes) -> None:
 
 
 def test_truncated_labels(dataset_dir):
-    replace(dataset_dir, data.TRAIN_LABELS, CONTENTS[data.TRAIN_LABELS][:-10])
+    replace(dataset_dir, dataset.TRAIN_LABELS, CONTENTS[dataset.TRAIN_LABELS][:-10])
     with pytest.raises(DatasetError, match=r"train-labels-idx1-ubyte\.gz: truncated: header says "
                                            r"50 items of 1 bytes, file has 40"):
-        data.load_fashion_mnist(dataset_dir)
+        dataset.load_fashion_mnist(dataset_dir)
 
 
 def test_too_long_images(dataset_dir):
-    replace(dataset_dir, data.TEST_IMAGES, CONTENTS[data.TEST_IMAGES] + b"\x00" * 5)
+    replace(dataset_dir, dataset.TEST_IMAGES, CONTENTS[dataset.TEST_IMAGES] + b"\x00" * 5)
     with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte\.gz: too long"):
-        data.load_fashion_mnist(dataset_dir)
+        dataset.load_fashion_mnist(dataset_dir)
 
 
 def test_wrong_magic(dataset_dir):
-    replace(dataset_dir, data.TRAIN_LABELS, CONTENTS[data.TRAIN_IMAGES])
+    replace(dataset_dir, dataset.TRAIN_LABELS, CONTENTS[dataset.TRAIN_IMAGES])
     with pytest.raises(DatasetError, match=r"train-labels-idx1-ubyte\.gz: expected magic 2049 "
                                            r"\(labels\), got 2051 \(images\)"):
-        data.load_fashion_mnist(dataset_dir)
+        dataset.load_fashion_mnist(dataset_dir)
 
 
 def test_image_and_label_counts_differ(dataset_dir):
     labels = np.zeros(N_TRAIN - 1, dtype=np.uint8).tobytes()
-    replace(dataset_dir, data.TRAIN_LABELS, idx_bytes(data.LABELS_MAGIC, (N_TRAIN - 1,), labels))
+    replace(dataset_dir, dataset.TRAIN_LABELS, idx_bytes(dataset.LABELS_MAGIC, (N_TRAIN - 1,), labels))
     with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz has 50 images but "
                                            r"train-labels-idx1-ubyte\.gz has 49 labels"):
-        data.load_fashion_mnist(dataset_dir, verify=False)
+        dataset.load_fashion_mnist(dataset_dir, verify=False)
 
 
 def test_label_outside_range(dataset_dir):
-    labels = bytearray(CONTENTS[data.TEST_LABELS])
+    labels = bytearray(CONTENTS[dataset.TEST_LABELS])
     labels[8 + 7] = 12  # header is 8 bytes; label of item 7
-    replace(dataset_dir, data.TEST_LABELS, bytes(labels))
+    replace(dataset_dir, dataset.TEST_LABELS, bytes(labels))
     with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte\.gz: label 12 outside 0\.\.9 "
                                            r"\(at index 7\)"):
-        data.load_fashion_mnist(dataset_dir, verify=False)
+        dataset.load_fashion_mnist(dataset_dir, verify=False)
 
 
 def test_images_not_28_by_28(dataset_dir):
-    raw = idx_bytes(data.IMAGES_MAGIC, (N_TEST, 14, 56), bytes(N_TEST * 784))
-    replace(dataset_dir, data.TEST_IMAGES, raw)
+    raw = idx_bytes(dataset.IMAGES_MAGIC, (N_TEST, 14, 56), bytes(N_TEST * 784))
+    replace(dataset_dir, dataset.TEST_IMAGES, raw)
     with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte\.gz: expected images of shape "
                                            r"\(N, 28, 28\), got \(20, 14, 56\)"):
-        data.load_fashion_mnist(dataset_dir, verify=False)
+        dataset.load_fashion_mnist(dataset_dir, verify=False)
 
 
 def test_corrupt_gzip(dataset_dir):
-    (dataset_dir / f"{data.TEST_IMAGES}.gz").write_bytes(b"\x1f\x8bnot really gzip")
+    (dataset_dir / f"{dataset.TEST_IMAGES}.gz").write_bytes(b"\x1f\x8bnot really gzip")
     with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte\.gz: corrupt gzip"):
-        data.load_fashion_mnist(dataset_dir)
+        dataset.load_fashion_mnist(dataset_dir)
 
 
 def test_hash_mismatch(dataset_dir):
-    raw = bytearray(CONTENTS[data.TRAIN_IMAGES])
+    raw = bytearray(CONTENTS[dataset.TRAIN_IMAGES])
     raw[-1] ^= 0xFF  # same size and structure, different content
-    replace(dataset_dir, data.TRAIN_IMAGES, bytes(raw))
-    want = SYNTHETIC_EXPECTED[data.TRAIN_IMAGES][0]
+    replace(dataset_dir, dataset.TRAIN_IMAGES, bytes(raw))
+    want = SYNTHETIC_EXPECTED[dataset.TRAIN_IMAGES][0]
     with pytest.raises(DatasetError, match=rf"train-images-idx3-ubyte\.gz: SHA-256 mismatch: "
                                            rf"expected {want}, got [0-9a-f]{{64}}; not the real"):
-        data.load_fashion_mnist(dataset_dir)
-    data.load_fashion_mnist(dataset_dir, verify=False)  # structure alone is fine
+        dataset.load_fashion_mnist(dataset_dir)
+    dataset.load_fashion_mnist(dataset_dir, verify=False)  # structure alone is fine
 
 
 def test_size_mismatch_against_real_table(dataset_dir):
     with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz: 39216 bytes "
                                            r"decompressed, expected 47040016"):
-        data.load_fashion_mnist(dataset_dir, expected=REAL_EXPECTED)
+        dataset.load_fashion_mnist(dataset_dir, expected=REAL_EXPECTED)
 
 
 # --------------------------------------------------------------------------- search order
@@ -216,12 +217,12 @@ def test_search_order(tmp_path, monkeypatch):
     system = make_dataset(tmp_path / "system")
     monkeypatch.setenv("BNLAB_DATA", str(env))
 
-    assert data.locate_fashion_mnist(explicit).path == explicit
-    assert data.locate_fashion_mnist().path == env
+    assert dataset.locate_fashion_mnist(explicit).path == explicit
+    assert dataset.locate_fashion_mnist().path == env
     monkeypatch.delenv("BNLAB_DATA")
-    assert data.locate_fashion_mnist().path == cache
+    assert dataset.locate_fashion_mnist().path == cache
     shutil.rmtree(cache)
-    found = data.locate_fashion_mnist()
+    found = dataset.locate_fashion_mnist()
     assert found.path == system and "dataset-fashion-mnist" in found.why
 
 
@@ -229,24 +230,24 @@ def test_incomplete_env_dir_falls_through(tmp_path, monkeypatch):
     (tmp_path / "env").mkdir()
     monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "env"))
     system = make_dataset(tmp_path / "system")
-    assert data.load_fashion_mnist().root == system
+    assert dataset.load_fashion_mnist().root == system
 
 
 def test_explicit_root_without_files_is_an_error(tmp_path, dataset_dir, monkeypatch):
     monkeypatch.setenv("BNLAB_DATA", str(dataset_dir))  # would be found, must not be used
     partial = tmp_path / "partial"
     partial.mkdir()
-    write_file(partial / f"{data.TRAIN_IMAGES}.gz", CONTENTS[data.TRAIN_IMAGES])
+    write_file(partial / f"{dataset.TRAIN_IMAGES}.gz", CONTENTS[dataset.TRAIN_IMAGES])
     with pytest.raises(DatasetError, match=rf"data directory {partial} lacks "
                                            r"t10k-images-idx3-ubyte\[\.gz\]"):
-        data.load_fashion_mnist(partial)
+        dataset.load_fashion_mnist(partial)
     with pytest.raises(DatasetError, match=rf"{tmp_path / 'absent'} does not exist"):
-        data.load_fashion_mnist(tmp_path / "absent")
+        dataset.load_fashion_mnist(tmp_path / "absent")
 
 
 def test_nothing_found_lists_places_and_ways():
     with pytest.raises(DatasetError, match="looked in") as err:
-        data.load_fashion_mnist()
+        dataset.load_fashion_mnist()
     assert "BNLAB_DATA" in str(err.value) and "apt-get install dataset-fashion-mnist" in str(err.value)
 
 
@@ -254,33 +255,33 @@ def test_nothing_found_lists_places_and_ways():
 
 
 def test_second_verification_uses_cache(dataset_dir, hash_calls):
-    data.load_fashion_mnist(dataset_dir)
+    dataset.load_fashion_mnist(dataset_dir)
     assert len(hash_calls) == 4
-    second = data.load_fashion_mnist(dataset_dir)
+    second = dataset.load_fashion_mnist(dataset_dir)
     assert len(hash_calls) == 4
     assert [f.sha256_check for f in second.files] == ["remembered"] * 4
 
 
 def test_changed_file_is_hashed_again(dataset_dir, hash_calls):
-    data.load_fashion_mnist(dataset_dir)
-    touched = dataset_dir / f"{data.TEST_LABELS}.gz"
+    dataset.load_fashion_mnist(dataset_dir)
+    touched = dataset_dir / f"{dataset.TEST_LABELS}.gz"
     stat = touched.stat()
     os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    data.load_fashion_mnist(dataset_dir)
-    assert hash_calls[4:] == [SYNTHETIC_EXPECTED[data.TEST_LABELS][1]]
+    dataset.load_fashion_mnist(dataset_dir)
+    assert hash_calls[4:] == [SYNTHETIC_EXPECTED[dataset.TEST_LABELS][1]]
 
 
 def test_remembered_hash_is_still_compared(dataset_dir):
-    data.load_fashion_mnist(dataset_dir)
+    dataset.load_fashion_mnist(dataset_dir)
     with pytest.raises(DatasetError, match="SHA-256 mismatch"):
-        data.load_fashion_mnist(dataset_dir, expected={
-            **SYNTHETIC_EXPECTED, data.TRAIN_LABELS: ("0" * 64, len(CONTENTS[data.TRAIN_LABELS]))})
+        dataset.load_fashion_mnist(dataset_dir, expected={
+            **SYNTHETIC_EXPECTED, dataset.TRAIN_LABELS: ("0" * 64, len(CONTENTS[dataset.TRAIN_LABELS]))})
 
 
 def test_unreadable_cache_file_is_ignored(dataset_dir, tmp_path):
     (tmp_path / "cache").mkdir()
-    data.verification_cache_path().write_text("{not json")
-    assert data.load_fashion_mnist(dataset_dir).files[0].sha256_check == "hashed now"
+    dataset.verification_cache_path().write_text("{not json")
+    assert dataset.load_fashion_mnist(dataset_dir).files[0].sha256_check == "hashed now"
 
 
 # --------------------------------------------------------------------------- fetch
@@ -292,60 +293,60 @@ def fake_mirror(url, out):
 
 
 def test_fetch_returns_found_data_without_downloading(dataset_dir):
-    assert data.fetch_fashion_mnist(dataset_dir, download=no_network, install=no_apt) == dataset_dir
+    assert fetch.fetch_fashion_mnist(dataset_dir, download=no_network, install=no_apt) == dataset_dir
 
 
 def test_fetch_downloads_into_default_dir(tmp_path, hash_calls):
-    root = data.fetch_fashion_mnist(download=fake_mirror, install=no_apt)
+    root = fetch.fetch_fashion_mnist(download=fake_mirror, install=no_apt)
     assert root == tmp_path / "cache" / "fashion-mnist"
-    assert sorted(p.name for p in root.iterdir()) == sorted(f"{n}.gz" for n in data.FILE_NAMES)
+    assert sorted(p.name for p in root.iterdir()) == sorted(f"{n}.gz" for n in dataset.FILE_NAMES)
     assert len(hash_calls) == 4  # checked before writing, then remembered
-    assert data.load_fashion_mnist(root).train_images.shape == (N_TRAIN, 28, 28)
+    assert dataset.load_fashion_mnist(root).train_images.shape == (N_TRAIN, 28, 28)
     assert len(hash_calls) == 4
 
 
 def test_fetch_downloads_only_missing_files(tmp_path):
     root = tmp_path / "partial"
     root.mkdir()
-    write_file(root / data.TRAIN_IMAGES, CONTENTS[data.TRAIN_IMAGES])
+    write_file(root / dataset.TRAIN_IMAGES, CONTENTS[dataset.TRAIN_IMAGES])
     urls = []
 
     def recording(url, out):
         urls.append(url)
         fake_mirror(url, out)
 
-    assert data.fetch_fashion_mnist(root, download=recording, install=no_apt) == root
-    assert len(urls) == 3 and not any(data.TRAIN_IMAGES in u for u in urls)
+    assert fetch.fetch_fashion_mnist(root, download=recording, install=no_apt) == root
+    assert len(urls) == 3 and not any(dataset.TRAIN_IMAGES in u for u in urls)
 
 
 def test_fetch_failing_midway_leaves_no_partial_file(tmp_path):
     def dies_halfway(url, out):
-        out.write(gzip.compress(CONTENTS[data.TRAIN_IMAGES])[:1000])
+        out.write(gzip.compress(CONTENTS[dataset.TRAIN_IMAGES])[:1000])
         raise ConnectionResetError("connection reset by peer")
 
     root = tmp_path / "dest"
     with pytest.raises(DatasetError, match="could not be downloaded"):
-        data.fetch_fashion_mnist(root, download=dies_halfway, install=lambda: False)
+        fetch.fetch_fashion_mnist(root, download=dies_halfway, install=lambda: False)
     assert not root.exists() or list(root.iterdir()) == []
 
 
 def test_fetch_rejects_wrong_content_from_every_mirror(tmp_path):
     def wrong(url, out):
-        out.write(gzip.compress(CONTENTS[data.TEST_IMAGES]))
+        out.write(gzip.compress(CONTENTS[dataset.TEST_IMAGES]))
 
     root = tmp_path / "dest"
     with pytest.raises(DatasetError, match=r"no mirror served a valid train-images-idx3-ubyte\.gz"):
-        data.fetch_fashion_mnist(root, download=wrong, install=no_apt)
+        fetch.fetch_fashion_mnist(root, download=wrong, install=no_apt)
     assert not root.exists() or list(root.iterdir()) == []
 
 
 def test_fetch_uses_second_mirror_when_first_fails(tmp_path):
     def first_down(url, out):
-        if url.startswith(data.MIRRORS[0]):
+        if url.startswith(dataset.MIRRORS[0]):
             raise TimeoutError("timed out")
         fake_mirror(url, out)
 
-    assert data.fetch_fashion_mnist(tmp_path / "d", download=first_down, install=no_apt) \
+    assert fetch.fetch_fashion_mnist(tmp_path / "d", download=first_down, install=no_apt) \
         == tmp_path / "d"
 
 
@@ -355,9 +356,9 @@ def offline(url, out):
 
 def test_fetch_offline_without_apt_names_both_ways():
     with pytest.raises(DatasetError) as err:
-        data.fetch_fashion_mnist(download=offline, install=lambda: False)
+        fetch.fetch_fashion_mnist(download=offline, install=lambda: False)
     message = str(err.value)
-    assert "bnlab data fetch" in message and data.MIRRORS[0] in message and data.MIRRORS[1] in message
+    assert "bnlab data fetch" in message and dataset.MIRRORS[0] in message and dataset.MIRRORS[1] in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert "--data-dir" in message and "BNLAB_DATA" in message
     assert "\n" not in message
@@ -370,25 +371,25 @@ def test_fetch_offline_installs_system_package(tmp_path):
         make_dataset(system)
         return True
 
-    assert data.fetch_fashion_mnist(download=offline, install=fake_apt) == system
+    assert fetch.fetch_fashion_mnist(download=offline, install=fake_apt) == system
 
 
 def test_install_with_apt_declines_without_root(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(data.subprocess, "run", no_apt)
+    monkeypatch.setattr(fetch.subprocess, "run", no_apt)
     assert REAL_INSTALL_WITH_APT() is False
 
 
 # --------------------------------------------------------------------------- Loader
 
 
-def make_loader(n: int = 50, batch_size: int = 8, **kwargs) -> data.Loader:
+def make_loader(n: int = 50, batch_size: int = 8, **kwargs) -> Loader:
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1).expand(n, 28, 28)
     labels = torch.arange(n) % 10
-    return data.Loader(images, labels, batch_size, **kwargs)
+    return Loader(images, labels, batch_size, **kwargs)
 
 
-def epoch_ids(loader: data.Loader) -> list[int]:
+def epoch_ids(loader: Loader) -> list[int]:
     # each image is filled with its own index, so pixel (0, 0) identifies the sample
     return [round(v * 255) for x, _ in loader for v in x[:, 0, 0, 0].tolist()]
 
@@ -405,7 +406,7 @@ def test_loader_shapes_dtypes_range():
 
 def test_loader_scales_pixels_to_unit_range():
     images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1).expand(2, 28, 28)
-    (x, _), = data.Loader(images, torch.tensor([0, 1]), 2, shuffle=False)
+    (x, _), = Loader(images, torch.tensor([0, 1]), 2, shuffle=False)
     assert x[0].max() == 0.0 and x[1].min() == 1.0
 
 
@@ -445,29 +446,29 @@ def test_loader_drop_last():
 def test_stratified_subset():
     labels = torch.arange(100) % 10
     images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1).expand(100, 28, 28)
-    sub_images, sub_labels = data.stratified_subset(images, labels, 23)
-    assert data.class_counts(sub_labels) == [3, 3, 3, 2, 2, 2, 2, 2, 2, 2]
+    sub_images, sub_labels = stratified_subset(images, labels, 23)
+    assert dataset.class_counts(sub_labels) == [3, 3, 3, 2, 2, 2, 2, 2, 2, 2]
     assert sub_images[:, 0, 0].tolist() == sorted(sub_images[:, 0, 0].tolist())
-    assert torch.equal(data.stratified_subset(images, labels, 23)[1], sub_labels)
+    assert torch.equal(stratified_subset(images, labels, 23)[1], sub_labels)
     with pytest.raises(DatasetError, match="subset size must be in 1..100, got 101"):
-        data.stratified_subset(images, labels, 101)
+        stratified_subset(images, labels, 101)
 
 
 # --------------------------------------------------------------------------- real data
 
 
 def test_real_fashion_mnist(monkeypatch):
-    monkeypatch.setattr(data, "search_locations", lambda root=None: REAL_LOCATIONS)
+    monkeypatch.setattr(dataset, "search_locations", lambda root=None: REAL_LOCATIONS)
     try:
-        location = data.locate_fashion_mnist()
+        location = dataset.locate_fashion_mnist()
     except DatasetError:
         pytest.skip("real Fashion-MNIST not installed (run `bnlab data fetch` or "
                     "`apt-get install dataset-fashion-mnist`)")
-    ds = data.load_fashion_mnist(location.path, expected=REAL_EXPECTED)
+    ds = dataset.load_fashion_mnist(location.path, expected=REAL_EXPECTED)
     assert ds.train_images.shape == (60000, 28, 28) and ds.test_images.shape == (10000, 28, 28)
     assert [f.sha256_check for f in ds.files] == ["hashed now"] * 4  # fresh cache: really hashed
-    assert data.class_counts(ds.train_labels) == [6000] * 10
-    assert data.class_counts(ds.test_labels) == [1000] * 10
+    assert dataset.class_counts(ds.train_labels) == [6000] * 10
+    assert dataset.class_counts(ds.test_labels) == [1000] * 10
 
 
 # --------------------------------------------------------------------------- CLI
@@ -488,7 +489,7 @@ def test_cli_data_fetch_found(dataset_dir, monkeypatch, capsys):
 
 
 def test_cli_data_fetch_downloads(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "download_url", fake_mirror)
+    monkeypatch.setattr(fetch, "download_url", fake_mirror)
     assert main(["data", "fetch", "--data-dir", str(tmp_path / "new")]) == 0
     assert f"ready at {tmp_path / 'new'}" in capsys.readouterr().out
 

@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from bnlab import cli, data, runs
+from bnlab import cli, runs
+from bnlab.data import dataset
 from bnlab.experiments import EXPERIMENTS, get_experiment, runner
 from bnlab.experiments.analysis import describe_epochs_to_reach, epochs_to_reach, failed, mean_curve
 from bnlab.experiments.lr import training_lrs
@@ -20,7 +21,7 @@ from bnlab.train import start_run
 
 @pytest.fixture
 def fake_dataset(monkeypatch, synthetic_fashion):
-    monkeypatch.setattr(data, "load_fashion_mnist", lambda root=None, **kw: synthetic_fashion)
+    monkeypatch.setattr(dataset, "load_fashion_mnist", lambda root=None, **kw: synthetic_fashion)
     return synthetic_fashion
 
 
@@ -51,7 +52,7 @@ def test_a_second_invocation_trains_nothing(fake_dataset, tmp_path, monkeypatch,
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(runner, "run_training", must_not_train)
+    monkeypatch.setattr(runner, "start_run", must_not_train)
     assert cli.main(argv) == 0
     assert (tmp_path / "placement" / "summary.md").read_text() == first
 

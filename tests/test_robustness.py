@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.data import Loader
+from bnlab.data.loader import Loader
 from bnlab.models import build_model
 from bnlab.robustness import fgsm_accuracy, input_gradient, noise_accuracy, pgd_accuracy
 from bnlab.train import evaluate

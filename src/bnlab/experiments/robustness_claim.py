@@ -28,10 +28,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bnlab.bench.timing import format_table
 from bnlab.experiments.analysis import FAIL_ACCURACY, failed
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
 from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.tables import format_table
 
 MODELS = {
     "BN (lr 0.1)": ({"model": "bn-lenet", "norm": "bnlab", "lr": 0.1}, True),
@@ -60,7 +60,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 def perturbation_curves(model, dataset, seed: int = 0) -> dict[str, list[tuple[float, float]]]:
     """Accuracy of ``model`` under each perturbation kind at each size (see the docstring)."""
-    from bnlab.data import Loader
+    from bnlab.data.loader import Loader
     from bnlab.robustness import fgsm_accuracy, noise_accuracy, pgd_accuracy
 
     batches = Loader(dataset.test_images, dataset.test_labels, EVAL_BATCH, shuffle=False)

@@ -34,11 +34,11 @@ import torch
 from tqdm.auto import tqdm
 
 from bnlab import runs
-from bnlab.bench.timing import format_table
 from bnlab.config import config_to_dict
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.io import atomic_write_json, atomic_write_text
-from bnlab.train import TrainConfig, bar_disabled, run_training
+from bnlab.tables import format_table
+from bnlab.train import TrainConfig, bar_disabled, describe_training_set, start_run
 
 
 @dataclass
@@ -104,6 +104,11 @@ def resolve(settings: ExpSettings, experiment: Experiment) -> ExpSettings:
     )
 
 
+def train_subset(subset: int) -> int:
+    """``TrainConfig.subset`` for a resolved ``ExpSettings.subset``: -1 (all images) is 0 there."""
+    return 0 if subset == -1 else subset
+
+
 def config_key(config: TrainConfig) -> str:
     """A short stable hash of every field of ``config``."""
     blob = json.dumps(config_to_dict(config), sort_keys=True).encode()
@@ -118,7 +123,7 @@ def run_folder_name(config: TrainConfig) -> str:
 
 def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list[PlannedRun]:
     """Every (variant, seed) run of the grid with its folder under ``runs_root``."""
-    subset = 0 if settings.subset == -1 else settings.subset
+    subset = train_subset(settings.subset)
     planned = []
     for variant in experiment.variants(settings):
         for seed in range(settings.seeds):
@@ -144,7 +149,7 @@ def _init_worker(dataset, threads: int) -> None:
 
 
 def _run_one(config: TrainConfig, run_dir: str) -> dict[str, Any]:
-    return run_training(config, _WORKER_DATASET, run_dir, resume=True, progress=False)
+    return start_run(config, _WORKER_DATASET, run_dir, resume=True, progress=False).train()
 
 
 def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = True) -> None:
@@ -160,8 +165,8 @@ def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = 
         if jobs <= 1:
             for p in todo:
                 bar.set_postfix_str(f"{p.variant.label} seed {p.config.seed}")
-                _report(bar, p, run_training(p.config, dataset, p.run_dir, resume=True,
-                                             progress=False))
+                _report(bar, p, start_run(p.config, dataset, p.run_dir, resume=True,
+                                          progress=False).train())
             return
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
@@ -227,8 +232,7 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[list[object]]:
 
 
 def describe_settings(settings: ExpSettings) -> str:
-    data = ("all 60000 training images" if settings.subset in (-1, 0)
-            else f"a class-balanced subset of {settings.subset} training images")
+    data = describe_training_set(train_subset(settings.subset))
     return (f"{settings.epochs} epochs on {data}, {settings.seeds} seed(s) per variant; "
             "validation on the full test set (10000 images). Intervals are 95% Student-t "
             "intervals over seeds.")

@@ -298,6 +298,15 @@ def _describe_failure(rank: int, processes, error_dir: Path) -> str:
     return f"rank {rank} exited with code {code}; the others were stopped"
 
 
+def train_distributed(config, dconfig: DistributedConfig, dataset, out: str | Path,
+                      resume: bool = False, progress: bool = True) -> dict[str, Any] | None:
+    """``bnlab train`` over processes: as one rank of torchrun's world when launched by it
+    (the summary on rank 0, None elsewhere), else :func:`launch` of ``dconfig.nproc``."""
+    if launched_by_torchrun():
+        return rank_main(config, dconfig, dataset, str(out), resume, progress)
+    return launch(config, dconfig, dataset, out, resume, progress)
+
+
 def launch(config, dconfig: DistributedConfig, dataset, out: str | Path, resume: bool = False,
            progress: bool = True) -> dict[str, Any]:
     """Train ``config`` on ``dconfig.nproc`` local processes; return rank 0's summary.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,45 @@ def test_sharded_loader_splits_each_global_batch_disjointly(synthetic_fashion):
         for rank in range(3):  # every rank sees the labels of the whole (cut) global batch
             assert torch.equal(parts[rank][step][1], y[: len(joined)])
     assert [len(parts[0][s][0]) for s in range(5)] == [20, 20, 20, 20, 16]
+
+
+def test_exp_sync_quick_writes_a_report_from_its_numbers(synthetic_fashion, tmp_path, monkeypatch,
+                                                         capsys):
+    """``bnlab exp sync --quick`` end to end, on a grid cut to 2 processes and one batch size
+    (the full --quick grid is 12 four-process runs: too slow for the suite)."""
+    from bnlab import cli
+    from bnlab.experiments import sync
+
+    monkeypatch.setattr(sync, "WORLD", 2)
+    monkeypatch.setattr(sync, "PER_RANK_BATCHES", (8,))
+    monkeypatch.setattr(sync, "COST_WORLDS", (2,))
+    monkeypatch.setattr("bnlab.data.dataset.load_fashion_mnist", lambda *a: synthetic_fashion)
+    out = tmp_path / "exp"
+    assert cli.main(["exp", "sync", "--quick", "--subset", "200", "--out", str(out),
+                     "--no-progress"]) == 0
+    report = (out / "sync" / "report.md").read_text()
+    rows = runs.read_jsonl(out / "sync" / "results.jsonl")
+    assert sorted(r["tags"]["variant"] for r in rows) == ["group", "local", "sync"]
+    for row in rows:
+        assert runs.read_json(Path(row["run_dir"]) / distributed.DISTRIBUTED)["world_size"] == 2
+    cost = runs.read_json(out / "sync" / "cost.json")
+    assert cost[0]["world"] == 2 and cost[0]["local"] > 0 and cost[0]["sync"] > 0
+    assert f"{cost[0]['sync'] - cost[0]['local']:+.2f}" in report
+    sync_acc = next(r for r in rows if r["tags"]["variant"] == "sync")["summary"]["final_val_acc"]
+    assert f"{sync_acc:.4f}" in report
+    assert "- b=8: SyncBN − local BN" in report
+
+
+def test_cli_bad_nproc_is_one_line_and_writes_nothing(synthetic_fashion, tmp_path, monkeypatch,
+                                                      capsys):
+    from bnlab import cli
+
+    monkeypatch.setattr("bnlab.data.dataset.load_fashion_mnist", lambda *a: synthetic_fashion)
+    out = tmp_path / "run"
+    for flags, message in ((["--nproc", "0"], "expected nproc >= 1 (got 0)"),
+                           (["--nproc", "4", "--subset", "3", "--batch-size", "4"],
+                            "more processes (4) than training images (3)")):
+        assert cli.main(["train", *flags, "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"bnlab: error: {message}\n"
+    assert not out.exists()

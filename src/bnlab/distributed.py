@@ -167,8 +167,7 @@ def launched_by_torchrun() -> bool:
 
 
 def _world_info(dconfig: DistributedConfig, world_size: int, device: torch.device) -> dict:
-    return {"world_size": world_size, "sync_bn": dconfig.sync_bn,
-            "backend": _backend(device), "dist_timeout": dconfig.dist_timeout}
+    return {"world_size": world_size, "sync_bn": dconfig.sync_bn, "backend": _backend(device)}
 
 
 def _backend(device: torch.device) -> str:
@@ -176,10 +175,13 @@ def _backend(device: torch.device) -> str:
 
 
 def _check_world_file(run_dir: Path, info: dict, resume: bool) -> None:
+    """A run folder is resumed only by the world it started in."""
     path = run_dir / DISTRIBUTED
-    if resume and path.exists() and read_json(path) != info:
-        raise DistributedError(f"cannot resume {run_dir}: it ran as {read_json(path)}, "
-                               f"asked for {info}")
+    if not resume or not (run_dir / runs.CONFIG).exists():
+        return
+    saved = read_json(path) if path.exists() else {"world_size": 1}
+    if saved != info:
+        raise DistributedError(f"cannot resume {run_dir}: it ran as {saved}, asked for {info}")
 
 
 def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resume: bool,

@@ -33,7 +33,8 @@ How a run is split:
   size, metrics, checkpoints, summary). ``--resume`` restores every rank from rank 0's
   checkpoint (on one machine, or a folder all nodes share).
 * Failure: a process that raises writes its error and exits; the launcher then stops the
-  others and reports the first failing rank's error as one line. A process that dies
+  others and reports the first failing rank's error as one line (after its traceback,
+  for an internal error; a user error is the line alone). A process that dies
   (killed, out of memory) is reported by its exit signal. Collectives time out after
   ``--dist-timeout`` seconds, so a rank stuck alive cannot hang the others forever. The
   run folder then holds the last finished epoch's checkpoint and no ``summary.json``.
@@ -53,6 +54,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -252,11 +254,11 @@ def _spawned_rank(rank: int, world_size: int, port: int, error_dir: str, fn, arg
     try:
         fn(*args)
     except BaseException as exc:  # noqa: BLE001 -- reported to the launcher, then exit
+        # The launcher prints the traceback of the rank that failed first only: the others'
+        # errors are usually their collectives failing because of it.
         user_error = isinstance(exc, BnlabError)
-        if not user_error:
-            traceback.print_exc()
         atomic_write_json(Path(error_dir) / f"rank{rank}.json", {
-            "user_error": user_error,
+            "user_error": user_error, "traceback": traceback.format_exc(),
             "message": f"{type(exc).__name__}: {exc}" if not user_error else str(exc)})
         os._exit(1)
 
@@ -291,9 +293,11 @@ def _describe_failure(rank: int, processes, error_dir: Path) -> str:
     """One line on the first process that failed: its report, or how it died."""
     report = error_dir / f"rank{rank}.json"
     if report.exists():
-        message = read_json(report)["message"]
-        return f"rank {rank}: {message}" if read_json(report)["user_error"] else \
-            f"rank {rank} failed: {message}"
+        report = read_json(report)
+        if report["user_error"]:
+            return f"rank {rank}: {report['message']}"
+        print(f"rank {rank}: {report['traceback']}", file=sys.stderr, end="")
+        return f"rank {rank} failed: {report['message']}"
     code = processes[rank].exitcode
     if code is not None and code < 0:
         return f"rank {rank} died ({signal.Signals(-code).name}); the others were stopped"

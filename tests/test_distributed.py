@@ -130,6 +130,10 @@ def test_a_dying_rank_stops_the_run_and_resume_finishes_it_exactly(synthetic_fas
               timeout=120)
     assert not (out / runs.SUMMARY).exists()
     assert len(runs.read_jsonl(out / runs.METRICS)) == 1  # epoch 1's checkpoint survived
+    # A rank's user error comes back as its one line: here rank 0 refuses another world.
+    with pytest.raises(DistributedError, match=r"^rank 0: cannot resume .* 'sync_bn': True"):
+        launch(CONFIG, DistributedConfig(nproc=2), synthetic_fashion, out, resume=True,
+               progress=False)
     launch(CONFIG, dconfig, synthetic_fashion, out, resume=True, progress=False)
     assert runs.read_jsonl(out / runs.METRICS)[-1]["val_acc"] == \
         runs.read_jsonl(synced / runs.METRICS)[-1]["val_acc"]

@@ -6,7 +6,7 @@ BN", equivalent to ghost batch norm with the per-process batch as the ghost size
 ``SyncBatchNorm`` normalizes every slice with the statistics of the whole global batch,
 so N processes with batch B compute what one process with batch N * B would. torch's own
 ``SyncBatchNorm`` refuses CPU tensors; this one runs on ``torch.distributed`` with any
-backend (gloo on CPU, nccl on CUDA) and moves nothing by itself.
+backend (gloo on CPU, nccl on CUDA), with no transport of its own.
 
 The math, per channel, with rank r holding n_r values (n_r may differ between ranks, and
 may be 0), ``n = sum_r n_r``::
@@ -43,6 +43,9 @@ Conventions the module keeps from ``bnlab.nn.BatchNorm*``: mode follows
 process) computes exactly ``bnlab.nn.BatchNorm*`` and communicates nothing. Every rank
 of the group must call the layer in training the same number of times, and backward
 through it too (as with any collective); a rank with an empty batch still calls it.
+Backward communicates only when the input needs a gradient, which is the same on every
+rank of one model. The forward reads the global count on the host (one device sync on
+CUDA) to refuse a global batch of one value per channel on every rank alike.
 """
 
 from __future__ import annotations

@@ -222,6 +222,8 @@ def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resu
             atomic_write_json(run_dir / DISTRIBUTED, info)
         dist.barrier()  # rank 0 has prepared the folder (and read its checkpoint)
         checkpoint = Path(out) / runs.CHECKPOINT if out is not None else None
+        # The trainer's own restore and step hooks: the other ranks resume from rank 0's
+        # checkpoint, and every rank steps through DDP on its shard.
         if rank != 0 and resume and checkpoint is not None and checkpoint.exists():
             run._restore(torch.load(checkpoint, map_location="cpu", weights_only=False))
         ddp = nn.parallel.DistributedDataParallel(

@@ -27,7 +27,8 @@ How a run is split:
   ranks; with SyncBN they are the same on every rank anyway.
 * Each step's loss is averaged over ranks and the logits gathered, so ``steps.jsonl``
   and the training accuracy are those of the global batch, as in one process.
-  Evaluation runs on the whole test set on every rank (the models are identical).
+  Rank 0 evaluates on the whole test set (the models are identical on every rank; the
+  others evaluate one image, which is not recorded, and wait for rank 0 in the next step).
 * Threads: ``cores // N`` per process (at least 1).
 * Only rank 0 writes: the run folder (``config.json``, ``distributed.json`` with the world
   size, metrics, checkpoints, summary). ``--resume`` restores every rank from rank 0's
@@ -189,6 +190,7 @@ def _check_world_file(run_dir: Path, info: dict, resume: bool) -> None:
 def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resume: bool,
               progress: bool) -> dict[str, Any] | None:
     """Train ``config`` as one rank of the env:// world; rank 0 returns the summary."""
+    from bnlab.data.loader import Loader
     from bnlab.train import TrainingRun, build_loaders, make_step, model_for, resolve_device
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -210,6 +212,8 @@ def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resu
 
             model = SyncBatchNorm.convert_sync_batchnorm(model)
         train, test = build_loaders(config, dataset, device)
+        if rank != 0:  # only rank 0's evaluation is recorded: the others take one image
+            test = Loader(test.images[:1], test.labels[:1], 1, shuffle=False, device=device)
         check_split(config.batch_size, len(train.labels), world_size,
                     local_bn=not dconfig.sync_bn)
         shards = ShardedLoader(train, rank, world_size)

@@ -131,12 +131,14 @@ def _run_bench_bn(args: argparse.Namespace) -> None:
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     from bnlab.config import add_config_flags
     from bnlab.demo import DemoConfig
+    from bnlab.distributed import DistributedConfig
     from bnlab.train import TrainConfig
 
     train = sub.add_parser("train", help="train one model on Fashion-MNIST (one run folder)",
                            description="Train one model; writes config.json, metrics.jsonl, "
                            "steps.jsonl, summary.json, curves.png and checkpoint.pt to --out.")
     add_config_flags(train, TrainConfig)
+    add_config_flags(train, DistributedConfig)
     train.add_argument("--out", help="run folder (default: runs/<model>-<norm>-lr<lr>-seed<seed>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     _add_common_run_flags(train)
@@ -177,6 +179,7 @@ def _config_or_error(cls, args, base=None):
 
 def _run_train(args: argparse.Namespace) -> None:
     from bnlab.data.dataset import load_fashion_mnist
+    from bnlab.distributed import DistributedConfig, launched_by_torchrun, train_distributed
     from bnlab.models import has_norm_layers
     from bnlab.train import TrainConfig, describe, start_run
 
@@ -184,9 +187,17 @@ def _run_train(args: argparse.Namespace) -> None:
         args.norm = "none"
     config = _config_or_error(TrainConfig, args)
     out = args.out or f"runs/{config.model}-{config.norm}-lr{config.lr:g}-seed{config.seed}"
-    print(f"training {describe(config)} -> {out}")
-    summary = start_run(config, load_fashion_mnist(args.data_dir), out, args.resume,
-                        args.progress).train()
+    world = _config_or_error(DistributedConfig, args)
+    if world.nproc > 1 or launched_by_torchrun():
+        print(f"training {describe(config)} on {world.nproc} processes -> {out}")
+        summary = train_distributed(config, world, load_fashion_mnist(args.data_dir), out,
+                                    args.resume, args.progress)
+        if summary is None:  # a rank other than 0 under torchrun
+            return
+    else:
+        print(f"training {describe(config)} -> {out}")
+        summary = start_run(config, load_fashion_mnist(args.data_dir), out, args.resume,
+                            args.progress).train()
     state = "diverged" if summary["diverged"] else "finished"
     print(f"{state}: final val acc {summary['final_val_acc']}, best {summary['best_val_acc']} "
           f"(epoch {summary['best_epoch']}), {summary['median_seconds_per_epoch']} s/epoch "

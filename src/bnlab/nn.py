@@ -335,6 +335,7 @@ _FAMILY_EXPORTS = {
     "FrozenBatchNorm3d": "bnlab.frozen",
     "freeze_batch_norm": "bnlab.frozen", "unfreeze_batch_norm": "bnlab.frozen",
     "to_torch": "bnlab.interop",
+    "SyncBatchNorm": "bnlab.sync",
 }
 __all__ += list(_FAMILY_EXPORTS)
 

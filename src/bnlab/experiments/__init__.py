@@ -15,13 +15,14 @@ from bnlab.experiments import (
     norm_choice,
     placement,
     robustness_claim,
+    sync,
 )
 from bnlab.experiments.runner import Experiment
 
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e for e in (chapter.EXPERIMENT, lr.EXPERIMENT, placement.EXPERIMENT, dropout.EXPERIMENT,
                         depth.EXPERIMENT, convergence.EXPERIMENT, norm_choice.EXPERIMENT,
-                        robustness_claim.EXPERIMENT)
+                        robustness_claim.EXPERIMENT, sync.EXPERIMENT)
 }
 
 

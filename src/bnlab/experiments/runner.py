@@ -87,6 +87,9 @@ class Experiment:
     default_epochs: int
     default_subset: int  # -1 = all
     notes: str = ""
+    # An experiment whose runs are not single-process TrainConfigs (e.g. bnlab.distributed)
+    # trains and reports itself: (settings, out, dataset, jobs, progress) -> report text.
+    run: Callable[..., str] | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,8 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
                    jobs: int = 1, progress: bool = True) -> str:
     """Plan, train (skipping finished runs), collect and analyze; return ``report.md``'s text."""
     settings = resolve(settings, experiment)
+    if experiment.run is not None:
+        return experiment.run(settings, Path(out), dataset, jobs, progress)
     runs_root = Path(out) / "runs"
     out = Path(out) / experiment.name
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,267 @@
+"""Experiment: what per-process batches do to batch norm, and what synchronizing costs.
+
+Why: with data parallelism over W processes and a per-process batch b, DDP's default
+batch norm normalizes each process's b images by themselves (local BN: ghost batch norm
+of ghost size b within a global batch of W * b), while ``SyncBatchNorm`` normalizes with
+all W * b. GroupNorm does not depend on the batch at all. So at small b local BN should
+suffer as BN at batch b does, SyncBN should train like BN at batch W * b, and GroupNorm
+should not care; the price of SyncBN is two all-reduces per BN layer and step.
+
+Grid: BN-LeNet, W = 4 processes on this machine (``bnlab.distributed``), per-process batch
+2, 4, 8 and 32 (global 8, 16, 32, 128): local BN, SyncBN, GroupNorm; 3 seeds. Learning
+rate 0.1 at global batch 128, scaled with the square root of the global batch (as the
+``norms`` experiment). Measured: final validation accuracy (eval mode), the train/val
+gap (training accuracy over the last epoch, train mode, minus validation accuracy), and
+the per-step cost: BN-LeNet training steps under DDP with local BN and with SyncBN,
+stepped in turn on the same batches (per-process batch 32), at W = 2 and W = 4; the
+median difference is the synchronization's cost (cached in ``cost.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnlab import runs
+from bnlab.config import config_to_dict
+from bnlab.experiments.analysis import train_val_gap
+from bnlab.experiments.runner import (
+    SUMMARY_HEADERS,
+    Experiment,
+    ExpSettings,
+    describe_settings,
+    is_finished,
+    run_folder_name,
+    summary_rows,
+    train_subset,
+)
+from bnlab.experiments.stats import format_mean_ci, mean_ci, to_csv
+from bnlab.io import atomic_write_json, atomic_write_text, read_json
+from bnlab.tables import format_table
+
+WORLD = 4
+PER_RANK_BATCHES = (2, 4, 8, 32)
+VARIANTS = {"local": ("bnlab", False), "sync": ("bnlab", True), "group": ("group", False)}
+NAMES = {"local": "local BN", "sync": "SyncBN", "group": "GroupNorm"}
+BASE_LR, BASE_BATCH = 0.1, 128
+COST_WORLDS = (2, 4)
+COST_BATCH = 32  # per process
+COST_STEPS = 30
+
+
+def lr_for(global_batch: int) -> float:
+    return BASE_LR * math.sqrt(global_batch / BASE_BATCH)
+
+
+def plan(settings: ExpSettings, runs_root: Path) -> list[dict[str, Any]]:
+    """Every (variant, per-rank batch, seed) distributed run with its folder."""
+    from bnlab.distributed import DistributedConfig
+    from bnlab.train import TrainConfig
+
+    planned = []
+    for variant, (norm, sync_bn) in VARIANTS.items():
+        for b in PER_RANK_BATCHES:
+            for seed in range(settings.seeds):
+                config = TrainConfig(model="bn-lenet", norm=norm, batch_size=WORLD * b,
+                                     lr=lr_for(WORLD * b), seed=seed, epochs=settings.epochs,
+                                     subset=train_subset(settings.subset))
+                tag = f"w{WORLD}{'-sync' if sync_bn else ''}"
+                planned.append({"variant": variant, "b": b, "config": config,
+                                "world": DistributedConfig(nproc=WORLD, sync_bn=sync_bn),
+                                "run_dir": runs_root / f"{run_folder_name(config)}-{tag}"})
+    return planned
+
+
+def execute(planned: list[dict[str, Any]], dataset, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    from bnlab.distributed import launch
+    from bnlab.train import bar_disabled
+
+    todo = [p for p in planned if not is_finished(p["run_dir"])]
+    with tqdm(total=len(planned), initial=len(planned) - len(todo), unit="run", desc="grid",
+              disable=bar_disabled(progress), dynamic_ncols=True) as bar:
+        for p in todo:
+            bar.set_postfix_str(f"{NAMES[p['variant']]} b={p['b']} seed {p['config'].seed}")
+            launch(p["config"], p["world"], dataset, p["run_dir"], resume=True, progress=False)
+            bar.update(1)
+
+
+def collect(planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for p in planned:
+        if is_finished(p["run_dir"]):
+            run = runs.load_run(p["run_dir"])
+            rows.append({"label": f"{NAMES[p['variant']]} b={p['b']}",
+                         "tags": {"variant": p["variant"], "per_rank_batch": p["b"]},
+                         "seed": p["config"].seed, "config": run["config"],
+                         "metrics": run["metrics"], "summary": run["summary"],
+                         "run_dir": str(p["run_dir"])})
+    return rows
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def _cost_rank(batch: int, steps: int) -> dict[str, float] | None:
+    """In a spawned world: ms per DDP training step with local BN and with SyncBN."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from bnlab.sync import SyncBatchNorm
+    from bnlab.train import TrainConfig, make_step, model_for, optimizer_for
+
+    torch.manual_seed(0)
+    config = TrainConfig(model="bn-lenet", norm="bnlab")
+    local = model_for(config)
+    synced = SyncBatchNorm.convert_sync_batchnorm(model_for(config))
+    steps_by_name = {}
+    for name, model in (("local", local), ("sync", synced)):
+        ddp = nn.parallel.DistributedDataParallel(model)
+        steps_by_name[name] = make_step(ddp, optimizer_for(model, config))
+    x = torch.rand(batch, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,))
+    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    for i in range(steps + 5):
+        for name, step in steps_by_name.items():
+            dist.barrier()
+            start = time.perf_counter()
+            step(x, y)
+            if i >= 5:  # warm-up steps are not timed
+                times[name].append(time.perf_counter() - start)
+    medians = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    return medians if dist.get_rank() == 0 else None
+
+
+def _cost_world(out: str, batch: int, steps: int) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="env://")
+    try:
+        medians = _cost_rank(batch, steps)
+        if medians is not None:
+            atomic_write_json(Path(out), {**medians, "world": int(os.environ["WORLD_SIZE"])})
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_cost(out: Path, steps: int = COST_STEPS) -> list[dict[str, float]]:
+    """Per-step ms of local BN and SyncBN at each world size (cached in ``out/cost.json``)."""
+    from bnlab.distributed import spawn
+
+    cache = out / "cost.json"
+    if cache.exists():
+        return read_json(cache)
+    rows = []
+    for world in COST_WORLDS:
+        path = out / f".cost-{world}.json"
+        spawn(_cost_world, (str(path), COST_BATCH, steps), world, timeout=600)
+        rows.append(read_json(path))
+        path.unlink()
+    atomic_write_json(cache, rows)
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _cell(rows: list[dict[str, Any]], value) -> str:
+    return format_mean_ci([value(r) for r in rows if not r["summary"]["diverged"]])
+
+
+def _select(rows, variant, b):
+    return [r for r in rows if r["tags"]["variant"] == variant and r["tags"]["per_rank_batch"] == b]
+
+
+def analyze(rows: list[dict[str, Any]], cost: list[dict[str, float]]) -> list[str]:
+    headers = ["norm", *[f"b={b} (global {WORLD * b})" for b in PER_RANK_BATCHES]]
+    acc = [[NAMES[v], *[_cell(_select(rows, v, b), lambda r: r["summary"]["final_val_acc"])
+                        for b in PER_RANK_BATCHES]] for v in VARIANTS]
+    gap = [[NAMES[v], *[_cell(_select(rows, v, b), train_val_gap) for b in PER_RANK_BATCHES]]
+           for v in VARIANTS]
+    cost_rows = [[c["world"], f"{c['local']:.2f}", f"{c['sync']:.2f}",
+                  f"{c['sync'] - c['local']:+.2f}", f"{c['sync'] / c['local']:.2f}x"]
+                 for c in cost]
+    return [
+        "## Final validation accuracy (eval mode) by per-process batch", "",
+        format_table(headers, acc), "",
+        "## Train/val gap (training accuracy of the last epoch, train mode, minus validation "
+        "accuracy)", "", format_table(headers, gap), "",
+        f"## Cost of synchronization (BN-LeNet step under DDP, per-process batch {COST_BATCH}, "
+        "median ms, stepped in turn)", "",
+        format_table(["processes", "local BN", "SyncBN", "difference", "ratio"], cost_rows), "",
+        *findings(rows, cost),
+    ]
+
+
+def _mean(rows, variant, b, value=lambda r: r["summary"]["final_val_acc"]) -> float:
+    return mean_ci([value(r) for r in _select(rows, variant, b) if not r["summary"]["diverged"]])[0]
+
+
+def findings(rows: list[dict[str, Any]], cost: list[dict[str, float]]) -> list[str]:
+    lines = ["## Findings (computed from the numbers above)", ""]
+    for b in PER_RANK_BATCHES:
+        means = {v: _mean(rows, v, b) for v in VARIANTS}
+        if any(math.isnan(m) for m in means.values()):
+            continue
+        best = max(means, key=means.get)
+        lines.append(f"- b={b}: SyncBN − local BN = {100 * (means['sync'] - means['local']):+.2f} "
+                     f"points, GroupNorm − local BN = "
+                     f"{100 * (means['group'] - means['local']):+.2f}; best: {NAMES[best]}.")
+    spread = {v: [_mean(rows, v, b) for b in PER_RANK_BATCHES] for v in VARIANTS}
+    for v, values in spread.items():
+        finite = [x for x in values if not math.isnan(x)]
+        if len(finite) > 1:
+            lines.append(f"- {NAMES[v]}: accuracy from the smallest to the largest per-process "
+                         f"batch moves by {100 * (finite[-1] - finite[0]):+.2f} points.")
+    for c in cost:
+        lines.append(f"- {c['world']} processes: SyncBN costs {c['sync'] - c['local']:+.2f} ms a "
+                     f"step over local BN ({c['sync'] / c['local']:.2f}x).")
+    return lines
+
+
+def run(settings: ExpSettings, out: Path, dataset, jobs: int, progress: bool) -> str:
+    """Train the grid on 4 processes per run (``jobs`` is not used), measure, report."""
+    runs_root, out = out / "runs", out / EXPERIMENT.name
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "settings.json", config_to_dict(settings))
+    planned = plan(settings, runs_root)
+    execute(planned, dataset, progress)
+    rows = collect(planned)
+    atomic_write_text(out / "results.jsonl",
+                      "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    table_rows = summary_rows(rows)
+    atomic_write_text(out / "summary.csv", to_csv(SUMMARY_HEADERS, table_rows))
+    table = format_table(SUMMARY_HEADERS, table_rows)
+    atomic_write_text(out / "summary.md", table + "\n")
+    cost = measure_cost(out, steps=COST_STEPS if settings.seeds > 1 else 10)  # --quick: 10
+    report = "\n".join([
+        f"# {EXPERIMENT.title}", "", f"**Question.** {EXPERIMENT.question}", "",
+        f"**Settings.** {describe_settings(settings)} {EXPERIMENT.notes}".rstrip(), "",
+        "## Summary", "", table, "", *analyze(rows, cost)]) + "\n"
+    atomic_write_text(out / "report.md", report)
+    return report
+
+
+EXPERIMENT = Experiment(
+    name="sync",
+    title="Batch norm across processes: local BN vs SyncBN vs GroupNorm",
+    question="With 4 data-parallel processes, how do small per-process batches hurt batch "
+             "norm, does synchronizing the statistics (SyncBN) recover it, and what does "
+             "synchronizing cost per step?",
+    variants=lambda settings: [],
+    analyze=lambda rows, out, dataset: [],
+    default_epochs=2,
+    default_subset=4000,
+    notes=f"Every run: {WORLD} processes on this machine (gloo), global batch = {WORLD} x "
+          "per-process batch, lr 0.1 x sqrt(global batch / 128).",
+    run=run,
+)

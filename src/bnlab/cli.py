@@ -119,6 +119,8 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     add_config_flags(train, TrainConfig)
     train.add_argument("--out", help="run folder (default: runs/<model>-<norm>-lr<lr>-seed<seed>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--tensorboard", metavar="DIR",
+                       help="also log losses, accuracies and BN histograms to TensorBoard in DIR")
     _add_common_run_flags(train)
     train.set_defaults(handler=_run_train)
 
@@ -164,8 +166,11 @@ def _run_train(args: argparse.Namespace) -> None:
     config = _config_or_error(TrainConfig, args)
     out = args.out or f"runs/{config.model}-{config.norm}-lr{config.lr:g}-seed{config.seed}"
     print(f"training {describe(config)} -> {out}")
-    summary = run_training(config, load_fashion_mnist(args.data_dir), out, args.resume,
-                           args.progress)
+    from bnlab.tensorboard import optional_logger
+
+    with optional_logger(args.tensorboard) as observer:
+        summary = run_training(config, load_fashion_mnist(args.data_dir), out, args.resume,
+                               args.progress, observer=observer)
     state = "diverged" if summary["diverged"] else "finished"
     print(f"{state}: final val acc {summary['final_val_acc']}, best {summary['best_val_acc']} "
           f"(epoch {summary['best_epoch']}), {summary['median_seconds_per_epoch']} s/epoch "
@@ -191,6 +196,7 @@ def _run_demo(args: argparse.Namespace) -> None:
 def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     from bnlab.config import add_config_flags
     from bnlab.experiments import EXPERIMENTS
+    from bnlab.experiments.executors import EXECUTORS
     from bnlab.experiments.runner import ExpSettings
 
     listing = "; ".join(f"{name}: {e.title}" for name, e in EXPERIMENTS.items())
@@ -207,6 +213,14 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--jobs", type=int, default=1,
                      help="runs in parallel processes; threads are split between them")
     exp.add_argument("--out", default="runs/exp", help="output folder (default: runs/exp)")
+    exp.add_argument("--executor", choices=EXECUTORS, default="local",
+                     help="where runs train: local processes (default) or Ray tasks")
+    exp.add_argument("--address", help="--executor ray: 'auto' (the cluster on this machine) "
+                     "or HOST:PORT of a head node (default: start a local Ray)")
+    exp.add_argument("--threads", type=int, help="threads per run (default: local cpu_count "
+                     "// jobs, ray 1); a Ray task reserves that many CPUs")
+    exp.add_argument("--tensorboard", metavar="DIR",
+                     help="also log each run trained to TensorBoard, in DIR/<run folder name>")
     _add_common_run_flags(exp)
     exp.set_defaults(handler=_run_experiment)
 
@@ -220,15 +234,18 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
 def _run_experiment(args: argparse.Namespace) -> None:
     from bnlab.data.dataset import load_fashion_mnist
     from bnlab.experiments import get_experiment
+    from bnlab.experiments.executors import make_executor
     from bnlab.experiments.runner import FULL, QUICK, ExpSettings, run_experiment
+    from bnlab.tensorboard import summary_writer_class
 
     base = QUICK if args.quick else FULL if args.full else None
     settings = _config_or_error(ExpSettings, args, base)
-    if args.jobs < 1:
-        raise BnlabError(f"expected --jobs >= 1 (got {args.jobs})")
+    executor = make_executor(args.executor, args.jobs, args.address, args.threads)
+    if args.tensorboard:
+        summary_writer_class()  # fails now, naming the extra, when tensorboard is missing
     experiment = get_experiment(args.name)
     print(run_experiment(experiment, settings, args.out, load_fashion_mnist(args.data_dir),
-                         args.jobs, args.progress))
+                         args.jobs, args.progress, executor, args.tensorboard))
     print(f"report: {args.out}/{experiment.name}/report.md")
 
 

@@ -132,20 +132,35 @@ def import_ray():
     return ray
 
 
+HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+"""An HTTP/2 client's connection preface and an empty SETTINGS frame: any gRPC server (Ray's
+GCS is one) answers with a SETTINGS frame of its own (frame type 4)."""
+
+
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Fail within ``timeout`` seconds unless ``HOST:PORT`` accepts a TCP connection (Ray's
-    own connect retries for much longer before it gives up)."""
+    """Fail within about ``2 * timeout`` seconds unless ``HOST:PORT`` accepts a connection
+    and answers as a gRPC server: Ray's own connect waits half a minute or more per try on
+    a port that is open but silent."""
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ExecutorError(f"expected --address auto or HOST:PORT of a Ray head node "
                             f"(got {address!r})")
+    hint = "is `ray start --head` running there, and is this its GCS port (6379 by default)?"
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+            conn.sendall(HTTP2_HELLO)
+            header = b""
+            while len(header) < 9 and (chunk := conn.recv(9 - len(header))):
+                header += chunk  # the first frame header: length (3 bytes), type, flags, id
+    except TimeoutError:
+        raise ExecutorError(f"cannot reach a Ray cluster at {address}: no answer within "
+                            f"{timeout} s ({hint})") from None
     except OSError as exc:
-        raise ExecutorError(
-            f"cannot reach a Ray cluster at {address}: {exc or type(exc).__name__} (is "
-            f"`ray start --head` running there, and is the port open?)") from None
+        raise ExecutorError(f"cannot reach a Ray cluster at {address}: "
+                            f"{exc or type(exc).__name__} ({hint})") from None
+    if len(header) < 9 or header[3] != 4:
+        raise ExecutorError(f"cannot reach a Ray cluster at {address}: it answers, but not as "
+                            f"Ray's GCS (a gRPC server) would ({hint})")
 
 
 @contextmanager

@@ -46,7 +46,7 @@ def _run_data_info(args: argparse.Namespace) -> None:
 
 def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="speed benchmarks (ratios measured side by side)")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{bn,loader,step}")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{bn,grid,loader,step}")
 
     loader = bench_sub.add_parser(
         "loader", help="bnlab's in-memory loader vs a per-sample torch DataLoader, one epoch")
@@ -80,6 +80,14 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     step.set_defaults(handler=_run_bench_step)
 
+    grid = bench_sub.add_parser(
+        "grid", help="a small grid's wall time: local process pool vs Ray (overhead per task)")
+    grid.add_argument("--seeds", type=int, default=2, help="seeds of the 3-variant chapter grid")
+    grid.add_argument("--workers", type=int, default=2, help="runs at a time (1 thread each)")
+    grid.add_argument("--repeats", type=int, default=2, help="rounds, executors alternating")
+    grid.add_argument("--data-dir", help="look here first for Fashion-MNIST")
+    grid.set_defaults(handler=_run_bench_grid)
+
 
 def _run_bench_loader(args: argparse.Namespace) -> None:
     from bnlab.bench import loader
@@ -99,6 +107,14 @@ def _run_bench_step(args: argparse.Namespace) -> None:
                          f"them (got {args.norms!r})")
     print(step.run_step_benchmark(load_fashion_mnist(args.data_dir), norms, steps=args.steps,
                                   batch_size=args.batch_size, device=args.device))
+
+
+def _run_bench_grid(args: argparse.Namespace) -> None:
+    from bnlab.bench.grid import run_grid_benchmark
+    from bnlab.data.dataset import load_fashion_mnist
+
+    print(run_grid_benchmark(load_fashion_mnist(args.data_dir), args.seeds, args.workers,
+                             args.repeats))
 
 
 def _run_bench_bn(args: argparse.Namespace) -> None:

@@ -234,7 +234,10 @@ class RayExecutor:
             with _gcs_wait(None if self.address is None else CONNECT_TIMEOUT_S):
                 ray.init(address=self.address, include_dashboard=False, logging_level="warning")
         except ConnectionError as exc:
-            raise ExecutorError(f"cannot connect to Ray at --address {self.address}: {exc}") from None
+            raise ExecutorError(
+                f"cannot connect to Ray at --address {self.address}: {exc} (a cluster with token "
+                "authentication, Ray's default, also needs RAY_AUTH_MODE=token here and its token "
+                "in ~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
         try:
             yield
         finally:

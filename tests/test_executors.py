@@ -35,7 +35,7 @@ def fake_dataset(monkeypatch, synthetic_fashion):
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
              logging_level="warning")
     yield ray
     ray.shutdown()

@@ -38,7 +38,7 @@ def run_grid_benchmark(dataset, seeds: int = 2, workers: int = 2, repeats: int =
             return time.perf_counter() - start
 
     start = time.perf_counter()
-    ray.init(num_cpus=workers, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="warning")
     ray_start = time.perf_counter() - start
     times: dict[str, list[float]] = {"local pool": [], "ray": []}
     try:

@@ -187,8 +187,8 @@ def _ray_task(dataset, config: TrainConfig, run_dir: str, tensorboard: str | Non
 class RayExecutor:
     """Each run a Ray task reserving ``threads`` CPUs, retried when its worker dies.
 
-    ``address``: None uses the Ray this process is already connected to, or starts a local
-    instance (no dashboard) and stops it afterwards; ``auto`` joins the cluster running on
+    ``address``: None uses the Ray this process is already connected to, or starts a new
+    local instance (no dashboard) and stops it afterwards; ``auto`` joins the cluster running on
     this machine; ``HOST:PORT`` joins that head node (its GCS port, 6379 by default).
     """
 
@@ -232,7 +232,8 @@ class RayExecutor:
             return
         try:
             with _gcs_wait(None if self.address is None else CONNECT_TIMEOUT_S):
-                ray.init(address=self.address, include_dashboard=False, logging_level="warning")
+                ray.init(address=self.address or "local", include_dashboard=False,
+                         logging_level="warning")
         except ConnectionError as exc:
             raise ExecutorError(
                 f"cannot connect to Ray at --address {self.address}: {exc} (a cluster with token "

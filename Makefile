@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.bnlab-installed
 
-.PHONY: demo test test-fast env data data-if-possible lint clean
+.PHONY: demo test test-fast env data data-if-possible lint clean strip-notebook
 
 demo: data
 	$(BIN)/bnlab demo $(DEMO_ARGS)
@@ -45,6 +45,12 @@ data-if-possible: env
 
 lint: env
 	$(BIN)/python -m ruff check src tests
+
+# The notebook is committed without outputs: run this before committing it.
+strip-notebook: env
+	$(BIN)/python -c "import nbformat as f, sys; p = sys.argv[1]; nb = f.read(p, 4); \
+	[c.update(outputs=[], execution_count=None) for c in nb.cells if c.cell_type == 'code']; \
+	f.write(nb, p)" notebooks/batch_norm.ipynb
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from bnlab import cli, runs
-from bnlab.experiments import EXPERIMENTS, get_experiment, runner
+from bnlab.experiments import EXPERIMENTS, executors, get_experiment, runner
 from bnlab.experiments.analysis import describe_epochs_to_reach, epochs_to_reach, failed, mean_curve
 from bnlab.experiments.lr import training_lrs
 from bnlab.experiments.runner import QUICK, ExpSettings, execute, plan, resolve
@@ -47,7 +47,7 @@ def test_a_second_invocation_trains_nothing(fake_dataset, tmp_path, monkeypatch,
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(runner, "start_run", must_not_train)
+    monkeypatch.setattr(executors, "start_run", must_not_train)
     assert cli.main(argv) == 0
     assert (tmp_path / "placement" / "summary.md").read_text() == first
 

@@ -46,7 +46,8 @@ def _run_data_info(args: argparse.Namespace) -> None:
 
 def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="speed benchmarks (ratios measured side by side)")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{bn,fold,loader,step}")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True,
+                                     metavar="{bn,fold,grid,loader,step}")
 
     loader = bench_sub.add_parser(
         "loader", help="bnlab's in-memory loader vs a per-sample torch DataLoader, one epoch")
@@ -86,6 +87,13 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     fold.add_argument("--repeats", type=int, default=200, help="interleaved calls per model")
     fold.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     fold.set_defaults(handler=_run_bench_fold)
+    grid = bench_sub.add_parser(
+        "grid", help="a small grid's wall time: local process pool vs Ray (overhead per task)")
+    grid.add_argument("--seeds", type=int, default=2, help="seeds of the 3-variant chapter grid")
+    grid.add_argument("--workers", type=int, default=2, help="runs at a time (1 thread each)")
+    grid.add_argument("--repeats", type=int, default=2, help="rounds, executors alternating")
+    grid.add_argument("--data-dir", help="look here first for Fashion-MNIST")
+    grid.set_defaults(handler=_run_bench_grid)
 
 
 def _run_bench_loader(args: argparse.Namespace) -> None:
@@ -121,6 +129,14 @@ def _run_bench_fold(args: argparse.Namespace) -> None:
     print(fold.run_fold_benchmark(repeats=args.repeats, device=args.device))
 
 
+def _run_bench_grid(args: argparse.Namespace) -> None:
+    from bnlab.bench.grid import run_grid_benchmark
+    from bnlab.data.dataset import load_fashion_mnist
+
+    print(run_grid_benchmark(load_fashion_mnist(args.data_dir), args.seeds, args.workers,
+                             args.repeats))
+
+
 def _run_bench_bn(args: argparse.Namespace) -> None:
     from bnlab.bench import bn
 
@@ -141,6 +157,8 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     add_config_flags(train, DistributedConfig)
     train.add_argument("--out", help="run folder (default: runs/<model>-<norm>-lr<lr>-seed<seed>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--tensorboard", metavar="DIR",
+                       help="also log losses, accuracies and BN histograms to TensorBoard in DIR")
     _add_common_run_flags(train)
     train.set_defaults(handler=_run_train)
 
@@ -189,15 +207,20 @@ def _run_train(args: argparse.Namespace) -> None:
     out = args.out or f"runs/{config.model}-{config.norm}-lr{config.lr:g}-seed{config.seed}"
     world = _config_or_error(DistributedConfig, args)
     if world.nproc > 1 or launched_by_torchrun():
+        if args.tensorboard:
+            raise BnlabError("--tensorboard logs one process's run; it does not go with --nproc > 1")
         print(f"training {describe(config)} on {world.nproc} processes -> {out}")
         summary = train_distributed(config, world, load_fashion_mnist(args.data_dir), out,
                                     args.resume, args.progress)
         if summary is None:  # a rank other than 0 under torchrun
             return
     else:
+        from bnlab.tensorboard import optional_logger
+
         print(f"training {describe(config)} -> {out}")
-        summary = start_run(config, load_fashion_mnist(args.data_dir), out, args.resume,
-                            args.progress).train()
+        with optional_logger(args.tensorboard) as observer:
+            summary = start_run(config, load_fashion_mnist(args.data_dir), out, args.resume,
+                                args.progress, observer=observer).train()
     state = "diverged" if summary["diverged"] else "finished"
     print(f"{state}: final val acc {summary['final_val_acc']}, best {summary['best_val_acc']} "
           f"(epoch {summary['best_epoch']}), {summary['median_seconds_per_epoch']} s/epoch "
@@ -223,6 +246,7 @@ def _run_demo(args: argparse.Namespace) -> None:
 def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     from bnlab.config import add_config_flags
     from bnlab.experiments import EXPERIMENTS
+    from bnlab.experiments.executors import EXECUTORS
     from bnlab.experiments.runner import ExpSettings
 
     listing = "; ".join(f"{name}: {e.title}" for name, e in EXPERIMENTS.items())
@@ -239,6 +263,14 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--jobs", type=int, default=1,
                      help="runs in parallel processes; threads are split between them")
     exp.add_argument("--out", default="runs/exp", help="output folder (default: runs/exp)")
+    exp.add_argument("--executor", choices=EXECUTORS, default="local",
+                     help="where runs train: local processes (default) or Ray tasks")
+    exp.add_argument("--address", help="--executor ray: 'auto' (the cluster on this machine) "
+                     "or HOST:PORT of a head node (default: start a local Ray)")
+    exp.add_argument("--threads", type=int, help="threads per run (default: local cpu_count "
+                     "// jobs, ray 1); a Ray task reserves that many CPUs")
+    exp.add_argument("--tensorboard", metavar="DIR",
+                     help="also log each run trained to TensorBoard, in DIR/<run folder name>")
     _add_common_run_flags(exp)
     exp.set_defaults(handler=_run_experiment)
 
@@ -252,15 +284,18 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
 def _run_experiment(args: argparse.Namespace) -> None:
     from bnlab.data.dataset import load_fashion_mnist
     from bnlab.experiments import get_experiment
+    from bnlab.experiments.executors import make_executor
     from bnlab.experiments.runner import FULL, QUICK, ExpSettings, run_experiment
+    from bnlab.tensorboard import summary_writer_class
 
     base = QUICK if args.quick else FULL if args.full else None
     settings = _config_or_error(ExpSettings, args, base)
-    if args.jobs < 1:
-        raise BnlabError(f"expected --jobs >= 1 (got {args.jobs})")
+    executor = make_executor(args.executor, args.jobs, args.address, args.threads)
+    if args.tensorboard:
+        summary_writer_class()  # fails now, naming the extra, when tensorboard is missing
     experiment = get_experiment(args.name)
     print(run_experiment(experiment, settings, args.out, load_fashion_mnist(args.data_dir),
-                         args.jobs, args.progress))
+                         args.jobs, args.progress, executor, args.tensorboard))
     print(f"report: {args.out}/{experiment.name}/report.md")
 
 

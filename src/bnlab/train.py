@@ -247,12 +247,15 @@ class TrainingRun:
     its order depends only on (seed, epoch), which is what makes resume exact. With
     ``run_dir`` every epoch is checkpointed and the run folder files are written
     (``bnlab.runs``); ``resume=True`` continues from the last checkpoint there.
+    ``observer.epoch_end(run, epoch, step_losses, row)`` (e.g. ``bnlab.tensorboard``) is
+    called after each epoch, ``row`` None when it diverged.
     """
 
     def __init__(self, model: nn.Module, train_loader: Loader, test_loader: Loader,
                  config: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
-                 progress: bool = True, label: str = "") -> None:
+                 progress: bool = True, label: str = "", observer: Any = None) -> None:
         self.model, self.config, self.progress = model, config, progress
+        self.observer = observer
         self.label = label
         self.train_loader, self.test_loader = train_loader, test_loader
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -284,6 +287,7 @@ class TrainingRun:
                                      self._periodic_evaluation(epoch))
         self.step_losses.append(result.step_losses)
         if result.diverged_step is not None:
+            self._observe(epoch, result.step_losses, None)
             self.diverged = {"epoch": epoch, "step": result.diverged_step}
             self._log(f"epoch {epoch}: loss is not finite at step {result.diverged_step}; "
                       "stopping (diverged)")
@@ -306,8 +310,13 @@ class TrainingRun:
         }
         self.history.append(row)
         self._log(format_epoch(row, self.config.epochs))
+        self._observe(epoch, result.step_losses, row)
         self._checkpoint()
         return row
+
+    def _observe(self, epoch: int, step_losses: list[float], row: dict[str, Any] | None) -> None:
+        if self.observer is not None:
+            self.observer.epoch_end(self, epoch, step_losses, row)
 
     def _periodic_evaluation(self, epoch: int) -> Callable[[int, float], float] | None:
         """The ``after_step`` hook that evaluates every ``config.eval_every`` global steps."""
@@ -430,11 +439,13 @@ def build_loaders(config: TrainConfig, dataset: FashionMNIST,
 
 
 def start_run(config: TrainConfig, dataset: FashionMNIST, run_dir: str | Path | None = None,
-              resume: bool = False, progress: bool = True, label: str = "") -> TrainingRun:
+              resume: bool = False, progress: bool = True, label: str = "",
+              observer: Any = None) -> TrainingRun:
     """The one way to train ``config`` on ``dataset``: a seeded :class:`TrainingRun`, not yet
-    trained. ``start_run(...).train()`` trains it to the end and returns its summary."""
+    trained. ``start_run(...).train()`` trains it to the end and returns its summary.
+    ``observer``: see :class:`TrainingRun`."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = model_for(config, device)
     train, test = build_loaders(config, dataset, device)
-    return TrainingRun(model, train, test, config, run_dir, resume, progress, label)
+    return TrainingRun(model, train, test, config, run_dir, resume, progress, label, observer)

@@ -3,8 +3,9 @@
 Why: each of the chapter's exercises is "train these configs over a few seeds and compare".
 Describing an experiment as a list of variants (plain dicts of ``TrainConfig`` fields) keeps
 it data, not copied code. Every run lives in a folder named by a hash of its config, so a
-second invocation skips finished runs and resumes cut-off ones, and ``--jobs`` can spread
-the grid over processes without any two touching the same folder.
+second invocation skips finished runs and resumes cut-off ones, and an executor
+(``bnlab.experiments.executors``: local processes or Ray) can spread the grid without any
+two runs touching the same folder.
 
 Layout of ``<out>/``::
 
@@ -21,25 +22,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
-
-import torch
-from tqdm.auto import tqdm
 
 from bnlab import runs
 from bnlab.config import config_to_dict
 from bnlab.data.dataset import FashionMNIST
+from bnlab.experiments.executors import Executor, GridProgress, LocalExecutor
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.io import atomic_write_json, atomic_write_text
 from bnlab.tables import format_table
-from bnlab.train import TrainConfig, bar_disabled, describe_training_set, start_run
+from bnlab.train import TrainConfig, describe_training_set
 
 
 @dataclass
@@ -143,48 +139,17 @@ def is_finished(run_dir: Path) -> bool:
 
 # --------------------------------------------------------------------------- execution
 
-_WORKER_DATASET = None
-
-
-def _init_worker(dataset, threads: int) -> None:
-    global _WORKER_DATASET
-    _WORKER_DATASET = dataset
-    torch.set_num_threads(threads)
-
-
-def _run_one(config: TrainConfig, run_dir: str) -> dict[str, Any]:
-    return start_run(config, _WORKER_DATASET, run_dir, resume=True, progress=False).train()
-
-
-def execute(planned: list[PlannedRun], dataset: FashionMNIST, jobs: int = 1,
-            progress: bool = True) -> None:
-    """Train every unfinished run of ``planned`` (resuming cut-off ones), ``jobs`` at a time.
-
-    With ``jobs > 1`` runs go to worker processes, and the machine's threads are split
-    between them (each gets ``cpu_count // jobs``).
-    """
+def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = True,
+            executor: Executor | None = None, tensorboard: str | Path | None = None) -> None:
+    """Train every unfinished run of ``planned`` (resuming cut-off ones) with ``executor``
+    (default: ``LocalExecutor(jobs)``, see ``bnlab.experiments.executors``); with
+    ``tensorboard``, each run logs into its own sub-folder of it."""
     todo = [p for p in planned if not is_finished(p.run_dir)]
-    bar = tqdm(total=len(planned), initial=len(planned) - len(todo), unit="run",
-               desc="grid", disable=bar_disabled(progress), dynamic_ncols=True)
-    with bar:
-        if jobs <= 1:
-            for p in todo:
-                bar.set_postfix_str(f"{p.variant.label} seed {p.config.seed}")
-                _report(bar, p, start_run(p.config, dataset, p.run_dir, resume=True,
-                                          progress=False).train())
-            return
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
-                                 initializer=_init_worker, initargs=(dataset, threads)) as pool:
-            futures = {pool.submit(_run_one, p.config, str(p.run_dir)): p for p in todo}
-            for future in as_completed(futures):
-                _report(bar, futures[future], future.result())
-
-
-def _report(bar: tqdm, p: PlannedRun, summary: dict[str, Any]) -> None:
-    bar.update(1)
-    outcome = "diverged" if summary["diverged"] else f"val acc {summary['final_val_acc']:.4f}"
-    bar.set_postfix_str(f"last: {p.variant.label} seed {p.config.seed}: {outcome}")
+    bar = GridProgress(len(planned), len(planned) - len(todo), progress)
+    try:
+        (executor or LocalExecutor(jobs)).run(todo, dataset, bar, tensorboard)
+    finally:
+        bar.close()
 
 
 # --------------------------------------------------------------------------- results
@@ -244,8 +209,9 @@ def describe_settings(settings: ExpSettings) -> str:
 
 
 def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Path,
-                   dataset: FashionMNIST,
-                   jobs: int = 1, progress: bool = True) -> str:
+                   dataset: FashionMNIST, jobs: int = 1, progress: bool = True,
+                   executor: Executor | None = None,
+                   tensorboard: str | Path | None = None) -> str:
     """Plan, train (skipping finished runs), collect and analyze; return ``report.md``'s text."""
     settings = resolve(settings, experiment)
     if experiment.run is not None:
@@ -255,7 +221,7 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "settings.json", config_to_dict(settings))
     planned = plan(experiment, settings, runs_root)
-    execute(planned, dataset, jobs, progress)
+    execute(planned, dataset, jobs, progress, executor, tensorboard)
     rows = collect(planned)
     atomic_write_text(out / "results.jsonl",
                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

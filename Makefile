@@ -13,14 +13,14 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.bnlab-installed
 
-.PHONY: demo test env data data-if-possible lint clean
+.PHONY: demo test env kernel data data-if-possible lint clean
 
-demo: data
+demo: data kernel
 	$(BIN)/bnlab demo $(DEMO_ARGS)
 
 # The same set-up as the demo; the suite needs no real data (its one real-data test skips,
 # saying why, where Fashion-MNIST cannot be had), so a failed fetch does not stop it.
-test: env data-if-possible
+test: env data-if-possible kernel
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 env: $(STAMP)
@@ -37,6 +37,12 @@ data: env
 
 data-if-possible: env
 	-$(BIN)/bnlab data fetch
+
+# bnlab's C++ batch-norm kernel, built once per machine and torch (a no-op when built).
+# Without a compiler or ninja the build fails with a one-line reason and set-up carries
+# on: impl="auto" then uses the fast path and says so.
+kernel: env
+	-$(BIN)/bnlab kernel build
 
 lint: env
 	$(BIN)/python -m ruff check src tests

@@ -231,7 +231,7 @@ def cpp_batch_norm(
         running_mean = running_var = None
     # Off the CPU, or while torch.compile traces, the kernel is not called: no build
     # needed to know that.
-    if input.device.type == "cpu" and not torch.compiler.is_compiling():
+    if input.is_cpu and not torch.compiler.is_compiling():
         y = load_extension().batch_norm(input, running_mean, running_var, weight, bias,
                                         training, momentum, eps)
         if y is not None:
@@ -254,7 +254,7 @@ def auto_batch_norm(
     the fast path everywhere else; never builds."""
     if running_mean is None or running_var is None:
         running_mean = running_var = None
-    if input.device.type == "cpu" and not torch.compiler.is_compiling():
+    if input.is_cpu and not torch.compiler.is_compiling():
         kernel = cached_extension()
         if kernel is not None:
             y = kernel.batch_norm(input, running_mean, running_var, weight, bias, training,

@@ -275,12 +275,12 @@ def test_compiled_impl_matches_torch():
     _assert_all_close(ours, theirs, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("impls", [("auto", "fast", "reference"),
-                                   pytest.param(("cpp",), marks=CPP_SKIP)])
+@pytest.mark.parametrize("impls", ["default", pytest.param(("cpp",), marks=CPP_SKIP)])
 @pytest.mark.parametrize("floor", [False, True])
 def test_bn_benchmark_reports_every_shape_and_impl(impls, floor):
-    from bnlab.bench.bn import SHAPES, run_bn_benchmark
+    from bnlab.bench.bn import DEFAULT_IMPLS, SHAPES, run_bn_benchmark
 
+    impls = DEFAULT_IMPLS if impls == "default" else impls
     text = run_bn_benchmark(repeats=2, warmup=1, impls=impls, floor=floor)
     main, bandwidth = text.split("Bytes moved at")
     rows = [line for line in main.splitlines() if line.startswith("| ") and "impl" not in line]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bnlab.bench.timing import format_table, time_interleaved
-from bnlab.functional import batch_norm, get_implementation
+from bnlab.functional import IMPLEMENTATIONS, batch_norm, get_implementation
 
 SHAPES: list[tuple[int, ...]] = [
     (128, 6, 24, 24),   # BN-LeNet: after conv1
@@ -40,7 +40,8 @@ SHAPES: list[tuple[int, ...]] = [
     (128, 84),          # after fc2
     (64, 64, 32, 32),   # a larger conv activation
 ]
-DEFAULT_IMPLS = ("auto", "fast", "reference")
+# By default, every implementation that needs no compiler at run time.
+DEFAULT_IMPLS = tuple(name for name, impl in IMPLEMENTATIONS.items() if impl.compiles == "no")
 NATIVE = "native"
 FLOOR = "floor"
 
@@ -87,7 +88,7 @@ class _Case:
     """One shape's tensors and the three measured calls of one implementation."""
 
     def __init__(self, shape: tuple[int, ...], device: torch.device,
-                 fn: Callable[..., torch.Tensor]):
+                 fn: Callable[..., torch.Tensor], compiles: str = "no"):
         gen = torch.Generator().manual_seed(0)
         channels = shape[1]
         self.x = torch.randn(shape, generator=gen).to(device).requires_grad_()
@@ -97,6 +98,7 @@ class _Case:
         self.running_mean = torch.zeros(channels, device=device)
         self.running_var = torch.ones(channels, device=device)
         self.fn = fn
+        self.compiles = compiles
 
     def forward(self, training: bool = True) -> torch.Tensor:
         return self.fn(self.x, self.running_mean, self.running_var, self.weight, self.bias,
@@ -181,9 +183,10 @@ def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3,
                      impls: tuple[str, ...] = DEFAULT_IMPLS, floor: bool = False) -> str:
     """Time each implementation against torch's kernel; markdown tables with a note.
 
-    ``impls`` are names from ``bnlab.functional.IMPLEMENTATIONS``; ``"cpp"`` builds
-    bnlab's kernel first if it is not built (the time is reported separately),
-    ``"compiled"`` compiles each shape on its first call (excluded and reported).
+    ``impls`` are names from ``bnlab.functional.IMPLEMENTATIONS``. One that compiles
+    once (the C++ kernel) is built or loaded on its first call, one that compiles each
+    shape compiles on each shape's first call; those first calls are excluded from the
+    timings and reported.
     ``floor`` adds a do-nothing Python ``autograd.Function`` (``_PythonFunctionFloor``).
     """
     dev = _resolve_device(device)
@@ -193,12 +196,15 @@ def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3,
     mem_label = "peak step MiB (cuda max_memory_allocated)" if cuda else "saved MiB"
     rows, bandwidth = [], []
     for shape in SHAPES:
-        cases = {name: _Case(shape, dev, _candidate(name)) for name in [*names, NATIVE]}
+        cases = {name: _Case(shape, dev, _candidate(name),
+                             IMPLEMENTATIONS[name].compiles if name in IMPLEMENTATIONS else "no")
+                 for name in [*names, NATIVE]}
         for name in names:  # builds and compilations happen here, outside the timings
             start = time.perf_counter()
             cases[name].step()
             cases[name].eval_forward()
-            if name in ("cpp", "compiled"):
+            compiles = cases[name].compiles
+            if compiles == "each shape" or (compiles == "once" and shape == SHAPES[0]):
                 first_call[f"{name} {'x'.join(map(str, shape))}"] = time.perf_counter() - start
         native = cases[NATIVE]
         native_times: dict[str, list[float]] = {"fwd": [], "fwd+bwd": [], "eval fwd": []}

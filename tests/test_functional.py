@@ -524,3 +524,4 @@ def test_cpp_gradient_penalty_matches_torch():
 
     _assert_all_close(penalty_grads(_ours("cpp")), penalty_grads(F.batch_norm),
                       **TOL[torch.float64])
+

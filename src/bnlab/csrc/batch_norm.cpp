@@ -14,6 +14,9 @@
 // mean costs no precision (no E[x^2] - E[x]^2). Running stats follow
 // new = (1 - momentum) * old + momentum * batch, the variance stored unbiased (m / (m - 1)).
 //
+// Deterministic: per-thread partial sums are merged in a fixed order, so a given input
+// and thread count give the same bits every run.
+//
 // Double backward: when the backward itself is recorded (create_graph=True), the node
 // computes the gradients with differentiable ATen ops instead (differentiable_backward).
 // Inference (no grad needed) runs the forward kernel without an autograd node.
@@ -114,6 +117,11 @@ void channel_dy_sums(const Layout& s, const scalar_t* dy, const scalar_t* x, con
   std::fill(sum_dy, sum_dy + C, 0.0);
   std::fill(dot, dot + C, 0.0);
   if (s.inner == 1) {  // rows of C channels (2D input, or channels_last)
+    struct Part {
+      int64_t first;
+      std::vector<double> dy, dot;
+    };
+    std::vector<Part> parts;
     std::mutex merge;
     const int64_t blocks = (s.outer + kRowBlock - 1) / kRowBlock;
     at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / (kRowBlock * C)), [&](int64_t lo, int64_t hi) {
@@ -139,11 +147,15 @@ void channel_dy_sums(const Layout& s, const scalar_t* dy, const scalar_t* x, con
         }
       }
       std::lock_guard<std::mutex> lock(merge);
-      for (int64_t c = 0; c < C; ++c) {
-        sum_dy[c] += total_dy[c];
-        dot[c] += total_dot[c];
-      }
+      parts.push_back(Part{lo, std::move(total_dy), std::move(total_dot)});
     });
+    // Added up in block order, not in the order threads finish: the same bits every run.
+    std::sort(parts.begin(), parts.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (const auto& part : parts)
+      for (int64_t c = 0; c < C; ++c) {
+        sum_dy[c] += part.dy[c];
+        dot[c] += part.dot[c];
+      }
     return;
   }
   at::parallel_for(0, C, plane_grain(s), [&](int64_t lo, int64_t hi) {
@@ -199,6 +211,7 @@ template <typename scalar_t>
 void row_mean_var(const Layout& s, const scalar_t* x, double* mean, double* var) {
   const int64_t C = s.channels;
   std::vector<Moments> acc(C);
+  std::vector<std::pair<int64_t, std::vector<Moments>>> parts;
   {
     std::mutex merge;
     const int64_t blocks = (s.outer + kRowBlock - 1) / kRowBlock;
@@ -226,9 +239,13 @@ void row_mean_var(const Layout& s, const scalar_t* x, double* mean, double* var)
         for (int64_t c = 0; c < C; ++c) merge_chunk(local[c], rows, shift[c], sp[c], cp[c], dp[c]);
       }
       std::lock_guard<std::mutex> lock(merge);
-      for (int64_t c = 0; c < C; ++c) acc[c].merge(local[c].count, local[c].mean, local[c].m2);
+      parts.emplace_back(lo, std::move(local));
     });
   }
+  // Merged in block order, not in the order threads finish: the same bits every run.
+  std::sort(parts.begin(), parts.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (const auto& part : parts)
+    for (int64_t c = 0; c < C; ++c) acc[c].merge(part.second[c].count, part.second[c].mean, part.second[c].m2);
   for (int64_t c = 0; c < C; ++c) {
     mean[c] = acc[c].mean;
     var[c] = acc[c].m2 / acc[c].count;

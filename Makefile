@@ -13,19 +13,19 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.bnlab-installed
 
-.PHONY: demo test test-fast env data data-if-possible lint clean strip-notebook
+.PHONY: demo test test-fast env kernel data data-if-possible lint clean strip-notebook
 
-demo: data
+demo: data kernel
 	$(BIN)/bnlab demo $(DEMO_ARGS)
 
 # The same set-up as the demo; the suite needs no real data (its one real-data test skips,
 # saying why, where Fashion-MNIST cannot be had), so a failed fetch does not stop it.
 # Lint first: CI runs `make test`, so it enforces ruff too.
-test: lint data-if-possible
+test: lint data-if-possible kernel
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The edit loop: lint and every test not marked slow (the end-to-end grids, demo and CLI runs).
-test-fast: lint
+test-fast: lint kernel
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 env: $(STAMP)
@@ -42,6 +42,12 @@ data: env
 
 data-if-possible: env
 	-$(BIN)/bnlab data fetch
+
+# bnlab's C++ batch-norm kernel, built once per machine and torch (a no-op when built).
+# Without a compiler or ninja the build fails with a one-line reason and set-up carries
+# on: impl="auto" then uses the fast path and says so.
+kernel: env
+	-$(BIN)/bnlab kernel build
 
 lint: env
 	$(BIN)/python -m ruff check src tests

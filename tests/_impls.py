@@ -1,17 +1,23 @@
-"""The implementations the tests run: impl='cpp' builds a C++ extension, so it runs where
-a compiler and ninja are present and is reported as skipped, saying what is missing,
-elsewhere."""
+"""The implementations the tests run, read from bnlab.functional's registry.
+
+One that compiles once (the C++ kernel) runs where a compiler and ninja are present and
+is reported as skipped, saying what is missing, elsewhere; one that compiles each new
+shape (torch.compile) is left out of the parity grids and tested on its own.
+"""
 
 from __future__ import annotations
 
 import pytest
 
 from bnlab._cpp import build_requirements_missing
+from bnlab.functional import IMPLEMENTATIONS
 
 CPP_MISSING = build_requirements_missing()
 CPP_SKIP = pytest.mark.skipif(bool(CPP_MISSING),
-                              reason="impl='cpp' cannot build here: lacks "
+                              reason="bnlab's C++ kernel cannot build here: lacks "
                               + " and ".join(CPP_MISSING))
+_GRID = [impl for impl in IMPLEMENTATIONS.values() if impl.compiles != "each shape"]
 # Parametrize with these; iterate over RUNNABLE.
-IMPL_PARAMS = ["fast", "reference", pytest.param("cpp", marks=CPP_SKIP)]
-RUNNABLE = ["fast", "reference"] + ([] if CPP_MISSING else ["cpp"])
+IMPL_PARAMS = [pytest.param(impl.name, marks=CPP_SKIP) if impl.compiles == "once" else impl.name
+               for impl in _GRID]
+RUNNABLE = [impl.name for impl in _GRID if impl.compiles == "no" or not CPP_MISSING]

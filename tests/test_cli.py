@@ -106,3 +106,47 @@ def test_bench_step_tracks_torch_and_refuses_bad_norms(capsys, fake_dataset):
     for bad in ("bnlab,nope,torch", "bnlab"):
         code, _, err = run_cli(capsys, "bench", "step", "--norms", bad, "--steps", "2")
         assert code == 2 and "--norms: expected names from" in err
+
+
+def test_kernel_build_without_compiler_fails_in_one_line(capsys, monkeypatch, tmp_path):
+    """Compiler and ninja hidden from PATH: one `bnlab: error:` line naming both, and
+    `kernel info` says the same and that impl='auto' uses the fast path."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    code, out, err = run_cli(capsys, "kernel", "build")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("bnlab: error: building bnlab's C++ "
+                                                   "kernel needs a C++ compiler")
+    assert "and ninja" in err and "impl='auto' uses the fast path" in err
+    code, out, _ = run_cli(capsys, "kernel", "info")
+    assert code == 0
+    assert "built:" in out and "missing here:" in out and "ninja" in out
+    assert str(tmp_path / "ext") in out
+    assert "impl='auto' on CPU: fast path" in out
+
+
+def test_kernel_info_names_this_machines_build(capsys):
+    from bnlab import _cpp
+
+    code, out, _ = run_cli(capsys, "kernel", "info")
+    assert code == 0 and str(_cpp.kernel_build().library) in out
+
+
+def test_bench_bn_rejects_unknown_impls(capsys):
+    code, _, err = run_cli(capsys, "bench", "bn", "--impls", "fast,nope")
+    assert code == 2 and "--impls: expected names from auto, fast" in err
+
+
+def test_bench_writes_its_section_of_the_performance_page(capsys, fake_dataset, tmp_path):
+    page = tmp_path / "docs" / "performance.md"
+    code, out, _ = run_cli(capsys, "bench", "step", "--norms", "bnlab,torch", "--steps", "2",
+                           "--device", "cpu", "--write-docs", str(page))
+    assert code == 0 and f"wrote {page}" in out
+    first = page.read_text()
+    assert "<!-- begin step -->" in first and "torch " in first and "UTC" in first
+    assert "`bnlab bench step --norms bnlab,torch --steps 2" in first
+    # A second write replaces the section and keeps one copy of it.
+    assert run_cli(capsys, "bench", "step", "--norms", "bnlab,torch", "--steps", "2",
+                   "--device", "cpu", "--write-docs", str(page))[0] == 0
+    assert page.read_text().count("<!-- begin step -->") == 1

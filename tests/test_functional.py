@@ -129,13 +129,12 @@ def test_gradcheck_partial_requires_grad():
             lambda x_, t=training: batch_norm(x_, rm.clone(), rv.clone(), w, b, t), [x_leaf])
 
 
-@pytest.mark.parametrize("impl", ["fast", pytest.param("cpp", marks=CPP_SKIP)])
+@pytest.mark.parametrize("impl", ["fast"])
 def test_double_backward_is_refused(impl):
     x, w, b, rm, rv, _ = _inputs((4, 3), torch.float64)
     x.requires_grad_()
     y = batch_norm(x, rm, rv, w, b, True, impl=impl)
-    # The fast path refuses at the second backward, the C++ node already at the first
-    # backward that asks for a graph.
+    # The fast path refuses at the second backward.
     with pytest.raises(RuntimeError, match="twice|double|once"):
         (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
         gx.sum().backward()
@@ -194,8 +193,10 @@ def test_large_mean_is_stable(impl, shape):
     truth = _run(F.batch_norm, *(t.double() for t in (x, w, b, rm, rv, dy)), True)
     ours = _run(_ours(impl), x, w, b, rm, rv, dy, True)
     torchs = _run(F.batch_norm, x, w, b, rm, rv, dy, True)
-    as_exact_as_torch = {"fast": range(6) if len(shape) > 2 else (4, 5), "cpp": range(6),
-                         "reference": ()}[impl]
+    exact = {"fast": range(6) if len(shape) > 2 else (4, 5), "cpp": range(6),
+             "reference": ()}
+    exact["auto"] = exact["cpp" if _auto_uses_kernel() else "fast"]
+    as_exact_as_torch = exact[impl]
     for i, (o, t, r) in enumerate(zip(ours, torchs, truth)):
         err_ours = (o.double() - r).abs().max().item()
         err_torch = (t.double() - r).abs().max().item()
@@ -274,20 +275,34 @@ def test_compiled_impl_matches_torch():
     _assert_all_close(ours, theirs, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("cpp", [False, pytest.param(True, marks=CPP_SKIP)])
+@pytest.mark.parametrize("impls", ["default", pytest.param(("cpp",), marks=CPP_SKIP)])
 @pytest.mark.parametrize("floor", [False, True])
-def test_bn_benchmark_reports_every_shape_and_impl(cpp, floor):
-    from bnlab.bench.bn import SHAPES, run_bn_benchmark
+def test_bn_benchmark_reports_every_shape_and_impl(impls, floor):
+    from bnlab.bench.bn import DEFAULT_IMPLS, SHAPES, run_bn_benchmark
 
-    table = run_bn_benchmark(repeats=2, warmup=1, cpp=cpp, floor=floor)
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "impl" not in line]
-    assert len(rows) == (3 + cpp + floor) * len(SHAPES)
-    assert sum("| cpp " in r for r in rows) == (len(SHAPES) if cpp else 0)
+    impls = DEFAULT_IMPLS if impls == "default" else impls
+    text = run_bn_benchmark(repeats=2, warmup=1, impls=impls, floor=floor)
+    main, bandwidth = text.split("Bytes moved at")
+    rows = [line for line in main.splitlines() if line.startswith("| ") and "impl" not in line]
+    assert len(rows) == (len(impls) + 1 + floor) * len(SHAPES)
+    for name in impls:
+        assert sum(f"| {name} " in r for r in rows) == len(SHAPES)
     assert sum("| floor " in r for r in rows) == (len(SHAPES) if floor else 0)
     assert sum("| native " in r for r in rows) == len(SHAPES)
+    # The largest shape: the copy, then three directions per implementation and native.
+    bw_rows = [line for line in bandwidth.splitlines() if line.startswith("| ")][1:]
+    assert "x.clone()" in bw_rows[0] and len(bw_rows) == 1 + 3 * (len(impls) + 1)
+    size = 2 * torch.Size(SHAPES[-1]).numel() * 4 / 2**20
+    assert f"| {size:.0f} " in bw_rows[0] and f"| {2.5 * size:.0f} " in bw_rows[3]
 
 
 # impl="cpp": the C++ kernel runs where it can, the fast path takes the rest ------------
+
+def _auto_uses_kernel() -> bool:
+    from bnlab._cpp import cached_extension
+
+    return cached_extension() is not None
+
 
 def _grad_fn_name(impl, x):
     return batch_norm(x, None, None, training=True, impl=impl).grad_fn.name()
@@ -341,19 +356,20 @@ def test_weight_or_bias_alone(impl, given, shape):
                           **TOL[torch.float64])
 
 
-def test_cpp_says_what_its_build_lacks(monkeypatch):
+def test_cpp_says_what_its_build_lacks(monkeypatch, tmp_path):
     import shutil
 
     import torch.utils.cpp_extension as cpp_extension
 
     import bnlab._cpp as cpp
 
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
     assert cpp.build_requirements_missing() == [
         "a C++ compiler (c++, g++ or clang++ on PATH)", "ninja (pip install ninja)"]
-    with pytest.raises(RuntimeError, match=r"impl='cpp' compiles a C\+\+ kernel on first use "
-                                           r"and needs a C\+\+ compiler .* and ninja"):
+    with pytest.raises(cpp.KernelUnavailable, match=r"impl='cpp' needs bnlab's C\+\+ kernel, "
+                       r"and building bnlab's C\+\+ kernel needs a C\+\+ compiler .* and ninja"):
         cpp.load_extension.__wrapped__()
 
 
@@ -369,3 +385,141 @@ def test_cpp_off_the_cpu_needs_no_build(monkeypatch):
     x = torch.empty(4, 3, 2, 2, device="meta")
     y = cpp.cpp_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
     assert y.device.type == "meta" and y.shape == x.shape
+
+
+# impl="auto": the built kernel where it applies, the fast path elsewhere, never a build --
+
+@pytest.fixture
+def fresh_auto(monkeypatch):
+    """impl='auto' deciding afresh (its answer is cached per process), restored after."""
+    import bnlab._cpp as cpp
+
+    cpp.cached_extension.cache_clear()
+    yield cpp
+    cpp.cached_extension.cache_clear()
+
+
+def _hide_build_tools(monkeypatch, tmp_path):
+    """An empty extensions dir and a PATH without compiler or ninja."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+
+
+def test_auto_without_a_build_takes_the_fast_path_and_says_so_once(
+        fresh_auto, monkeypatch, tmp_path, capsys):
+    _hide_build_tools(monkeypatch, tmp_path)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("impl='auto' started a build")
+
+    monkeypatch.setattr(fresh_auto, "build_extension", no_build)
+    x = torch.randn(8, 3, 2, 2, requires_grad=True)
+    for _ in range(3):
+        assert _grad_fn_name("auto", x) == "FusedBatchNormBackward"
+    err = capsys.readouterr().err
+    assert err.count("bnlab: impl='auto' uses the fast path") == 1, err
+    assert "is not built" in err and "`bnlab kernel build` builds it where there is a C++ " \
+        "compiler (c++, g++ or clang++ on PATH) and ninja" in err
+
+
+@CPP_SKIP
+def test_auto_uses_the_built_kernel_silently(fresh_auto, capsys):
+    fresh_auto.load_extension()  # builds it if this machine has not yet
+    capsys.readouterr()
+    x = torch.randn(8, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert _grad_fn_name("auto", x) == "torch::autograd::CppNode<bnlab::BatchNormFunction>"
+    assert _grad_fn_name("auto", x.detach().float().requires_grad_()).startswith("torch::")
+    assert _grad_fn_name("auto", x.detach().half().requires_grad_()) == "FusedBatchNormBackward"
+    assert capsys.readouterr().err == ""
+
+
+@CPP_SKIP
+def test_built_kernel_imports_without_compiler_or_ninja(fresh_auto, monkeypatch, tmp_path):
+    fresh_auto.load_extension()
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert fresh_auto.build_requirements_missing()  # nothing to build with
+    assert fresh_auto.import_built().batch_norm is not None
+
+
+@CPP_SKIP
+def test_kernel_declines_transformed_and_traced_inputs():
+    """Under torch.func transforms and forward-mode AD the kernel returns None, so cpp and
+    auto take the fast path; under torch.compile tracing they do not call it at all."""
+    import torch.autograd.forward_ad as fwAD
+
+    from bnlab._cpp import load_extension
+
+    kernel = load_extension()
+    args = (None, None, None, None, True, 0.1, 1e-5)
+    x = torch.randn(6, 3)
+    assert kernel.batch_norm(x, *args) is not None  # plain: taken
+
+    def declined(t):
+        assert kernel.batch_norm(t, *args) is None
+        return t.sum()
+
+    torch.func.grad(declined)(x)
+    torch.func.vmap(declined)(x.view(2, 3, 3))
+    torch.func.jvp(declined, (x,), (torch.ones_like(x),))
+    with fwAD.dual_level():
+        declined(fwAD.make_dual(x, torch.ones_like(x)))
+
+
+def test_auto_and_cpp_trace_under_compile(monkeypatch):
+    """torch.compile(fullgraph=True) traces impl='auto' and impl='cpp' without a graph
+    break: while tracing they take the fast path (the kernel is never loaded)."""
+    import bnlab._cpp as cpp
+
+    def refuse():
+        raise AssertionError("the extension was called while tracing")
+
+    monkeypatch.setattr(cpp, "load_extension", refuse)
+    monkeypatch.setattr(cpp, "cached_extension", refuse)
+    args = _inputs((8, 3), torch.float32, seed=6)
+    for impl in ("auto", "cpp"):
+        fn = torch.compile(lambda *a, impl=impl: batch_norm(*a, impl=impl), fullgraph=True,
+                           backend="eager")
+        _assert_all_close(_run(fn, *args, True), _run(F.batch_norm, *args, True),
+                          **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("impl", ["auto", pytest.param("cpp", marks=CPP_SKIP)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape,fmt", [((5, 3), None), ((3, 2, 2, 3), None),
+                                       ((3, 2, 2, 3), torch.channels_last)])
+def test_gradgradcheck(impl, training, affine, shape, fmt):
+    """Second derivatives (create_graph=True), float64: the C++ node's backward switches
+    to differentiable ops when a graph is being recorded."""
+    x, w, b, rm, rv, _ = _inputs(shape, torch.float64, affine, seed=12)
+    if fmt is not None:
+        x = x.to(memory_format=fmt)
+    leaves = [x.requires_grad_()] + ([w.requires_grad_(), b.requires_grad_()] if affine else [])
+
+    def fn(*tensors):
+        weight, bias = (tensors[1], tensors[2]) if affine else (None, None)
+        return batch_norm(tensors[0], rm.clone(), rv.clone(), weight, bias, training,
+                          impl=impl)
+
+    if impl == "auto" and not _auto_uses_kernel():
+        pytest.skip("impl='auto' runs the fast path here (no kernel built); its double "
+                    "backward is the fast path's")
+    assert torch.autograd.gradgradcheck(fn, leaves)
+
+
+@CPP_SKIP
+def test_cpp_gradient_penalty_matches_torch():
+    """A gradient penalty, the common use of create_graph: d/dw of |dL/dx|^2."""
+    x, w, b, rm, rv, _ = _inputs((6, 3, 2, 2), torch.float64, seed=13)
+
+    def penalty_grads(fn):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xs, rm.clone(), rv.clone(), ws, b, True, 0.1, 1e-5)
+        (gx,) = torch.autograd.grad((y.sin()).sum(), xs, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (xs, ws))
+
+    _assert_all_close(penalty_grads(_ours("cpp")), penalty_grads(F.batch_norm),
+                      **TOL[torch.float64])
+

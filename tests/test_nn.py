@@ -285,6 +285,21 @@ def test_compiled_model_matches_eager():
 
 
 def test_unknown_impl_is_refused_at_construction():
-    with pytest.raises(ValueError, match=r"impl must be one of fast, reference, cpp, compiled "
-                                         r"\(got 'fats'\)"):
+    from bnlab.functional import IMPLEMENTATIONS
+
+    names = ", ".join(IMPLEMENTATIONS)
+    with pytest.raises(ValueError, match=rf"impl must be one of {names} \(got 'fats'\)"):
         bnn.BatchNorm2d(3, impl="fats")
+
+
+def test_default_impl_is_auto_everywhere():
+    """Every module, the functional form and convert_batchnorm default to impl='auto'."""
+    import inspect
+
+    from bnlab.functional import batch_norm
+
+    assert inspect.signature(batch_norm).parameters["impl"].default == "auto"
+    for cls in (bnn.BatchNorm1d, bnn.BatchNorm2d, bnn.BatchNorm3d, bnn.LazyBatchNorm1d,
+                bnn.LazyBatchNorm2d, bnn.LazyBatchNorm3d):
+        assert cls(3).impl == "auto", cls
+    assert bnn.convert_batchnorm(nn.BatchNorm2d(3)).impl == "auto"

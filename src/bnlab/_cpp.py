@@ -1,32 +1,48 @@
-"""The opt-in C++ batch norm (``impl="cpp"``): one loop per direction, autograd in C++.
+"""bnlab's C++ batch norm (``impl="cpp"``, and ``impl="auto"`` where it is built).
 
-Why: the fast path (``bnlab._fused``) is plain tensor ops under a Python
-``autograd.Function``. On large activations it is memory-bound and as fast as torch's
-kernel or faster, but on the chapter's FC activations, (128, 120) and (128, 84), a whole
-forward+backward of torch's kernel takes 75-110 us, of which a do-nothing Python
-``autograd.Function`` already costs ~45 us; the 15 tensor ops of the math add ~80 us
-more. Only compiled code gets under that floor, so this module compiles
-``csrc/batch_norm.cpp`` (our own kernel, not torch's) on first use with
-``torch.utils.cpp_extension`` and caches the build.
+Why compiled code: the fast path (``bnlab._fused``) is plain tensor ops under a Python
+``autograd.Function``. On large activations that is memory-bound, but on small ones (the
+chapter's FC activations, (128, 120) and (128, 84)) a do-nothing Python
+``autograd.Function`` already costs a large part of torch's whole forward+backward
+(``bnlab bench bn --floor`` measures it), and each tensor op adds its dispatch. Only
+compiled code gets under that floor, so ``csrc/batch_norm.cpp`` (our own kernel, not
+torch's) holds one loop per direction and the autograd node, in C++.
 
-First-call cost: a C++ compiler and ninja are needed at run time, and the first use on a
-machine builds the extension (about 30 s on 2 CPU cores); later processes load the cached
-build from ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in well under
-a second. ``bnlab bench bn --cpp`` reports the load time it saw.
+Building: ``bnlab kernel build`` (which ``make demo`` and ``make test`` run) compiles it
+once per machine with ``torch.utils.cpp_extension``; it needs a C++ compiler and ninja.
+The build lives in ``$TORCH_EXTENSIONS_DIR`` (default: torch's
+``~/.cache/torch_extensions``) under a name that encodes the source, the compiler flags,
+the torch and Python versions, so a changed source or another torch never loads a stale
+build. A finished build is imported directly, without the compiler or ninja, which is
+how ``impl="auto"`` can use it on a machine that could not build it.
 
-Scope: CPU tensors in float32/float64, contiguous or channels_last, with parameters and
-running statistics of the input's dtype. Anything else (CUDA, float16/bfloat16, other
-strides) goes to the fast path, which has the same contract. Statistics are accumulated
-per chunk in the input's dtype and merged across chunks in float64 (Chan et al.'s
-pairwise update), so data with a large mean is as safe as in the fast path.
-Double backward raises, as in the fast path.
+* ``impl="cpp"`` builds on first use (a notice on stderr says so) and fails, saying
+  what is missing, where it cannot.
+* ``impl="auto"`` never builds: it uses the kernel when a build is already there and
+  loads, and otherwise the fast path, saying once on stderr why and how to build.
+
+Scope: plain CPU tensors in float32/float64, contiguous or channels_last, with parameters
+and running statistics of the input's dtype. Anything else (CUDA, float16/bfloat16, other
+strides, tensors under ``torch.func`` transforms, tensor subclasses that intercept
+dispatch, forward-mode dual tensors) goes to the fast path, which has the same contract;
+the kernel itself makes that choice (see ``plain`` and ``supported`` in the source).
+Under ``torch.compile`` tracing neither cpp nor auto calls the extension (a call into an
+opaque extension would break the graph): they take the fast path, which traces.
+Statistics are accumulated per chunk in the input's dtype and merged across chunks in
+float64 (Chan et al.'s pairwise update), so data with a large mean is as safe as in the
+fast path. Double backward works: under ``create_graph=True`` the C++ node's backward
+computes the gradients with differentiable ATen ops.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
+import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -39,6 +55,11 @@ _ARCH_FLAGS = {  # what torch's own CPU kernels were picked for on this machine
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
+BUILD_COMMAND = "bnlab kernel build"
+
+
+class KernelUnavailable(RuntimeError):
+    """The C++ kernel cannot be built or loaded here; the message says why."""
 
 
 def build_requirements_missing() -> list[str]:
@@ -53,35 +74,146 @@ def build_requirements_missing() -> list[str]:
     return missing
 
 
-@functools.cache
-def load_extension() -> ModuleType:
-    """Build (first time on this machine) or load the cached C++ extension."""
+@dataclass(frozen=True)
+class KernelBuild:
+    """Where this machine's build of the kernel lives (built or not)."""
+
+    name: str        # module name: encodes source, flags, torch and Python
+    directory: Path  # torch's build folder for it
+    flags: tuple[str, ...]
+
+    @property
+    def library(self) -> Path:
+        return self.directory / f"{self.name}{_library_suffix()}"
+
+    @property
+    def built(self) -> bool:
+        return self.library.is_file()
+
+
+def _library_suffix() -> str:
+    return ".pyd" if sys.platform == "win32" else ".so"  # what cpp_extension.load writes
+
+
+def extensions_root() -> Path:
+    """``$TORCH_EXTENSIONS_DIR``, else torch's default extension cache."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def kernel_build() -> KernelBuild:
+    """This machine's build of the kernel: name and folder, from what it is built of."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ("-O3", "-fopenmp-simd", *_ARCH_FLAGS.get(capability, []))
+    digest = hashlib.sha256()
+    python = f"{sys.implementation.cache_tag} {sys.platform}"  # the extension's ABI
+    for part in (_SOURCE.read_bytes(), " ".join(flags).encode(), torch.__version__.encode(),
+                 python.encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    name = f"bnlab_batch_norm_{capability.lower()}_{digest.hexdigest()[:12]}"
+    return KernelBuild(name, extensions_root() / name, flags)
+
+
+def build_extension(quiet: bool = False) -> ModuleType:
+    """Build the kernel (a no-op when this exact build exists) and import it.
+
+    Raises :class:`KernelUnavailable`, naming what is missing, where it cannot build.
+    """
     missing = build_requirements_missing()
+    build = kernel_build()
     if missing:
-        raise RuntimeError("impl='cpp' compiles a C++ kernel on first use and needs "
-                           + " and ".join(missing) + "; impl='fast' needs neither")
+        raise KernelUnavailable("building bnlab's C++ kernel needs " + " and ".join(missing))
     from torch.utils.cpp_extension import load
 
-    capability = torch.backends.cpu.get_cpu_capability()
-    name = f"bnlab_batch_norm_{capability.lower()}"
-    if not _is_built(name):
-        print(f"bnlab: building the impl='cpp' kernel {name} (once per machine, ~35 s on 2 "
-              "cores)...", file=sys.stderr, flush=True)
-    return load(name=name, sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-fopenmp-simd", *_ARCH_FLAGS.get(capability, [])],
-                verbose=False)
-
-
-def _is_built(name: str) -> bool:
-    """Whether torch's extension cache already holds a build of ``name`` (a guess: torch
-    rebuilds a cached one whose source changed)."""
-    from torch.utils import cpp_extension
-
+    if not build.built and not quiet:
+        print(f"bnlab: building the C++ batch-norm kernel into {build.directory} (once per "
+              "machine and torch version)...", file=sys.stderr, flush=True)
+    build.directory.mkdir(parents=True, exist_ok=True)
     try:
-        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-    except (AttributeError, OSError):  # a private helper: treat as not built if it moved
-        return False
-    return any(build_dir.glob(f"{name}*.so"))
+        return load(name=build.name, sources=[str(_SOURCE)], extra_cflags=list(build.flags),
+                    build_directory=str(build.directory), verbose=False)
+    except (RuntimeError, OSError, ImportError) as exc:  # a compiler error, say
+        raise KernelUnavailable(f"building bnlab's C++ kernel failed: {_first_line(exc)}") \
+            from exc
+
+
+def import_built() -> ModuleType:
+    """Import the finished build without compiler or ninja; KernelUnavailable if absent."""
+    build = kernel_build()
+    if not build.built:
+        raise KernelUnavailable(f"bnlab's C++ kernel is not built for this source and torch "
+                                f"(no {build.library})")
+    spec = importlib.util.spec_from_file_location(build.name, build.library)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as exc:
+        raise KernelUnavailable(f"the build at {build.library} does not load: "
+                                f"{_first_line(exc)}") from exc
+    return module
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@functools.cache
+def load_extension() -> ModuleType:
+    """The kernel for ``impl="cpp"``: the finished build, else built now."""
+    try:
+        return import_built()
+    except KernelUnavailable:
+        pass
+    try:
+        return build_extension()
+    except KernelUnavailable as exc:
+        raise KernelUnavailable(f"impl='cpp' needs bnlab's C++ kernel, and {exc}; "
+                                "impl='fast' needs neither") from None
+
+
+@functools.cache
+def cached_extension() -> ModuleType | None:
+    """The kernel for ``impl="auto"`` if already built and loadable, else None.
+
+    Never builds. The first time it finds none it says once on stderr why and how to
+    build it (the answer is cached for the process, so later calls are silent).
+    """
+    try:
+        return import_built()
+    except KernelUnavailable as exc:
+        reason = str(exc)
+    missing = build_requirements_missing()
+    how = (f"`{BUILD_COMMAND}` builds it" if not missing else
+           f"`{BUILD_COMMAND}` builds it where there is " + " and ".join(missing))
+    print(f"bnlab: impl='auto' uses the fast path on CPU: {reason}; {how}.",
+          file=sys.stderr, flush=True)
+    return None
+
+
+def kernel_info() -> dict[str, str]:
+    """Where the kernel is cached, whether it loads, what a build needs (for the CLI)."""
+    build = kernel_build()
+    missing = build_requirements_missing()
+    if build.built:
+        try:
+            import_built()
+            loads = "yes"
+        except KernelUnavailable as exc:
+            loads = f"no: {exc}"
+    else:
+        loads = f"not built (run `{BUILD_COMMAND}`)"
+    return {
+        "name": build.name,
+        "library": str(build.library),
+        "built": "yes" if build.built else "no",
+        "loads": loads,
+        "build needs": "a C++ compiler (c++, g++ or clang++) and ninja",
+        "missing here": ", ".join(missing) if missing else "nothing",
+        "impl='auto' on CPU": "C++ kernel" if loads == "yes" else "fast path",
+    }
 
 
 def cpp_batch_norm(
@@ -94,13 +226,40 @@ def cpp_batch_norm(
     momentum: float,
     eps: float,
 ) -> torch.Tensor:
-    """``impl="cpp"`` without argument checks (callers have checked)."""
+    """``impl="cpp"`` without argument checks (callers have checked); builds if needed."""
     if running_mean is None or running_var is None:  # half-given: neither is updated
         running_mean = running_var = None
-    # Off the CPU the kernel never applies: no build needed to know that.
-    y = None if input.device.type != "cpu" else load_extension().try_batch_norm(
-        input, weight, bias, running_mean, running_var, training, momentum, eps)
-    if y is None:  # not a CPU float32/float64 call the kernel takes: the fast path
-        y = fused_batch_norm(input, running_mean, running_var, weight, bias, training,
-                             momentum, eps)
-    return y
+    # Off the CPU, or while torch.compile traces, the kernel is not called: no build
+    # needed to know that.
+    if input.is_cpu and not torch.compiler.is_compiling():
+        y = load_extension().batch_norm(input, running_mean, running_var, weight, bias,
+                                        training, momentum, eps)
+        if y is not None:
+            return y
+    return fused_batch_norm(input, running_mean, running_var, weight, bias, training,
+                            momentum, eps)
+
+
+def auto_batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """``impl="auto"`` without argument checks: the built kernel where it takes the call,
+    the fast path everywhere else; never builds."""
+    if running_mean is None or running_var is None:
+        running_mean = running_var = None
+    if input.is_cpu and not torch.compiler.is_compiling():
+        kernel = cached_extension()
+        if kernel is not None:
+            y = kernel.batch_norm(input, running_mean, running_var, weight, bias, training,
+                                  momentum, eps)
+            if y is not None:
+                return y
+    return fused_batch_norm(input, running_mean, running_var, weight, bias, training,
+                            momentum, eps)

@@ -2,14 +2,13 @@
 
 Why keep it next to the fast path: it is the version a reader can check against the
 formula at a glance, and the tests hold the fast path to it (and both to torch). It is
-deliberately plain; speed is ``bnlab._fused``'s job.
+deliberately plain and stands alone (it imports nothing from the other implementations);
+speed is ``bnlab._fused``'s and ``bnlab._cpp``'s job.
 """
 
 from __future__ import annotations
 
 import torch
-
-from bnlab._fused import reduce_dims, stat_dtype
 
 
 def reference_batch_norm(
@@ -24,8 +23,9 @@ def reference_batch_norm(
 ) -> torch.Tensor:
     """y = (x - mean) / sqrt(var + eps) * gamma + beta, stats per channel (dim 1)."""
     out_dtype = x.dtype
-    x = x.to(stat_dtype(x.dtype))  # half/bfloat16: compute in float32
-    dims = reduce_dims(x.dim())
+    if x.dtype in (torch.float16, torch.bfloat16):  # half precision: compute in float32
+        x = x.float()
+    dims = (0, *range(2, x.dim()))  # every dim but the channels (dim 1)
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)  # broadcasts a per-channel vector
     if training:
         mean = x.mean(dim=dims, keepdim=True)

@@ -9,6 +9,7 @@ their config dataclasses, so the CLI and the configs cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
@@ -44,6 +45,39 @@ def _run_data_info(args: argparse.Namespace) -> None:
     print(dataset_info(args.data_dir))
 
 
+def _add_kernel_commands(sub: argparse._SubParsersAction) -> None:
+    kernel = sub.add_parser("kernel", help="build or inspect bnlab's C++ batch-norm kernel "
+                            "(impl='auto' uses it once built)")
+    kernel_sub = kernel.add_subparsers(dest="kernel_command", required=True,
+                                       metavar="{build,info}")
+    build = kernel_sub.add_parser(
+        "build", help="compile the kernel once for this machine and torch (needs a C++ "
+                      "compiler and ninja); a no-op when built")
+    build.set_defaults(handler=_run_kernel_build)
+    info = kernel_sub.add_parser(
+        "info", help="where the kernel is cached, whether it loads, what a build needs")
+    info.set_defaults(handler=_run_kernel_info)
+
+
+def _run_kernel_build(args: argparse.Namespace) -> None:
+    from bnlab import _cpp
+
+    try:
+        _cpp.build_extension()
+    except _cpp.KernelUnavailable as exc:
+        raise BnlabError(f"{exc}; impl='auto' uses the fast path without it") from None
+    print(f"bnlab's C++ kernel is built: {_cpp.kernel_build().library}")
+
+
+def _run_kernel_info(args: argparse.Namespace) -> None:
+    from bnlab import _cpp
+
+    info = _cpp.kernel_info()
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key + ':':<{width + 1}} {value}")
+
+
 def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="speed benchmarks (ratios measured side by side)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True,
@@ -56,17 +90,22 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     loader.add_argument("--repeats", type=int, default=3, help="epochs timed per loader")
     loader.set_defaults(handler=_run_bench_loader)
 
+    from bnlab.bench.bn import DEFAULT_IMPLS
+    from bnlab.functional import IMPLEMENTATIONS
+
     bn = bench_sub.add_parser(
-        "bn", help="bnlab's fast and reference batch norm vs torch's native kernel")
+        "bn", help="bnlab's batch norm implementations vs torch's native kernel")
     bn.add_argument("--repeats", type=int, default=100, help="interleaved repeats per shape")
-    bn.add_argument("--cpp", action="store_true",
-                    help="also time impl='cpp' (bnlab's C++ kernel; builds it on first use, ~30 s)")
+    bn.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
+                    help="comma-separated implementations from "
+                         f"{', '.join(IMPLEMENTATIONS)}; cpp builds bnlab's kernel first if "
+                         "needed, compiled compiles each shape first (both excluded from the "
+                         "timings)")
     bn.add_argument("--floor", action="store_true",
                     help="also time a do-nothing Python autograd.Function: the overhead any "
                          "plain-tensor-op implementation pays before its math")
-    bn.add_argument("--compiled", action="store_true",
-                    help="also time impl='compiled' (torch.compile; compiles each shape first)")
     bn.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_write_docs_flag(bn)
     bn.set_defaults(handler=_run_bench_bn)
 
     step = bench_sub.add_parser(
@@ -74,11 +113,12 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
                      "Fashion-MNIST batches")
     step.add_argument("--norms", default="bnlab,torch",
                       help="comma-separated norm names (see `bnlab train --help`), e.g. "
-                           "bnlab,bnlab-cpp,torch; ratios are to torch's")
+                           "bnlab,bnlab-fast,torch; ratios are to torch's")
     step.add_argument("--steps", type=int, default=300, help="timed steps per norm")
     step.add_argument("--batch-size", type=int, default=128)
     step.add_argument("--data-dir", help="look here first for Fashion-MNIST")
     step.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_write_docs_flag(step)
     step.set_defaults(handler=_run_bench_step)
 
     fold = bench_sub.add_parser(
@@ -94,6 +134,24 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     grid.add_argument("--repeats", type=int, default=2, help="rounds, executors alternating")
     grid.add_argument("--data-dir", help="look here first for Fashion-MNIST")
     grid.set_defaults(handler=_run_bench_grid)
+
+
+def _add_write_docs_flag(parser: argparse.ArgumentParser) -> None:
+    from bnlab.bench.docs import DEFAULT_PATH
+
+    parser.add_argument("--write-docs", nargs="?", const=str(DEFAULT_PATH), default=None,
+                        metavar="PATH", help="also write the table, with machine, torch "
+                        f"version and date, into its section of PATH (default {DEFAULT_PATH})")
+
+
+def _publish(args: argparse.Namespace, key: str, title: str, table: str) -> None:
+    print(table)
+    if args.write_docs:
+        from bnlab.bench.docs import write_section
+
+        command = "bnlab " + " ".join(shlex.quote(a) for a in args.argv)
+        path = write_section(key, title, command, table, args.write_docs)
+        print(f"wrote {path}")
 
 
 def _run_bench_loader(args: argparse.Namespace) -> None:
@@ -117,8 +175,9 @@ def _run_bench_step(args: argparse.Namespace) -> None:
     configs = {n: TrainConfig(model="bn-lenet", norm=n, lr=lr, batch_size=args.batch_size, seed=0)
                for n in norms}
     batches, _ = build_loaders(configs["torch"], load_fashion_mnist(args.data_dir), device)
-    print(step.run_step_benchmark(seeded_steps(configs, device), batches, steps=args.steps,
-                                  setup=f"SGD lr {lr}, batch {args.batch_size}", device=device))
+    table = step.run_step_benchmark(seeded_steps(configs, device), batches, steps=args.steps,
+                                    setup=f"SGD lr {lr}, batch {args.batch_size}", device=device)
+    _publish(args, "step", "BN-LeNet training step (`bench step`)", table)
 
 
 def _run_bench_fold(args: argparse.Namespace) -> None:
@@ -138,10 +197,21 @@ def _run_bench_grid(args: argparse.Namespace) -> None:
 
 
 def _run_bench_bn(args: argparse.Namespace) -> None:
+    from bnlab import _cpp
     from bnlab.bench import bn
+    from bnlab.functional import IMPLEMENTATIONS
 
-    print(bn.run_bn_benchmark(repeats=args.repeats, device=args.device, compiled=args.compiled,
-                              cpp=args.cpp, floor=args.floor))
+    impls = tuple(n.strip() for n in args.impls.split(",") if n.strip())
+    unknown = [n for n in impls if n not in IMPLEMENTATIONS]
+    if unknown or not impls:
+        raise BnlabError(f"--impls: expected names from {', '.join(IMPLEMENTATIONS)} "
+                         f"(got {args.impls!r})")
+    try:
+        table = bn.run_bn_benchmark(repeats=args.repeats, device=args.device, impls=impls,
+                                    floor=args.floor)
+    except _cpp.KernelUnavailable as exc:
+        raise BnlabError(str(exc)) from None
+    _publish(args, "bn", "Batch norm alone (`bench bn`)", table)
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:
@@ -309,6 +379,7 @@ def _run_report(args: argparse.Namespace) -> None:
 
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_data_commands,
+    _add_kernel_commands,
     _add_bench_commands,
     _add_train_commands,
     _add_experiment_commands,
@@ -330,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line as given, for pages that record it
     try:
         code = args.handler(args)
     except BnlabError as exc:

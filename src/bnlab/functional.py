@@ -2,21 +2,29 @@
 
 Why a functional layer: the modules in ``bnlab.nn`` only decide *which* statistics to
 use and how fast the running averages move; the arithmetic lives here, once, and can be
-called (and tested) on its own, with either implementation:
+called (and tested) on its own, with any of the implementations in ``IMPLEMENTATIONS``,
+the one registry of them (``bnlab.nn``, ``bnlab.norms``, the benchmarks, the CLI and the
+tests read it). Every implementation takes torch's functional argument order
+``(input, running_mean, running_var, weight, bias, training, momentum, eps)``:
 
-* ``impl="fast"`` (default): ``bnlab._fused.FusedBatchNorm``, an autograd Function with
-  the hand-derived backward; at or below torch's kernel time on large conv activations
-  on CPU, 1.4-1.7x on small ones, where Python overhead dominates (``bnlab bench bn``).
-* ``impl="reference"``: ``bnlab._reference.reference_batch_norm``, the chapter's formula
-  as plain tensor ops, differentiated by autograd.
-* ``impl="cpp"``: ``bnlab._cpp``, the same math as one C++ loop per direction with the
-  autograd node in C++ (CPU float32/float64; other inputs take the fast path). Faster
-  than torch's kernel on the chapter's shapes, but it builds a C++ extension on first
-  use (needs a compiler and ninja, about 30 s once per machine; cached afterwards).
-* ``impl="compiled"``: the reference formula through ``torch.compile`` (Inductor fuses the
-  forward and the derived backward into a few loops). Needs a C++ compiler (CPU) or Triton
-  (CUDA) at run time, and each new input shape or mode compiles on its first call (about
-  10-15 s on 2 CPU cores); see ``bnlab bench bn --compiled`` for whether it pays.
+* ``"auto"`` (default): bnlab's C++ kernel where it applies (CPU, float32/float64,
+  contiguous or channels_last, not under ``torch.func`` transforms or ``torch.compile``)
+  and is already built (``bnlab kernel build``), the fast path everywhere else. It never
+  builds during a forward; when it falls back for lack of a build it says so once on
+  stderr, with the command that builds it.
+* ``"fast"``: ``bnlab._fused.FusedBatchNorm``, an autograd Function with the
+  hand-derived backward, in plain tensor ops: no compiler, any device.
+* ``"reference"``: ``bnlab._reference.reference_batch_norm``, the chapter's formula as
+  plain tensor ops, differentiated by autograd. The one to read.
+* ``"cpp"``: ``bnlab._cpp``, the same math as one C++ loop per direction with the
+  autograd node in C++ (CPU float32/float64; other inputs take the fast path). Builds
+  the extension on first use (needs a C++ compiler and ninja).
+* ``"compiled"``: the reference formula through ``torch.compile`` (Inductor fuses the
+  forward and the derived backward into a few loops). Needs a C++ compiler (CPU) or
+  Triton (CUDA) at run time, and each new input shape or mode compiles on its first
+  call; ``bnlab bench bn --compiled`` shows whether it pays.
+
+Measured speeds are in docs/performance.md (written by ``bnlab bench bn --write-docs``).
 
 Formula, per channel c (statistics over every dim but dim 1)::
 
@@ -37,22 +45,74 @@ Flax call ``momentum`` the weight of the OLD value, so their ``momentum=0.99`` i
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from bnlab._cpp import cpp_batch_norm
+from bnlab._cpp import auto_batch_norm, cpp_batch_norm
 from bnlab._fused import fused_batch_norm
 from bnlab._reference import reference_batch_norm
 
-__all__ = ["batch_norm", "check_input", "fused_batch_norm"]
+__all__ = ["DEFAULT_IMPL", "IMPLEMENTATIONS", "Implementation", "batch_norm", "check_input",
+           "fused_batch_norm", "get_implementation"]
 
-Impl = Literal["fast", "reference", "cpp", "compiled"]
+Impl = str
+"""A key of :data:`IMPLEMENTATIONS`."""
+
+BatchNormFn = Callable[..., torch.Tensor]
+"""``(input, running_mean, running_var, weight, bias, training, momentum, eps) -> output``,
+torch's functional order, arguments already checked."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One batch-norm implementation: how to call it and what it needs."""
+
+    name: str          # the ``impl=`` value
+    run: BatchNormFn   # unchecked: callers (batch_norm, the modules) check first
+    needs: str         # what it needs at run time, for docs and ``--help``
+    norm: str          # its name in ``bnlab.norms`` (``bnlab train --norm``)
+    what: str          # one line for tables
+    compiles: str = "no"  # "no", "once" (per machine: the C++ kernel) or "each shape"
+
+
+def compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                        eps):
+    """``impl="compiled"``: the reference formula through ``torch.compile``."""
+    return _compiled_reference()(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps)
 
 
 @functools.cache
 def _compiled_reference():
     return torch.compile(reference_batch_norm)
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in (
+    Implementation("auto", auto_batch_norm, "nothing (uses the C++ kernel once built)",
+                   "bnlab", "the C++ kernel where it applies and is built, else fast"),
+    Implementation("fast", fused_batch_norm, "nothing", "bnlab-fast",
+                   "autograd Function with the hand-derived backward, plain tensor ops"),
+    Implementation("reference", reference_batch_norm, "nothing", "bnlab-ref",
+                   "the chapter's formula, differentiated by autograd"),
+    Implementation("cpp", cpp_batch_norm, "a C++ compiler and ninja (builds on first use)",
+                   "bnlab-cpp", "bnlab's C++ kernel, autograd node in C++", compiles="once"),
+    Implementation("compiled", compiled_batch_norm,
+                   "a C++ compiler (CPU) or Triton (CUDA); compiles each shape",
+                   "bnlab-compiled", "the reference formula through torch.compile",
+                   compiles="each shape"),
+)}
+DEFAULT_IMPL = "auto"
+
+
+def get_implementation(name: str) -> Implementation:
+    """The registered implementation ``name``; ValueError naming the choices otherwise."""
+    try:
+        return IMPLEMENTATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"impl must be one of {', '.join(IMPLEMENTATIONS)} "
+                         f"(got {name!r})") from None
 
 
 def check_input(x: torch.Tensor, num_features: int | None, training: bool) -> None:
@@ -94,15 +154,17 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     *,
-    impl: Impl = "fast",
+    impl: Impl = DEFAULT_IMPL,
 ) -> torch.Tensor:
     """Batch-normalize ``input`` (N, C, ...) per channel; same contract as torch's.
 
     With ``training=True`` the batch statistics normalize and, when given, the running
     statistics are updated in place with ``new = (1 - momentum) * old + momentum *
     batch`` (variance unbiased). With ``training=False`` the running statistics
-    normalize; they must then be given. ``impl`` picks the implementation.
+    normalize; they must then be given. ``impl`` picks the implementation (a key of
+    ``IMPLEMENTATIONS``).
     """
+    run = get_implementation(impl).run  # a bad name fails before anything else
     if not training and (running_mean is None or running_var is None):
         raise ValueError(
             "running_mean and running_var must be given when training=False "
@@ -112,18 +174,4 @@ def batch_norm(
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         _check_vector(name, t, channels)
-    if impl == "fast":
-        return fused_batch_norm(input, running_mean, running_var, weight, bias,
-                                training, momentum, eps)
-    if impl == "reference":
-        return reference_batch_norm(input, running_mean, running_var, weight, bias,
-                                    training, momentum, eps)
-    if impl == "cpp":
-        return cpp_batch_norm(input, running_mean, running_var, weight, bias, training,
-                              momentum, eps)
-    if impl == "compiled":
-        return _compiled_reference()(input, running_mean, running_var, weight, bias,
-                                     training, momentum, eps)
-    raise ValueError(
-        f"impl must be 'fast', 'reference', 'cpp' or 'compiled' (got {impl!r})")
-
+    return run(input, running_mean, running_var, weight, bias, training, momentum, eps)

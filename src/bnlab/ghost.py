@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from bnlab.functional import Impl, check_input
+from bnlab.functional import DEFAULT_IMPL, Impl, check_input
 from bnlab.functional import batch_norm as functional_batch_norm
 from bnlab.nn import _BatchNorm
 
@@ -47,7 +47,7 @@ class _GhostBatchNorm(_BatchNorm):
     def __init__(self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device: Any = None, dtype: Any = None, *,
-                 bias: bool = True, impl: Impl = "fast") -> None:
+                 bias: bool = True, impl: Impl = DEFAULT_IMPL) -> None:
         if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) \
                 or virtual_batch_size < 2:
             raise ValueError("virtual_batch_size must be an integer >= 2 (a chunk of one "

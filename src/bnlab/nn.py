@@ -37,16 +37,13 @@ the running averages, and a training-mode pass under ``torch.no_grad()`` (e.g.
 re-estimating BN statistics after pruning or weight averaging) would use the stale
 running statistics and never update them.
 
-``impl`` (keyword-only, default ``"fast"``) picks ``bnlab.functional``'s implementation:
-``"fast"`` (analytic backward, no double backward), ``"reference"`` (plain autograd),
-``"cpp"`` (the fast path's math as a C++ kernel, CPU float32/float64; builds a C++
-extension on first use, ~30 s once per machine) or ``"compiled"`` (the reference math
-through ``torch.compile``; compiles each shape on first use).
+``impl`` (keyword-only, default ``"auto"``) picks one of ``bnlab.functional``'s
+``IMPLEMENTATIONS`` (see there for what each is and needs); ``"auto"`` is bnlab's C++
+kernel where it applies and is built, the fast path elsewhere.
 """
 
 from __future__ import annotations
 
-import typing
 from typing import Any
 
 import torch
@@ -54,11 +51,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-from bnlab._cpp import cpp_batch_norm
-from bnlab.functional import Impl, check_input, fused_batch_norm
-from bnlab.functional import batch_norm as _functional_batch_norm
-
-_UNCHECKED = {"fast": fused_batch_norm, "cpp": cpp_batch_norm}
+from bnlab.functional import DEFAULT_IMPL, IMPLEMENTATIONS, Impl, check_input, get_implementation
 
 __all__ = [
     "BatchNorm1d",
@@ -88,7 +81,7 @@ class _BatchNorm(nn.Module):
         dtype: Any = None,
         *,
         bias: bool = True,
-        impl: Impl = "fast",
+        impl: Impl = DEFAULT_IMPL,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -97,9 +90,7 @@ class _BatchNorm(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if impl not in typing.get_args(Impl):
-            raise ValueError(f"impl must be one of {', '.join(typing.get_args(Impl))} "
-                             f"(got {impl!r})")
+        get_implementation(impl)  # an unknown name fails here, not at the first forward
         self.impl = impl
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -165,13 +156,10 @@ class _BatchNorm(nn.Module):
         track = not self.training or self.track_running_stats
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
-        # The input was checked above: the fast and C++ paths are called without re-checks.
-        if self.impl in _UNCHECKED:
-            return _UNCHECKED[self.impl](input, running_mean, running_var, self.weight,
-                                         self.bias, use_batch_stats, factor, self.eps)
-        return _functional_batch_norm(input, running_mean, running_var, self.weight,
-                                      self.bias, use_batch_stats, factor, self.eps,
-                                      impl=self.impl)
+        # The input was checked above: the implementation is called without re-checks.
+        run = IMPLEMENTATIONS[self.impl].run
+        return run(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
+                   factor, self.eps)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
@@ -216,7 +204,7 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
 
     def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device: Any = None, dtype: Any = None,
-                 *, bias: bool = True, impl: Impl = "fast") -> None:
+                 *, bias: bool = True, impl: Impl = DEFAULT_IMPL) -> None:
         factory = {"device": device, "dtype": dtype}
         # affine/track False: build with 0 features so nothing is registered eagerly.
         super().__init__(0, eps, momentum, False, False, impl=impl, **factory)
@@ -303,7 +291,7 @@ def _convert_one(bn: nn.Module, impl: Impl) -> nn.Module:
     return new
 
 
-def convert_batchnorm(module: nn.Module, *, impl: Impl = "fast") -> nn.Module:
+def convert_batchnorm(module: nn.Module, *, impl: Impl = DEFAULT_IMPL) -> nn.Module:
     """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` by bnlab's; return it.
 
     Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: works in place on children

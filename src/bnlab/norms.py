@@ -16,12 +16,14 @@ from collections.abc import Callable
 
 from torch import nn
 
+from bnlab.functional import IMPLEMENTATIONS
+
 NormFactory = Callable[[str, int], nn.Module]
 
 _KINDS = ("conv", "fc")
 
 
-def _bnlab_batch_norm(kind: str, num_features: int, impl: str = "fast") -> nn.Module:
+def _bnlab_batch_norm(kind: str, num_features: int, impl: str) -> nn.Module:
     from bnlab import nn as bnn
 
     cls = bnn.BatchNorm2d if kind == "conv" else bnn.BatchNorm1d
@@ -81,10 +83,11 @@ def _instance_norm(kind: str, num_features: int) -> nn.Module:
     return nn.LayerNorm(num_features)
 
 
+# bnlab's batch norm, one entry per implementation (named in bnlab.functional's registry;
+# "bnlab" is the default implementation).
 NORM_LAYERS: dict[str, NormFactory] = {
-    "bnlab": _bnlab_batch_norm,
-    "bnlab-ref": functools.partial(_bnlab_batch_norm, impl="reference"),
-    "bnlab-cpp": functools.partial(_bnlab_batch_norm, impl="cpp"),
+    **{impl.norm: functools.partial(_bnlab_batch_norm, impl=impl.name)
+       for impl in IMPLEMENTATIONS.values()},
     "torch": _torch_batch_norm,
     "none": _no_norm,
     "layer": _layer_norm,
@@ -93,9 +96,8 @@ NORM_LAYERS: dict[str, NormFactory] = {
 }
 
 NORM_DESCRIPTIONS: dict[str, str] = {
-    "bnlab": "bnlab's from-scratch batch norm (fast path)",
-    "bnlab-ref": "bnlab's reference batch norm (plain tensor ops through autograd)",
-    "bnlab-cpp": "bnlab's batch norm as a C++ kernel (impl='cpp'; builds on first use)",
+    **{impl.norm: f"bnlab's from-scratch batch norm, impl={impl.name!r}: {impl.what}"
+       for impl in IMPLEMENTATIONS.values()},
     "torch": "torch.nn.BatchNorm1d/2d",
     "none": "no normalization (identity)",
     "layer": "layer norm: each sample over all its features; conv: GroupNorm(1, C), i.e. over "

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from bnlab.functional import Impl, check_input
+from bnlab.functional import DEFAULT_IMPL, Impl, check_input
 from bnlab.functional import batch_norm as functional_batch_norm
 from bnlab.nn import _BatchNorm
 
@@ -105,7 +105,7 @@ class _BatchRenorm(_BatchNorm):
                  warmup_steps: int = DEFAULT_WARMUP_STEPS, eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device: Any = None, dtype: Any = None, *,
-                 bias: bool = True, impl: Impl = "fast") -> None:
+                 bias: bool = True, impl: Impl = DEFAULT_IMPL) -> None:
         if not track_running_stats:
             raise ValueError("batch renormalization needs running statistics "
                              "(got track_running_stats=False)")

@@ -58,7 +58,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from bnlab._fused import stat_dtype
-from bnlab.functional import Impl
+from bnlab.functional import DEFAULT_IMPL, Impl
 from bnlab.nn import _BatchNorm
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
@@ -212,7 +212,7 @@ class SyncBatchNorm(_BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: Any = None, device: Any = None, dtype: Any = None, *,
-                 bias: bool = True, impl: Impl = "fast") -> None:
+                 bias: bool = True, impl: Impl = DEFAULT_IMPL) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device, dtype, bias=bias, impl=impl)
         if process_group is not None and dist.is_available() and dist.is_initialized():
@@ -288,7 +288,7 @@ def _to_sync(bn: nn.Module, process_group: Any) -> SyncBatchNorm:
     new = SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                         process_group, device=None if ref is None else ref.device,
                         dtype=None if ref is None else ref.dtype, bias=bn.bias is not None,
-                        impl=getattr(bn, "impl", "fast"))
+                        impl=getattr(bn, "impl", DEFAULT_IMPL))
     if bn.affine:
         new.weight = bn.weight  # the same Parameter objects: optimizers keep working
         if bn.bias is not None:

@@ -1,10 +1,19 @@
-"""Speed and memory of bnlab's two batch norms against torch's native kernel.
+"""Speed and memory of bnlab's batch norms against torch's native kernel.
 
 Why: the chapter's scratch batch norm was 3-5x slower than torch's; bnlab's claim is
-that its fast path is not. This benchmark checks the claim on the chapter's BN-LeNet
-shapes at batch 128 (and one larger conv shape), in training mode with affine
-parameters and tracked running statistics, timing each implementation round-robin with
-torch's kernel in one process so that the ratios survive a noisy machine.
+that its default is not. This benchmark checks the claim on the chapter's BN-LeNet
+shapes at batch 128 (and one larger conv shape) with affine parameters and tracked
+running statistics: forward and forward+backward in training mode, and the eval-mode
+forward under ``torch.no_grad()`` (inference). Each implementation is timed against
+torch's kernel in pairs, one pair per measurement, in one process, so that the ratios
+survive a noisy machine; within a pair the two alternate which runs first (on a busy
+host the second of two back-to-back calls can run faster than the same call first).
+
+Physical limit: batch norm must read its input and write its output, so a direction
+moves at least ``2 S`` (forward: x in, y out) or ``3 S`` (backward: x and dy in, dx
+out) bytes for an input of S bytes, the same as 1 or 1.5 plain copies of x. For the
+largest shape the benchmark times ``x.clone()`` beside the rest and prints each
+direction's achieved GB/s and its distance from that copy bound.
 
 Memory: on CUDA, the peak of ``torch.cuda.max_memory_allocated`` over one training step
 above what was allocated before it; elsewhere, the bytes of the tensors autograd saves
@@ -21,9 +30,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bnlab._cpp import load_extension
 from bnlab.bench.timing import time_interleaved
-from bnlab.functional import batch_norm
+from bnlab.functional import IMPLEMENTATIONS, batch_norm, get_implementation
 from bnlab.tables import format_table
 
 SHAPES: list[tuple[int, ...]] = [
@@ -33,12 +41,10 @@ SHAPES: list[tuple[int, ...]] = [
     (128, 84),          # after fc2
     (64, 64, 32, 32),   # a larger conv activation
 ]
-
-IMPLS: dict[str, Callable[..., torch.Tensor]] = {
-    "reference": lambda *a, **k: batch_norm(*a, impl="reference", **k),
-    "fast": lambda *a, **k: batch_norm(*a, impl="fast", **k),
-    "native": F.batch_norm,
-}
+# By default, every implementation that needs no compiler at run time.
+DEFAULT_IMPLS = tuple(name for name, impl in IMPLEMENTATIONS.items() if impl.compiles == "no")
+NATIVE = "native"
+FLOOR = "floor"
 
 
 class _PythonFunctionFloor(torch.autograd.Function):
@@ -58,12 +64,8 @@ class _PythonFunctionFloor(torch.autograd.Function):
         return dy, weight, bias
 
 
-# Called as the fast path calls its Function: the C++ apply, without the Python wrapper.
-_floor_apply = super(torch.autograd.Function, _PythonFunctionFloor).apply
-
-
-def _floor(x, running_mean, running_var, weight, bias, **_):
-    return _floor_apply(x, weight, bias)
+def _floor(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    return _PythonFunctionFloor.apply(x, weight, bias)
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -72,30 +74,46 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _case(shape: tuple[int, ...], device: torch.device, fn: Callable[..., torch.Tensor]):
-    gen = torch.Generator().manual_seed(0)
-    channels = shape[1]
-    x = torch.randn(shape, generator=gen).to(device).requires_grad_()
-    dy = torch.randn(shape, generator=gen).to(device)
-    weight = torch.ones(channels, device=device, requires_grad=True)
-    bias = torch.zeros(channels, device=device, requires_grad=True)
-    running_mean = torch.zeros(channels, device=device)
-    running_var = torch.ones(channels, device=device)
-
-    def forward() -> torch.Tensor:
-        return fn(x, running_mean, running_var, weight, bias, training=True, momentum=0.1,
-                  eps=1e-5)
-
-    def step() -> None:
-        torch.autograd.grad(forward(), (x, weight, bias), dy)
-
-    return forward, step
+def _candidate(name: str) -> Callable[..., torch.Tensor]:
+    """Called in torch's functional order; through bnlab.functional (argument checks
+    included, as a user calls it)."""
+    if name == NATIVE:
+        return F.batch_norm
+    if name == FLOOR:
+        return _floor
+    get_implementation(name)  # unknown names fail here
+    return lambda *args: batch_norm(*args, impl=name)
 
 
-def _row(shape, name, fwd, both, native_fwd, native_both, step, forward, dev) -> list[str]:
-    mem = _peak_bytes(step, dev) if dev.type == "cuda" else _saved_bytes(forward)
-    return ["x".join(map(str, shape)), name, f"{fwd * 1e3:.3f}", f"{fwd / native_fwd:.2f}",
-            f"{both * 1e3:.3f}", f"{both / native_both:.2f}", f"{mem / 2**20:.2f}"]
+class _Case:
+    """One shape's tensors and the three measured calls of one implementation."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device,
+                 fn: Callable[..., torch.Tensor], compiles: str = "no"):
+        gen = torch.Generator().manual_seed(0)
+        channels = shape[1]
+        self.x = torch.randn(shape, generator=gen).to(device).requires_grad_()
+        self.dy = torch.randn(shape, generator=gen).to(device)
+        self.weight = torch.ones(channels, device=device, requires_grad=True)
+        self.bias = torch.zeros(channels, device=device, requires_grad=True)
+        self.running_mean = torch.zeros(channels, device=device)
+        self.running_var = torch.ones(channels, device=device)
+        self.fn = fn
+        self.compiles = compiles
+
+    def forward(self, training: bool = True) -> torch.Tensor:
+        return self.fn(self.x, self.running_mean, self.running_var, self.weight, self.bias,
+                       training, 0.1, 1e-5)
+
+    def step(self) -> None:
+        torch.autograd.grad(self.forward(), (self.x, self.weight, self.bias), self.dy)
+
+    def eval_forward(self) -> None:
+        with torch.no_grad():
+            self.forward(training=False)
+
+    def calls(self) -> dict[str, Callable[[], object]]:
+        return {"fwd": self.forward, "fwd+bwd": self.step, "eval fwd": self.eval_forward}
 
 
 def _saved_bytes(forward: Callable[[], torch.Tensor]) -> int:
@@ -121,64 +139,111 @@ def _peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3,
-                     compiled: bool = False, cpp: bool = False, floor: bool = False) -> str:
-    """Time forward and forward+backward of each implementation; a markdown table.
+def _time_pairs(case: _Case, native: _Case, repeats: int, warmup: int,
+                device: torch.device) -> dict[str, tuple[float, float]]:
+    """(ours, native) median seconds per measurement, each measured as its own pair."""
+    ours_calls, native_calls = case.calls(), native.calls()
+    out = {}
+    for what in ours_calls:
+        # Two candidates: time_interleaved's rotation alternates which one runs first.
+        times = time_interleaved({"ours": ours_calls[what], NATIVE: native_calls[what]},
+                                 repeats=repeats, warmup=warmup, device=device)
+        out[what] = (times["ours"], times[NATIVE])
+    return out
 
-    ``cpp`` adds ``impl="cpp"`` (bnlab's C++ kernel); the time to build or load its
-    extension is reported separately. ``compiled`` adds ``impl="compiled"``
-    (torch.compile of the reference math); its compile time per shape is reported
-    separately. Both first-call costs are excluded from the timings. ``floor`` adds a
-    do-nothing Python ``autograd.Function`` (see ``_PythonFunctionFloor``).
+
+def _bandwidth_rows(shape, cases: dict[str, _Case], repeats: int, warmup: int,
+                    device: torch.device) -> list[list[str]]:
+    """Bytes each direction must move, achieved GB/s and the ratio to the copy bound."""
+    x = cases[NATIVE].x.detach()
+    size = x.numel() * x.element_size()
+    copy_times = []
+    per_impl: dict[str, dict[str, float]] = {}
+    for name, case in cases.items():
+        times = time_interleaved({"copy": x.clone, "fwd": case.eval_forward,
+                                  "train fwd": case.forward, "fwd+bwd": case.step},
+                                 repeats=repeats, warmup=warmup, device=device)
+        copy_times.append(times["copy"])
+        per_impl[name] = times
+    copy = statistics.median(copy_times)
+    bound = 2 * size / copy  # bytes per second of a plain copy: read S, write S
+    rows = [["x".join(map(str, shape)), "x.clone()", "2 S", f"{2 * size / 2**20:.0f}",
+             f"{copy * 1e3:.3f}", f"{bound / 1e9:.1f}", "1.00"]]
+    moved = {"fwd": 2 * size, "train fwd": 2 * size, "fwd+bwd": 5 * size}
+    label = {"fwd": "eval fwd (2 S)", "train fwd": "train fwd (2 S)",
+             "fwd+bwd": "fwd+bwd (2 S + 3 S)"}
+    for name, times in per_impl.items():
+        for what, nbytes in moved.items():
+            seconds = times[what]
+            rows.append(["", name, label[what], f"{nbytes / 2**20:.0f}", f"{seconds * 1e3:.3f}",
+                         f"{nbytes / seconds / 1e9:.1f}", f"{seconds / (nbytes / bound):.2f}"])
+    return rows
+
+
+def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3,
+                     impls: tuple[str, ...] = DEFAULT_IMPLS, floor: bool = False) -> str:
+    """Time each implementation against torch's kernel; markdown tables with a note.
+
+    ``impls`` are names from ``bnlab.functional.IMPLEMENTATIONS``. One that compiles
+    once (the C++ kernel) is built or loaded on its first call, one that compiles each
+    shape compiles on each shape's first call; those first calls are excluded from the
+    timings and reported.
+    ``floor`` adds a do-nothing Python ``autograd.Function`` (``_PythonFunctionFloor``).
     """
     dev = _resolve_device(device)
-    impls = dict(IMPLS)
-    cpp_seconds = None
-    if cpp:
-        start = time.perf_counter()
-        load_extension()  # builds on first use on this machine, else loads the cached build
-        cpp_seconds = time.perf_counter() - start
-        impls["cpp"] = lambda *a, **k: batch_norm(*a, impl="cpp", **k)
-    if compiled:
-        impls["compiled"] = lambda *a, **k: batch_norm(*a, impl="compiled", **k)
-    if floor:
-        impls["floor"] = _floor
-    compile_seconds: dict[str, float] = {}
+    names = list(dict.fromkeys(impls)) + ([FLOOR] if floor else [])
+    first_call: dict[str, float] = {}
     cuda = dev.type == "cuda"
-    mem_label = "peak step MiB (cuda max_memory_allocated)" if cuda else "saved-for-backward MiB"
-    rows = []
+    mem_label = "peak step MiB (cuda max_memory_allocated)" if cuda else "saved MiB"
+    rows, bandwidth = [], []
     for shape in SHAPES:
-        cases = {name: _case(shape, dev, fn) for name, fn in impls.items()}
-        if compiled:
+        cases = {name: _Case(shape, dev, _candidate(name),
+                             IMPLEMENTATIONS[name].compiles if name in IMPLEMENTATIONS else "no")
+                 for name in [*names, NATIVE]}
+        for name in names:  # builds and compilations happen here, outside the timings
             start = time.perf_counter()
-            cases["compiled"][1]()  # first call: compiles forward and backward
-            compile_seconds["x".join(map(str, shape))] = time.perf_counter() - start
-        native_forward, native_step = cases.pop("native")
-        native_times: list[tuple[float, float]] = []
-        for name, (forward, step) in cases.items():
-            # Each implementation is paired with native alone: a third candidate's freed
-            # memory (the reference's temporaries are 3x larger) would otherwise be
-            # page-faulted back by whoever runs next, an artifact of the benchmark.
-            times = time_interleaved({"fwd": forward, "fwd+bwd": step, "native fwd":
-                                      native_forward, "native fwd+bwd": native_step},
-                                     repeats=repeats, warmup=warmup, device=dev)
-            native_times.append((times["native fwd"], times["native fwd+bwd"]))
-            rows.append(_row(shape, name, times["fwd"], times["fwd+bwd"], times["native fwd"],
-                             times["native fwd+bwd"], step, forward, dev))
-        fwd = statistics.median(t for t, _ in native_times)
-        both = statistics.median(t for _, t in native_times)
-        rows.append(_row(shape, "native", fwd, both, fwd, both, native_step, native_forward, dev))
+            cases[name].step()
+            cases[name].eval_forward()
+            compiles = cases[name].compiles
+            if compiles == "each shape" or (compiles == "once" and shape == SHAPES[0]):
+                first_call[f"{name} {'x'.join(map(str, shape))}"] = time.perf_counter() - start
+        native = cases[NATIVE]
+        native_times: dict[str, list[float]] = {"fwd": [], "fwd+bwd": [], "eval fwd": []}
+        for name in names:
+            times = _time_pairs(cases[name], native, repeats, warmup, dev)
+            for what, (_, theirs) in times.items():
+                native_times[what].append(theirs)
+            rows.append(_row(shape, name, times, cases[name], dev))
+        medians = {what: statistics.median(t) for what, t in native_times.items()}
+        rows.append(_row(shape, NATIVE, {w: (t, t) for w, t in medians.items()}, native, dev))
+        if shape == SHAPES[-1]:
+            bandwidth = _bandwidth_rows(shape, {n: cases[n] for n in [*names, NATIVE]
+                                                if n != FLOOR}, repeats, warmup, dev)
     headers = ["shape", "impl", "fwd ms", "fwd / native", "fwd+bwd ms", "fwd+bwd / native",
-               mem_label]
+               "eval fwd ms", "eval fwd / native", mem_label]
     threads = torch.get_num_threads()
-    note = (f"device: {dev}, torch {torch.__version__}, {threads} threads, float32, "
-            f"training mode, affine, running stats tracked; each implementation interleaved "
-            f"with native in its own loop, median of {repeats} repeats (native's row: the "
-            "median over those loops).")
-    if cpp_seconds is not None:
-        note += (f" impl='cpp' extension built or loaded in {cpp_seconds:.1f} s before "
-                 "timing (a build takes ~30 s once per machine; a cached load ~1 s).")
-    if compile_seconds:
-        note += " First call of impl='compiled' (compile, excluded above): " + ", ".join(
-            f"{shape} {sec:.1f} s" for shape, sec in compile_seconds.items()) + "."
-    return note + "\n\n" + format_table(headers, rows)
+    note = (f"device: {dev}, torch {torch.__version__}, {threads} threads, float32, affine, "
+            "running stats tracked. fwd and fwd+bwd: training mode; eval fwd: eval mode "
+            f"under torch.no_grad(). Each measurement is its own interleaved pair with "
+            f"native (alternating which runs first), median of {repeats} repeats; native's "
+            "row is the median over its pairs.")
+    if first_call:
+        note += " First calls (build, load or compile; excluded above): " + ", ".join(
+            f"{what} {sec:.1f} s" for what, sec in first_call.items()) + "."
+    bw_note = (f"Bytes moved at {'x'.join(map(str, SHAPES[-1]))} (S = the input's bytes; "
+               "a direction must read its inputs and write its output once) and achieved "
+               "GB/s = minimum bytes / median time; 'x bound' = time / the time a plain "
+               "copy takes to move as many bytes. Timed in one interleaved loop per "
+               "implementation, beside x.clone().")
+    bw_headers = ["shape", "impl", "direction", "MiB moved", "ms", "GB/s", "x bound"]
+    return (note + "\n\n" + format_table(headers, rows) + "\n\n" + bw_note + "\n\n"
+            + format_table(bw_headers, bandwidth))
+
+
+def _row(shape, name, times, case: _Case, dev) -> list[str]:
+    mem = _peak_bytes(case.step, dev) if dev.type == "cuda" else _saved_bytes(case.forward)
+    cells = ["x".join(map(str, shape)), name]
+    for what in ("fwd", "fwd+bwd", "eval fwd"):
+        ours, theirs = times[what]
+        cells += [f"{ours * 1e3:.3f}", f"{ours / theirs:.2f}"]
+    return [*cells, f"{mem / 2**20:.2f}"]

@@ -1,4 +1,4 @@
-// bnlab's batch norm as one C++ kernel per direction (the opt-in impl="cpp").
+// bnlab's batch norm as one C++ kernel per direction (impl="cpp"; impl="auto" once built).
 //
 // Why: on small activations (the chapter's FC layers, (128, 120)) the plain-tensor-op
 // fast path is bound by per-op dispatch and Python, not by memory; one loop per direction
@@ -13,6 +13,13 @@
 // the input's precision, and the chunks are merged in double (Chan et al.), so a large
 // mean costs no precision (no E[x^2] - E[x]^2). Running stats follow
 // new = (1 - momentum) * old + momentum * batch, the variance stored unbiased (m / (m - 1)).
+//
+// Deterministic: per-thread partial sums are merged in a fixed order, so a given input
+// and thread count give the same bits every run.
+//
+// Double backward: when the backward itself is recorded (create_graph=True), the node
+// computes the gradients with differentiable ATen ops instead (differentiable_backward).
+// Inference (no grad needed) runs the forward kernel without an autograd node.
 //
 // Layouts: the input is seen as (outer, C, inner) with channel c of sample n at
 // x[(n * C + c) * inner + l]; a contiguous (N, C, *) input has inner = prod(spatial),
@@ -42,16 +49,27 @@ Layout layout_of(const Tensor& x) {
   return {x.numel() / std::max<int64_t>(channels, 1), channels, 1};  // channels_last
 }
 
-// Whether the kernel takes this call: a CPU float32/float64 input, contiguous or
-// channels_last, with contiguous per-channel vectors of the same dtype.
-bool supported(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-               const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var) {
+// Tensors the kernel must not read through a raw pointer: functorch's transform wrappers
+// (vmap, grad, jvp, ...), Python-dispatch subclasses (fake, functional tensors), and
+// tensors carrying a forward-mode gradient (this node has no jvp). Their calls take
+// the fast path, which composes with all of those.
+bool plain(const Tensor& t) {
+  constexpr auto foreign = c10::functorch_transforms_ks | c10::DispatchKeySet(c10::DispatchKey::Python);
+  return !t.key_set().has_any(foreign) && !t._fw_grad(/*level=*/0).defined();
+}
+
+// Whether the kernel takes this call: a plain CPU float32/float64 input, contiguous or
+// channels_last, with plain contiguous per-channel vectors of the same dtype.
+bool supported(const Tensor& x, const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias) {
   if (!x.device().is_cpu()) return false;
   if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return false;
-  for (const auto* v : {&weight, &bias, &running_mean, &running_var}) {
+  if (!plain(x)) return false;
+  for (const auto* v : {&running_mean, &running_var, &weight, &bias}) {
     if (v->has_value() && v->value().defined()) {
       const Tensor& t = v->value();
-      if (t.scalar_type() != x.scalar_type() || !t.device().is_cpu() || !t.is_contiguous()) return false;
+      if (t.scalar_type() != x.scalar_type() || !t.device().is_cpu() || !t.is_contiguous() || !plain(t))
+        return false;
     }
   }
   if (x.is_contiguous()) return true;
@@ -63,6 +81,32 @@ bool supported(const Tensor& x, const std::optional<Tensor>& weight, const std::
 constexpr int64_t kRowBlock = 64;   // rows of C channels per chunk (channels_last, 2D)
 constexpr int64_t kGrain = 32768;   // elements below which a loop runs on one thread
 
+// Channels per task when a loop runs over the (outer, inner) planes of whole channels.
+inline int64_t plane_grain(const Layout& s) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, s.outer * s.inner));
+}
+
+// Backward's two sums over channel c's planes: sum_dy = sum dy, dot = sum dy * (x - mid).
+template <typename scalar_t>
+void plane_sums(const Layout& s, const scalar_t* dy, const scalar_t* x, int64_t c, scalar_t mid,
+                double& sum_dy, double& dot) {
+  double total_dy = 0.0, total_dot = 0.0;
+  for (int64_t n = 0; n < s.outer; ++n) {
+    const scalar_t* g = dy + (n * s.channels + c) * s.inner;
+    const scalar_t* r = x + (n * s.channels + c) * s.inner;
+    scalar_t part_dy = 0, part_dot = 0;
+#pragma omp simd reduction(+ : part_dy, part_dot)
+    for (int64_t l = 0; l < s.inner; ++l) {
+      part_dy += g[l];
+      part_dot += g[l] * (r[l] - mid);
+    }
+    total_dy += part_dy;
+    total_dot += part_dot;
+  }
+  sum_dy = total_dy;
+  dot = total_dot;
+}
+
 // Backward's two sums per channel c, over every n and l: sum_dy[c] = sum dy and
 // dot[c] = sum dy * (x - center[c]). Partial sums run in scalar_t over one contiguous
 // stretch (which vectorizes) and are added up in double across stretches.
@@ -73,6 +117,11 @@ void channel_dy_sums(const Layout& s, const scalar_t* dy, const scalar_t* x, con
   std::fill(sum_dy, sum_dy + C, 0.0);
   std::fill(dot, dot + C, 0.0);
   if (s.inner == 1) {  // rows of C channels (2D input, or channels_last)
+    struct Part {
+      int64_t first;
+      std::vector<double> dy, dot;
+    };
+    std::vector<Part> parts;
     std::mutex merge;
     const int64_t blocks = (s.outer + kRowBlock - 1) / kRowBlock;
     at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / (kRowBlock * C)), [&](int64_t lo, int64_t hi) {
@@ -98,32 +147,19 @@ void channel_dy_sums(const Layout& s, const scalar_t* dy, const scalar_t* x, con
         }
       }
       std::lock_guard<std::mutex> lock(merge);
-      for (int64_t c = 0; c < C; ++c) {
-        sum_dy[c] += total_dy[c];
-        dot[c] += total_dot[c];
-      }
+      parts.push_back(Part{lo, std::move(total_dy), std::move(total_dot)});
     });
+    // Added up in block order, not in the order threads finish: the same bits every run.
+    std::sort(parts.begin(), parts.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (const auto& part : parts)
+      for (int64_t c = 0; c < C; ++c) {
+        sum_dy[c] += part.dy[c];
+        dot[c] += part.dot[c];
+      }
     return;
   }
-  at::parallel_for(0, C, std::max<int64_t>(1, kGrain / (s.outer * s.inner)), [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) {
-      const scalar_t mid = center[c];
-      double total_dy = 0.0, total_dot = 0.0;
-      for (int64_t n = 0; n < s.outer; ++n) {
-        const scalar_t* g = dy + (n * C + c) * s.inner;
-        const scalar_t* r = x + (n * C + c) * s.inner;
-        scalar_t part_dy = 0, part_dot = 0;
-#pragma omp simd reduction(+ : part_dy, part_dot)
-        for (int64_t l = 0; l < s.inner; ++l) {
-          part_dy += g[l];
-          part_dot += g[l] * (r[l] - mid);
-        }
-        total_dy += part_dy;
-        total_dot += part_dot;
-      }
-      sum_dy[c] = total_dy;
-      dot[c] = total_dot;
-    }
+  at::parallel_for(0, C, plane_grain(s), [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) plane_sums(s, dy, x, c, center[c], sum_dy[c], dot[c]);
   });
 }
 
@@ -150,11 +186,33 @@ inline void merge_chunk(Moments& m, double n, double shift, double shifted_sum, 
   m.merge(n, chunk_mean, std::max(sq_dev - n * off * off, 0.0));
 }
 
+// Moments of channel c over its planes: each (sample, channel) plane of `inner`
+// contiguous values is one chunk.
 template <typename scalar_t>
-void channel_mean_var(const Layout& s, const scalar_t* x, double* mean, double* var) {
+Moments plane_moments(const Layout& s, const scalar_t* x, int64_t c) {
+  Moments acc;
+  for (int64_t n = 0; n < s.outer; ++n) {
+    const scalar_t* r = x + (n * s.channels + c) * s.inner;
+    const scalar_t shift = r[0];
+    scalar_t total = 0, dev = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t l = 0; l < s.inner; ++l) total += r[l] - shift;
+    const scalar_t center = scalar_t(double(shift) + double(total) / double(s.inner));
+#pragma omp simd reduction(+ : dev)
+    for (int64_t l = 0; l < s.inner; ++l) dev += (r[l] - center) * (r[l] - center);
+    merge_chunk(acc, double(s.inner), shift, total, center, dev);
+  }
+  return acc;
+}
+
+// Mean and biased variance per channel of a rows-of-C layout (inner == 1), in blocks of
+// kRowBlock rows.
+template <typename scalar_t>
+void row_mean_var(const Layout& s, const scalar_t* x, double* mean, double* var) {
   const int64_t C = s.channels;
   std::vector<Moments> acc(C);
-  if (s.inner == 1) {  // blocks of kRowBlock rows of C channels
+  std::vector<std::pair<int64_t, std::vector<Moments>>> parts;
+  {
     std::mutex merge;
     const int64_t blocks = (s.outer + kRowBlock - 1) / kRowBlock;
     at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / (kRowBlock * C)), [&](int64_t lo, int64_t hi) {
@@ -181,51 +239,38 @@ void channel_mean_var(const Layout& s, const scalar_t* x, double* mean, double* 
         for (int64_t c = 0; c < C; ++c) merge_chunk(local[c], rows, shift[c], sp[c], cp[c], dp[c]);
       }
       std::lock_guard<std::mutex> lock(merge);
-      for (int64_t c = 0; c < C; ++c) acc[c].merge(local[c].count, local[c].mean, local[c].m2);
-    });
-  } else {  // one chunk per (sample, channel): `inner` contiguous values
-    at::parallel_for(0, C, std::max<int64_t>(1, kGrain / (s.outer * s.inner)), [&](int64_t lo, int64_t hi) {
-      for (int64_t c = lo; c < hi; ++c) {
-        for (int64_t n = 0; n < s.outer; ++n) {
-          const scalar_t* r = x + (n * C + c) * s.inner;
-          const scalar_t shift = r[0];
-          scalar_t total = 0, dev = 0;
-#pragma omp simd reduction(+ : total)
-          for (int64_t l = 0; l < s.inner; ++l) total += r[l] - shift;
-          const scalar_t center = scalar_t(double(shift) + double(total) / double(s.inner));
-#pragma omp simd reduction(+ : dev)
-          for (int64_t l = 0; l < s.inner; ++l) dev += (r[l] - center) * (r[l] - center);
-          merge_chunk(acc[c], double(s.inner), shift, total, center, dev);
-        }
-      }
+      parts.emplace_back(lo, std::move(local));
     });
   }
+  // Merged in block order, not in the order threads finish: the same bits every run.
+  std::sort(parts.begin(), parts.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (const auto& part : parts)
+    for (int64_t c = 0; c < C; ++c) acc[c].merge(part.second[c].count, part.second[c].mean, part.second[c].m2);
   for (int64_t c = 0; c < C; ++c) {
     mean[c] = acc[c].mean;
     var[c] = acc[c].m2 / acc[c].count;
   }
 }
 
-// Calls f(i, c) for every element index i and its channel c, in vectorizable runs.
-template <typename F>
-void for_each_element(const Layout& s, F f) {
+// Runs over every element in vectorizable stretches: row(i, c) for each element of a
+// channels_last / (N, C) input (channel c = i % C, rows of C channels), plane(base, c)
+// for each contiguous stretch of `inner` values of channel c otherwise (the caller's loop
+// over it keeps the channel's constants in registers).
+template <typename Row, typename Plane>
+void for_each_element(const Layout& s, Row row, Plane plane) {
   const int64_t C = s.channels;
   if (s.inner == 1) {
     at::parallel_for(0, s.outer, std::max<int64_t>(1, kGrain / C), [&](int64_t lo, int64_t hi) {
       for (int64_t n = lo; n < hi; ++n) {
         const int64_t base = n * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) f(base + c, c);
+        for (int64_t c = 0; c < C; ++c) row(base + c, c);
       }
     });
     return;
   }
   at::parallel_for(0, s.outer * C, std::max<int64_t>(1, kGrain / s.inner), [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const int64_t c = r % C, base = r * s.inner;
-#pragma omp simd
-      for (int64_t l = 0; l < s.inner; ++l) f(base + l, c);
-    }
+    for (int64_t r = lo; r < hi; ++r) plane(r * s.inner, r % C);
   });
 }
 
@@ -243,97 +288,177 @@ void update_running(const Tensor& running_mean, const Tensor& running_var,
   }
 }
 
+// y = (x - center) * alpha + beta per channel; writes the batch (or running) mean and
+// invstd to mean_out / invstd_out when given (backward needs them).
+//
+// Training on a layout of planes (inner > 1) goes one channel at a time: the channel's
+// statistics, then its output while its planes are still in cache, so x comes from
+// memory once instead of twice. Rows of C channels (inner == 1) need every row for any
+// channel's statistics: statistics first, then the output.
 template <typename scalar_t>
 void forward_kernel(const Tensor& x, const Tensor& y, const Tensor& weight, const Tensor& bias,
                     const Tensor& running_mean, const Tensor& running_var, bool training,
-                    double momentum, double eps, const Tensor& mean_out, const Tensor& invstd_out) {
+                    double momentum, double eps, double* mean_out, double* invstd_out) {
   const Layout s = layout_of(x);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  const int64_t count = s.outer * s.inner;
-  std::vector<double> mean(s.channels), var(s.channels);
-  if (training) channel_mean_var<scalar_t>(s, xp, mean.data(), var.data());
-  if (training && running_mean.defined()) {
-    if (running_mean.scalar_type() == at::kFloat)
-      update_running<float>(running_mean, running_var, mean, var, momentum, count);
-    else
-      update_running<double>(running_mean, running_var, mean, var, momentum, count);
-  }
-  if (!training) {
-    auto rm = running_mean.to(at::kDouble).contiguous(), rv = running_var.to(at::kDouble).contiguous();
-    for (int64_t c = 0; c < s.channels; ++c) {
-      mean[c] = rm.const_data_ptr<double>()[c];
-      var[c] = rv.const_data_ptr<double>()[c];
-    }
-  }
+  const int64_t count = s.outer * s.inner, C = s.channels;
+  const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  std::vector<double> mean(C), var(C), invstd(C);
+  std::vector<scalar_t> alpha(C), beta(C), center(C);
   // y = (x - center) * alpha + beta with center = mean rounded to scalar_t: x - center is
   // exact for x near the mean, and beta absorbs the rounding (mean - center), so a large
   // mean costs no precision.
-  std::vector<scalar_t> alpha(s.channels), beta(s.channels), center(s.channels);
-  double* mo = mean_out.mutable_data_ptr<double>();
-  double* io = invstd_out.mutable_data_ptr<double>();
-  for (int64_t c = 0; c < s.channels; ++c) {
-    const double invstd = 1.0 / std::sqrt(var[c] + eps);
-    const double w = weight.defined() ? double(weight.const_data_ptr<scalar_t>()[c]) : 1.0;
-    const double b = bias.defined() ? double(bias.const_data_ptr<scalar_t>()[c]) : 0.0;
+  const auto set_affine = [&](int64_t c) {
+    invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+    const double wc = w ? double(w[c]) : 1.0, bc = b ? double(b[c]) : 0.0;
     center[c] = scalar_t(mean[c]);
-    alpha[c] = scalar_t(invstd * w);
-    beta[c] = scalar_t(b - (mean[c] - double(center[c])) * invstd * w);
-    mo[c] = mean[c];
-    io[c] = invstd;
+    alpha[c] = scalar_t(invstd[c] * wc);
+    beta[c] = scalar_t(bc - (mean[c] - double(center[c])) * invstd[c] * wc);
+  };
+  const auto plane = [&](int64_t base, int64_t c) {
+    const scalar_t m = center[c], a = alpha[c], k = beta[c];
+    const scalar_t* __restrict xr = xp + base;
+    scalar_t* __restrict yr = yp + base;
+#pragma omp simd
+    for (int64_t l = 0; l < s.inner; ++l) yr[l] = (xr[l] - m) * a + k;
+  };
+  if (training && s.inner > 1) {
+    at::parallel_for(0, C, plane_grain(s), [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        const Moments m = plane_moments(s, xp, c);
+        mean[c] = m.mean, var[c] = m.m2 / m.count;
+        set_affine(c);
+        for (int64_t n = 0; n < s.outer; ++n) plane((n * C + c) * s.inner, c);
+      }
+    });
+  } else {
+    if (training) {
+      row_mean_var<scalar_t>(s, xp, mean.data(), var.data());
+    } else {  // running statistics, of the input's dtype (supported() checked)
+      const scalar_t* rm = running_mean.const_data_ptr<scalar_t>();
+      const scalar_t* rv = running_var.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) mean[c] = double(rm[c]), var[c] = double(rv[c]);
+    }
+    for (int64_t c = 0; c < C; ++c) set_affine(c);
+    const scalar_t *al = alpha.data(), *be = beta.data(), *ce = center.data();
+    for_each_element(s, [&](int64_t i, int64_t c) { yp[i] = (xp[i] - ce[c]) * al[c] + be[c]; }, plane);
   }
-  const scalar_t *al = alpha.data(), *be = beta.data(), *ce = center.data();
-  for_each_element(s, [&](int64_t i, int64_t c) { yp[i] = (xp[i] - ce[c]) * al[c] + be[c]; });
+  if (training && running_mean.defined())
+    update_running<scalar_t>(running_mean, running_var, mean, var, momentum, count);
+  if (mean_out)
+    for (int64_t c = 0; c < C; ++c) mean_out[c] = mean[c], invstd_out[c] = invstd[c];
 }
 
+// dx, dgamma, dbeta. Training on planes (inner > 1) goes one channel at a time, as the
+// forward does: the channel's two sums, then its dx while dy and x are in cache.
 template <typename scalar_t>
 void backward_kernel(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& mean_t,
                      const Tensor& invstd_t, bool training, const Tensor& dx, const Tensor& dweight,
                      const Tensor& dbias) {
   const Layout s = layout_of(x);
+  const int64_t C = s.channels;
   const scalar_t* g = dy.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
   const double* mean = mean_t.const_data_ptr<double>();
   const double* invstd = invstd_t.const_data_ptr<double>();
-  const int64_t count = s.outer * s.inner;
-  std::vector<scalar_t> center(s.channels);
-  for (int64_t c = 0; c < s.channels; ++c) center[c] = scalar_t(mean[c]);
-  std::vector<double> db(s.channels), dot(s.channels);
-  channel_dy_sums<scalar_t>(s, g, xp, center.data(), db.data(), dot.data());
-  // sum(dy * (x - mean)) from sum(dy * (x - center)): the mean's rounding, exactly
-  for (int64_t c = 0; c < s.channels; ++c) dot[c] -= (mean[c] - double(center[c])) * db[c];
-  if (dweight.defined()) {  // dgamma = sum(dy * x_hat)
-    scalar_t* out = dweight.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < s.channels; ++c) out[c] = scalar_t(dot[c] * invstd[c]);
-  }
-  if (dbias.defined()) {  // dbeta = sum(dy)
-    scalar_t* out = dbias.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < s.channels; ++c) out[c] = scalar_t(db[c]);
-  }
-  if (!dx.defined()) return;
-  scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-  std::vector<scalar_t> a(s.channels), b(s.channels), k(s.channels);
-  for (int64_t c = 0; c < s.channels; ++c) {
-    const double w = weight.defined() ? double(weight.const_data_ptr<scalar_t>()[c]) : 1.0;
-    a[c] = scalar_t(w * invstd[c]);
-    // training: dx = dy * a + (x - center) * b + k, the mean's rounding folded into k
-    const double bc = -w * invstd[c] * invstd[c] * invstd[c] * dot[c] / count;
+  scalar_t* dw = dweight.defined() ? dweight.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* db_out = dbias.defined() ? dbias.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+  const double count = double(s.outer * s.inner);
+  std::vector<scalar_t> center(C), a(C), b(C), k(C);
+  for (int64_t c = 0; c < C; ++c) center[c] = scalar_t(mean[c]);
+  std::vector<double> db(C), dot(C);
+  // From channel c's sums: dgamma = sum(dy * x_hat), dbeta = sum(dy), and the
+  // coefficients of dx = dy * a + (x - center) * b + k (training; the mean's rounding
+  // folded into k) or dx = dy * a (constant statistics).
+  const auto finish = [&](int64_t c) {
+    const double d = dot[c] - (mean[c] - double(center[c])) * db[c];  // sum(dy * (x - mean))
+    if (dw) dw[c] = scalar_t(d * invstd[c]);
+    if (db_out) db_out[c] = scalar_t(db[c]);
+    const double wc = w ? double(w[c]) : 1.0;
+    const double bc = -wc * invstd[c] * invstd[c] * invstd[c] * d / count;
+    a[c] = scalar_t(wc * invstd[c]);
     b[c] = scalar_t(bc);
-    k[c] = scalar_t(-w * invstd[c] * db[c] / count - bc * (mean[c] - double(center[c])));
+    k[c] = scalar_t(-wc * invstd[c] * db[c] / count - bc * (mean[c] - double(center[c])));
+  };
+  const auto train_plane = [&](int64_t base, int64_t c) {
+    const scalar_t ac = a[c], bb = b[c], kc = k[c], m = center[c];
+    const scalar_t* __restrict gr = g + base;
+    const scalar_t* __restrict xr = xp + base;
+    scalar_t* __restrict o = out + base;
+#pragma omp simd
+    for (int64_t l = 0; l < s.inner; ++l) o[l] = gr[l] * ac + (xr[l] - m) * bb + kc;
+  };
+  if (training && s.inner > 1) {
+    at::parallel_for(0, C, plane_grain(s), [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        plane_sums(s, g, xp, c, center[c], db[c], dot[c]);
+        finish(c);
+        if (out)
+          for (int64_t n = 0; n < s.outer; ++n) train_plane((n * C + c) * s.inner, c);
+      }
+    });
+    return;
   }
+  channel_dy_sums<scalar_t>(s, g, xp, center.data(), db.data(), dot.data());
+  for (int64_t c = 0; c < C; ++c) finish(c);
+  if (!out) return;
   const scalar_t *ap = a.data(), *bp = b.data(), *kp = k.data(), *ce = center.data();
   if (training)
-    for_each_element(s, [&](int64_t i, int64_t c) { out[i] = g[i] * ap[c] + (xp[i] - ce[c]) * bp[c] + kp[c]; });
+    for_each_element(
+        s, [&](int64_t i, int64_t c) { out[i] = g[i] * ap[c] + (xp[i] - ce[c]) * bp[c] + kp[c]; },
+        train_plane);
   else  // constant statistics: dx = dy * gamma * invstd
-    for_each_element(s, [&](int64_t i, int64_t c) { out[i] = g[i] * ap[c]; });
+    for_each_element(
+        s, [&](int64_t i, int64_t c) { out[i] = g[i] * ap[c]; },
+        [&](int64_t base, int64_t c) {
+          const scalar_t ac = ap[c];
+          const scalar_t* __restrict gr = g + base;
+          scalar_t* __restrict o = out + base;
+#pragma omp simd
+          for (int64_t l = 0; l < s.inner; ++l) o[l] = gr[l] * ac;
+        });
 }
 
+// The gradients as differentiable ATen ops, for a backward that records a graph
+// (create_graph=True: gradient penalties, Hessian-vector products). Same formulas as
+// backward_kernel; in training the statistics are recomputed from x so that the second
+// derivative sees how they depend on it.
+tensor_list differentiable_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                    const Tensor& mean, const Tensor& invstd, bool training, double eps,
+                                    bool need_dx, bool need_dw, bool need_db) {
+  std::vector<int64_t> dims{0}, shape(x.dim(), 1);
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  shape[1] = x.size(1);
+  Tensor mu, inv;
+  if (training) {
+    mu = x.mean(dims, /*keepdim=*/true);
+    inv = ((x - mu).square().mean(dims, /*keepdim=*/true) + eps).rsqrt();
+  } else {  // running statistics: constants
+    mu = mean.to(x.scalar_type()).view(shape);
+    inv = invstd.to(x.scalar_type()).view(shape);
+  }
+  const Tensor x_hat = (x - mu) * inv;
+  const Tensor scale = weight.defined() ? inv * weight.view(shape) : inv;
+  Tensor dx, dweight, dbias;
+  if (need_db) dbias = dy.sum(dims);
+  if (need_dw) dweight = (dy * x_hat).sum(dims);
+  if (need_dx && training)  // scale * (dy - mean(dy) - x_hat * mean(dy * x_hat))
+    dx = scale * (dy - dy.mean(dims, true) - x_hat * (dy * x_hat).mean(dims, true));
+  else if (need_dx)
+    dx = dy * scale;
+  return {dx, dweight, dbias};
+}
+
+// Autograd node; arguments in torch's functional order.
 struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   // Optional tensors are std::optional: autograd records only the defined ones as inputs.
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& weight_opt,
-                        const std::optional<Tensor>& bias_opt, const std::optional<Tensor>& mean_opt,
-                        const std::optional<Tensor>& var_opt, bool training, double momentum,
-                        double eps) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& mean_opt,
+                        const std::optional<Tensor>& var_opt, const std::optional<Tensor>& weight_opt,
+                        const std::optional<Tensor>& bias_opt, bool training, double momentum, double eps) {
     const Tensor weight = weight_opt.value_or(Tensor()), bias = bias_opt.value_or(Tensor());
     const Tensor running_mean = mean_opt.value_or(Tensor()), running_var = var_opt.value_or(Tensor());
     auto y = at::empty_like(x);
@@ -341,10 +466,12 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     auto mean = at::empty({x.size(1)}, opts), invstd = at::empty({x.size(1)}, opts);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_batch_norm_forward", [&] {
       forward_kernel<scalar_t>(x, y, weight, bias, running_mean, running_var, training, momentum,
-                               eps, mean, invstd);
+                               eps, mean.mutable_data_ptr<double>(), invstd.mutable_data_ptr<double>());
     });
     ctx->save_for_backward({x, weight, mean, invstd});
     ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["stats"] = int64_t(running_mean.defined()) + int64_t(running_var.defined());
     ctx->saved_data["has_weight"] = weight.defined();
     ctx->saved_data["has_bias"] = bias.defined();
     return y;
@@ -354,40 +481,57 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
     const bool training = ctx->saved_data["training"].toBool();
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "bnlab's cpp batch norm has no double backward (its backward is not "
-                "differentiable); use impl='reference' for higher derivatives");
     Tensor dy = grads[0];
     if (!dy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-    dy = dy.contiguous(x.suggest_memory_format());
-    // needs_input_grad counts only the inputs that were defined tensors: x, then the
-    // weight if given, then the bias if given.
+    // needs_input_grad counts only the inputs that were defined tensors: x, the running
+    // statistics if given (never differentiated), the weight if given, the bias if given.
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
-    const bool need_dw = has_weight && ctx->needs_input_grad(1);
-    const bool need_db = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(has_weight ? 2 : 1);
-    Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(x) : Tensor();
-    Tensor dweight = need_dw ? at::empty({x.size(1)}, x.options()) : Tensor();
-    Tensor dbias = need_db ? at::empty({x.size(1)}, x.options()) : Tensor();
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_batch_norm_backward", [&] {
-      backward_kernel<scalar_t>(dy, x, weight, mean, invstd, training, dx, dweight, dbias);
-    });
-    return {dx, dweight, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const int64_t stats = ctx->saved_data["stats"].toInt();
+    const int64_t w_index = 1 + stats, b_index = 1 + stats + (has_weight ? 1 : 0);
+    const bool need_dx = ctx->needs_input_grad(0);
+    const bool need_dw = has_weight && ctx->needs_input_grad(w_index);
+    const bool need_db = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(b_index);
+    Tensor dx, dweight, dbias;
+    if (at::GradMode::is_enabled()) {  // create_graph: a backward that is itself differentiable
+      auto g = differentiable_backward(dy, x, weight, mean, invstd, training,
+                                       ctx->saved_data["eps"].toDouble(), need_dx, need_dw, need_db);
+      dx = g[0], dweight = g[1], dbias = g[2];
+    } else {
+      dy = dy.contiguous(x.suggest_memory_format());
+      if (need_dx) dx = at::empty_like(x);
+      if (need_dw) dweight = at::empty({x.size(1)}, x.options());
+      if (need_db) dbias = at::empty({x.size(1)}, x.options());
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_batch_norm_backward", [&] {
+        backward_kernel<scalar_t>(dy, x, weight, mean, invstd, training, dx, dweight, dbias);
+      });
+    }
+    return {dx, Tensor(), Tensor(), dweight, dbias, Tensor(), Tensor(), Tensor()};
   }
 };
 
 // The kernel's output, or None when it does not take this call (the caller falls back).
-std::optional<Tensor> try_batch_norm(const Tensor& x, const std::optional<Tensor>& weight,
-                                     const std::optional<Tensor>& bias,
-                                     const std::optional<Tensor>& running_mean,
-                                     const std::optional<Tensor>& running_var, bool training,
-                                     double momentum, double eps) {
-  if (!supported(x, weight, bias, running_mean, running_var)) return std::nullopt;
-  return BatchNormFunction::apply(x, weight, bias, running_mean, running_var, training, momentum, eps);
+// Arguments in torch's functional order (F.batch_norm's).
+std::optional<Tensor> batch_norm(const Tensor& x, const std::optional<Tensor>& running_mean,
+                                 const std::optional<Tensor>& running_var, const std::optional<Tensor>& weight,
+                                 const std::optional<Tensor>& bias, bool training, double momentum, double eps) {
+  if (!supported(x, running_mean, running_var, weight, bias)) return std::nullopt;
+  const auto wants_grad = [](const std::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  if (at::GradMode::is_enabled() && (x.requires_grad() || wants_grad(weight) || wants_grad(bias)))
+    return BatchNormFunction::apply(x, running_mean, running_var, weight, bias, training, momentum, eps);
+  // Nothing to differentiate (inference, no_grad): the kernel without an autograd node.
+  const Tensor none;
+  Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_batch_norm_forward", [&] {
+    forward_kernel<scalar_t>(x, y, weight.value_or(none), bias.value_or(none), running_mean.value_or(none),
+                             running_var.value_or(none), training, momentum, eps, nullptr, nullptr);
+  });
+  return y;
 }
 
 }  // namespace bnlab
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("try_batch_norm", &bnlab::try_batch_norm,
-        "bnlab batch norm (CPU kernel, C++ autograd node); None where the kernel does not apply");
+  m.def("batch_norm", &bnlab::batch_norm,
+        "bnlab batch norm (CPU kernel, C++ autograd node), arguments as torch.nn.functional."
+        "batch_norm's; None where the kernel does not take the call");
 }

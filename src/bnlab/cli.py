@@ -81,6 +81,15 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     step.set_defaults(handler=_run_bench_step)
 
 
+def _load_data(args: argparse.Namespace):
+    """Fashion-MNIST as ``--data-dir`` (or the search path) finds it; says where it came from."""
+    from bnlab.data.dataset import load_fashion_mnist
+
+    data = load_fashion_mnist(args.data_dir)
+    print(f"data: Fashion-MNIST from {data.root} (via {data.found_via})")
+    return data
+
+
 def _run_bench_loader(args: argparse.Namespace) -> None:
     from bnlab.bench import loader
 
@@ -89,7 +98,6 @@ def _run_bench_loader(args: argparse.Namespace) -> None:
 
 def _run_bench_step(args: argparse.Namespace) -> None:
     from bnlab.bench import step
-    from bnlab.data.dataset import load_fashion_mnist
     from bnlab.norms import NORM_LAYERS
 
     norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
@@ -97,7 +105,7 @@ def _run_bench_step(args: argparse.Namespace) -> None:
     if unknown or "torch" not in norms:
         raise BnlabError(f"--norms: expected names from {sorted(NORM_LAYERS)}, torch among "
                          f"them (got {args.norms!r})")
-    print(step.run_step_benchmark(load_fashion_mnist(args.data_dir), norms, steps=args.steps,
+    print(step.run_step_benchmark(_load_data(args), norms, steps=args.steps,
                                   batch_size=args.batch_size, device=args.device))
 
 
@@ -156,7 +164,6 @@ def _config_or_error(cls, args, base=None):
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from bnlab.data.dataset import load_fashion_mnist
     from bnlab.train import TrainConfig, describe, run_training
 
     if args.norm is None and args.model == "lenet":
@@ -164,7 +171,7 @@ def _run_train(args: argparse.Namespace) -> None:
     config = _config_or_error(TrainConfig, args)
     out = args.out or f"runs/{config.model}-{config.norm}-lr{config.lr:g}-seed{config.seed}"
     print(f"training {describe(config)} -> {out}")
-    summary = run_training(config, load_fashion_mnist(args.data_dir), out, args.resume,
+    summary = run_training(config, _load_data(args), out, args.resume,
                            args.progress)
     state = "diverged" if summary["diverged"] else "finished"
     print(f"{state}: final val acc {summary['final_val_acc']}, best {summary['best_val_acc']} "
@@ -179,11 +186,10 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from bnlab.data.dataset import load_fashion_mnist
     from bnlab.demo import DemoConfig, run_demo
 
     config = _config_or_error(DemoConfig, args)
-    print(run_demo(config, args.out, load_fashion_mnist(args.data_dir), args.fresh,
+    print(run_demo(config, args.out, _load_data(args), args.fresh,
                    args.progress))
     print(f"report: {args.out}/report.md")
 
@@ -218,7 +224,6 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_experiment(args: argparse.Namespace) -> None:
-    from bnlab.data.dataset import load_fashion_mnist
     from bnlab.experiments import get_experiment
     from bnlab.experiments.runner import FULL, QUICK, ExpSettings, run_experiment
 
@@ -227,7 +232,7 @@ def _run_experiment(args: argparse.Namespace) -> None:
     if args.jobs < 1:
         raise BnlabError(f"expected --jobs >= 1 (got {args.jobs})")
     experiment = get_experiment(args.name)
-    print(run_experiment(experiment, settings, args.out, load_fashion_mnist(args.data_dir),
+    print(run_experiment(experiment, settings, args.out, _load_data(args),
                          args.jobs, args.progress))
     print(f"report: {args.out}/{experiment.name}/report.md")
 

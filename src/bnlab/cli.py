@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from bnlab.errors import BnlabError
+from bnlab.errors import BnlabError, describe_os_error
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -180,9 +180,19 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
-    from bnlab.inspection import inspect_run
+    from bnlab.inspection import PARAMS_FIGURE, inspect_run, write_norm_figure
 
-    print(inspect_run(args.run, figure=args.figure))
+    print(inspect_run(args.run, figure=False), flush=True)  # the numbers first, whatever follows
+    if not args.figure:
+        return
+    try:
+        path = write_norm_figure(args.run)
+    except OSError as exc:
+        print(f"bnlab: warning: could not write the figure {PARAMS_FIGURE}: "
+              f"{describe_os_error(exc)}", file=sys.stderr)
+        return
+    if path is not None:
+        print(f"\nfigure: {path}")
 
 
 def _run_demo(args: argparse.Namespace) -> None:
@@ -273,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.handler(args)
     except BnlabError as exc:
         print(f"bnlab: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the disk, the file system, permissions: one line, path and cause
+        print(f"bnlab: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bnlab: interrupted", file=sys.stderr)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -36,8 +37,9 @@ from tqdm.auto import tqdm
 from bnlab import runs
 from bnlab.bench.timing import format_table
 from bnlab.config import config_to_dict
+from bnlab.errors import BnlabError, ConfigError
 from bnlab.experiments.stats import format_mean_ci, to_csv
-from bnlab.io import atomic_write_json, atomic_write_text
+from bnlab.io import atomic_write_json, atomic_write_text, remove_stray_temps
 from bnlab.train import TrainConfig, bar_disabled, run_training
 
 
@@ -117,13 +119,20 @@ def run_folder_name(config: TrainConfig) -> str:
 
 
 def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list[PlannedRun]:
-    """Every (variant, seed) run of the grid with its folder under ``runs_root``."""
+    """Every (variant, seed) run of the grid with its folder under ``runs_root``.
+
+    Every config is built (so validated) here, before anything trains; a bad one is a
+    ``ConfigError`` naming its variant.
+    """
     subset = 0 if settings.subset == -1 else settings.subset
     planned = []
     for variant in experiment.variants(settings):
         for seed in range(settings.seeds):
-            config = TrainConfig(**{**variant.params, "seed": seed, "epochs": settings.epochs,
-                                    "subset": subset})
+            try:
+                config = TrainConfig(**{**variant.params, "seed": seed, "epochs": settings.epochs,
+                                        "subset": subset})
+            except ValueError as exc:
+                raise ConfigError(f"{experiment.name}: variant {variant.label!r}: {exc}") from None
             planned.append(PlannedRun(variant, config, runs_root / run_folder_name(config)))
     return planned
 
@@ -147,12 +156,32 @@ def _run_one(config: TrainConfig, run_dir: str) -> dict[str, Any]:
     return run_training(config, _WORKER_DATASET, run_dir, resume=True, progress=False)
 
 
-def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = True) -> None:
+class GridIncomplete(BnlabError):
+    """Some runs of a grid could not be used; the others were trained and reported."""
+
+
+@dataclass(frozen=True)
+class BadRun:
+    """A run of the grid left out, and why (a file of its folder cannot be read, say)."""
+
+    run: PlannedRun
+    reason: str
+
+
+def _left_out(p: PlannedRun, exc: BnlabError, bad: list[BadRun]) -> None:
+    bad.append(BadRun(p, str(exc)))
+    print(f"bnlab: error: {p.variant.label} seed {p.config.seed}: {exc}", file=sys.stderr)
+
+
+def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = True,
+            bad: list[BadRun] | None = None) -> None:
     """Train every unfinished run of ``planned`` (resuming cut-off ones), ``jobs`` at a time.
 
     With ``jobs > 1`` runs go to worker processes, and the machine's threads are split
-    between them (each gets ``cpu_count // jobs``).
+    between them (each gets ``cpu_count // jobs``). A run whose folder cannot be used
+    (a ``BnlabError``) is said on stderr, added to ``bad`` and skipped; the grid goes on.
     """
+    bad = [] if bad is None else bad
     todo = [p for p in planned if not is_finished(p.run_dir)]
     bar = tqdm(total=len(planned), initial=len(planned) - len(todo), unit="run",
                desc="grid", disable=bar_disabled(progress), dynamic_ncols=True)
@@ -160,15 +189,25 @@ def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = 
         if jobs <= 1:
             for p in todo:
                 bar.set_postfix_str(f"{p.variant.label} seed {p.config.seed}")
-                _report(bar, p, run_training(p.config, dataset, p.run_dir, resume=True,
-                                             progress=False))
+                try:
+                    summary = run_training(p.config, dataset, p.run_dir, resume=True,
+                                           progress=False)
+                except BnlabError as exc:
+                    _left_out(p, exc, bad)
+                    continue
+                _report(bar, p, summary)
             return
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
                                  initializer=_init_worker, initargs=(dataset, threads)) as pool:
             futures = {pool.submit(_run_one, p.config, str(p.run_dir)): p for p in todo}
             for future in as_completed(futures):
-                _report(bar, futures[future], future.result())
+                try:
+                    summary = future.result()
+                except BnlabError as exc:
+                    _left_out(futures[future], exc, bad)
+                    continue
+                _report(bar, futures[future], summary)
 
 
 def _report(bar: tqdm, p: PlannedRun, summary: dict[str, Any]) -> None:
@@ -179,13 +218,22 @@ def _report(bar: tqdm, p: PlannedRun, summary: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- results
 
-def collect(planned: list[PlannedRun]) -> list[dict[str, Any]]:
-    """One row per finished run: label, tags, seed, config, metrics, summary, folder."""
+def collect(planned: list[PlannedRun], bad: list[BadRun] | None = None) -> list[dict[str, Any]]:
+    """One row per finished run: label, tags, seed, config, metrics, summary, folder.
+
+    A finished run whose files cannot be read is said on stderr, added to ``bad`` and left out.
+    """
     rows = []
+    bad = [] if bad is None else bad
+    known_bad = {b.run.run_dir for b in bad}
     for p in planned:
-        if not is_finished(p.run_dir):
+        if not is_finished(p.run_dir) or p.run_dir in known_bad:
             continue
-        run = runs.load_run(p.run_dir)
+        try:
+            run = runs.load_run(p.run_dir)
+        except runs.RunFolderError as exc:
+            _left_out(p, exc, bad)
+            continue
         rows.append({
             "label": p.variant.label,
             "tags": p.variant.tags,
@@ -236,15 +284,19 @@ def describe_settings(settings: ExpSettings) -> str:
 
 def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Path, dataset,
                    jobs: int = 1, progress: bool = True) -> str:
-    """Plan, train (skipping finished runs), collect and analyze; return ``report.md``'s text."""
+    """Plan and validate every run, train (skipping finished runs), collect and analyze; return
+    ``report.md``'s text. Runs that cannot be used are left out of the report, which says so,
+    and end in ``GridIncomplete`` once everything else is written."""
     settings = resolve(settings, experiment)
     runs_root = Path(out) / "runs"
     out = Path(out) / experiment.name
+    planned = plan(experiment, settings, runs_root)  # validates every config before any trains
     out.mkdir(parents=True, exist_ok=True)
+    remove_stray_temps(out)
     atomic_write_json(out / "settings.json", config_to_dict(settings))
-    planned = plan(experiment, settings, runs_root)
-    execute(planned, dataset, jobs, progress)
-    rows = collect(planned)
+    bad: list[BadRun] = []
+    execute(planned, dataset, jobs, progress, bad)
+    rows = collect(planned, bad)
     atomic_write_text(out / "results.jsonl",
                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     table_rows = summary_rows(rows)
@@ -255,7 +307,19 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     report = "\n".join([
         f"# {experiment.title}", "", f"**Question.** {experiment.question}", "",
         f"**Settings.** {describe_settings(settings)} {experiment.notes}".rstrip(), "",
-        "## Summary", "", table, "", *sections,
+        "## Summary", "", table, "", *sections, *_left_out_section(bad, len(planned)),
     ]) + "\n"
     atomic_write_text(out / "report.md", report)
+    if bad:
+        raise GridIncomplete(f"{len(bad)} of {len(planned)} runs could not be used (see above); "
+                             f"{out / 'report.md'} covers the others")
     return report
+
+
+def _left_out_section(bad: list[BadRun], total: int) -> list[str]:
+    if not bad:
+        return []
+    return ["", "## Runs left out", "", f"{len(bad)} of {total} runs left out: their folders "
+            "could not be used.", "",
+            *(f"- {b.run.variant.label}, seed {b.run.config.seed} (`{b.run.run_dir.name}`): "
+              f"{b.reason}" for b in bad)]

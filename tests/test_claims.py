@@ -10,7 +10,7 @@ import pytest
 from bnlab.experiments import convergence, depth, norm_choice, robustness_claim
 from bnlab.experiments.analysis import CHANCE
 from bnlab.runs import CHECKPOINT
-from bnlab.train import TrainConfig, build_loaders, run_training
+from bnlab.train import TrainConfig, build_loaders, start_run, steps_per_epoch
 
 
 def _row(tags, final_acc, diverged=False, seed=0, metrics=(), evals=None, config=None):
@@ -75,7 +75,7 @@ def test_first_last_ratio_and_its_description():
 def test_depth_gradient_profiles_measure_init_and_trained_models(synthetic_fashion, tmp_path):
     config = TrainConfig(model="deep-mlp", norm="bnlab", depth=10, activation="sigmoid", lr=0.1,
                          epochs=1, subset=1000, device="cpu")
-    run_training(config, synthetic_fashion, tmp_path / "run", progress=False)
+    start_run(config, synthetic_fashion, tmp_path / "run", progress=False).train()
     from bnlab.config import config_to_dict
     from bnlab.runs import load_run
 
@@ -110,7 +110,7 @@ def _conv_row(bn, lr, evals, accs, diverged=False, subset=1000, seed=0):
 def test_steps_per_epoch_matches_the_training_loader(synthetic_fashion):
     for n, bs in ((1000, 128), (1025, 128), (1000, 8), (129, 128)):
         loader, _ = build_loaders(TrainConfig(subset=n, batch_size=bs), synthetic_fashion, "cpu")
-        assert convergence.steps_per_epoch(n, bs) == len(loader)
+        assert steps_per_epoch(n, bs) == len(loader)
     assert convergence.eval_interval(-1, True) == 50 and convergence.eval_interval(-1, False) == 100
     assert convergence.eval_interval(1000, True) == convergence.eval_interval(1000, False) == 4
 
@@ -130,7 +130,7 @@ def test_progress_merges_periodic_and_epoch_end_evaluations():
 def test_progress_reads_evals_from_a_real_run_folder(synthetic_fashion, tmp_path):
     config = TrainConfig(model="lenet", norm="none", lr=1.0, epochs=2, subset=1000,
                          eval_every=3, device="cpu")
-    run_training(config, synthetic_fashion, tmp_path, progress=False)
+    start_run(config, synthetic_fashion, tmp_path, progress=False).train()
     from bnlab.config import config_to_dict
     from bnlab.runs import load_run
 
@@ -214,7 +214,7 @@ def test_only_batch_norm_depends_on_the_mode(synthetic_fashion, tmp_path):
         config = TrainConfig(model="bn-lenet", norm=norm, batch_size=2, lr=norm_choice.lr_for(2),
                              epochs=1, subset=200, device="cpu")
         run_dir = tmp_path / norm
-        summary = run_training(config, synthetic_fashion, run_dir, progress=False)
+        summary = start_run(config, synthetic_fashion, run_dir, progress=False).train()
         row = {"summary": summary, "run_dir": str(run_dir)}
         measured[norm] = norm_choice.mode_accuracies(row, synthetic_fashion)
     assert measured["layer"]["train"] == measured["layer"]["eval"]
@@ -262,7 +262,7 @@ def test_single_seed_intervals_never_count_as_apart():
 def test_measured_curves_start_at_the_run_s_own_clean_accuracy(synthetic_fashion, tmp_path):
     config = TrainConfig(model="bn-lenet", norm="bnlab", lr=1.0, epochs=2, subset=1000,
                          device="cpu")
-    summary = run_training(config, synthetic_fashion, tmp_path, progress=False)
+    summary = start_run(config, synthetic_fashion, tmp_path, progress=False).train()
     assert summary["final_val_acc"] > 0.2  # a run that trained, so it is measured
     row = {"label": "BN (lr 1)", "summary": summary, "run_dir": str(tmp_path)}
     measured = robustness_claim.measure([row], synthetic_fashion)["BN (lr 1)"]

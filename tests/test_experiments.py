@@ -52,7 +52,7 @@ def test_a_second_invocation_trains_nothing(fake_dataset, tmp_path, monkeypatch,
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(runner, "run_training", must_not_train)
+    monkeypatch.setattr(runner, "start_run", must_not_train)
     assert cli.main(argv) == 0
     assert (tmp_path / "placement" / "summary.md").read_text() == first
 

@@ -22,7 +22,7 @@ from bnlab import cli, io, runs
 from bnlab.data import dataset
 from bnlab.experiments import get_experiment
 from bnlab.experiments.runner import ExpSettings, plan, resolve
-from bnlab.train import TrainConfig, run_training
+from bnlab.train import TrainConfig, start_run
 
 TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "images_per_s",
                "mean_seconds_per_epoch", "median_seconds_per_epoch", "median_images_per_s"}
@@ -114,7 +114,7 @@ def replace_targets(config: TrainConfig, dataset_, run_dir: Path) -> list[str]:
 
     os.replace = recording
     try:
-        run_training(config, dataset_, run_dir, progress=False)
+        start_run(config, dataset_, run_dir, progress=False).train()
     finally:
         os.replace = real
     return targets
@@ -149,10 +149,10 @@ def test_kill_at_any_write_of_the_last_epoch_then_resume_gives_the_uninterrupted
 
     def killed_run() -> None:
         kill_at_replace(number, when)
-        run_training(tiny_config(), synthetic_fashion, run_dir, progress=False)
+        start_run(tiny_config(), synthetic_fashion, run_dir, progress=False).train()
 
     die_in_child(killed_run)
-    run_training(tiny_config(), synthetic_fashion, run_dir, resume=True, progress=False)
+    start_run(tiny_config(), synthetic_fashion, run_dir, resume=True, progress=False).train()
     assert folder_state(run_dir) == folder_state(reference_dir), f"killed {when} {targets[number - 1]}"
 
 

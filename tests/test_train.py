@@ -10,7 +10,7 @@ import torch
 
 from bnlab import runs
 from bnlab.models import build_model
-from bnlab.train import TrainConfig, build_loaders, evaluate, run_training, start_run
+from bnlab.train import TrainConfig, build_loaders, evaluate, start_run
 
 TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "images_per_s"}
 
@@ -27,13 +27,13 @@ def without_timing(history):
 
 @pytest.mark.parametrize("norm", ["bnlab", "torch"])
 def test_bn_lenet_learns_the_synthetic_task(synthetic_fashion, norm):
-    summary = run_training(small_config(norm=norm), synthetic_fashion, progress=False)
+    summary = start_run(small_config(norm=norm), synthetic_fashion, progress=False).train()
     assert not summary["diverged"]
     assert summary["final_val_acc"] > 0.9  # chance is 0.1
 
 
 def test_loss_falls_within_an_epoch(synthetic_fashion, tmp_path):
-    run_training(small_config(epochs=1), synthetic_fashion, tmp_path / "run", progress=False)
+    start_run(small_config(epochs=1), synthetic_fashion, tmp_path / "run", progress=False).train()
     (steps,) = runs.read_jsonl(tmp_path / "run" / runs.STEPS)
     losses = steps["loss"]
     assert len(losses) == math.ceil(len(synthetic_fashion.train_labels) / 32)
@@ -55,12 +55,12 @@ def test_same_seed_gives_identical_metrics(synthetic_fashion):
 
 def test_resume_ends_with_the_metrics_of_an_uninterrupted_run(synthetic_fashion, tmp_path):
     config = small_config(epochs=3)
-    run_training(config, synthetic_fashion, tmp_path / "whole", progress=False)
+    start_run(config, synthetic_fashion, tmp_path / "whole", progress=False).train()
 
     killed = start_run(config, synthetic_fashion, tmp_path / "cut", progress=False)
     killed.train_next_epoch()  # the process "dies" after epoch 1 was checkpointed
     assert not (tmp_path / "cut" / runs.SUMMARY).exists()
-    run_training(config, synthetic_fashion, tmp_path / "cut", resume=True, progress=False)
+    start_run(config, synthetic_fashion, tmp_path / "cut", resume=True, progress=False).train()
 
     whole, cut = runs.load_run(tmp_path / "whole"), runs.load_run(tmp_path / "cut")
     assert len(cut["metrics"]) == 3
@@ -74,19 +74,19 @@ def test_resume_ends_with_the_metrics_of_an_uninterrupted_run(synthetic_fashion,
 
 
 def test_a_finished_run_folder_is_not_overwritten(synthetic_fashion, tmp_path):
-    run_training(small_config(epochs=1), synthetic_fashion, tmp_path / "r", progress=False)
+    start_run(small_config(epochs=1), synthetic_fashion, tmp_path / "r", progress=False).train()
     before = (tmp_path / "r" / runs.METRICS).read_text()
     with pytest.raises(runs.RunFolderError, match="already holds a run; pass --resume"):
-        run_training(small_config(epochs=1), synthetic_fashion, tmp_path / "r", progress=False)
+        start_run(small_config(epochs=1), synthetic_fashion, tmp_path / "r", progress=False).train()
     with pytest.raises(runs.RunFolderError, match=r"config differs in \['lr'\]"):
-        run_training(small_config(epochs=1, lr=0.3), synthetic_fashion, tmp_path / "r",
-                     resume=True, progress=False)
+        start_run(small_config(epochs=1, lr=0.3), synthetic_fashion, tmp_path / "r",
+                  resume=True, progress=False).train()
     assert (tmp_path / "r" / runs.METRICS).read_text() == before
 
 
 def test_divergence_is_recorded_not_raised(synthetic_fashion, tmp_path):
     config = small_config(model="lenet", norm="none", lr=1e38, epochs=3)  # overflows the logits
-    summary = run_training(config, synthetic_fashion, tmp_path / "r", progress=False)
+    summary = start_run(config, synthetic_fashion, tmp_path / "r", progress=False).train()
     assert summary["diverged"] is True
     assert summary["diverged_at"]["epoch"] == 1 and summary["diverged_at"]["step"] >= 1
     saved = json.loads((tmp_path / "r" / runs.SUMMARY).read_text())
@@ -119,7 +119,7 @@ def test_config_rejects_bad_values():
 
 def test_diverged_step_is_written_as_null(synthetic_fashion, tmp_path):
     config = small_config(model="lenet", norm="none", lr=1e38, epochs=1)
-    run_training(config, synthetic_fashion, tmp_path / "r", progress=False)
+    start_run(config, synthetic_fashion, tmp_path / "r", progress=False).train()
     (steps,) = runs.read_jsonl(tmp_path / "r" / runs.STEPS)
     assert steps["loss"][-1] is None and all(x is not None for x in steps["loss"][:-1])
 
@@ -128,10 +128,10 @@ def test_eval_every_records_validation_between_epochs_and_survives_resume(synthe
                                                                            tmp_path):
     config = small_config(epochs=2, eval_every=10)
     steps_per_epoch = math.ceil(len(synthetic_fashion.train_labels) / config.batch_size)
-    run_training(config, synthetic_fashion, tmp_path / "whole", progress=False)
+    start_run(config, synthetic_fashion, tmp_path / "whole", progress=False).train()
     cut = start_run(config, synthetic_fashion, tmp_path / "cut", progress=False)
     cut.train_next_epoch()
-    run_training(config, synthetic_fashion, tmp_path / "cut", resume=True, progress=False)
+    start_run(config, synthetic_fashion, tmp_path / "cut", resume=True, progress=False).train()
     whole = runs.load_run(tmp_path / "whole")["evals"]
     assert [e["step"] for e in whole] == list(range(10, 2 * steps_per_epoch + 1, 10))
     assert all(e["train_seconds"] > 0 for e in whole)
@@ -139,7 +139,7 @@ def test_eval_every_records_validation_between_epochs_and_survives_resume(synthe
     strip = lambda evals: [{k: v for k, v in e.items() if k != "train_seconds"} for e in evals]  # noqa: E731
     assert strip(resumed) == strip(whole)
     # Periodic evaluation does not change training.
-    plain = run_training(small_config(epochs=2), synthetic_fashion, progress=False)
+    plain = start_run(small_config(epochs=2), synthetic_fashion, progress=False).train()
     assert plain["final_val_acc"] == runs.load_run(tmp_path / "whole")["summary"]["final_val_acc"]
 
 

@@ -99,14 +99,19 @@ def _run_bench_loader(args: argparse.Namespace) -> None:
 def _run_bench_step(args: argparse.Namespace) -> None:
     from bnlab.bench import step
     from bnlab.norms import NORM_LAYERS
+    from bnlab.train import TrainConfig, build_loaders, resolve_device, seeded_steps
 
     norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
     unknown = [n for n in norms if n not in NORM_LAYERS]
     if unknown or "torch" not in norms:
         raise BnlabError(f"--norms: expected names from {sorted(NORM_LAYERS)}, torch among "
                          f"them (got {args.norms!r})")
-    print(step.run_step_benchmark(_load_data(args), norms, steps=args.steps,
-                                  batch_size=args.batch_size, device=args.device))
+    device, lr = resolve_device(args.device), 0.1
+    configs = {n: TrainConfig(model="bn-lenet", norm=n, lr=lr, batch_size=args.batch_size, seed=0)
+               for n in norms}
+    batches, _ = build_loaders(configs["torch"], _load_data(args), device)
+    print(step.run_step_benchmark(seeded_steps(configs, device), batches, steps=args.steps,
+                                  setup=f"SGD lr {lr}, batch {args.batch_size}", device=device))
 
 
 def _run_bench_bn(args: argparse.Namespace) -> None:
@@ -164,15 +169,16 @@ def _config_or_error(cls, args, base=None):
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from bnlab.train import TrainConfig, describe, run_training
+    from bnlab.models import has_norm_layers
+    from bnlab.train import TrainConfig, describe, start_run
 
-    if args.norm is None and args.model == "lenet":
+    if args.norm is None and not has_norm_layers(args.model):
         args.norm = "none"
     config = _config_or_error(TrainConfig, args)
     out = args.out or f"runs/{config.model}-{config.norm}-lr{config.lr:g}-seed{config.seed}"
     print(f"training {describe(config)} -> {out}")
-    summary = run_training(config, _load_data(args), out, args.resume,
-                           args.progress)
+    summary = start_run(config, _load_data(args), out, args.resume,
+                        args.progress).train()
     state = "diverged" if summary["diverged"] else "finished"
     print(f"{state}: final val acc {summary['final_val_acc']}, best {summary['best_val_acc']} "
           f"(epoch {summary['best_epoch']}), {summary['median_seconds_per_epoch']} s/epoch "

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from bnlab import runs
-from bnlab.bench.timing import format_table
 from bnlab.config import config_to_dict
 from bnlab.io import atomic_write_json, atomic_write_text
-from bnlab.train import TrainConfig, describe, start_run
+from bnlab.tables import format_table
+from bnlab.train import SUBSET_HELP, TrainConfig, describe, describe_training_set, start_run
 
 REPORT = "report.md"
 COMPARISON_FIGURE = "comparison.png"
@@ -30,7 +30,7 @@ class DemoConfig:
     """The demo's settings; defaults are the chapter's (10 epochs, lr 0.1, batch 128)."""
 
     epochs: int = field(default=10, metadata={"help": "epochs of each run"})
-    subset: int = field(default=0, metadata={"help": "train on N images (0 = all 60000)"})
+    subset: int = field(default=0, metadata={"help": SUBSET_HELP})
     lr: float = field(default=0.1, metadata={"help": "SGD learning rate"})
     batch_size: int = field(default=128, metadata={"help": "minibatch size"})
     seed: int = field(default=0, metadata={"help": "seed"})
@@ -137,8 +137,7 @@ def write_report(config: DemoConfig, out: Path, plan: dict[str, TrainConfig],
     table = results_table(summaries, histories)
     inspections = {name: inspect_run(out / name) for name in ("bn-lenet-bnlab", "bn-lenet-torch")
                    if (out / name / runs.CHECKPOINT).exists()}
-    scope = ("the full training set (60000 images)" if not config.subset
-             else f"a class-balanced subset of {config.subset} training images")
+    scope = describe_training_set(config.subset)
     lines = [
         "# bnlab demo: LeNet with and without batch norm on Fashion-MNIST",
         "",

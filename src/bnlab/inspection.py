@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from bnlab import runs
-from bnlab.bench.timing import format_table
 from bnlab.config import config_from_dict
 from bnlab.models import norm_layers
+from bnlab.tables import format_table
 
 PARAMS_FIGURE = "norm_params.png"
 

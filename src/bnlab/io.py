@@ -81,7 +81,10 @@ def remove_stray_temps(folder: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         if _TEMP_NAME.match(entry.name) and entry.is_file():
-            entry.unlink(missing_ok=True)
+            try:
+                entry.unlink(missing_ok=True)
+            except OSError:  # a read-only folder keeps its strays; they hide no result
+                continue
             removed.append(entry)
     return removed
 

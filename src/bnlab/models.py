@@ -133,6 +133,18 @@ MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
 """The options (``TrainConfig`` fields) each model takes beyond its norm."""
 
 
+def has_norm_layers(name: str) -> bool:
+    """Whether model ``name`` takes a norm layer: all but plain LeNet, the chapter's no-BN baseline."""
+    return name != "lenet"
+
+
+def check_norm(name: str, norm: str) -> None:
+    """ValueError unless ``norm`` suits model ``name`` (a model without norm layers takes only 'none')."""
+    if not has_norm_layers(name) and norm != "none":
+        raise ValueError(f"model {name!r} has no norm layers (got norm={norm!r}); "
+                         "use --norm none, or --model bn-lenet")
+
+
 def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cpu",
                 **options) -> nn.Module:
     """A named model of :data:`MODEL_OPTIONS`, initialized and on ``device``.
@@ -146,10 +158,8 @@ def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cp
     unknown = sorted(set(options) - set(MODEL_OPTIONS[name]))
     if unknown:
         raise ValueError(f"model {name!r} takes options {list(MODEL_OPTIONS[name])} (got {unknown})")
+    check_norm(name, norm)
     if name == "lenet":
-        if norm != "none":
-            raise ValueError(f"model 'lenet' is the chapter's plain LeNet, with no norm layers "
-                             f"(got norm={norm!r}); use 'bn-lenet' with norm 'none' for variants")
         return initialize(lenet().to(device), torch.zeros(2, *INPUT_SHAPE, device=device))
     if name == "bn-lenet":
         model = bn_lenet(norm, **options).to(device)

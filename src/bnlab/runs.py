@@ -111,13 +111,15 @@ def _note(message: str) -> None:
     print(f"bnlab: note: {message}", file=sys.stderr)
 
 
-def prepare(run_dir: Path, config: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+def prepare(run_dir: Path, config: dict[str, Any], resume: bool,
+            required: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """Make ``run_dir`` ready for a run with ``config``; return its checkpoint when resuming.
 
     A folder that holds a run with a finished epoch is only reused with ``resume=True`` and
     the same config; anything else is an error that names the folder, so no result is
     overwritten. A folder whose run died before its first epoch holds no result, so a new
-    config may replace it (said on stderr). Temp files of killed writes are removed.
+    config may replace it (said on stderr). Temp files of killed writes are removed. The
+    checkpoint must hold the ``required`` keys.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"{run_dir} is a file, expected a run folder (choose another --out)")
@@ -147,7 +149,7 @@ def prepare(run_dir: Path, config: dict[str, Any], resume: bool) -> dict[str, An
                 f"(saved {[saved.get(k) for k in changed]}, given {[config.get(k) for k in changed]})"
             )
     if resume and (run_dir / CHECKPOINT).exists():
-        return load_checkpoint(run_dir)
+        return load_checkpoint(run_dir, required)
     return None
 
 

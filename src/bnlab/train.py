@@ -26,8 +26,36 @@ from tqdm.auto import tqdm
 
 from bnlab import runs
 from bnlab.config import config_to_dict
-from bnlab.models import MODEL_OPTIONS, build_model
+from bnlab.data.dataset import TRAIN_SIZE, FashionMNIST
+from bnlab.data.loader import Loader, stratified_subset
+from bnlab.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers
 from bnlab.norms import NORM_LAYERS
+
+SUBSET_HELP = (f"train on a class-balanced subset of N training images (0 = all {TRAIN_SIZE}); "
+               "the test set stays whole")
+
+
+def training_images(subset: int, n_train: int = TRAIN_SIZE) -> int:
+    """How many images an epoch trains on: ``subset``, or the whole training set when it is 0."""
+    return subset or n_train
+
+
+def describe_training_set(subset: int) -> str:
+    """``subset`` in words, e.g. for a report: "all 60000 training images"."""
+    return (f"all {TRAIN_SIZE} training images" if not subset
+            else f"a class-balanced subset of {subset} training images")
+
+
+def drops_last_batch(n_images: int, batch_size: int) -> bool:
+    """Whether training drops an epoch's last batch: it does when that batch would hold one image,
+    since batch norm cannot normalize a single value per channel."""
+    return n_images % batch_size == 1
+
+
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    """Training steps of one epoch over ``n_images`` (a last batch of one is dropped)."""
+    full, rest = divmod(n_images, batch_size)
+    return full if rest == 0 or drops_last_batch(n_images, batch_size) else full + 1
 
 
 @dataclass
@@ -55,9 +83,7 @@ class TrainConfig:
     momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay"})
     seed: int = field(default=0, metadata={"help": "seed of weights, data order and dropout"})
-    subset: int = field(default=0, metadata={
-        "help": "train on a class-balanced subset of N training images (0 = all 60000); "
-                "the test set stays whole"})
+    subset: int = field(default=0, metadata={"help": SUBSET_HELP})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the training step (about 25-30 s of compile before epoch 1)"})
@@ -66,9 +92,7 @@ class TrainConfig:
         "help": "also evaluate every N training steps (0 = only after each epoch)"})
 
     def __post_init__(self) -> None:
-        if self.model == "lenet" and self.norm != "none":
-            raise ValueError(f"model 'lenet' has no norm layers (got norm={self.norm!r}); "
-                             "use --norm none, or --model bn-lenet")
+        check_norm(self.model, self.norm)
         unused = [f.name for f in dataclasses.fields(self) if f.name in _ALL_MODEL_OPTIONS
                   and f.name not in MODEL_OPTIONS[self.model] and getattr(self, f.name) != f.default]
         if unused:
@@ -106,6 +130,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""A training step ``(x, y) -> (loss, logits)``, both detached."""
+
+
 @dataclass
 class EpochResult:
     loss: float  # mean training loss over the epoch's steps
@@ -120,7 +148,7 @@ def train_one_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
-    step_fn=None,
+    step_fn: Step | None = None,
     progress: tqdm | None = None,
     after_step: Callable[[int, float], float] | None = None,
 ) -> EpochResult:
@@ -155,7 +183,25 @@ def train_one_epoch(
     return EpochResult(statistics.fmean(losses), correct / images, seconds, images, losses)
 
 
-def make_step(model: nn.Module, optimizer: torch.optim.Optimizer):
+def optimizer_for(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """The optimizer ``config`` trains ``model`` with: SGD with its lr, momentum and weight decay."""
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def seeded_steps(configs: dict[str, TrainConfig], device: torch.device | str) -> dict[str, Step]:
+    """Per name, the training step (``make_step``) of a fresh model of that config in train
+    mode, torch's RNG seeded with ``config.seed`` before each model is built (so configs
+    that differ only in their norm start from the same weights)."""
+    steps = {}
+    for name, config in configs.items():
+        torch.manual_seed(config.seed)
+        model = model_for(config, device).train()
+        steps[name] = make_step(model, optimizer_for(model, config))
+    return steps
+
+
+def make_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step:
     """A training step ``(x, y) -> (loss, logits)``: forward, cross-entropy, backward, update."""
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +234,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
 
 class TrainingRun:
-    """A run that advances one epoch at a time (``fit`` loops it; the demo interleaves several).
+    """A run that advances one epoch at a time: ``train`` runs it to the end, the demo
+    interleaves several with ``train_next_epoch``. Make one with :func:`start_run`.
 
     ``train_loader`` must have ``set_epoch(epoch)`` and ``len()`` (``bnlab.data.loader.Loader``):
     its order depends only on (seed, epoch), which is what makes resume exact. With
@@ -203,17 +250,20 @@ class TrainingRun:
         self.label = label
         self.train_loader, self.test_loader = train_loader, test_loader
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr,
-                                         momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        self.optimizer = optimizer_for(model, config)
         self.history: list[dict[str, Any]] = []
         self.step_losses: list[list[float]] = []
         self.evals: list[dict[str, Any]] = []  # every config.eval_every steps
         self.diverged: dict[str, int] | None = None
         if self.run_dir is not None:
-            checkpoint = runs.prepare(self.run_dir, config_to_dict(config), resume)
+            checkpoint = runs.prepare(self.run_dir, config_to_dict(config), resume,
+                                      required=CHECKPOINT_KEYS)
             if checkpoint is not None:
                 self._restore(checkpoint)
+                # A kill after the checkpoint's rename left the history files one epoch behind
+                # (or a file was damaged): the checkpoint holds the history, so rewrite what
+                # disagrees with it. Files that agree are not touched.
+                runs.write_history(self.run_dir, self.history, self.step_losses, self.evals)
         self._step = make_step(torch.compile(model) if config.compile else model, self.optimizer)
 
     @property
@@ -276,15 +326,26 @@ class TrainingRun:
 
         return after_step
 
+    def train(self) -> dict[str, Any]:
+        """Train to the last epoch (or divergence) and return the summary (see ``finish``)."""
+        while not self.done:
+            self.train_next_epoch()
+        return self.finish()
+
     def finish(self) -> dict[str, Any]:
-        """The summary; with a run folder, also ``summary.json`` and ``curves.png``."""
+        """The summary; with a run folder, also ``curves.png`` and then ``summary.json``.
+
+        ``summary.json`` is written last, since it marks the run finished; a finished run
+        whose files already say all this is not written to at all (it may be read-only).
+        """
         summary = summarize(self.history, self.config.epochs, self.diverged)
-        if self.run_dir is not None:
-            runs.write_summary(self.run_dir, summary)
+        if self.run_dir is not None and not (runs.summary_is_current(self.run_dir, summary)
+                                             and (self.run_dir / runs.CURVES).exists()):
             from bnlab.plots import plot_curves
 
             plot_curves(self.history, self.run_dir / runs.CURVES, title=describe(self.config),
                         diverged=self.diverged)
+            runs.write_summary(self.run_dir, summary)
         return summary
 
     def _log(self, line: str) -> None:
@@ -292,8 +353,14 @@ class TrainingRun:
             tqdm.write(f"{self.label}: {line}" if self.label else line)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError) as exc:  # weights of another model, say
+            raise runs.RunFileError(
+                f"{self.run_dir / runs.CHECKPOINT}: does not fit the model of {runs.CONFIG} "
+                f"({str(exc).splitlines()[0]}); delete {self.run_dir} to train the run again"
+            ) from None
         self.history, self.step_losses = checkpoint["history"], checkpoint["step_losses"]
         self.evals = checkpoint["evals"]
         self.diverged = checkpoint["diverged"]
@@ -317,18 +384,8 @@ class TrainingRun:
         runs.write_history(self.run_dir, self.history, self.step_losses, self.evals)
 
 
-def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig,
-        run_dir: str | Path | None = None, resume: bool = False,
-        progress: bool = True) -> dict[str, Any]:
-    """Train ``model`` for ``config.epochs`` (see :class:`TrainingRun`); return the summary."""
-    return complete(TrainingRun(model, train_loader, test_loader, config, run_dir, resume, progress))
-
-
-def complete(run: TrainingRun) -> dict[str, Any]:
-    """Train ``run`` to its last epoch (or divergence) and return its summary."""
-    while not run.done:
-        run.train_next_epoch()
-    return run.finish()
+CHECKPOINT_KEYS = ("model", "optimizer", "history", "step_losses", "evals", "diverged", "rng",
+                   "cuda_rng")
 
 
 def format_epoch(row: dict[str, Any], epochs: int) -> str:
@@ -360,40 +417,35 @@ def summarize(history: list[dict[str, Any]], epochs: int, diverged: dict[str, in
 
 def describe(config: TrainConfig) -> str:
     """A short human label, e.g. ``bn-lenet (bnlab) lr=0.1 bs=128 seed=0``."""
-    norm = "" if config.model == "lenet" else f" ({config.norm}"
-    norm += "" if config.model == "lenet" else (
-        ")" if config.norm_slots == "all" else f" @ {config.norm_slots})")
+    norm = ""
+    if has_norm_layers(config.model):
+        slots = "" if config.norm_slots == "all" else f" @ {config.norm_slots}"
+        norm = f" ({config.norm}{slots})"
     return f"{config.model}{norm} lr={config.lr:g} bs={config.batch_size} seed={config.seed}"
 
 
-def build_loaders(config: TrainConfig, dataset, device: torch.device):
-    """Training and test loaders of ``dataset`` (a ``bnlab.data.dataset.FashionMNIST``) for ``config``.
+def build_loaders(config: TrainConfig, dataset: FashionMNIST,
+                  device: torch.device | str) -> tuple[Loader, Loader]:
+    """Training and test loaders of ``dataset`` for ``config``.
 
     ``config.subset`` takes a class-balanced subset of the training set; the test set is
     always whole. A final training batch of one image is dropped, since batch norm cannot
     train on one value per channel.
     """
-    from bnlab.data.loader import Loader, stratified_subset
-
     images, labels = dataset.train_images, dataset.train_labels
     if config.subset:
         images, labels = stratified_subset(images, labels, config.subset)
     train = Loader(images, labels, config.batch_size, shuffle=True, seed=config.seed,
-                   drop_last=len(labels) % config.batch_size == 1, device=device)
+                   drop_last=drops_last_batch(len(labels), config.batch_size), device=device)
     test = Loader(dataset.test_images, dataset.test_labels, config.eval_batch_size,
                   shuffle=False, device=device)
     return train, test
 
 
-def run_training(config: TrainConfig, dataset, run_dir: str | Path | None = None,
-                 resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Seed, build the model and loaders for ``config``, and fit; return the summary."""
-    return complete(start_run(config, dataset, run_dir, resume, progress))
-
-
-def start_run(config: TrainConfig, dataset, run_dir: str | Path | None = None,
+def start_run(config: TrainConfig, dataset: FashionMNIST, run_dir: str | Path | None = None,
               resume: bool = False, progress: bool = True, label: str = "") -> TrainingRun:
-    """A seeded :class:`TrainingRun` of ``config`` on ``dataset``, not yet trained."""
+    """The one way to train ``config`` on ``dataset``: a seeded :class:`TrainingRun`, not yet
+    trained. ``start_run(...).train()`` trains it to the end and returns its summary."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = model_for(config, device)

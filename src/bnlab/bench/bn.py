@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from bnlab._cpp import load_extension
-from bnlab.bench.timing import format_table, time_interleaved
+from bnlab.bench.timing import time_interleaved
 from bnlab.functional import batch_norm
+from bnlab.tables import format_table
 
 SHAPES: list[tuple[int, ...]] = [
     (128, 6, 24, 24),   # BN-LeNet: after conv1

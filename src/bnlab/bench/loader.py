@@ -14,9 +14,10 @@ import os
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bnlab.bench.timing import format_table, time_interleaved
+from bnlab.bench.timing import time_interleaved
 from bnlab.data.dataset import load_fashion_mnist
 from bnlab.data.loader import Loader
+from bnlab.tables import format_table
 
 
 class PerSampleDataset(Dataset):

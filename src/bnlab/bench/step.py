@@ -7,55 +7,63 @@ batches, stepping the models in turn batch by batch with a rotating order, so th
 spell of the machine hits every model alike. It reports the median step time, its ratio
 to the reference norm's, and each model's last loss: with equal weights and equal
 batches, implementations that agree with torch track its loss to many digits.
+
+The benchmark is a leaf: it times the step functions it is given (the CLI builds them
+with ``bnlab.train``) and imports nothing of bnlab's above the timing helpers.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 
-from bnlab.bench.timing import format_table, sync
-from bnlab.train import TrainConfig, build_loaders, make_step, model_for, resolve_device
+from bnlab.bench.timing import sync
+from bnlab.tables import format_table
 
 DEFAULT_NORMS = ("bnlab", "torch")
 
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""A training step ``(x, y) -> (loss, logits)`` (``bnlab.train.make_step``)."""
 
-def run_step_benchmark(dataset, norms: tuple[str, ...] = DEFAULT_NORMS, steps: int = 300,
-                       batch_size: int = 128, lr: float = 0.1, warmup: int = 10,
-                       device: str = "auto", reference: str = "torch") -> str:
-    """Median seconds per training step of BN-LeNet with each norm; a markdown table.
 
-    ``dataset`` is a ``bnlab.data.dataset.FashionMNIST``; ``steps`` batches are timed after
-    ``warmup`` untimed ones (more than an epoch wraps around to the next epoch).
+class EpochBatches(Protocol):
+    """Training batches whose order is chosen by epoch (``bnlab.data.loader.Loader``)."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def run_step_benchmark(step_fns: dict[str, Step], batches: EpochBatches, *, setup: str,
+                       steps: int = 300, warmup: int = 10,
+                       device: torch.device | str = "cpu", reference: str = "torch") -> str:
+    """Median seconds per training step of each norm's model; a markdown table.
+
+    ``step_fns`` maps each norm to the step of its own model (models with the same
+    initial weights); every step function gets the same ``batches``. ``steps`` batches are
+    timed after ``warmup`` untimed ones (more than an epoch wraps around to the next
+    epoch). ``setup`` says what was built, e.g. "SGD lr 0.1, batch 128".
     """
+    norms = tuple(step_fns)
     if reference not in norms:
         raise ValueError(f"reference norm {reference!r} must be one of the norms {norms}")
     if steps < 1 or warmup < 0:
         raise ValueError(f"expected steps >= 1 and warmup >= 0 (got {steps}, {warmup})")
-    dev = resolve_device(device)
-    configs = {n: TrainConfig(model="bn-lenet", norm=n, lr=lr, batch_size=batch_size, seed=0)
-               for n in norms}
-    train, _ = build_loaders(configs[reference], dataset, dev)
-    models, step_fns = {}, {}
-    for norm, config in configs.items():
-        torch.manual_seed(config.seed)
-        models[norm] = model_for(config, dev)
-        models[norm].train()
-        step_fns[norm] = make_step(models[norm], torch.optim.SGD(models[norm].parameters(),
-                                                                   lr=lr))
     samples: dict[str, list[float]] = {n: [] for n in norms}
     losses: dict[str, float] = {}
     done, epoch = 0, 0
     while done < warmup + steps:
-        train.set_epoch(epoch)
-        for x, y in train:
+        batches.set_epoch(epoch)
+        for x, y in batches:
             order = norms[done % len(norms):] + norms[:done % len(norms)]
             for norm in order:
                 start = time.perf_counter()
                 loss, _ = step_fns[norm](x, y)
-                sync(dev)
+                sync(device)
                 if done >= warmup:
                     samples[norm].append(time.perf_counter() - start)
                 losses[norm] = loss.item()
@@ -66,8 +74,8 @@ def run_step_benchmark(dataset, norms: tuple[str, ...] = DEFAULT_NORMS, steps: i
     medians = {n: statistics.median(s) for n, s in samples.items()}
     rows = [[n, f"{medians[n] * 1e3:.2f}", f"{medians[n] / medians[reference]:.3f}",
              f"{losses[n]:.6f}"] for n in norms]
-    note = (f"BN-LeNet training steps (forward, cross-entropy, backward, SGD lr {lr}), batch "
-            f"{batch_size}, device {dev}, torch {torch.__version__}, "
+    note = (f"BN-LeNet training steps (forward, cross-entropy, backward, {setup}), "
+            f"device {device}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads; {steps} steps per norm after {warmup} "
             "warm-up steps, the models stepped in turn on the same batches.")
     headers = ["norm", "ms/step (median)", f"vs {reference}", "last loss"]

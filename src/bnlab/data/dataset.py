@@ -38,6 +38,9 @@ CLASSES: tuple[str, ...] = (
 )
 
 IMAGE_SIZE = 28
+# Images in each split of the real dataset.
+TRAIN_SIZE = 60000
+TEST_SIZE = 10000
 
 # The four files, by the role they play. Names are the decompressed ones; on disk each
 # may also carry a ``.gz`` suffix.

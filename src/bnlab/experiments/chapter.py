@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bnlab.bench.timing import format_table
 from bnlab.experiments.analysis import final
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
 from bnlab.experiments.stats import mean_ci
+from bnlab.tables import format_table
 
 RUNS = {
     "LeNet (no BN)": {"model": "lenet", "norm": "none"},

@@ -39,10 +39,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bnlab.bench.timing import format_table
+from bnlab.data.dataset import TRAIN_SIZE
 from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, final
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
 from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.tables import format_table
+from bnlab.train import steps_per_epoch, training_images
 
 LEARNING_RATES = {False: (0.3, 1.0, 3.0), True: (0.1, 0.3, 1.0, 3.0)}
 MODELS = {False: ("LeNet", {"model": "lenet", "norm": "none"}),
@@ -50,22 +52,16 @@ MODELS = {False: ("LeNet", {"model": "lenet", "norm": "none"}),
 THRESHOLDS = (0.80, 0.85)
 EVAL_EVERY = {False: 100, True: 50}
 BATCH_SIZE = 128
-TRAIN_IMAGES = 60000
 IOFFE_SZEGEDY = "Ioffe & Szegedy (2015): BN-x5 reached Inception's accuracy in 14x fewer steps " \
                 "at 5x its learning rate"
 
 Point = tuple[int, float, float]  # (global step, training seconds so far, val acc)
 
 
-def steps_per_epoch(n_images: int, batch_size: int = BATCH_SIZE) -> int:
-    """Steps of one epoch, as ``train.build_loaders`` batches (a last batch of 1 is dropped)."""
-    return n_images // batch_size if n_images % batch_size == 1 else math.ceil(n_images / batch_size)
-
-
 def eval_interval(subset: int, bn: bool) -> int:
     """``EVAL_EVERY[bn]``, or fewer steps when an epoch is short (2 evaluations an epoch)."""
-    n = TRAIN_IMAGES if subset in (0, -1) else subset
-    return min(EVAL_EVERY[bn], max(1, steps_per_epoch(n) // 2))
+    n = training_images(train_subset(subset))
+    return min(EVAL_EVERY[bn], max(1, steps_per_epoch(n, BATCH_SIZE) // 2))
 
 
 def variants(settings: ExpSettings) -> list[Variant]:
@@ -89,7 +85,7 @@ def progress(row: dict[str, Any], n_images: int | None = None) -> list[Point]:
 
         evals = load_run(row["run_dir"])["evals"]
     config = row["config"]
-    per_epoch = steps_per_epoch(config["subset"] or n_images or TRAIN_IMAGES,
+    per_epoch = steps_per_epoch(training_images(config["subset"], n_images or TRAIN_SIZE),
                                 config["batch_size"])
     points = {e["step"]: (e["step"], e["train_seconds"], e["val_acc"]) for e in evals}
     seconds = 0.0

@@ -37,10 +37,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bnlab.bench.timing import format_table
 from bnlab.experiments.analysis import FAIL_ACCURACY, failed, final
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.tables import format_table
 
 DEPTHS = (5, 10, 20, 50, 110)
 ACTIVATIONS = ("sigmoid", "relu")
@@ -144,11 +144,10 @@ def gradient_profiles(rows: list[dict[str, Any]], dataset) -> dict[tuple, dict[s
 
 
 def _steps(row: dict[str, Any]) -> int:
+    from bnlab.train import steps_per_epoch, training_images
+
     config = row["config"]
-    n = config["subset"] or 60000
-    bs = config["batch_size"]
-    per_epoch = n // bs if n % bs == 1 else math.ceil(n / bs)
-    return per_epoch * len(row["metrics"])
+    return steps_per_epoch(training_images(config["subset"]), config["batch_size"]) * len(row["metrics"])
 
 
 def _fmt_ratio(value: float) -> str:

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from bnlab.bench.timing import format_table
 from bnlab.experiments.analysis import FAIL_ACCURACY, final, mean_curve, train_val_gap
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
 from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.tables import format_table
 
 MODE_EVAL_IMAGES = 10000  # training images used to compare train and eval mode
 

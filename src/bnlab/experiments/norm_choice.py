@@ -33,10 +33,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bnlab.bench.timing import format_table
 from bnlab.experiments.analysis import failed, final
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.tables import format_table
 
 NORMS = {"bnlab": "BN", "layer": "LayerNorm", "group": "GroupNorm", "instance": "InstanceNorm",
          "none": "none"}
@@ -69,12 +69,13 @@ def mode_accuracies(row: dict[str, Any], dataset) -> dict[str, float] | None:
     the training batch size); None for a diverged run."""
     from bnlab.experiments.dropout import accuracy_in_mode
     from bnlab.inspection import load_trained_model
+    from bnlab.train import drops_last_batch
 
     if row["summary"]["diverged"]:
         return None
     model, config = load_trained_model(row["run_dir"])
     images, labels = dataset.test_images, dataset.test_labels
-    if len(labels) % config.batch_size == 1:  # BN cannot normalize a batch of one
+    if drops_last_batch(len(labels), config.batch_size):
         images, labels = images[:-1], labels[:-1]
     return {"eval": accuracy_in_mode(model, images, labels, False, batch_size=EVAL_BATCH),
             "train": accuracy_in_mode(model, images, labels, True, batch_size=config.batch_size)}

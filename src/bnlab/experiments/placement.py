@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bnlab.bench.timing import format_table
 from bnlab.experiments.analysis import describe_epochs_to_reach, final, mean_curve
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
 from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.tables import format_table
 
 PLACEMENTS = {
     "every layer": "all",

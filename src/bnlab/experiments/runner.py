@@ -35,12 +35,12 @@ import torch
 from tqdm.auto import tqdm
 
 from bnlab import runs
-from bnlab.bench.timing import format_table
 from bnlab.config import config_to_dict
 from bnlab.errors import BnlabError, ConfigError
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.io import atomic_write_json, atomic_write_text, remove_stray_temps
-from bnlab.train import TrainConfig, bar_disabled, run_training
+from bnlab.tables import format_table
+from bnlab.train import TrainConfig, bar_disabled, describe_training_set, start_run
 
 
 @dataclass
@@ -106,6 +106,11 @@ def resolve(settings: ExpSettings, experiment: Experiment) -> ExpSettings:
     )
 
 
+def train_subset(subset: int) -> int:
+    """``TrainConfig.subset`` for a resolved ``ExpSettings.subset``: -1 (all images) is 0 there."""
+    return 0 if subset == -1 else subset
+
+
 def config_key(config: TrainConfig) -> str:
     """A short stable hash of every field of ``config``."""
     blob = json.dumps(config_to_dict(config), sort_keys=True).encode()
@@ -124,7 +129,7 @@ def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list
     Every config is built (so validated) here, before anything trains; a bad one is a
     ``ConfigError`` naming its variant.
     """
-    subset = 0 if settings.subset == -1 else settings.subset
+    subset = train_subset(settings.subset)
     planned = []
     for variant in experiment.variants(settings):
         for seed in range(settings.seeds):
@@ -153,7 +158,7 @@ def _init_worker(dataset, threads: int) -> None:
 
 
 def _run_one(config: TrainConfig, run_dir: str) -> dict[str, Any]:
-    return run_training(config, _WORKER_DATASET, run_dir, resume=True, progress=False)
+    return start_run(config, _WORKER_DATASET, run_dir, resume=True, progress=False).train()
 
 
 class GridIncomplete(BnlabError):
@@ -190,8 +195,8 @@ def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = 
             for p in todo:
                 bar.set_postfix_str(f"{p.variant.label} seed {p.config.seed}")
                 try:
-                    summary = run_training(p.config, dataset, p.run_dir, resume=True,
-                                           progress=False)
+                    summary = start_run(p.config, dataset, p.run_dir, resume=True,
+                                        progress=False).train()
                 except BnlabError as exc:
                     _left_out(p, exc, bad)
                     continue
@@ -275,8 +280,7 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[list[object]]:
 
 
 def describe_settings(settings: ExpSettings) -> str:
-    data = ("all 60000 training images" if settings.subset in (-1, 0)
-            else f"a class-balanced subset of {settings.subset} training images")
+    data = describe_training_set(train_subset(settings.subset))
     return (f"{settings.epochs} epochs on {data}, {settings.seeds} seed(s) per variant; "
             "validation on the full test set (10000 images). Intervals are 95% Student-t "
             "intervals over seeds.")

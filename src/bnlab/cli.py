@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from bnlab.errors import BnlabError, describe_os_error
 
 Handler = Callable[[argparse.Namespace], int | None]
+
+DEFAULT_REPORT_RUNS = ("runs/demo", "runs/exp")
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -93,6 +96,7 @@ def _load_data(args: argparse.Namespace):
 def _run_bench_loader(args: argparse.Namespace) -> None:
     from bnlab.bench import loader
 
+    _check_positive(args, "batch_size", "repeats")
     print(loader.run_loader_benchmark(args.data_dir, args.batch_size, args.repeats))
 
 
@@ -101,6 +105,7 @@ def _run_bench_step(args: argparse.Namespace) -> None:
     from bnlab.norms import NORM_LAYERS
     from bnlab.train import TrainConfig, build_loaders, resolve_device, seeded_steps
 
+    _check_positive(args, "steps")
     norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
     unknown = [n for n in norms if n not in NORM_LAYERS]
     if unknown or "torch" not in norms:
@@ -117,6 +122,7 @@ def _run_bench_step(args: argparse.Namespace) -> None:
 def _run_bench_bn(args: argparse.Namespace) -> None:
     from bnlab.bench import bn
 
+    _check_positive(args, "repeats")
     print(bn.run_bn_benchmark(repeats=args.repeats, device=args.device, compiled=args.compiled,
                               cpp=args.cpp, floor=args.floor))
 
@@ -179,10 +185,26 @@ def _run_train(args: argparse.Namespace) -> None:
     print(f"training {describe(config)} -> {out}")
     summary = start_run(config, _load_data(args), out, args.resume,
                         args.progress).train()
-    state = "diverged" if summary["diverged"] else "finished"
-    print(f"{state}: final val acc {summary['final_val_acc']}, best {summary['best_val_acc']} "
-          f"(epoch {summary['best_epoch']}), {summary['median_seconds_per_epoch']} s/epoch "
-          f"(median); results in {out}")
+    print(f"{describe_outcome(summary)}; results in {out}")
+
+
+def describe_outcome(summary: dict) -> str:
+    """A finished or diverged run's summary in one line, numbers rounded for reading."""
+    if summary["diverged"]:
+        at, done = summary["diverged_at"], summary["epochs_completed"]
+        return (f"diverged at epoch {at['epoch']}, step {at['step']} (loss not finite), after "
+                f"{done} finished epoch{'' if done == 1 else 's'}")
+    return (f"finished: final val acc {summary['final_val_acc']:.4f}, best "
+            f"{summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), "
+            f"{summary['median_seconds_per_epoch']:.2f} s/epoch (median)")
+
+
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    """BnlabError unless each named integer flag is at least 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            raise BnlabError(f"expected --{name.replace('_', '-')} >= 1 (got {value})")
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
@@ -233,8 +255,8 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     exp.set_defaults(handler=_run_experiment)
 
     report = sub.add_parser("report", help="gather the demo and all experiment reports into one")
-    report.add_argument("--runs", nargs="+", default=["runs/demo", "runs/exp"],
-                        help="folders to gather from (default: runs/demo runs/exp)")
+    report.add_argument("--runs", nargs="+",
+                        help=f"folders to gather from (default: {' '.join(DEFAULT_REPORT_RUNS)})")
     report.add_argument("--out", default="runs/report.md", help="(default: runs/report.md)")
     report.set_defaults(handler=_run_report)
 
@@ -245,8 +267,7 @@ def _run_experiment(args: argparse.Namespace) -> None:
 
     base = QUICK if args.quick else FULL if args.full else None
     settings = _config_or_error(ExpSettings, args, base)
-    if args.jobs < 1:
-        raise BnlabError(f"expected --jobs >= 1 (got {args.jobs})")
+    _check_positive(args, "jobs")
     experiment = get_experiment(args.name)
     print(run_experiment(experiment, settings, args.out, _load_data(args),
                          args.jobs, args.progress))
@@ -257,7 +278,12 @@ def _run_report(args: argparse.Namespace) -> None:
     from bnlab.experiments import EXPERIMENTS
     from bnlab.report import build_report
 
-    path, gathered = build_report(args.runs, args.out, order=tuple(EXPERIMENTS))
+    if args.runs:  # folders named on the command line must exist; the defaults may not yet
+        missing = [r for r in args.runs if not Path(r).is_dir()]
+        if missing:
+            raise BnlabError(f"--runs {' '.join(missing)}: no such folder")
+    path, gathered = build_report(args.runs or list(DEFAULT_REPORT_RUNS), args.out,
+                                  order=tuple(EXPERIMENTS))
     print(f"gathered {len(gathered)} report(s) into {path}")
 
 

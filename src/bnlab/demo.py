@@ -37,6 +37,9 @@ class DemoConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training steps"})
 
+    def __post_init__(self) -> None:
+        demo_runs(self)  # the three runs' configs check every value
+
 
 def demo_runs(config: DemoConfig) -> dict[str, TrainConfig]:
     """The three runs, named as their folders are."""

@@ -108,6 +108,11 @@ NORM_DESCRIPTIONS: dict[str, str] = {
 }
 
 
+BATCH_NORMS = frozenset({"bnlab", "bnlab-ref", "bnlab-cpp", "torch"})
+"""The norms of :data:`NORM_LAYERS` that normalize over the batch: they cannot train on
+batches of one (an FC layer then has a single value per channel)."""
+
+
 def create_norm_layer(name: str, kind: str, num_features: int) -> nn.Module:
     """The norm layer registered as ``name`` for ``kind`` activations with ``num_features``."""
     if kind not in _KINDS:

@@ -25,11 +25,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bnlab import runs
-from bnlab.config import config_to_dict
+from bnlab.config import check, check_at_least, check_finite_at_least, config_to_dict
 from bnlab.data.dataset import TRAIN_SIZE, FashionMNIST
 from bnlab.data.loader import Loader, stratified_subset
-from bnlab.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers
-from bnlab.norms import NORM_LAYERS
+from bnlab.deep import check_architecture
+from bnlab.errors import ConfigError
+from bnlab.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
+from bnlab.norms import BATCH_NORMS, NORM_LAYERS
 
 SUBSET_HELP = (f"train on a class-balanced subset of N training images (0 = all {TRAIN_SIZE}); "
                "the test set stays whole")
@@ -98,11 +100,23 @@ class TrainConfig:
         if unused:
             raise ValueError(f"{unused} set, but model {self.model!r} takes only "
                              f"{list(MODEL_OPTIONS[self.model])}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"expected {name} >= 1 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            raise ValueError(f"expected lr > 0 (got {self.lr})")
+        check_at_least(self, 1, "epochs", "batch_size", "eval_batch_size")
+        check_at_least(self, 0, "seed", "subset", "eval_every")
+        check(math.isfinite(self.lr) and self.lr > 0, f"expected a finite lr > 0 (got {self.lr})")
+        check_finite_at_least(self, 0, "momentum", "weight_decay")
+        check(0 <= self.dropout < 1, f"expected dropout in [0, 1) (got {self.dropout})")
+        options = MODEL_OPTIONS[self.model]
+        try:
+            slots = parse_norm_slots(self.norm_slots) if "norm_slots" in options else ("all",)
+            if "depth" in options:
+                check_architecture(self.depth, self.width, self.activation)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        check(not (self.norm in BATCH_NORMS and has_norm_layers(self.model) and slots)
+              or self.batch_size >= 2,
+              f"batch norm needs batch_size >= 2: a batch of one has one value per channel "
+              f"(got {self.batch_size})")
+        check_device_name(self.device)
 
 
 _ALL_MODEL_OPTIONS = {option for options in MODEL_OPTIONS.values() for option in options}
@@ -120,13 +134,25 @@ def bar_disabled(progress: bool) -> bool | None:
     return None if progress else True
 
 
+def check_device_name(name: str) -> None:
+    """ConfigError unless ``name`` is ``auto`` or a device torch can name (available or not:
+    a config written on a GPU machine stays readable on a CPU one)."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"expected device auto, cpu, cuda or cuda:N (got {name!r})") from None
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; anything else as torch spells it."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device")
     return device
 
 

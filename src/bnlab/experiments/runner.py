@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bnlab import runs
-from bnlab.config import config_to_dict
+from bnlab.config import check_at_least, config_to_dict
 from bnlab.errors import BnlabError, ConfigError
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.io import atomic_write_json, atomic_write_text, remove_stray_temps
@@ -56,9 +56,9 @@ class ExpSettings:
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
-            raise ValueError(f"expected seeds >= 1 (got {self.seeds})")
-        if self.epochs < 0:
-            raise ValueError(f"expected epochs >= 0 (got {self.epochs})")
+            raise ConfigError(f"expected seeds >= 1 (got {self.seeds})")
+        check_at_least(self, 0, "epochs")
+        check_at_least(self, -1, "subset")
 
 
 QUICK = ExpSettings(seeds=1, epochs=1, subset=1000)

@@ -39,7 +39,7 @@ from bnlab.data.dataset import (
     verification_cache_path,
 )
 from bnlab.errors import DatasetError
-from bnlab.io import atomic_write
+from bnlab.io import atomic_write, remove_stray_temps
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -113,6 +113,7 @@ def fetch_fashion_mnist(root: str | os.PathLike | None = None, *,
 def _download_missing(destination: Path, download: Download,
                       expected: Mapping[str, tuple[str, int]] | None) -> None:
     table = dataset.EXPECTED_FILES if expected is None else expected
+    remove_stray_temps(destination)  # of an earlier fetch that was killed mid-write
     present = files_in(destination)
     for name in FILE_NAMES:
         if name not in present:

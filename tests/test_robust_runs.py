@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from bnlab import cli, io, runs
+from bnlab.config import config_to_dict
 from bnlab.data import dataset
 from bnlab.experiments import get_experiment
 from bnlab.experiments.runner import ExpSettings, plan, resolve
@@ -283,7 +284,7 @@ def test_an_exp_grid_reports_bad_runs_and_goes_on(fake_dataset, tmp_path, capsys
 
 def test_a_folder_with_no_finished_epoch_may_take_a_new_config(fake_dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    runs.prepare(out, {**vars(tiny_config()), "lr": 7.0}, resume=False)  # died before epoch 1
+    runs.prepare(out, {**config_to_dict(tiny_config()), "lr": 7.0}, resume=False)  # died before epoch 1
     code, _, err = run_cli(capsys, "train", "--epochs", "1", *TINY, "--out", str(out))
     assert code == 0
     assert "no finished epoch" in err and "replacing" in err and "['epochs', 'eval_every', 'lr']" in err
@@ -340,7 +341,7 @@ def test_a_run_folder_is_readable_by_others_under_umask_022(fake_dataset, tmp_pa
 
 def test_a_kill_inside_a_write_leaves_a_temp_file_that_the_next_open_removes(tmp_path):
     run_dir = tmp_path / "run"
-    runs.prepare(run_dir, vars(tiny_config()), resume=False)
+    runs.prepare(run_dir, config_to_dict(tiny_config()), resume=False)
 
     def dies_halfway(f) -> None:
         f.write(b"half a checkpoint")
@@ -350,7 +351,7 @@ def test_a_kill_inside_a_write_leaves_a_temp_file_that_the_next_open_removes(tmp
     strays = [p.name for p in run_dir.iterdir() if p.name != runs.CONFIG]
     assert len(strays) == 1 and strays[0].startswith(".checkpoint.pt.") and strays[0].endswith(".tmp")
     (run_dir / "notes.tmp").write_text("a user's file")  # not one of bnlab's temp names
-    runs.prepare(run_dir, vars(tiny_config()), resume=True)
+    runs.prepare(run_dir, config_to_dict(tiny_config()), resume=True)
     assert sorted(p.name for p in run_dir.iterdir()) == [runs.CONFIG, "notes.tmp"]
 
 

@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from bnlab import runs
+from bnlab import runs, train
+from bnlab.config import config_from_dict, config_to_dict
+from bnlab.denormals import denormals_flushed, flushing_denormals
 from bnlab.models import build_model
 from bnlab.train import TrainConfig, build_loaders, evaluate, start_run
 
@@ -149,3 +151,53 @@ def test_model_options_must_fit_the_model():
     with pytest.raises(ValueError, match=r"\['dropout'\] set, but model 'deep-mlp'"):
         TrainConfig(model="deep-mlp", norm="none", dropout=0.5)
     TrainConfig(model="deep-mlp", norm="bnlab", depth=50, activation="relu")
+
+
+needs_flush = pytest.mark.skipif(not torch.set_flush_denormal(False),
+                                 reason="this CPU cannot flush denormals (torch.set_flush_denormal)")
+
+
+@needs_flush
+@pytest.mark.parametrize("before", [False, True])
+def test_denormals_flushed_in_the_block_and_the_mode_restored_after(before):
+    torch.set_flush_denormal(before)
+    try:
+        for enabled in (True, False):
+            with denormals_flushed(enabled) as in_effect:
+                assert in_effect and flushing_denormals() is enabled
+            assert flushing_denormals() is before
+        with pytest.raises(KeyError), denormals_flushed(not before):
+            raise KeyError("the mode is restored on errors too")
+        assert flushing_denormals() is before
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@needs_flush
+@pytest.mark.parametrize("flush", [True, False])
+def test_training_and_evaluation_follow_flush_denormal(synthetic_fashion, monkeypatch, flush):
+    seen = []
+
+    def recording(real):
+        def wrapper(*args, **kwargs):
+            seen.append((real.__name__, flushing_denormals()))
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in ("train_one_epoch", "evaluate"):
+        monkeypatch.setattr(train, name, recording(getattr(train, name)))
+    torch.set_flush_denormal(not flush)
+    try:
+        start_run(small_config(epochs=1, subset=200, flush_denormal=flush), synthetic_fashion,
+                  progress=False).train()
+        assert seen == [("train_one_epoch", flush), ("evaluate", flush)]
+        assert flushing_denormals() is (not flush)  # the caller's mode, untouched
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_flush_denormal_at_its_default_keeps_earlier_saved_configs_valid():
+    saved = config_to_dict(TrainConfig())
+    assert "flush_denormal" not in saved  # as configs were saved before the field existed
+    assert config_to_dict(config_from_dict(TrainConfig, saved)) == saved
+    assert config_to_dict(TrainConfig(flush_denormal=False))["flush_denormal"] is False

@@ -19,9 +19,22 @@ from bnlab.errors import ConfigError
 T = TypeVar("T")
 
 
+OMIT_AT_DEFAULT = "omit_at_default"
+"""Field metadata key: leave the field out of ``config_to_dict`` while it holds its default."""
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a dataclass config."""
-    return dataclasses.asdict(config)
+    """A JSON-ready dict of a dataclass config.
+
+    A field whose metadata sets ``OMIT_AT_DEFAULT`` is left out while it holds its
+    default, so a field added that way leaves the saved configs (and config hashes) of
+    earlier runs valid: they read back with the default.
+    """
+    values = dataclasses.asdict(config)
+    for field in dataclasses.fields(config):
+        if field.metadata.get(OMIT_AT_DEFAULT) and values[field.name] == field.default:
+            del values[field.name]
+    return values
 
 
 def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:

@@ -24,6 +24,7 @@ import io as io_module
 import json
 import math
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -112,14 +113,16 @@ def _note(message: str) -> None:
 
 
 def prepare(run_dir: Path, config: dict[str, Any], resume: bool,
-            required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+            required: tuple[str, ...] = (), known: Collection[str] | None = None
+            ) -> dict[str, Any] | None:
     """Make ``run_dir`` ready for a run with ``config``; return its checkpoint when resuming.
 
     A folder that holds a run with a finished epoch is only reused with ``resume=True`` and
     the same config; anything else is an error that names the folder, so no result is
     overwritten. A folder whose run died before its first epoch holds no result, so a new
     config may replace it (said on stderr). Temp files of killed writes are removed. The
-    checkpoint must hold the ``required`` keys.
+    checkpoint must hold the ``required`` keys; a saved config key outside ``known`` (the
+    config class's fields) means the file is not a config of this bnlab.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"{run_dir} is a file, expected a run folder (choose another --out)")
@@ -138,7 +141,7 @@ def prepare(run_dir: Path, config: dict[str, Any], resume: bool,
                 f"{run_dir} already holds a run; pass --resume to continue it or choose "
                 f"another --out"
             )
-        unknown = sorted(set(saved) - set(config))
+        unknown = sorted(set(saved) - set(config if known is None else known))
         if unknown:
             raise RunFileError(f"{config_path}: unknown key(s) {unknown}, not a config of this "
                                f"bnlab; {_start_over(run_dir)}")

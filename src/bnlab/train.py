@@ -25,10 +25,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bnlab import runs
-from bnlab.config import check, check_at_least, check_finite_at_least, config_to_dict
+from bnlab.config import OMIT_AT_DEFAULT, check, check_at_least, check_finite_at_least, config_to_dict
 from bnlab.data.dataset import TRAIN_SIZE, FashionMNIST
 from bnlab.data.loader import Loader, stratified_subset
 from bnlab.deep import check_architecture
+from bnlab.denormals import denormals_flushed
 from bnlab.errors import ConfigError
 from bnlab.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
 from bnlab.norms import BATCH_NORMS, NORM_LAYERS
@@ -92,6 +93,10 @@ class TrainConfig:
     eval_batch_size: int = field(default=1000, metadata={"help": "batch size of evaluation"})
     eval_every: int = field(default=0, metadata={
         "help": "also evaluate every N training steps (0 = only after each epoch)"})
+    flush_denormal: bool = field(default=True, metadata={
+        "help": "flush denormal floats to zero on CPU while training and evaluating "
+                "(bnlab.denormals: a saturated net otherwise runs many times slower per step)",
+        OMIT_AT_DEFAULT: True})
 
     def __post_init__(self) -> None:
         check_norm(self.model, self.norm)
@@ -283,7 +288,8 @@ class TrainingRun:
         self.diverged: dict[str, int] | None = None
         if self.run_dir is not None:
             checkpoint = runs.prepare(self.run_dir, config_to_dict(config), resume,
-                                      required=CHECKPOINT_KEYS)
+                                      required=CHECKPOINT_KEYS,
+                                      known=[f.name for f in dataclasses.fields(TrainConfig)])
             if checkpoint is not None:
                 self._restore(checkpoint)
                 # A kill after the checkpoint's rename left the history files one epoch behind
@@ -304,7 +310,7 @@ class TrainingRun:
                    desc=f"{self.label + ' ' if self.label else ''}epoch {epoch}/{self.config.epochs}",
                    unit="step", leave=False, disable=bar_disabled(self.progress),
                    dynamic_ncols=True)
-        with bar:
+        with bar, denormals_flushed(self.config.flush_denormal):
             result = train_one_epoch(self.model, self.train_loader, self.optimizer, self._step, bar,
                                      self._periodic_evaluation(epoch))
         self.step_losses.append(result.step_losses)
@@ -315,7 +321,8 @@ class TrainingRun:
             self._checkpoint()
             return None
         eval_start = time.perf_counter()
-        val_loss, val_acc = evaluate(self.model, self.test_loader)
+        with denormals_flushed(self.config.flush_denormal):
+            val_loss, val_acc = evaluate(self.model, self.test_loader)
         eval_seconds = time.perf_counter() - eval_start
         row = {
             "epoch": epoch,

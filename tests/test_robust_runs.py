@@ -380,3 +380,27 @@ def test_inspect_of_a_read_only_run_prints_then_says_the_figure_failed(fake_data
     assert "norm_params.png" in err and "could not write" in err and "Read-only file system" in err
     assert "Traceback" not in err and not (out / "norm_params.png").exists()
 
+
+
+def grid_rows(folder: Path) -> list[dict[str, object]]:
+    rows = runs.read_jsonl(folder / "chapter" / "results.jsonl")
+    return [{**{k: v for k, v in row.items() if k != "run_dir"},
+             "metrics": [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in row["metrics"]],
+             "summary": {k: v for k, v in row["summary"].items() if k not in TIMING_KEYS}}
+            for row in rows]
+
+
+def test_a_grid_killed_after_a_runs_last_checkpoint_is_repaired_by_a_rerun(fake_dataset, tmp_path,
+                                                                           capsys):
+    argv = ["exp", "chapter", "--seeds", "1", "--epochs", "1", "--subset", "100", "--no-progress"]
+    assert run_cli(capsys, *argv, "--out", str(tmp_path / "whole"))[0] == 0
+    first_runs_checkpoint = 3  # settings.json, the first run's config.json, its checkpoint.pt
+
+    def killed() -> None:
+        kill_at_replace(first_runs_checkpoint, "after")
+        cli.main([*argv, "--out", str(tmp_path / "cut")])
+
+    die_in_child(killed)
+    assert run_cli(capsys, *argv, "--out", str(tmp_path / "cut"))[0] == 0
+    assert grid_rows(tmp_path / "cut") == grid_rows(tmp_path / "whole")
+    assert all(len(row["metrics"]) == 1 for row in grid_rows(tmp_path / "cut"))

@@ -102,6 +102,7 @@ OTHER_ERRORS = {
     "exp jobs": (["exp", "chapter", "--jobs", "0"], "expected --jobs >= 1"),
     "exp subset": (["exp", "chapter", "--subset", "-2"], "expected subset >= -1 (got -2)"),
     "exp dropout": (["exp", "dropout", "--dropout", "2"], "expected dropout in [0, 1) (got 2.0)"),
+    "exp subset too big": (["exp", "chapter", "--subset", "5000"], "subset size must be in 1..1200"),
     "inspect nowhere": (["inspect", "/nonexistent/run"], "/nonexistent/run is not a run folder"),
     "report nowhere": (["report", "--runs", "/nonexistent"], "--runs /nonexistent: no such folder"),
 }

@@ -40,7 +40,7 @@ from bnlab.errors import BnlabError, ConfigError
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.io import atomic_write_json, atomic_write_text, remove_stray_temps
 from bnlab.tables import format_table
-from bnlab.train import TrainConfig, bar_disabled, describe_training_set, start_run
+from bnlab.train import TrainConfig, bar_disabled, build_loaders, describe_training_set, start_run
 
 
 @dataclass
@@ -295,6 +295,8 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     runs_root = Path(out) / "runs"
     out = Path(out) / experiment.name
     planned = plan(experiment, settings, runs_root)  # validates every config before any trains
+    if planned:  # the subset must fit the data (one rule, build_loaders'); all runs share it
+        build_loaders(planned[0].config, dataset, torch.device("cpu"))
     out.mkdir(parents=True, exist_ok=True)
     remove_stray_temps(out)
     atomic_write_json(out / "settings.json", config_to_dict(settings))

@@ -13,15 +13,20 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.bnlab-installed
 
-.PHONY: demo test env data data-if-possible lint clean
+.PHONY: demo test test-fast env data data-if-possible lint clean
 
 demo: data
 	$(BIN)/bnlab demo $(DEMO_ARGS)
 
 # The same set-up as the demo; the suite needs no real data (its one real-data test skips,
 # saying why, where Fashion-MNIST cannot be had), so a failed fetch does not stop it.
-test: env data-if-possible
+# Lint first: CI runs `make test`, so it enforces ruff too.
+test: lint data-if-possible
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The edit loop: lint and every test not marked slow (the end-to-end grids, demo and CLI runs).
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 env: $(STAMP)
 

@@ -1,4 +1,8 @@
-"""Shared fixtures: a small, learnable, synthetic Fashion-MNIST so no test needs the real one."""
+"""Shared fixtures and helpers: a small, learnable, synthetic Fashion-MNIST so no test needs the
+real one, the CLI reading it instead of the real one, a copy of a model's buffers, and small
+tmpfs / read-only mounts for disk-full and read-only tests (``mounts``, root only).
+
+Helpers that are not fixtures are imported by name (``from conftest import buffers``)."""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from bnlab.data import dataset
 from bnlab.data.dataset import FashionMNIST
 
 # The suite's tensors are tiny: one intra-op thread is faster than two, and keeps the suite's
@@ -83,3 +89,15 @@ def mounts():
     helper = Mounts()
     yield helper
     helper.unmount_all()
+
+
+@pytest.fixture
+def fake_dataset(monkeypatch, synthetic_fashion) -> FashionMNIST:
+    """The synthetic dataset, returned by every ``load_fashion_mnist`` the CLI calls."""
+    monkeypatch.setattr(dataset, "load_fashion_mnist", lambda root=None, **kw: synthetic_fashion)
+    return synthetic_fashion
+
+
+def buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of ``model``'s buffers (running statistics), to check they were left alone."""
+    return [b.clone() for b in model.buffers()]

@@ -9,7 +9,6 @@ import math
 import pytest
 
 from bnlab import cli, runs
-from bnlab.data import dataset
 from bnlab.experiments import EXPERIMENTS, get_experiment, runner
 from bnlab.experiments.analysis import describe_epochs_to_reach, epochs_to_reach, failed, mean_curve
 from bnlab.experiments.lr import training_lrs
@@ -19,12 +18,7 @@ from bnlab.report import build_report
 from bnlab.train import start_run
 
 
-@pytest.fixture
-def fake_dataset(monkeypatch, synthetic_fashion):
-    monkeypatch.setattr(dataset, "load_fashion_mnist", lambda root=None, **kw: synthetic_fashion)
-    return synthetic_fashion
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
 def test_quick_experiment_runs_end_to_end(name, fake_dataset, tmp_path, capsys):
     code = cli.main(["exp", name, "--quick", "--out", str(tmp_path), "--no-progress"])
@@ -44,6 +38,7 @@ def test_quick_experiment_runs_end_to_end(name, fake_dataset, tmp_path, capsys):
         assert (folder / figure).exists(), figure
 
 
+@pytest.mark.slow
 def test_a_second_invocation_trains_nothing(fake_dataset, tmp_path, monkeypatch, capsys):
     argv = ["exp", "placement", "--quick", "--out", str(tmp_path), "--no-progress"]
     assert cli.main(argv) == 0
@@ -57,14 +52,26 @@ def test_a_second_invocation_trains_nothing(fake_dataset, tmp_path, monkeypatch,
     assert (tmp_path / "placement" / "summary.md").read_text() == first
 
 
-def test_runs_shared_between_experiments_train_once(fake_dataset, tmp_path, capsys):
+@pytest.mark.slow
+def test_runs_shared_between_experiments_train_once(synthetic_fashion, tmp_path, monkeypatch):
     settings = ExpSettings(seeds=1, epochs=1, subset=1000)
     chapter = plan(get_experiment("chapter"), settings, tmp_path)
     placement = plan(get_experiment("placement"), settings, tmp_path)
     shared = {p.run_dir for p in chapter} & {p.run_dir for p in placement}
     assert len(shared) == 1  # BN-LeNet with bnlab's BN everywhere
+    trained = []
+
+    def recording(config, dataset, run_dir, **kwargs):
+        trained.append(run_dir)
+        return start_run(config, dataset, run_dir, **kwargs)
+
+    monkeypatch.setattr(runner, "start_run", recording)
+    execute(chapter, synthetic_fashion, progress=False)
+    execute(placement, synthetic_fashion, progress=False)
+    assert sorted(trained) == sorted({p.run_dir for p in chapter + placement})  # each once
 
 
+@pytest.mark.slow
 def test_a_cut_off_run_is_resumed(synthetic_fashion, tmp_path):
     settings = ExpSettings(seeds=1, epochs=2, subset=1000)
     planned = plan(get_experiment("chapter"), settings, tmp_path)
@@ -76,6 +83,7 @@ def test_a_cut_off_run_is_resumed(synthetic_fashion, tmp_path):
     assert all(runner.is_finished(p.run_dir) for p in planned)
 
 
+@pytest.mark.slow
 def test_parallel_jobs_give_the_serial_results(synthetic_fashion, tmp_path):
     settings = ExpSettings(seeds=2, epochs=1, subset=1000)
     experiment = get_experiment("chapter")

@@ -284,8 +284,7 @@ def test_bn_benchmark_reports_every_shape_and_impl(cpp, floor):
     assert len(rows) == (3 + cpp + floor) * len(SHAPES)
     assert sum("| cpp " in r for r in rows) == (len(SHAPES) if cpp else 0)
     assert sum("| floor " in r for r in rows) == (len(SHAPES) if floor else 0)
-    native = [r for r in rows if "| native " in r]
-    assert all("| 1.00 " in r for r in native) and len(native) == len(SHAPES)
+    assert sum("| native " in r for r in rows) == len(SHAPES)
 
 
 # impl="cpp": the C++ kernel runs where it can, the fast path takes the rest ------------

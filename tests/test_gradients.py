@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import buffers
 from torch import nn
 
 from bnlab.deep import deep_mlp
@@ -14,10 +15,6 @@ from bnlab.models import build_model
 def batch(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
-def buffers(model: nn.Module) -> list[torch.Tensor]:
-    return [b.clone() for b in model.buffers()]
 
 
 def test_one_entry_per_weight_layer_in_depth_order() -> None:

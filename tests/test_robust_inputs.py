@@ -13,19 +13,12 @@ import pytest
 import torch
 
 from bnlab import cli, inspection
-from bnlab.data import dataset
 from bnlab.errors import ConfigError
 from bnlab.experiments import runner
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 
 TINY = ["--epochs", "1", "--subset", "100", "--batch-size", "50", "--eval-batch-size", "200",
         "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture
-def fake_dataset(monkeypatch, synthetic_fashion):
-    monkeypatch.setattr(dataset, "load_fashion_mnist", lambda root=None, **kw: synthetic_fashion)
-    return synthetic_fashion
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

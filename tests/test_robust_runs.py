@@ -20,7 +20,6 @@ import torch
 
 from bnlab import cli, io, runs
 from bnlab.config import config_to_dict
-from bnlab.data import dataset
 from bnlab.experiments import get_experiment
 from bnlab.experiments.runner import ExpSettings, plan, resolve
 from bnlab.train import TrainConfig, start_run
@@ -35,12 +34,6 @@ def tiny_config(**changes) -> TrainConfig:
     values = dict(epochs=2, subset=100, batch_size=50, eval_batch_size=200, device="cpu",
                   eval_every=2)
     return TrainConfig(**{**values, **changes})
-
-
-@pytest.fixture
-def fake_dataset(monkeypatch, synthetic_fashion):
-    monkeypatch.setattr(dataset, "load_fashion_mnist", lambda root=None, **kw: synthetic_fashion)
-    return synthetic_fashion
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -141,6 +134,7 @@ def last_epoch_write_points() -> list[tuple[int, str]]:
     return [(n, when) for n in range(first_of_last_epoch, total + 1) for when in ("before", "after")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("number", "when"), last_epoch_write_points())
 def test_kill_at_any_write_of_the_last_epoch_then_resume_gives_the_uninterrupted_files(
         synthetic_fashion, tmp_path, reference_run, number, when):
@@ -253,6 +247,7 @@ def test_corrupt_metrics_is_named_by_inspect_and_rewritten_by_resume(fake_datase
     assert (out / runs.METRICS).read_text() == good
 
 
+@pytest.mark.slow
 def test_an_exp_grid_reports_bad_runs_and_goes_on(fake_dataset, tmp_path, capsys):
     argv = ["exp", "chapter", "--seeds", "2", "--epochs", "1", "--subset", "100", "--out",
             str(tmp_path), "--no-progress"]
@@ -355,6 +350,7 @@ def test_a_kill_inside_a_write_leaves_a_temp_file_that_the_next_open_removes(tmp
     assert sorted(p.name for p in run_dir.iterdir()) == [runs.CONFIG, "notes.tmp"]
 
 
+@pytest.mark.slow
 def test_stray_temps_in_an_experiment_folder_are_removed_on_the_next_run(fake_dataset, tmp_path,
                                                                           capsys):
     folder = tmp_path / "chapter"
@@ -390,6 +386,7 @@ def grid_rows(folder: Path) -> list[dict[str, object]]:
             for row in rows]
 
 
+@pytest.mark.slow
 def test_a_grid_killed_after_a_runs_last_checkpoint_is_repaired_by_a_rerun(fake_dataset, tmp_path,
                                                                            capsys):
     argv = ["exp", "chapter", "--seeds", "1", "--epochs", "1", "--subset", "100", "--no-progress"]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import buffers
 from torch import nn
 
 from bnlab.data.loader import Loader
 from bnlab.models import build_model
 from bnlab.robustness import fgsm_accuracy, input_gradient, noise_accuracy, pgd_accuracy
-from bnlab.train import evaluate
+from bnlab.train import evaluate, make_step
 
 EPSILONS = [0.0, 0.02, 0.05, 0.1]
 
@@ -22,19 +22,14 @@ def trained(synthetic_fashion) -> tuple[nn.Module, Loader]:
     model = build_model("bn-lenet", norm="bnlab").train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     train = Loader(synthetic_fashion.train_images, synthetic_fashion.train_labels, 64, seed=0)
+    step = make_step(model, optimizer)
     for epoch in range(2):
         train.set_epoch(epoch)
         for x, y in train:
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+            step(x, y)
     optimizer.zero_grad(set_to_none=True)
     test = Loader(synthetic_fashion.test_images, synthetic_fashion.test_labels, 100, shuffle=False)
     return model, test
-
-
-def buffers(model: nn.Module) -> list[torch.Tensor]:
-    return [b.clone() for b in model.buffers()]
 
 
 def test_the_fixture_model_learned(trained) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from bnlab import runs
 from bnlab.config import config_to_dict
+from bnlab.data.dataset import FashionMNIST
 from bnlab.io import atomic_write_json, atomic_write_text, remove_stray_temps
 from bnlab.tables import format_table
 from bnlab.train import SUBSET_HELP, TrainConfig, describe, describe_training_set, start_run
@@ -53,7 +54,7 @@ def demo_runs(config: DemoConfig) -> dict[str, TrainConfig]:
     }
 
 
-def run_demo(config: DemoConfig, out: str | Path, dataset, fresh: bool = False,
+def run_demo(config: DemoConfig, out: str | Path, dataset: FashionMNIST, fresh: bool = False,
              progress: bool = True) -> str:
     """Train the three runs interleaved (resuming any that were cut off); return the report."""
     out = Path(out)

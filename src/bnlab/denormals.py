@@ -2,9 +2,10 @@
 
 Why: a saturated network (plain LeNet at a learning rate of hundreds: sigmoids pinned at
 0 or 1) produces activations and gradients below float32's smallest normal number,
-about 1.2e-38. x86 CPUs handle such denormal numbers in microcode, many times slower
-than normal ones, so a run whose values are all but zero can train an order of magnitude
-slower per step for no difference in what it learns. Flushing them to zero (FTZ/DAZ,
+about 1.2e-38. Many x86 CPUs handle such denormal numbers in microcode, many times
+slower than normal ones, so there a run whose values are all but zero can train an order
+of magnitude slower per step for no difference in what it learns; other CPUs compute them
+at full speed and gain nothing. Flushing them to zero (FTZ/DAZ,
 ``torch.set_flush_denormal``) keeps those steps at normal speed; numbers that stay
 normal are computed exactly as before.
 

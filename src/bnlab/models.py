@@ -20,6 +20,7 @@ as in the chapter.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -146,7 +147,7 @@ def check_norm(name: str, norm: str) -> None:
 
 
 def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cpu",
-                **options) -> nn.Module:
+                **options: Any) -> nn.Module:
     """A named model of :data:`MODEL_OPTIONS`, initialized and on ``device``.
 
     The LeNets are sized by a dry run and Xavier-initialized (:func:`initialize`); the deep

@@ -95,7 +95,8 @@ class TrainConfig:
         "help": "also evaluate every N training steps (0 = only after each epoch)"})
     flush_denormal: bool = field(default=True, metadata={
         "help": "flush denormal floats to zero on CPU while training and evaluating "
-                "(bnlab.denormals: a saturated net otherwise runs many times slower per step)",
+                "(bnlab.denormals: where the CPU is slow at them, a saturated net otherwise "
+                "runs many times slower per step)",
         OMIT_AT_DEFAULT: True})
 
     def __post_init__(self) -> None:
@@ -274,8 +275,8 @@ class TrainingRun:
     (``bnlab.runs``); ``resume=True`` continues from the last checkpoint there.
     """
 
-    def __init__(self, model: nn.Module, train_loader, test_loader, config: TrainConfig,
-                 run_dir: str | Path | None = None, resume: bool = False,
+    def __init__(self, model: nn.Module, train_loader: Loader, test_loader: Loader,
+                 config: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
                  progress: bool = True, label: str = "") -> None:
         self.model, self.config, self.progress = model, config, progress
         self.label = label

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from bnlab import runs
 from bnlab.config import check_at_least, config_to_dict
+from bnlab.data.dataset import FashionMNIST
 from bnlab.errors import BnlabError, ConfigError
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.io import atomic_write_json, atomic_write_text, remove_stray_temps
@@ -178,8 +179,8 @@ def _left_out(p: PlannedRun, exc: BnlabError, bad: list[BadRun]) -> None:
     print(f"bnlab: error: {p.variant.label} seed {p.config.seed}: {exc}", file=sys.stderr)
 
 
-def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = True,
-            bad: list[BadRun] | None = None) -> None:
+def execute(planned: list[PlannedRun], dataset: FashionMNIST, jobs: int = 1,
+            progress: bool = True, bad: list[BadRun] | None = None) -> None:
     """Train every unfinished run of ``planned`` (resuming cut-off ones), ``jobs`` at a time.
 
     With ``jobs > 1`` runs go to worker processes, and the machine's threads are split
@@ -286,7 +287,8 @@ def describe_settings(settings: ExpSettings) -> str:
             "intervals over seeds.")
 
 
-def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Path, dataset,
+def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Path,
+                   dataset: FashionMNIST,
                    jobs: int = 1, progress: bool = True) -> str:
     """Plan and validate every run, train (skipping finished runs), collect and analyze; return
     ``report.md``'s text. Runs that cannot be used are left out of the report, which says so,

@@ -72,6 +72,7 @@ def test_first_last_ratio_and_its_description():
     assert "underflows" in depth._describe_ratio(0.0)
 
 
+@pytest.mark.slow
 def test_depth_gradient_profiles_measure_init_and_trained_models(synthetic_fashion, tmp_path):
     config = TrainConfig(model="deep-mlp", norm="bnlab", depth=10, activation="sigmoid", lr=0.1,
                          epochs=1, subset=1000, device="cpu")
@@ -208,6 +209,7 @@ def test_mode_gaps_and_mode_independence():
     assert "depends on the mode" in text and "LayerNorm" in text
 
 
+@pytest.mark.slow
 def test_only_batch_norm_depends_on_the_mode(synthetic_fashion, tmp_path):
     measured = {}
     for norm in ("bnlab", "layer", "instance"):
@@ -259,6 +261,7 @@ def test_single_seed_intervals_never_count_as_apart():
     assert not robustness_claim.separated([0.5, 0.9], [0.4, 0.8])
 
 
+@pytest.mark.slow
 def test_measured_curves_start_at_the_run_s_own_clean_accuracy(synthetic_fashion, tmp_path):
     config = TrainConfig(model="bn-lenet", norm="bnlab", lr=1.0, epochs=2, subset=1000,
                          device="cpu")

@@ -24,6 +24,7 @@ def test_help_lists_every_command(capsys):
         assert command in out
 
 
+@pytest.mark.slow
 def test_train_then_inspect(capsys, fake_dataset, tmp_path):
     out_dir = tmp_path / "run"
     code, out, _ = run_cli(capsys, "train", "--epochs", "2", "--batch-size", "64", "--device",

@@ -265,6 +265,7 @@ def test_bad_impl_name():
         batch_norm(torch.randn(4, 3), None, None, training=True, impl="nope")
 
 
+@pytest.mark.slow
 def test_compiled_impl_matches_torch():
     """impl='compiled' (torch.compile of the reference math): one small case, since each
     new shape compiles (seconds)."""

@@ -163,7 +163,7 @@ def test_image_and_label_counts_differ(dataset_dir):
     labels = np.zeros(N_TRAIN - 1, dtype=np.uint8).tobytes()
     replace(dataset_dir, dataset.TRAIN_LABELS, idx_bytes(dataset.LABELS_MAGIC, (N_TRAIN - 1,), labels))
     with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz has 50 images but "
-                                           r"train-labels-idx1-ubyte\.gz has 49 labels"):
+                                           r"\S+/train-labels-idx1-ubyte\.gz has 49 labels"):
         dataset.load_fashion_mnist(dataset_dir, verify=False)
 
 
@@ -226,11 +226,17 @@ def test_search_order(tmp_path, monkeypatch):
     assert found.path == system and "dataset-fashion-mnist" in found.why
 
 
-def test_incomplete_env_dir_falls_through(tmp_path, monkeypatch):
-    (tmp_path / "env").mkdir()
-    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "env"))
-    system = make_dataset(tmp_path / "system")
-    assert dataset.load_fashion_mnist().root == system
+@pytest.mark.parametrize("state", ["missing", "empty", "incomplete"])
+def test_env_dir_that_fails_is_an_error_naming_it(tmp_path, monkeypatch, state):
+    env = tmp_path / "env"
+    if state != "missing":
+        env.mkdir()
+    if state == "incomplete":
+        write_file(env / f"{dataset.TRAIN_IMAGES}.gz", CONTENTS[dataset.TRAIN_IMAGES])
+    monkeypatch.setenv("BNLAB_DATA", str(env))
+    make_dataset(tmp_path / "system")  # would be found, but an explicit location that fails wins
+    with pytest.raises(DatasetError, match=rf"\$BNLAB_DATA={env}: .*(does not exist|lacks)"):
+        dataset.load_fashion_mnist()
 
 
 def test_explicit_root_without_files_is_an_error(tmp_path, dataset_dir, monkeypatch):
@@ -269,6 +275,48 @@ def test_changed_file_is_hashed_again(dataset_dir, hash_calls):
     os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     dataset.load_fashion_mnist(dataset_dir)
     assert hash_calls[4:] == [SYNTHETIC_EXPECTED[dataset.TEST_LABELS][1]]
+
+
+def altered_labels() -> bytes:
+    raw = bytearray(CONTENTS[dataset.TRAIN_LABELS])
+    raw[8], raw[9] = raw[9], raw[8]  # two labels swapped: same size, same structure
+    assert raw != CONTENTS[dataset.TRAIN_LABELS]
+    return bytes(raw)
+
+
+def test_change_in_place_with_mtime_restored_is_hashed_again(dataset_dir, hash_calls):
+    path = dataset_dir / dataset.TRAIN_LABELS  # raw (not gzipped): the size stays exact
+    (dataset_dir / f"{dataset.TRAIN_LABELS}.gz").unlink()
+    write_file(path, CONTENTS[dataset.TRAIN_LABELS])
+    dataset.load_fashion_mnist(dataset_dir)
+    stat = path.stat()
+    path.write_bytes(altered_labels())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    with pytest.raises(DatasetError, match=rf"{dataset_dir}/train-labels-idx1-ubyte: SHA-256 mismatch"):
+        dataset.load_fashion_mnist(dataset_dir)
+
+
+def test_file_replaced_by_a_copy_with_its_stamp_is_hashed_again(dataset_dir, tmp_path):
+    """cp -p / rsync -t / tar: a new inode with the old size and mtime."""
+    path = dataset_dir / dataset.TRAIN_LABELS
+    (dataset_dir / f"{dataset.TRAIN_LABELS}.gz").unlink()
+    write_file(path, CONTENTS[dataset.TRAIN_LABELS])
+    dataset.load_fashion_mnist(dataset_dir)
+    other = write_file(tmp_path / "altered", altered_labels())
+    shutil.copystat(path, other)
+    os.replace(other, path)
+    with pytest.raises(DatasetError, match="SHA-256 mismatch"):
+        dataset.load_fashion_mnist(dataset_dir)
+
+
+def test_cache_key_holds_inode_device_and_ctime(dataset_dir):
+    dataset.load_fashion_mnist(dataset_dir)
+    entries = dataset.VerificationCache(dataset.verification_cache_path()).entries
+    path = dataset_dir / f"{dataset.TRAIN_LABELS}.gz"
+    entry, stat = entries[str(path.resolve())], path.stat()
+    assert (entry["inode"], entry["device"], entry["ctime_ns"]) == (stat.st_ino, stat.st_dev,
+                                                                   stat.st_ctime_ns)
 
 
 def test_remembered_hash_is_still_compared(dataset_dir):
@@ -372,6 +420,24 @@ def test_fetch_offline_installs_system_package(tmp_path):
         return True
 
     assert fetch.fetch_fashion_mnist(download=offline, install=fake_apt) == system
+
+
+def test_fetch_offline_into_data_dir_fills_it_from_the_system_package(tmp_path):
+    system, wanted = tmp_path / "system", tmp_path / "mine"
+
+    def fake_apt() -> bool:
+        make_dataset(system)
+        return True
+
+    assert fetch.fetch_fashion_mnist(wanted, download=offline, install=fake_apt) == wanted
+    assert dataset.load_fashion_mnist(wanted).root == wanted
+    assert sorted(p.name for p in wanted.iterdir()) == sorted(p.name for p in system.iterdir())
+
+
+def test_fetch_with_env_dir_downloads_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "env"))
+    assert fetch.fetch_fashion_mnist(download=fake_mirror, install=no_apt) == tmp_path / "env"
+    assert dataset.load_fashion_mnist().root == tmp_path / "env"
 
 
 def test_install_with_apt_declines_without_root(monkeypatch):
@@ -492,6 +558,27 @@ def test_cli_data_fetch_downloads(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fetch, "download_url", fake_mirror)
     assert main(["data", "fetch", "--data-dir", str(tmp_path / "new")]) == 0
     assert f"ready at {tmp_path / 'new'}" in capsys.readouterr().out
+
+
+def test_cli_data_fetch_offline_into_data_dir_leaves_it_usable(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fetch, "download_url", offline)
+    monkeypatch.setattr(fetch, "install_with_apt", lambda: bool(make_dataset(tmp_path / "system")))
+    assert main(["data", "fetch", "--data-dir", str(tmp_path / "x")]) == 0
+    assert f"ready at {tmp_path / 'x'}" in capsys.readouterr().out
+    assert main(["data", "info", "--data-dir", str(tmp_path / "x")]) == 0
+
+
+def test_data_errors_name_the_folder(dataset_dir):
+    replace(dataset_dir, dataset.TRAIN_LABELS, CONTENTS[dataset.TRAIN_LABELS][:-10])
+    with pytest.raises(DatasetError, match=rf"^{dataset_dir}/train-labels-idx1-ubyte\.gz: truncated"):
+        dataset.load_fashion_mnist(dataset_dir)
+
+
+def test_cli_train_says_where_its_data_came_from(dataset_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BNLAB_DATA", str(dataset_dir))
+    assert main(["train", "--model", "lenet", "--epochs", "1", "--batch-size", "25", "--device",
+                 "cpu", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert f"data: Fashion-MNIST from {dataset_dir} (via $BNLAB_DATA)" in capsys.readouterr().out
 
 
 def test_cli_error_exits_2_with_message(tmp_path, capsys):

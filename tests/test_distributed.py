@@ -18,6 +18,7 @@ import torch
 from bnlab import distributed, runs
 from bnlab.distributed import DistributedConfig, DistributedError, launch, spawn
 from bnlab.ghost import GhostBatchNorm1d, GhostBatchNorm2d
+from bnlab.io import read_json
 from bnlab.nn import BatchNorm1d, BatchNorm2d
 from bnlab.train import TrainConfig, TrainingRun, build_loaders, model_for
 
@@ -81,7 +82,7 @@ def test_two_processes_with_sync_bn_train_as_one_process(single, synced):
     for key in ref_weights:
         torch.testing.assert_close(weights[key], ref_weights[key], rtol=1e-4, atol=1e-5)
     assert runs.load_run(synced)["config"] == runs.load_run(single)["config"]
-    world = runs.read_json(synced / distributed.DISTRIBUTED)
+    world = read_json(synced / distributed.DISTRIBUTED)
     assert world["world_size"] == 2 and world["sync_bn"] and world["backend"] == "gloo"
     assert runs.load_run(synced)["summary"]["epochs_completed"] == 2
 

@@ -65,7 +65,7 @@ def test_runs_shared_between_experiments_train_once(synthetic_fashion, tmp_path,
         trained.append(run_dir)
         return start_run(config, dataset, run_dir, **kwargs)
 
-    monkeypatch.setattr(runner, "start_run", recording)
+    monkeypatch.setattr(executors, "start_run", recording)
     execute(chapter, synthetic_fashion, progress=False)
     execute(placement, synthetic_fashion, progress=False)
     assert sorted(trained) == sorted({p.run_dir for p in chapter + placement})  # each once

@@ -12,10 +12,13 @@ import argparse
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from bnlab.errors import BnlabError
+from bnlab.errors import BnlabError, describe_os_error
 
 Handler = Callable[[argparse.Namespace], int | None]
+
+DEFAULT_REPORT_RUNS = ("runs/demo", "runs/exp")
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -154,18 +157,28 @@ def _publish(args: argparse.Namespace, key: str, title: str, table: str) -> None
         print(f"wrote {path}")
 
 
+def _load_data(args: argparse.Namespace):
+    """Fashion-MNIST as ``--data-dir`` (or the search path) finds it; says where it came from."""
+    from bnlab.data.dataset import load_fashion_mnist
+
+    data = load_fashion_mnist(args.data_dir)
+    print(f"data: Fashion-MNIST from {data.root} (via {data.found_via})")
+    return data
+
+
 def _run_bench_loader(args: argparse.Namespace) -> None:
     from bnlab.bench import loader
 
+    _check_positive(args, "batch_size", "repeats")
     print(loader.run_loader_benchmark(args.data_dir, args.batch_size, args.repeats))
 
 
 def _run_bench_step(args: argparse.Namespace) -> None:
     from bnlab.bench import step
-    from bnlab.data.dataset import load_fashion_mnist
     from bnlab.norms import NORM_LAYERS
     from bnlab.train import TrainConfig, build_loaders, resolve_device, seeded_steps
 
+    _check_positive(args, "steps")
     norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
     unknown = [n for n in norms if n not in NORM_LAYERS]
     if unknown or "torch" not in norms:
@@ -174,7 +187,7 @@ def _run_bench_step(args: argparse.Namespace) -> None:
     device, lr = resolve_device(args.device), 0.1
     configs = {n: TrainConfig(model="bn-lenet", norm=n, lr=lr, batch_size=args.batch_size, seed=0)
                for n in norms}
-    batches, _ = build_loaders(configs["torch"], load_fashion_mnist(args.data_dir), device)
+    batches, _ = build_loaders(configs["torch"], _load_data(args), device)
     table = step.run_step_benchmark(seeded_steps(configs, device), batches, steps=args.steps,
                                     setup=f"SGD lr {lr}, batch {args.batch_size}", device=device)
     _publish(args, "step", "BN-LeNet training step (`bench step`)", table)
@@ -183,17 +196,15 @@ def _run_bench_step(args: argparse.Namespace) -> None:
 def _run_bench_fold(args: argparse.Namespace) -> None:
     from bnlab.bench import fold
 
-    if args.repeats < 1:
-        raise BnlabError(f"--repeats: expected >= 1 (got {args.repeats})")
+    _check_positive(args, "repeats")
     print(fold.run_fold_benchmark(repeats=args.repeats, device=args.device))
 
 
 def _run_bench_grid(args: argparse.Namespace) -> None:
     from bnlab.bench.grid import run_grid_benchmark
-    from bnlab.data.dataset import load_fashion_mnist
 
-    print(run_grid_benchmark(load_fashion_mnist(args.data_dir), args.seeds, args.workers,
-                             args.repeats))
+    _check_positive(args, "seeds", "workers", "repeats")
+    print(run_grid_benchmark(_load_data(args), args.seeds, args.workers, args.repeats))
 
 
 def _run_bench_bn(args: argparse.Namespace) -> None:
@@ -201,6 +212,7 @@ def _run_bench_bn(args: argparse.Namespace) -> None:
     from bnlab.bench import bn
     from bnlab.functional import IMPLEMENTATIONS
 
+    _check_positive(args, "repeats")
     impls = tuple(n.strip() for n in args.impls.split(",") if n.strip())
     unknown = [n for n in impls if n not in IMPLEMENTATIONS]
     if unknown or not impls:
@@ -266,7 +278,6 @@ def _config_or_error(cls, args, base=None):
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from bnlab.data.dataset import load_fashion_mnist
     from bnlab.distributed import DistributedConfig, launched_by_torchrun, train_distributed
     from bnlab.models import has_norm_layers
     from bnlab.train import TrainConfig, describe, start_run
@@ -280,8 +291,8 @@ def _run_train(args: argparse.Namespace) -> None:
         if args.tensorboard:
             raise BnlabError("--tensorboard logs one process's run; it does not go with --nproc > 1")
         print(f"training {describe(config)} on {world.nproc} processes -> {out}")
-        summary = train_distributed(config, world, load_fashion_mnist(args.data_dir), out,
-                                    args.resume, args.progress)
+        summary = train_distributed(config, world, _load_data(args), out, args.resume,
+                                    args.progress)
         if summary is None:  # a rank other than 0 under torchrun
             return
     else:
@@ -289,26 +300,51 @@ def _run_train(args: argparse.Namespace) -> None:
 
         print(f"training {describe(config)} -> {out}")
         with optional_logger(args.tensorboard) as observer:
-            summary = start_run(config, load_fashion_mnist(args.data_dir), out, args.resume,
+            summary = start_run(config, _load_data(args), out, args.resume,
                                 args.progress, observer=observer).train()
-    state = "diverged" if summary["diverged"] else "finished"
-    print(f"{state}: final val acc {summary['final_val_acc']}, best {summary['best_val_acc']} "
-          f"(epoch {summary['best_epoch']}), {summary['median_seconds_per_epoch']} s/epoch "
-          f"(median); results in {out}")
+    print(f"{describe_outcome(summary)}; results in {out}")
+
+
+def describe_outcome(summary: dict) -> str:
+    """A finished or diverged run's summary in one line, numbers rounded for reading."""
+    if summary["diverged"]:
+        at, done = summary["diverged_at"], summary["epochs_completed"]
+        return (f"diverged at epoch {at['epoch']}, step {at['step']} (loss not finite), after "
+                f"{done} finished epoch{'' if done == 1 else 's'}")
+    return (f"finished: final val acc {summary['final_val_acc']:.4f}, best "
+            f"{summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), "
+            f"{summary['median_seconds_per_epoch']:.2f} s/epoch (median)")
+
+
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    """BnlabError unless each named integer flag is at least 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            raise BnlabError(f"expected --{name.replace('_', '-')} >= 1 (got {value})")
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
-    from bnlab.inspection import inspect_run
+    from bnlab.inspection import PARAMS_FIGURE, inspect_run, write_norm_figure
 
-    print(inspect_run(args.run, figure=args.figure))
+    print(inspect_run(args.run, figure=False), flush=True)  # the numbers first, whatever follows
+    if not args.figure:
+        return
+    try:
+        path = write_norm_figure(args.run)
+    except OSError as exc:
+        print(f"bnlab: warning: could not write the figure {PARAMS_FIGURE}: "
+              f"{describe_os_error(exc)}", file=sys.stderr)
+        return
+    if path is not None:
+        print(f"\nfigure: {path}")
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from bnlab.data.dataset import load_fashion_mnist
     from bnlab.demo import DemoConfig, run_demo
 
     config = _config_or_error(DemoConfig, args)
-    print(run_demo(config, args.out, load_fashion_mnist(args.data_dir), args.fresh,
+    print(run_demo(config, args.out, _load_data(args), args.fresh,
                    args.progress))
     print(f"report: {args.out}/report.md")
 
@@ -345,14 +381,13 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     exp.set_defaults(handler=_run_experiment)
 
     report = sub.add_parser("report", help="gather the demo and all experiment reports into one")
-    report.add_argument("--runs", nargs="+", default=["runs/demo", "runs/exp"],
-                        help="folders to gather from (default: runs/demo runs/exp)")
+    report.add_argument("--runs", nargs="+",
+                        help=f"folders to gather from (default: {' '.join(DEFAULT_REPORT_RUNS)})")
     report.add_argument("--out", default="runs/report.md", help="(default: runs/report.md)")
     report.set_defaults(handler=_run_report)
 
 
 def _run_experiment(args: argparse.Namespace) -> None:
-    from bnlab.data.dataset import load_fashion_mnist
     from bnlab.experiments import get_experiment
     from bnlab.experiments.executors import make_executor
     from bnlab.experiments.runner import FULL, QUICK, ExpSettings, run_experiment
@@ -360,11 +395,12 @@ def _run_experiment(args: argparse.Namespace) -> None:
 
     base = QUICK if args.quick else FULL if args.full else None
     settings = _config_or_error(ExpSettings, args, base)
+    _check_positive(args, "jobs")
     executor = make_executor(args.executor, args.jobs, args.address, args.threads)
     if args.tensorboard:
         summary_writer_class()  # fails now, naming the extra, when tensorboard is missing
     experiment = get_experiment(args.name)
-    print(run_experiment(experiment, settings, args.out, load_fashion_mnist(args.data_dir),
+    print(run_experiment(experiment, settings, args.out, _load_data(args),
                          args.jobs, args.progress, executor, args.tensorboard))
     print(f"report: {args.out}/{experiment.name}/report.md")
 
@@ -373,7 +409,12 @@ def _run_report(args: argparse.Namespace) -> None:
     from bnlab.experiments import EXPERIMENTS
     from bnlab.report import build_report
 
-    path, gathered = build_report(args.runs, args.out, order=tuple(EXPERIMENTS))
+    if args.runs:  # folders named on the command line must exist; the defaults may not yet
+        missing = [r for r in args.runs if not Path(r).is_dir()]
+        if missing:
+            raise BnlabError(f"--runs {' '.join(missing)}: no such folder")
+    path, gathered = build_report(args.runs or list(DEFAULT_REPORT_RUNS), args.out,
+                                  order=tuple(EXPERIMENTS))
     print(f"gathered {len(gathered)} report(s) into {path}")
 
 
@@ -408,6 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.handler(args)
     except BnlabError as exc:
         print(f"bnlab: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the disk, the file system, permissions: one line, path and cause
+        print(f"bnlab: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bnlab: interrupted", file=sys.stderr)

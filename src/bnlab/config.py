@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
+
+from bnlab.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -39,10 +42,30 @@ def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown {cls.__name__} key(s) {unknown}; expected some of {sorted(known)}"
         )
     return cls(**values)
+
+
+def check(condition: bool, message: str) -> None:
+    """ConfigError(``message``) unless ``condition``: the one way configs reject a value."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_at_least(config: Any, low: int, *names: str) -> None:
+    """Each named field of ``config`` is at least ``low``."""
+    for name in names:
+        value = getattr(config, name)
+        check(value >= low, f"expected {name} >= {low} (got {value})")
+
+
+def check_finite_at_least(config: Any, low: float, *names: str) -> None:
+    """Each named float field of ``config`` is finite and at least ``low``."""
+    for name in names:
+        value = getattr(config, name)
+        check(math.isfinite(value) and value >= low, f"expected {name} >= {low:g} (got {value})")
 
 
 def _flag_type(annotation: Any) -> tuple[Any, bool]:

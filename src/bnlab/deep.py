@@ -51,7 +51,7 @@ def deep_mlp(depth: int, width: int = 64, activation: str = "sigmoid", norm: str
     Parameters without norm: ``784*W + W + (depth - 2)*(W*W + W) + W*K + K`` for
     ``K = num_classes``; each norm layer with an affine adds ``2*W``.
     """
-    _check_architecture(depth, width, activation)
+    check_architecture(depth, width, activation)
     blocks: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
     in_features = INPUT_FEATURES
     for index in range(1, depth):
@@ -78,7 +78,7 @@ def deep_cnn(depth: int, channels: int = 16, activation: str = "relu", norm: str
     Much slower than :func:`deep_mlp` on a CPU (the first third of the convs run at
     28x28); meant for a GPU, or a CPU with small batches.
     """
-    _check_architecture(depth, channels, activation)
+    check_architecture(depth, channels, activation)
     num_convs = depth - 1
     downsample_at = {1 + num_convs // 3, 1 + 2 * num_convs // 3} - {1}
     blocks: list[tuple[str, nn.Module]] = []
@@ -94,7 +94,8 @@ def deep_cnn(depth: int, channels: int = 16, activation: str = "relu", norm: str
     return _initialized(nn.Sequential(OrderedDict(blocks)), activation)
 
 
-def _check_architecture(depth: int, width: int, activation: str) -> None:
+def check_architecture(depth: int, width: int, activation: str) -> None:
+    """ValueError unless ``depth``, ``width`` and ``activation`` make a deep net."""
     if depth < 2:
         raise ValueError(f"expected depth >= 2 (one hidden block and a head) (got {depth})")
     if width < 1:

@@ -18,7 +18,7 @@ from typing import Any
 from bnlab import runs
 from bnlab.config import config_to_dict
 from bnlab.data.dataset import FashionMNIST
-from bnlab.io import atomic_write_json, atomic_write_text
+from bnlab.io import atomic_write_json, atomic_write_text, remove_stray_temps
 from bnlab.tables import format_table
 from bnlab.train import SUBSET_HELP, TrainConfig, describe, describe_training_set, start_run
 
@@ -37,6 +37,9 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training steps"})
+
+    def __post_init__(self) -> None:
+        demo_runs(self)  # the three runs' configs check every value
 
 
 def demo_runs(config: DemoConfig) -> dict[str, TrainConfig]:
@@ -60,6 +63,7 @@ def run_demo(config: DemoConfig, out: str | Path, dataset: FashionMNIST, fresh: 
         for name in plan:
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stray_temps(out)
     atomic_write_json(out / "config.json", config_to_dict(config))
     active = {name: start_run(cfg, dataset, out / name, resume=True, progress=progress, label=name)
               for name, cfg in plan.items()}

@@ -25,15 +25,22 @@ def load_trained_model(run_dir: str | Path) -> tuple[nn.Module, Any]:
     """The model of a run folder with its last checkpointed weights (on CPU, eval mode)."""
     from bnlab.train import TrainConfig, model_for
 
+    run_dir = Path(run_dir)
     run = runs.load_run(run_dir)
-    config = config_from_dict(TrainConfig, run["config"])
-    checkpoint_path = Path(run_dir) / runs.CHECKPOINT
-    if not checkpoint_path.exists():
-        raise runs.RunFolderError(f"{run_dir} has no {runs.CHECKPOINT} (no epoch finished yet)")
+    try:
+        config = config_from_dict(TrainConfig, run["config"])
+    except (TypeError, ValueError) as exc:
+        raise runs.RunFileError(f"{run_dir / runs.CONFIG}: {exc}; delete {run_dir} to train "
+                                "the run again") from None
+    checkpoint = runs.load_checkpoint(run_dir, required=("model",))
     torch.manual_seed(config.seed)
     model = model_for(config, "cpu")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        raise runs.RunFileError(f"{run_dir / runs.CHECKPOINT}: its weights do not fit the model "
+                                f"of {runs.CONFIG} ({str(exc).splitlines()[0]}); delete {run_dir} "
+                                "to train the run again") from None
     return model.eval(), config
 
 
@@ -78,6 +85,18 @@ def format_norm_table(params: dict[str, dict[str, list[float] | None]]) -> str:
     return format_table(["layer", "channels", *keys], rows)
 
 
+def write_norm_figure(run_dir: str | Path) -> Path | None:
+    """Write ``norm_params.png`` into the run folder (None for a model without norm layers)."""
+    from bnlab.plots import plot_norm_parameters
+    from bnlab.train import describe
+
+    model, config = load_trained_model(run_dir)
+    params = norm_parameters(model)
+    if not params:
+        return None
+    return plot_norm_parameters(params, Path(run_dir) / PARAMS_FIGURE, describe(config))
+
+
 def inspect_run(run_dir: str | Path, figure: bool = True) -> str:
     """The text of ``bnlab inspect``; with ``figure``, writes ``norm_params.png`` in the run."""
     from bnlab.train import describe
@@ -96,8 +115,5 @@ def inspect_run(run_dir: str | Path, figure: bool = True) -> str:
     lines += [format_first_layer(first_name, first), "", "every norm layer "
               "(mean ± std [min, max] over channels):", format_norm_table(params)]
     if figure:
-        from bnlab.plots import plot_norm_parameters
-
-        path = plot_norm_parameters(params, Path(run_dir) / PARAMS_FIGURE, describe(config))
-        lines.append(f"\nfigure: {path}")
+        lines.append(f"\nfigure: {write_norm_figure(run_dir)}")
     return "\n".join(lines)

@@ -2,17 +2,32 @@
 
 Why: long runs get killed. Writing to a temporary file in the same folder and then
 renaming it over the target is atomic on POSIX, so a reader (or a resumed run) never
-sees a truncated ``summary.json`` or checkpoint.
+sees a truncated ``summary.json`` or checkpoint. A kill during a write leaves only the
+temporary file (``.NAME.XXXXXXXX.tmp``); whoever next opens the folder to write in it
+removes such strays (``remove_stray_temps``). Files get the mode a plain ``open`` would
+give them (0666 less the umask), so results on a shared machine are as readable as the
+user's other files.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+# ``.<target name>.<mkstemp's 8 random characters>.tmp``: the only names removed as strays.
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
@@ -21,10 +36,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600 whatever the umask
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            # A failed write on a file object names no file: name the one being written.
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,6 +60,39 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_if_changed(path: str | os.PathLike, text: str) -> bool:
+    """``atomic_write_text`` unless ``path`` already holds exactly ``text``; True if written."""
+    path = Path(path)
+    try:
+        if path.read_bytes() == text.encode("utf-8"):
+            return False
+    except OSError:
+        pass
+    atomic_write_text(path, text)
+    return True
+
+
+def remove_stray_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files killed atomic writes left in ``folder``; return what was removed.
+
+    Call it only on a folder this process owns for writing (a run it trains, an experiment
+    it runs): another writer's temp file in flight looks the same.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if _TEMP_NAME.match(entry.name) and entry.is_file():
+            try:
+                entry.unlink(missing_ok=True)
+            except OSError:  # a read-only folder keeps its strays; they hide no result
+                continue
+            removed.append(entry)
+    return removed
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -142,6 +142,10 @@ NORM_DESCRIPTIONS["frozen"] = (
     "(0, 1) statistics and the identity affine, so training with it is training without "
     "normalization: for inference and as a baseline (bnlab.frozen)")
 
+BATCH_NORMS = frozenset({impl.norm for impl in IMPLEMENTATIONS.values()} | {"torch", "ghost", "renorm"})
+"""The norms of :data:`NORM_LAYERS` that normalize over the batch in training: they cannot
+train on batches of one (an FC layer then has a single value per channel)."""
+
 
 def create_norm_layer(name: str, kind: str, num_features: int) -> nn.Module:
     """The norm layer registered as ``name`` for ``kind`` activations with ``num_features``."""

@@ -12,19 +12,26 @@ killed run leaves the previous epoch's state, never a torn file::
       summary.json     final/best val acc, seconds per epoch, diverged (written at the end)
       checkpoint.pt    model, optimizer, history and RNG state after the last finished epoch
       curves.png       train loss, val loss and val acc against epoch
+
+``checkpoint.pt`` is the source of truth: the history files are derived from it (a resume
+rewrites any that disagree), ``summary.json`` is written last and marks a finished run. A
+file that cannot be read is an error naming it, what is wrong and what to do.
 """
 
 from __future__ import annotations
 
+import io as io_module
 import json
 import math
+import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bnlab.errors import BnlabError
-from bnlab.io import atomic_write, atomic_write_json, atomic_write_text, read_json
+from bnlab.io import atomic_write, atomic_write_json, remove_stray_temps, write_text_if_changed
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -39,49 +46,166 @@ class RunFolderError(BnlabError):
     """A run folder that does not match what was asked of it."""
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+class RunFileError(RunFolderError):
+    """A file of a run folder that cannot be read (truncated, corrupt, not bnlab's)."""
+
+
+def _start_over(run_dir: Path) -> str:
+    return f"delete {run_dir} to train the run again"
+
+
+def _rewrite_from_checkpoint(run_dir: Path) -> str:
+    return (f"`bnlab train --resume --out {run_dir}` with the run's flags rewrites it from its "
+            f"{CHECKPOINT}, or {_start_over(run_dir)}")
+
+
+def jsonl_text(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> bool:
+    """Write ``rows`` one JSON object a line, unless the file already holds exactly that."""
+    return write_text_if_changed(path, jsonl_text(rows))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a JSON-lines file of a run; RunFileError naming the line that is not one."""
+    path = Path(path)
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise RunFileError(f"{path}: line {number} is not valid JSON ({exc}); "
+                               f"{_rewrite_from_checkpoint(path.parent)}") from None
+        if not isinstance(row, dict):
+            raise RunFileError(f"{path}: line {number} is not a JSON object; "
+                               f"{_rewrite_from_checkpoint(path.parent)}")
+        rows.append(row)
+    return rows
 
 
-def prepare(run_dir: Path, config: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+def read_object(path: Path, what_to_do: str) -> dict[str, Any]:
+    """A JSON file holding one object; RunFileError saying what is wrong and ``what_to_do``."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, and undecodable bytes
+        raise RunFileError(f"{path}: not valid JSON ({exc}); {what_to_do}") from None
+    if not isinstance(value, dict):
+        raise RunFileError(f"{path}: expected a JSON object, found {type(value).__name__}; "
+                           f"{what_to_do}")
+    return value
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    return read_object(run_dir / CONFIG, _start_over(run_dir))
+
+
+def has_finished_epoch(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` got as far as a result (its first checkpoint or summary)."""
+    return (run_dir / CHECKPOINT).exists() or (run_dir / SUMMARY).exists()
+
+
+def _note(message: str) -> None:
+    print(f"bnlab: note: {message}", file=sys.stderr)
+
+
+def prepare(run_dir: Path, config: dict[str, Any], resume: bool,
+            required: tuple[str, ...] = (), known: Collection[str] | None = None
+            ) -> dict[str, Any] | None:
     """Make ``run_dir`` ready for a run with ``config``; return its checkpoint when resuming.
 
-    A folder that already holds a run is only reused with ``resume=True`` and the same
-    config; anything else is an error that names the folder, so no result is overwritten.
+    A folder that holds a run with a finished epoch is only reused with ``resume=True`` and
+    the same config; anything else is an error that names the folder, so no result is
+    overwritten. A folder whose run died before its first epoch holds no result, so a new
+    config may replace it (said on stderr). Temp files of killed writes are removed. The
+    checkpoint must hold the ``required`` keys; a saved config key outside ``known`` (the
+    config class's fields) means the file is not a config of this bnlab.
     """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir} is a file, expected a run folder (choose another --out)")
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stray_temps(run_dir)
     config_path = run_dir / CONFIG
-    if config_path.exists():
+    if not config_path.exists():
+        atomic_write_json(config_path, config)
+    elif not has_finished_epoch(run_dir):
+        _replace_unstarted(run_dir, config)
+        return None
+    else:
+        saved = read_config(run_dir)
         if not resume:
             raise RunFolderError(
                 f"{run_dir} already holds a run; pass --resume to continue it or choose "
                 f"another --out"
             )
-        saved = read_json(config_path)
+        unknown = sorted(set(saved) - set(config if known is None else known))
+        if unknown:
+            raise RunFileError(f"{config_path}: unknown key(s) {unknown}, not a config of this "
+                               f"bnlab; {_start_over(run_dir)}")
         if saved != config:
             changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
             raise RunFolderError(
                 f"cannot resume {run_dir}: its config differs in {changed} "
                 f"(saved {[saved.get(k) for k in changed]}, given {[config.get(k) for k in changed]})"
             )
-    else:
-        atomic_write_json(config_path, config)
-    checkpoint = run_dir / CHECKPOINT
-    if resume and checkpoint.exists():
-        return torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if resume and (run_dir / CHECKPOINT).exists():
+        return load_checkpoint(run_dir, required)
     return None
 
 
+def _replace_unstarted(run_dir: Path, config: dict[str, Any]) -> None:
+    """Start the run in a folder whose earlier run finished no epoch, saying so."""
+    try:
+        saved = read_config(run_dir)
+    except RunFileError as exc:
+        _note(f"{run_dir} held a run with no finished epoch and an unreadable config ({exc}); "
+              "replacing it")
+        atomic_write_json(run_dir / CONFIG, config)
+        return
+    if saved == config:
+        _note(f"{run_dir} held this run with no finished epoch; starting it over")
+        return
+    changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    _note(f"{run_dir} held a run with no finished epoch (config differs in {changed}); "
+          "replacing it")
+    atomic_write_json(run_dir / CONFIG, config)
+
+
+def load_checkpoint(run_dir: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The checkpoint of ``run_dir``; RunFileError when it is damaged or lacks ``required`` keys."""
+    path = run_dir / CHECKPOINT
+    advice = (f"delete it to train the run again from epoch 1 (keeping {CONFIG}), or "
+              f"{_start_over(run_dir)}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise RunFolderError(f"{run_dir} has no {CHECKPOINT} (no epoch finished yet)") from None
+    # A damaged file fails inside torch.load or pickle in many ways (EOFError, UnpicklingError,
+    # RuntimeError from the zip reader, OSError, ValueError, ...): all say "not a checkpoint".
+    except Exception as exc:  # noqa: BLE001
+        raise RunFileError(f"{path}: not a readable checkpoint, truncated or corrupt "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                           f"{advice}") from None
+    missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if not isinstance(checkpoint, dict) or missing:
+        raise RunFileError(f"{path}: not a bnlab checkpoint (missing {missing}); {advice}")
+    return checkpoint
+
+
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
-    atomic_write(run_dir / CHECKPOINT, lambda f: torch.save(state, f))
+    # Serialized in memory first: torch.save into a file that fails (a full disk) raises
+    # "unexpected pos ..."; a plain write raises the OSError that says what happened.
+    buffer = io_module.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(run_dir / CHECKPOINT, lambda f: f.write(buffer.getbuffer()))
 
 
 def write_history(run_dir: Path, history: list[dict[str, Any]], step_losses: list[list[float]],
                   evals: list[dict[str, Any]]) -> None:
+    """metrics, evals and steps files from the checkpoint's lists; unchanged files are kept."""
     write_jsonl(run_dir / METRICS, history)
     if evals:
         write_jsonl(run_dir / EVALS, evals)
@@ -92,8 +216,20 @@ def write_history(run_dir: Path, history: list[dict[str, Any]], step_losses: lis
     ])
 
 
+def summary_text(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2, sort_keys=True) + "\n"
+
+
+def summary_is_current(run_dir: Path, summary: dict[str, Any]) -> bool:
+    """Whether ``summary.json`` (and so the finished run's curves) already says ``summary``."""
+    try:
+        return (run_dir / SUMMARY).read_text(encoding="utf-8") == summary_text(summary)
+    except OSError:
+        return False
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    atomic_write_json(run_dir / SUMMARY, summary)
+    write_text_if_changed(run_dir / SUMMARY, summary_text(summary))
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
@@ -103,8 +239,9 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         raise RunFolderError(f"{run_dir} is not a run folder (no {CONFIG})")
     return {
         "dir": run_dir,
-        "config": read_json(run_dir / CONFIG),
+        "config": read_config(run_dir),
         "metrics": read_jsonl(run_dir / METRICS) if (run_dir / METRICS).exists() else [],
         "evals": read_jsonl(run_dir / EVALS) if (run_dir / EVALS).exists() else [],
-        "summary": read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).exists() else None,
+        "summary": (read_object(run_dir / SUMMARY, _rewrite_from_checkpoint(run_dir))
+                    if (run_dir / SUMMARY).exists() else None),
     }

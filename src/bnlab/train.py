@@ -25,12 +25,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bnlab import runs
-from bnlab.config import OMIT_AT_DEFAULT, config_to_dict
+from bnlab.config import OMIT_AT_DEFAULT, check, check_at_least, check_finite_at_least, config_to_dict
 from bnlab.data.dataset import TRAIN_SIZE, FashionMNIST
 from bnlab.data.loader import Loader, stratified_subset
+from bnlab.deep import check_architecture
 from bnlab.denormals import denormals_flushed
-from bnlab.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers
-from bnlab.norms import NORM_LAYERS
+from bnlab.errors import ConfigError
+from bnlab.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
+from bnlab.norms import BATCH_NORMS, NORM_LAYERS
 
 SUBSET_HELP = (f"train on a class-balanced subset of N training images (0 = all {TRAIN_SIZE}); "
                "the test set stays whole")
@@ -104,11 +106,23 @@ class TrainConfig:
         if unused:
             raise ValueError(f"{unused} set, but model {self.model!r} takes only "
                              f"{list(MODEL_OPTIONS[self.model])}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"expected {name} >= 1 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            raise ValueError(f"expected lr > 0 (got {self.lr})")
+        check_at_least(self, 1, "epochs", "batch_size", "eval_batch_size")
+        check_at_least(self, 0, "seed", "subset", "eval_every")
+        check(math.isfinite(self.lr) and self.lr > 0, f"expected a finite lr > 0 (got {self.lr})")
+        check_finite_at_least(self, 0, "momentum", "weight_decay")
+        check(0 <= self.dropout < 1, f"expected dropout in [0, 1) (got {self.dropout})")
+        options = MODEL_OPTIONS[self.model]
+        try:
+            slots = parse_norm_slots(self.norm_slots) if "norm_slots" in options else ("all",)
+            if "depth" in options:
+                check_architecture(self.depth, self.width, self.activation)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        check(not (self.norm in BATCH_NORMS and has_norm_layers(self.model) and slots)
+              or self.batch_size >= 2,
+              f"batch norm needs batch_size >= 2: a batch of one has one value per channel "
+              f"(got {self.batch_size})")
+        check_device_name(self.device)
 
 
 _ALL_MODEL_OPTIONS = {option for options in MODEL_OPTIONS.values() for option in options}
@@ -126,13 +140,25 @@ def bar_disabled(progress: bool) -> bool | None:
     return None if progress else True
 
 
+def check_device_name(name: str) -> None:
+    """ConfigError unless ``name`` is ``auto`` or a device torch can name (available or not:
+    a config written on a GPU machine stays readable on a CPU one)."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"expected device auto, cpu, cuda or cuda:N (got {name!r})") from None
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; anything else as torch spells it."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device")
     return device
 
 
@@ -265,9 +291,15 @@ class TrainingRun:
         self.evals: list[dict[str, Any]] = []  # every config.eval_every steps
         self.diverged: dict[str, int] | None = None
         if self.run_dir is not None:
-            checkpoint = runs.prepare(self.run_dir, config_to_dict(config), resume)
+            checkpoint = runs.prepare(self.run_dir, config_to_dict(config), resume,
+                                      required=CHECKPOINT_KEYS,
+                                      known=[f.name for f in dataclasses.fields(TrainConfig)])
             if checkpoint is not None:
                 self._restore(checkpoint)
+                # A kill after the checkpoint's rename left the history files one epoch behind
+                # (or a file was damaged): the checkpoint holds the history, so rewrite what
+                # disagrees with it. Files that agree are not touched.
+                runs.write_history(self.run_dir, self.history, self.step_losses, self.evals)
         self._step = make_step(torch.compile(model) if config.compile else model, self.optimizer)
 
     @property
@@ -344,14 +376,19 @@ class TrainingRun:
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
-        """The summary; with a run folder, also ``summary.json`` and ``curves.png``."""
+        """The summary; with a run folder, also ``curves.png`` and then ``summary.json``.
+
+        ``summary.json`` is written last, since it marks the run finished; a finished run
+        whose files already say all this is not written to at all (it may be read-only).
+        """
         summary = summarize(self.history, self.config.epochs, self.diverged)
-        if self.run_dir is not None:
-            runs.write_summary(self.run_dir, summary)
+        if self.run_dir is not None and not (runs.summary_is_current(self.run_dir, summary)
+                                             and (self.run_dir / runs.CURVES).exists()):
             from bnlab.plots import plot_curves
 
             plot_curves(self.history, self.run_dir / runs.CURVES, title=describe(self.config),
                         diverged=self.diverged)
+            runs.write_summary(self.run_dir, summary)
         return summary
 
     def _log(self, line: str) -> None:
@@ -359,8 +396,14 @@ class TrainingRun:
             tqdm.write(f"{self.label}: {line}" if self.label else line)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError) as exc:  # weights of another model, say
+            raise runs.RunFileError(
+                f"{self.run_dir / runs.CHECKPOINT}: does not fit the model of {runs.CONFIG} "
+                f"({str(exc).splitlines()[0]}); delete {self.run_dir} to train the run again"
+            ) from None
         self.history, self.step_losses = checkpoint["history"], checkpoint["step_losses"]
         self.evals = checkpoint["evals"]
         self.diverged = checkpoint["diverged"]
@@ -382,6 +425,10 @@ class TrainingRun:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         })
         runs.write_history(self.run_dir, self.history, self.step_losses, self.evals)
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "history", "step_losses", "evals", "diverged", "rng",
+                   "cuda_rng")
 
 
 def format_epoch(row: dict[str, Any], epochs: int) -> str:

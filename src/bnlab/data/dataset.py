@@ -97,14 +97,25 @@ def default_data_dir() -> Path:
     return cache_dir() / "fashion-mnist"
 
 
-def search_locations(root: str | os.PathLike | None = None) -> list[Location]:
-    """The folders to look in, in order. An explicit ``root`` is the only one looked in."""
+ENV_WHY = "$BNLAB_DATA"
+
+
+def explicit_location(root: str | os.PathLike | None = None) -> Location | None:
+    """The folder the user named (``root``, else ``$BNLAB_DATA``), or None when they named none."""
     if root is not None:
-        return [Location("explicit data dir (--data-dir)", Path(root))]
-    locations = []
+        return Location("explicit data dir (--data-dir)", Path(root))
     if os.environ.get("BNLAB_DATA"):
-        locations.append(Location("$BNLAB_DATA", Path(os.environ["BNLAB_DATA"])))
-    locations.append(Location("user cache", default_data_dir()))
+        return Location(ENV_WHY, Path(os.environ["BNLAB_DATA"]))
+    return None
+
+
+def search_locations(root: str | os.PathLike | None = None) -> list[Location]:
+    """The folders to look in, in order. A folder the user named (``root`` or
+    ``$BNLAB_DATA``) is the only one looked in: when it fails, that is an error."""
+    explicit = explicit_location(root)
+    if explicit is not None:
+        return [explicit]
+    locations = [Location("user cache", default_data_dir())]
     locations += [Location(f"Debian package {APT_PACKAGE}", d) for d in SYSTEM_DIRS]
     return locations
 
@@ -125,18 +136,20 @@ def locate_fashion_mnist(root: str | os.PathLike | None = None) -> Location:
     for location in search_locations(root):
         if len(files_in(location.path)) == len(FILE_NAMES):
             return location
-    if root is not None:
-        raise DatasetError(_missing_in_root(Path(root)))
+    explicit = explicit_location(root)
+    if explicit is not None:
+        raise DatasetError(_missing_in_root(explicit))
     looked = ", ".join(f"{loc.path} ({loc.why})" for loc in search_locations())
     raise DatasetError(f"Fashion-MNIST not found; looked in {looked}. {how_to_get_data()}")
 
 
-def _missing_in_root(root: Path) -> str:
+def _missing_in_root(location: Location) -> str:
+    root = location.path
+    where = f"$BNLAB_DATA={root}: data directory" if location.why == ENV_WHY else f"data directory {root}"
     if not root.is_dir():
-        return f"data directory {root} does not exist (expected the four Fashion-MNIST files there)"
+        return f"{where} does not exist (expected the four Fashion-MNIST files there)"
     missing = sorted(set(FILE_NAMES) - set(files_in(root)))
-    return (f"data directory {root} lacks {', '.join(f'{m}[.gz]' for m in missing)}; "
-            f"{how_to_get_data()}")
+    return f"{where} lacks {', '.join(f'{m}[.gz]' for m in missing)}; {how_to_get_data()}"
 
 
 def how_to_get_data() -> str:
@@ -156,7 +169,7 @@ def _read_bytes(path: Path) -> bytes:
         blob = path.read_bytes()
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return gunzip(path.name, blob) if path.name.endswith(".gz") else blob
+    return gunzip(str(path), blob) if path.name.endswith(".gz") else blob
 
 
 def gunzip(label: str, blob: bytes) -> bytes:
@@ -200,7 +213,7 @@ def read_idx(path: str | os.PathLike, magic: int | None = None) -> torch.Tensor:
     whether the file is the real Fashion-MNIST; see ``load_fashion_mnist``.
     """
     path = Path(path)
-    return parse_idx(path.name, _read_bytes(path), magic)
+    return parse_idx(str(path), _read_bytes(path), magic)
 
 
 # --------------------------------------------------------------------------- verification
@@ -215,9 +228,13 @@ def verification_cache_path() -> Path:
 
 
 class VerificationCache:
-    """SHA-256 of files that verified, keyed by resolved path and (size, mtime_ns) on disk.
+    """SHA-256 of files that verified, keyed by resolved path and the file's stamp on disk.
 
-    Losing it only costs a re-hash, so unreadable or unwritable cache files are ignored.
+    The stamp is size, mtime, inode, device and ctime. Size and mtime alone can be faked by
+    accident (``touch -d``, ``cp -p``, ``rsync -t``, tar restore the mtime of a changed or
+    replaced file); a rewrite in place changes the ctime, a replacement the inode, and no
+    user tool can set either back. Losing the cache only costs a re-hash, so unreadable or
+    unwritable cache files are ignored; old entries without the full stamp never match.
     """
 
     def __init__(self, path: Path) -> None:
@@ -236,7 +253,8 @@ class VerificationCache:
     @staticmethod
     def _stamp(file: Path) -> dict:
         stat = file.stat()
-        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino,
+                "device": stat.st_dev, "ctime_ns": stat.st_ctime_ns}
 
     def lookup(self, file: Path) -> str | None:
         entry = self.entries.get(str(file.resolve()))
@@ -329,11 +347,11 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, verify: bool = Tru
 def _load_file(name: str, path: Path, cache: VerificationCache | None,
                expected: Mapping[str, tuple[str, int]]) -> tuple[torch.Tensor, DataFile]:
     raw = _read_bytes(path)
-    tensor = parse_idx(path.name, raw, MAGIC_OF[name])
+    tensor = parse_idx(str(path), raw, MAGIC_OF[name])
     if cache is None:
         return tensor, DataFile(path, len(raw), "skipped")
     remembered = cache.lookup(path)
-    digest = check_content(path.name, raw, expected[name], known_digest=remembered)
+    digest = check_content(str(path), raw, expected[name], known_digest=remembered)
     if remembered is None:
         cache.remember(path, digest)
     return tensor, DataFile(path, len(raw), "remembered" if remembered else "hashed now")
@@ -343,17 +361,17 @@ def _check_split(images_path: Path, labels_path: Path,
                  images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Check one split's images against its labels; return the labels as int64."""
     if images.dim() != 3 or tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DatasetError(f"{images_path.name}: expected images of shape "
+        raise DatasetError(f"{images_path}: expected images of shape "
                            f"(N, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(images.shape)}")
     if labels.dim() != 1:
-        raise DatasetError(f"{labels_path.name}: expected a 1-D label vector, "
+        raise DatasetError(f"{labels_path}: expected a 1-D label vector, "
                            f"got shape {tuple(labels.shape)}")
     if len(images) != len(labels):
-        raise DatasetError(f"{images_path.name} has {len(images)} images but {labels_path.name} "
+        raise DatasetError(f"{images_path} has {len(images)} images but {labels_path} "
                            f"has {len(labels)} labels")
     if len(labels) and int(labels.max()) >= len(CLASSES):
         first_bad = int(torch.nonzero(labels >= len(CLASSES))[0])
-        raise DatasetError(f"{labels_path.name}: label {int(labels[first_bad])} outside "
+        raise DatasetError(f"{labels_path}: label {int(labels[first_bad])} outside "
                            f"0..{len(CLASSES) - 1} (at index {first_bad})")
     return labels.to(torch.int64)
 

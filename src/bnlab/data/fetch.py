@@ -4,7 +4,8 @@ Why: a fresh machine should get the real dataset with one command (``bnlab data 
 ``make data``), and a failed or wrong download must never leave a partial or unverified
 file where ``bnlab.data.dataset`` would find it: each file is checked in memory before
 it is written (temp file + rename). Where no mirror answers, ``apt-get`` installs
-``dataset-fashion-mnist`` when running as root.
+``dataset-fashion-mnist`` when running as root; a folder the user named (``--data-dir``,
+``$BNLAB_DATA``) is then filled from the package's files, so it is usable as asked.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from bnlab.data.dataset import (
     VerificationCache,
     check_content,
     default_data_dir,
+    explicit_location,
     files_in,
     gunzip,
     how_to_get_data,
@@ -37,7 +39,7 @@ from bnlab.data.dataset import (
     verification_cache_path,
 )
 from bnlab.errors import DatasetError
-from bnlab.io import atomic_write
+from bnlab.io import atomic_write, remove_stray_temps
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -81,11 +83,12 @@ def fetch_fashion_mnist(root: str | os.PathLike | None = None, *,
     """Make sure verified Fashion-MNIST is available; return the folder that holds it.
 
     Found and verified: returns at once. Otherwise the missing files are downloaded into
-    ``root`` (default ``default_data_dir()``), each checked in memory before it is written
-    (temp file + rename). With no mirror reachable, ``install`` (default: apt-get as root)
-    is tried, and the folder it filled (``SYSTEM_DIRS``) is returned, even when ``root``
-    was given. ``download(url, fileobj)`` and ``install()`` are parameters so tests can
-    stand in for the network and apt.
+    ``root`` (else ``$BNLAB_DATA``, else ``default_data_dir()``), each checked in memory
+    before it is written (temp file + rename). With no mirror reachable, ``install``
+    (default: apt-get as root) is tried; when the user named a folder, the installed files
+    are copied into it and it is returned, else the package's folder (``SYSTEM_DIRS``) is.
+    ``download(url, fileobj)`` and ``install()`` are parameters so tests can stand in for
+    the network and apt.
     """
     download = download or download_url
     install = install or install_with_apt
@@ -95,17 +98,22 @@ def fetch_fashion_mnist(root: str | os.PathLike | None = None, *,
         location = None
     if location is not None:
         return load_fashion_mnist(location.path, expected=expected).root
-    destination = Path(root) if root is not None else default_data_dir()
+    named = explicit_location(root)
+    destination = named.path if named is not None else default_data_dir()
     try:
         _download_missing(destination, download, expected)
     except _Unreachable as exc:
-        return _install_system_package(install, expected, reason=str(exc))
+        system = _install_system_package(install, expected, reason=str(exc))
+        if named is None:
+            return system
+        _copy_missing(system, destination)
     return load_fashion_mnist(destination, expected=expected).root
 
 
 def _download_missing(destination: Path, download: Download,
                       expected: Mapping[str, tuple[str, int]] | None) -> None:
     table = dataset.EXPECTED_FILES if expected is None else expected
+    remove_stray_temps(destination)  # of an earlier fetch that was killed mid-write
     present = files_in(destination)
     for name in FILE_NAMES:
         if name not in present:
@@ -140,6 +148,14 @@ def _download_file(name: str, target: Path, download: Download,
     if content_was_wrong:
         raise DatasetError(f"no mirror served a valid {target.name}: {'; '.join(failures)}")
     raise _Unreachable("; ".join(failures))
+
+
+def _copy_missing(source: Path, destination: Path) -> None:
+    """Copy (atomically) each dataset file ``destination`` lacks from ``source``."""
+    present = files_in(destination)
+    for name, path in files_in(source).items():
+        if name not in present:
+            atomic_write(destination / path.name, lambda f, src=path: f.write(src.read_bytes()))
 
 
 def _install_system_package(install: Install, expected: Mapping[str, tuple[str, int]] | None,

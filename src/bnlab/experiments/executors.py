@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from multiprocessing import get_context
@@ -58,9 +58,23 @@ def train_run(config: TrainConfig, dataset, run_dir: str | Path,
 class GridProgress:
     """The grid's progress bar: runs done of all, and the last outcome."""
 
-    def __init__(self, total: int, done: int, progress: bool) -> None:
+    def __init__(self, total: int, done: int, progress: bool,
+                 left_out: Callable[[Any, BnlabError], None] | None = None) -> None:
         self.bar = tqdm(total=total, initial=done, unit="run", desc="grid",
                         disable=bar_disabled(progress), dynamic_ncols=True)
+        self.left_out = left_out
+
+    def report(self, p, result: Callable[[], dict[str, Any]]) -> None:
+        """Record ``result()``, the summary of run ``p``; a run that cannot be used (a
+        ``BnlabError``) goes to ``left_out`` when given, so the grid goes on without it."""
+        try:
+            summary = result()
+        except BnlabError as exc:
+            if self.left_out is None:
+                raise
+            self.left_out(p, exc)
+            return
+        self.finished(p, summary)
 
     def started(self, p) -> None:
         self.bar.set_postfix_str(f"{p.variant.label} seed {p.config.seed}")
@@ -110,7 +124,7 @@ class LocalExecutor:
         if self.jobs == 1:
             for p in todo:
                 progress.started(p)
-                progress.finished(p, train_run(p.config, dataset, p.run_dir, tensorboard))
+                progress.report(p, lambda p=p: train_run(p.config, dataset, p.run_dir, tensorboard))
             return
         with ProcessPoolExecutor(max_workers=self.jobs, mp_context=get_context("spawn"),
                                  initializer=_init_worker,
@@ -118,7 +132,7 @@ class LocalExecutor:
             futures = {pool.submit(_pool_task, p.config, str(p.run_dir), tensorboard): p
                        for p in todo}
             for future in as_completed(futures):
-                progress.finished(futures[future], future.result())
+                progress.report(futures[future], future.result)
 
 
 # --------------------------------------------------------------------------- ray
@@ -211,7 +225,7 @@ class RayExecutor:
                 while pending:
                     done, _ = ray.wait(list(pending), num_returns=1)
                     p = pending.pop(done[0])
-                    progress.finished(p, self._result(done[0]))
+                    progress.report(p, lambda ref=done[0]: self._result(ref))
             finally:
                 for ref in pending:
                     ray.cancel(ref)

@@ -23,19 +23,23 @@ import dataclasses
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bnlab import runs
-from bnlab.config import config_to_dict
+from bnlab.config import check_at_least, config_to_dict
 from bnlab.data.dataset import FashionMNIST
+from bnlab.errors import BnlabError, ConfigError
 from bnlab.experiments.executors import Executor, GridProgress, LocalExecutor
 from bnlab.experiments.stats import format_mean_ci, to_csv
-from bnlab.io import atomic_write_json, atomic_write_text
+from bnlab.io import atomic_write_json, atomic_write_text, remove_stray_temps
 from bnlab.tables import format_table
-from bnlab.train import TrainConfig, describe_training_set
+from bnlab.train import TrainConfig, build_loaders, describe_training_set
 
 
 @dataclass
@@ -51,9 +55,9 @@ class ExpSettings:
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
-            raise ValueError(f"expected seeds >= 1 (got {self.seeds})")
-        if self.epochs < 0:
-            raise ValueError(f"expected epochs >= 0 (got {self.epochs})")
+            raise ConfigError(f"expected seeds >= 1 (got {self.seeds})")
+        check_at_least(self, 0, "epochs")
+        check_at_least(self, -1, "subset")
 
 
 QUICK = ExpSettings(seeds=1, epochs=1, subset=1000)
@@ -122,13 +126,20 @@ def run_folder_name(config: TrainConfig) -> str:
 
 
 def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list[PlannedRun]:
-    """Every (variant, seed) run of the grid with its folder under ``runs_root``."""
+    """Every (variant, seed) run of the grid with its folder under ``runs_root``.
+
+    Every config is built (so validated) here, before anything trains; a bad one is a
+    ``ConfigError`` naming its variant.
+    """
     subset = train_subset(settings.subset)
     planned = []
     for variant in experiment.variants(settings):
         for seed in range(settings.seeds):
-            config = TrainConfig(**{**variant.params, "seed": seed, "epochs": settings.epochs,
-                                    "subset": subset})
+            try:
+                config = TrainConfig(**{**variant.params, "seed": seed, "epochs": settings.epochs,
+                                        "subset": subset})
+            except ValueError as exc:
+                raise ConfigError(f"{experiment.name}: variant {variant.label!r}: {exc}") from None
             planned.append(PlannedRun(variant, config, runs_root / run_folder_name(config)))
     return planned
 
@@ -139,13 +150,36 @@ def is_finished(run_dir: Path) -> bool:
 
 # --------------------------------------------------------------------------- execution
 
-def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = True,
-            executor: Executor | None = None, tensorboard: str | Path | None = None) -> None:
+class GridIncomplete(BnlabError):
+    """Some runs of a grid could not be used; the others were trained and reported."""
+
+
+@dataclass(frozen=True)
+class BadRun:
+    """A run of the grid left out, and why (a file of its folder cannot be read, say)."""
+
+    run: PlannedRun
+    reason: str
+
+
+def _left_out(p: PlannedRun, exc: BnlabError, bad: list[BadRun]) -> None:
+    bad.append(BadRun(p, str(exc)))
+    print(f"bnlab: error: {p.variant.label} seed {p.config.seed}: {exc}", file=sys.stderr)
+
+
+def execute(planned: list[PlannedRun], dataset: FashionMNIST, jobs: int = 1,
+            progress: bool = True, executor: Executor | None = None,
+            tensorboard: str | Path | None = None, bad: list[BadRun] | None = None) -> None:
     """Train every unfinished run of ``planned`` (resuming cut-off ones) with ``executor``
     (default: ``LocalExecutor(jobs)``, see ``bnlab.experiments.executors``); with
-    ``tensorboard``, each run logs into its own sub-folder of it."""
+    ``tensorboard``, each run logs into its own sub-folder of it. A run whose folder cannot
+    be used (a ``BnlabError``) is said on stderr, added to ``bad`` and skipped; the grid goes on.
+    """
+    bad = [] if bad is None else bad
     todo = [p for p in planned if not is_finished(p.run_dir)]
-    bar = GridProgress(len(planned), len(planned) - len(todo), progress)
+
+    bar = GridProgress(len(planned), len(planned) - len(todo), progress,
+                       lambda p, exc: _left_out(p, exc, bad))
     try:
         (executor or LocalExecutor(jobs)).run(todo, dataset, bar, tensorboard)
     finally:
@@ -154,13 +188,22 @@ def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = 
 
 # --------------------------------------------------------------------------- results
 
-def collect(planned: list[PlannedRun]) -> list[dict[str, Any]]:
-    """One row per finished run: label, tags, seed, config, metrics, summary, folder."""
+def collect(planned: list[PlannedRun], bad: list[BadRun] | None = None) -> list[dict[str, Any]]:
+    """One row per finished run: label, tags, seed, config, metrics, summary, folder.
+
+    A finished run whose files cannot be read is said on stderr, added to ``bad`` and left out.
+    """
     rows = []
+    bad = [] if bad is None else bad
+    known_bad = {b.run.run_dir for b in bad}
     for p in planned:
-        if not is_finished(p.run_dir):
+        if not is_finished(p.run_dir) or p.run_dir in known_bad:
             continue
-        run = runs.load_run(p.run_dir)
+        try:
+            run = runs.load_run(p.run_dir)
+        except runs.RunFolderError as exc:
+            _left_out(p, exc, bad)
+            continue
         rows.append({
             "label": p.variant.label,
             "tags": p.variant.tags,
@@ -212,17 +255,23 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
                    dataset: FashionMNIST, jobs: int = 1, progress: bool = True,
                    executor: Executor | None = None,
                    tensorboard: str | Path | None = None) -> str:
-    """Plan, train (skipping finished runs), collect and analyze; return ``report.md``'s text."""
+    """Plan and validate every run, train (skipping finished runs), collect and analyze; return
+    ``report.md``'s text. Runs that cannot be used are left out of the report, which says so,
+    and end in ``GridIncomplete`` once everything else is written."""
     settings = resolve(settings, experiment)
     if experiment.run is not None:
         return experiment.run(settings, Path(out), dataset, jobs, progress)
     runs_root = Path(out) / "runs"
     out = Path(out) / experiment.name
+    planned = plan(experiment, settings, runs_root)  # validates every config before any trains
+    if planned:  # the subset must fit the data (one rule, build_loaders'); all runs share it
+        build_loaders(planned[0].config, dataset, torch.device("cpu"))
     out.mkdir(parents=True, exist_ok=True)
+    remove_stray_temps(out)
     atomic_write_json(out / "settings.json", config_to_dict(settings))
-    planned = plan(experiment, settings, runs_root)
-    execute(planned, dataset, jobs, progress, executor, tensorboard)
-    rows = collect(planned)
+    bad: list[BadRun] = []
+    execute(planned, dataset, jobs, progress, executor, tensorboard, bad)
+    rows = collect(planned, bad)
     atomic_write_text(out / "results.jsonl",
                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     table_rows = summary_rows(rows)
@@ -233,7 +282,19 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     report = "\n".join([
         f"# {experiment.title}", "", f"**Question.** {experiment.question}", "",
         f"**Settings.** {describe_settings(settings)} {experiment.notes}".rstrip(), "",
-        "## Summary", "", table, "", *sections,
+        "## Summary", "", table, "", *sections, *_left_out_section(bad, len(planned)),
     ]) + "\n"
     atomic_write_text(out / "report.md", report)
+    if bad:
+        raise GridIncomplete(f"{len(bad)} of {len(planned)} runs could not be used (see above); "
+                             f"{out / 'report.md'} covers the others")
     return report
+
+
+def _left_out_section(bad: list[BadRun], total: int) -> list[str]:
+    if not bad:
+        return []
+    return ["", "## Runs left out", "", f"{len(bad)} of {total} runs left out: their folders "
+            "could not be used.", "",
+            *(f"- {b.run.variant.label}, seed {b.run.config.seed} (`{b.run.run_dir.name}`): "
+              f"{b.reason}" for b in bad)]

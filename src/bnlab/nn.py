@@ -55,7 +55,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from bnlab._cpp import cpp_batch_norm
-from bnlab.functional import Impl, check_input, fused_batch_norm
+from bnlab.functional import Impl, check_arguments, check_input, fused_batch_norm
 from bnlab.functional import batch_norm as _functional_batch_norm
 
 _UNCHECKED = {"fast": fused_batch_norm, "cpp": cpp_batch_norm}
@@ -150,14 +150,6 @@ class _BatchNorm(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # Every check first: a bad batch must not touch num_batches_tracked or the stats.
-        self._check_input_dim(input)
-        check_input(input, self.num_features, self.training)
-
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
         # Batch statistics in training, and in eval when there are no running ones.
         use_batch_stats = self.training or (self.running_mean is None
                                             and self.running_var is None)
@@ -165,6 +157,16 @@ class _BatchNorm(nn.Module):
         track = not self.training or self.track_running_stats
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
+        self._check_input_dim(input)
+        check_input(input, self.num_features, use_batch_stats)
+        check_arguments(input, running_mean, running_var, self.weight, self.bias,
+                        use_batch_stats, self.eps)
+
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
         # The input was checked above: the fast and C++ paths are called without re-checks.
         if self.impl in _UNCHECKED:
             return _UNCHECKED[self.impl](input, running_mean, running_var, self.weight,

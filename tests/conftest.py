@@ -34,3 +34,13 @@ def make_synthetic_fashion(n_train: int = 1200, n_test: int = 200, seed: int = 0
 @pytest.fixture(scope="session")
 def synthetic_fashion() -> FashionMNIST:
     return make_synthetic_fashion()
+
+
+# Devices the parity tests run on: CUDA where there is one, reported as skipped elsewhere.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)

@@ -59,8 +59,9 @@ def _assert_all_close(ours, theirs, **tol):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, 0.5])
-def test_matches_torch(impl, shape, dtype, training, affine, momentum):
-    args = _inputs(shape, dtype, affine, mean=0.5, std=2.0)
+def test_matches_torch(device, impl, shape, dtype, training, affine, momentum):
+    args = [None if t is None else t.to(device)
+            for t in _inputs(shape, dtype, affine, mean=0.5, std=2.0)]
     ours = _run(_ours(impl), *args, training, momentum)
     theirs = _run(F.batch_norm, *args, training, momentum)
     _assert_all_close(ours, theirs, **TOL[dtype])

@@ -176,16 +176,15 @@ def _scale(invstd, weight):
     return invstd if weight is None else invstd * _as(weight, invstd.dtype)
 
 
-def _update_running(running_mean, running_var, mean_sum, var_sum, mean_div, var_div, momentum):
-    """``running = (1 - momentum) * running + momentum * batch`` for both buffers in two ops,
-    with batch mean ``mean_sum / mean_div`` and unbiased batch variance ``var_sum / var_div``.
-    """
+def _update_running(running_mean, running_var, batch_mean, batch_var, momentum):
+    """``running = (1 - momentum) * running + momentum * batch`` for both buffers in one op
+    (``batch_var`` unbiased)."""
+    if torch.compiler.is_compiling():  # a traced momentum may be symbolic: as a tensor
+        momentum = _scalar(momentum, running_mean.dtype, running_mean.device)
     try:
-        batch = torch._foreach_mul((mean_sum, var_sum), [1.0 / mean_div, 1.0 / var_div])
-        torch._foreach_lerp_((running_mean, running_var), batch, momentum)
+        torch._foreach_lerp_((running_mean, running_var), (batch_mean, batch_var), momentum)
     except RuntimeError:  # under torch.func.vmap: _foreach ops have no batching rule
-        _update_running_each(running_mean, running_var, mean_sum / mean_div,
-                             var_sum / var_div, momentum)
+        _update_running_each(running_mean, running_var, batch_mean, batch_var, momentum)
 
 
 def _update_running_each(running_mean, running_var, batch_mean, batch_var, momentum):
@@ -210,13 +209,14 @@ def _train_forward_2d(x, weight, bias, running_mean, running_var, momentum, eps)
     x_hat is kept for backward, so that ``dgamma = sum(dy * x_hat)`` is one ``vecdot``.
     """
     count = x.shape[0]
-    total = torch.sum(x, 0)  # (C,)
-    x_hat = torch.sub(x, total, alpha=1.0 / count)  # (N, C): x - mean for now
+    mean = torch.mean(x, 0)  # (C,)
+    x_hat = torch.sub(x, mean)  # (N, C): x - mean for now
     sq_dev = torch.linalg.vecdot(x_hat, x_hat, dim=0)  # (C,): sum (x - mean)^2
     # invstd = 1 / sqrt(sq_dev / count + eps)
     invstd = torch.add(_scalar(eps, x.dtype, x.device), sq_dev, alpha=1.0 / count).rsqrt_()
     if running_mean is not None:
-        _update_running(running_mean, running_var, total, sq_dev, count, count - 1, momentum)
+        _update_running(running_mean, running_var, mean, _scaled(sq_dev, 1.0 / (count - 1)),
+                        momentum)
     x_hat.mul_(invstd)
     weight = None if weight is None else _as(weight, x.dtype)
     if bias is None:
@@ -243,12 +243,14 @@ def _train_backward_2d(ctx, dy, weight, x_hat, invstd):
             _as(sum_dy, ctx.weight_dtype) if need_db else None)
 
 
-def _train_forward_nd(xs, weight, bias, running_mean, running_var, momentum, eps):
+def _train_forward_nd(xs, weight, bias, running_mean, running_var, momentum, eps,
+                      in_place=True):
     """Training forward for (N, C, ...) input (xs in the stats dtype): y, invstd, mean_k
     and shift_k (batch mean = shift_k + mean_k).
 
     Three passes for the statistics (x - shift_k into the output's buffer, its sum, its
-    sum of squares), two to scale and shift that buffer in place into y.
+    sum of squares), two to scale and shift that buffer in place into y (out of place
+    with ``in_place=False``: under vmap the parameters may be batched where x is not).
     """
     ndim = xs.dim()
     shape = channel_shape(ndim)
@@ -260,11 +262,11 @@ def _train_forward_nd(xs, weight, bias, running_mean, running_var, momentum, eps
     var = _scaled(_channel_sum_sq(y), 1.0 / count).addcmul_(mean_k, mean_k, value=-1)
     invstd = torch.add(var, _scalar(eps, var.dtype, var.device)).rsqrt_()
     if running_mean is not None:
-        _update_running(running_mean, running_var, torch.add(shift_k, mean_k), var, 1,
-                        (count - 1) / count, momentum)
+        _update_running(running_mean, running_var, torch.add(shift_k, mean_k),
+                        _scaled(var, count / (count - 1)), momentum)
     scale, shift = _scale_shift(invstd, weight, bias, mean_k)
-    y.mul_(scale.view(shape)).add_(shift.view(shape))
-    return y, (invstd, mean_k, shift_k)
+    y = y.mul_(scale.view(shape)) if in_place else torch.mul(y, scale.view(shape))
+    return y.add_(shift.view(shape)), (invstd, mean_k, shift_k)
 
 
 def _train_backward_nd(ctx, dys, x, weight, invstd, mean_k, shift_k):
@@ -299,14 +301,15 @@ def _train_backward_nd(ctx, dys, x, weight, invstd, mean_k, shift_k):
     return dx, dw, db
 
 
-def _eval_forward(xs, weight, bias, running_mean, running_var, eps):
+def _eval_forward(xs, weight, bias, running_mean, running_var, eps, in_place=True):
     """Prediction: y = x * scale + shift with the running statistics; y, invstd, offset."""
     shape = channel_shape(xs.dim())
     invstd = torch.add(_as(running_var, xs.dtype), _scalar(eps, xs.dtype, xs.device)).rsqrt_()
     # A copy: the running mean may change in place before backward runs.
     offset = _as(running_mean, xs.dtype).clone()
     scale, shift = _scale_shift(invstd, weight, bias, offset)
-    y = torch.mul(xs, scale.view(shape)).add_(shift.view(shape))
+    y = torch.mul(xs, scale.view(shape))
+    y = y.add_(shift.view(shape)) if in_place else torch.add(y, shift.view(shape))
     return y, (invstd, offset)
 
 
@@ -368,79 +371,132 @@ def _differentiable_backward(ctx, dy):
     return dx, dw, db
 
 
-class _FusedBatchNormCore(torch.autograd.Function):
-    """Batch norm with an analytic backward (``FusedBatchNorm`` adds forward mode).
+def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
+             in_place=True):
+    """y and the per-channel statistics backward needs (see each path).
+
+    Batch norm is not an autocast op (torch's keeps its input's dtype): under autocast
+    the arithmetic here runs with autocast off, else ``vecdot`` and friends would be
+    cast to half precision.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return _forward(x, weight, bias, running_mean, running_var, training, momentum,
+                            eps, in_place)
+    xs = x.float() if x.dtype in _LOW_PRECISION else x
+    if training and x.dim() == 2:
+        y, stats = _train_forward_2d(xs, weight, bias, running_mean, running_var, momentum,
+                                     eps)
+    elif training:
+        y, stats = _train_forward_nd(xs, weight, bias, running_mean, running_var, momentum,
+                                     eps, in_place)
+    else:
+        y, stats = _eval_forward(xs, weight, bias, running_mean, running_var, eps, in_place)
+    return _as(y, x.dtype), stats
+
+
+def _save(ctx, x, weight, training, eps, stats, forward_mode=True):
+    """What backward and jvp read. x and weight are inputs: saving them keeps a reference."""
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, *stats)
+    if forward_mode:
+        ctx.save_for_forward(x, weight, *stats)
+    ctx.training = training
+    ctx.eps = eps
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.input_dtype = x.dtype
+
+
+def _gradients(ctx, dy, in_place=True):
+    """The 8 gradients of ``apply``'s inputs (only x, weight and bias have any)."""
+    if dy is None:
+        return (None,) * 8
+    if torch.is_grad_enabled() or not in_place:  # a graph of the gradient is wanted
+        grads = _differentiable_backward(ctx, dy)
+    else:
+        grads = _backward(ctx, dy)
+    return (*grads, None, None, None, None, None)
+
+
+def _tangent(ctx, x_t, weight_t, bias_t):
+    """Forward mode: the tangent of y for tangents of x, weight and bias (None: zero)."""
+    x, weight, *stats = ctx.saved_tensors
+    xs = x.float() if x.dtype in _LOW_PRECISION else x
+    dims, shape = reduce_dims(xs.dim()), channel_shape(xs.dim())
+    x_hat, invstd = _normalized(ctx, xs, stats)
+    y_t = torch.zeros_like(xs)
+    if x_t is not None:
+        d = x_t.float() if x_t.dtype in _LOW_PRECISION else x_t
+        if ctx.training:
+            d = d - d.mean(dims, keepdim=True) - x_hat * (x_hat * d).mean(dims, keepdim=True)
+        d = d * invstd
+        y_t = y_t + (d if weight is None else d * weight.to(xs.dtype).view(shape))
+    if weight_t is not None:
+        y_t = y_t + x_hat * weight_t.to(xs.dtype).view(shape)
+    if bias_t is not None:
+        y_t = y_t + bias_t.to(xs.dtype).view(shape)
+    return y_t.to(x.dtype)
+
+
+class FusedBatchNorm(torch.autograd.Function):
+    """Batch norm with an analytic backward and forward-mode derivative, for torch.func.
+
+    Under vmap some of x, the parameters and the statistics may be batched and others
+    not, and an in-place op cannot write a batched result into an unbatched tensor: the
+    full-size arithmetic here is out of place, and backward is the differentiable one.
 
     ``apply(x, weight, bias, running_mean, running_var, training, momentum, eps)`` returns
     ``(y, *stats)``: the per-channel statistics are non-differentiable outputs that
-    backward reads. In training the batch statistics normalize and, if given, the
-    running statistics are updated in place (variance unbiased); otherwise the running
-    statistics normalize. Arguments are not checked here: ``bnlab.functional`` does that.
+    backward reads (``setup_context`` cannot see the forward's locals). In training the
+    batch statistics normalize and, if given, the running statistics are updated in place
+    (variance unbiased); otherwise the running statistics normalize. Arguments are not
+    checked here: ``bnlab.functional`` does that.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, training, momentum, eps):
-        xs = x.float() if x.dtype in _LOW_PRECISION else x
-        if training and x.dim() == 2:
-            y, stats = _train_forward_2d(xs, weight, bias, running_mean, running_var,
-                                         momentum, eps)
-        elif training:
-            y, stats = _train_forward_nd(xs, weight, bias, running_mean, running_var,
-                                         momentum, eps)
-        else:
-            y, stats = _eval_forward(xs, weight, bias, running_mean, running_var, eps)
-        return _as(y, x.dtype), *stats
+        y, stats = _forward(x, weight, bias, running_mean, running_var, training, momentum,
+                            eps, in_place=False)
+        return y, *stats
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, _, _, _, training, _, eps = inputs
-        stats = output[1:]
-        ctx.mark_non_differentiable(*stats)
-        ctx.set_materialize_grads(False)
-        # x and weight are inputs: saving them keeps a reference, no copy.
-        ctx.save_for_backward(x, weight, *stats)
-        ctx.save_for_forward(x, weight, *stats)
-        ctx.training = training
-        ctx.eps = eps
-        ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.input_dtype = x.dtype
+        ctx.mark_non_differentiable(*output[1:])
+        _save(ctx, x, weight, training, eps, output[1:])
 
     @staticmethod
     def backward(ctx, dy, *_stats_grads):
-        if dy is None:
-            return (None,) * 8
-        if torch.is_grad_enabled():  # a graph of the gradient is wanted: differentiable ops
-            grads = _differentiable_backward(ctx, dy)
-        else:
-            grads = _backward(ctx, dy)
-        return (*grads, None, None, None, None, None)
-
-
-class FusedBatchNorm(_FusedBatchNormCore):
-    """``_FusedBatchNormCore`` with ``jvp``: forward-mode AD (``torch.func.jvp``, ``jacfwd``,
-    ``torch.autograd.forward_ad``). ``torch.compile`` cannot trace a Function with a
-    custom ``jvp``, so it gets the core."""
+        return _gradients(ctx, dy, in_place=False)
 
     @staticmethod
     def jvp(ctx, x_t, weight_t, bias_t, *_):
-        x, weight, *stats = ctx.saved_tensors
-        xs = x.float() if x.dtype in _LOW_PRECISION else x
-        dims, shape = reduce_dims(xs.dim()), channel_shape(xs.dim())
-        x_hat, invstd = _normalized(ctx, xs, stats)
-        y_t = torch.zeros_like(xs)
-        if x_t is not None:
-            d = x_t.float() if x_t.dtype in _LOW_PRECISION else x_t
-            if ctx.training:
-                d = d - d.mean(dims, keepdim=True) - x_hat * (x_hat * d).mean(dims, keepdim=True)
-            d = d * invstd
-            y_t = y_t + (d if weight is None else d * weight.to(xs.dtype).view(shape))
-        if weight_t is not None:
-            y_t = y_t + x_hat * weight_t.to(xs.dtype).view(shape)
-        if bias_t is not None:
-            y_t = y_t + bias_t.to(xs.dtype).view(shape)
-        return (y_t.to(x.dtype), *(None for _ in stats))
+        return _tangent(ctx, x_t, weight_t, bias_t), *(None for _ in ctx.saved_tensors[2:])
+
+
+class _EagerFusedBatchNorm(torch.autograd.Function):
+    """The same Function in the older form (``forward`` with ``ctx``), outside torch.func.
+
+    ``Function.apply`` binds every call's arguments to the signature of ``forward`` when
+    ``setup_context`` is defined, and extra outputs each cost autograd bookkeeping: on
+    the small FC shapes that made the fast path markedly slower. This form returns y
+    alone and saves the statistics directly. torch.func refuses it (before its forward
+    runs), and ``fused_batch_norm`` then calls ``FusedBatchNorm``. No ``jvp`` here:
+    ``torch.compile`` cannot trace a Function with a custom one.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+        y, stats = _forward(x, weight, bias, running_mean, running_var, training, momentum,
+                            eps)
+        _save(ctx, x, weight, training, eps, stats, forward_mode=False)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _gradients(ctx, dy)
 
 
 def _backward(ctx, dy):
@@ -481,6 +537,12 @@ def fused_batch_norm(
         return _empty_batch_norm(input, weight, bias)
     if running_mean is None or running_var is None:
         running_mean = running_var = None
-    function = _FusedBatchNormCore if torch.compiler.is_compiling() else FusedBatchNorm
-    return function.apply(input, weight, bias, running_mean, running_var, training, momentum,
-                          eps)[0]
+    args = (input, weight, bias, running_mean, running_var, training, momentum, eps)
+    if torch.compiler.is_compiling():  # traced: nothing to fall back from
+        return _EagerFusedBatchNorm.apply(*args)
+    try:
+        return _EagerFusedBatchNorm.apply(*args)
+    except RuntimeError as err:  # under a torch.func transform, raised before forward ran
+        if "setup_context" not in str(err):
+            raise
+    return FusedBatchNorm.apply(*args)[0]

@@ -38,10 +38,11 @@ re-estimating BN statistics after pruning or weight averaging) would use the sta
 running statistics and never update them.
 
 ``impl`` (keyword-only, default ``"fast"``) picks ``bnlab.functional``'s implementation:
-``"fast"`` (analytic backward, no double backward), ``"reference"`` (plain autograd),
-``"cpp"`` (the fast path's math as a C++ kernel, CPU float32/float64; builds a C++
-extension on first use, ~30 s once per machine) or ``"compiled"`` (the reference math
-through ``torch.compile``; compiles each shape on first use).
+``"fast"`` (analytic backward; double backward and torch.func supported), ``"reference"``
+(plain autograd), ``"cpp"`` (the fast path's math as a C++ kernel, CPU float32/float64;
+builds a C++ extension once per machine, on first use) or ``"compiled"`` (the reference
+math through ``torch.compile``; compiles each shape on first use). Edge cases (empty
+batch, eps, dtypes, transforms) behave as torch's: docs/edge-cases.md.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ __all__ = [
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
     "convert_batchnorm",
+    "replace_all_batch_norm_modules_",
 ]
 
 
@@ -269,6 +271,26 @@ class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
     """``BatchNorm3d`` whose ``num_features`` is read from the first input."""
 
     cls_to_become = BatchNorm3d
+
+
+def replace_all_batch_norm_modules_(root: nn.Module) -> nn.Module:
+    """Stop every batch norm in ``root`` (torch's and bnlab's) tracking running statistics,
+    in place; return ``root``.
+
+    ``torch.func.replace_all_batch_norm_modules_`` does this to torch's modules so that
+    ``vmap`` can run them in training mode (an in-place update of unbatched running
+    statistics by a batch of statistics is impossible); it recognises batch norm by
+    ``isinstance(m, torch.nn.modules.batchnorm._BatchNorm)``, which bnlab's modules are
+    not. Afterwards both modes normalize with the batch's statistics.
+    """
+    torch.func.replace_all_batch_norm_modules_(root)
+    for module in root.modules():
+        if isinstance(module, _BatchNorm) and module.track_running_stats:
+            module.running_mean = None
+            module.running_var = None
+            module.num_batches_tracked = None
+            module.track_running_stats = False
+    return root
 
 
 _TORCH_TO_BNLAB: dict[type[nn.Module], type[_BatchNorm]] = {

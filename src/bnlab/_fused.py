@@ -39,17 +39,21 @@ interleaved with torch's kernel):
 * Per-channel arithmetic takes no Python floats as operands (each would be wrapped into a
   new tensor and cast on every op): constants are cached 0-dim tensors (``_scalar``,
   only ever read) or ``alpha=`` / ``value=`` arguments, and both running buffers are
-  updated by two ``_foreach`` ops.
+  updated by one ``_foreach_lerp_``.
 * Small inputs (the FC layers' (128, 120)) are dominated by per-op and Python overhead,
   not memory: (N, C) input in training takes its own path (``_train_forward_2d``) with
   few ops. ``impl="cpp"`` (``bnlab._cpp``) is the answer for those shapes.
 
-Transforms: the Function has ``setup_context`` (its ``forward`` takes no ``ctx``), so
-``torch.func`` works with it: ``vmap`` through ``generate_vmap_rule``, ``grad``/``jacrev``
-through ``backward`` and ``jvp``/``jacfwd`` through ``jvp`` (forward-mode AD). Forward
-returns the per-channel statistics that backward needs as extra, non-differentiable
-outputs (``setup_context`` cannot see the forward's locals); ``fused_batch_norm`` hands
-back ``y`` only.
+Two Functions, one math: ``_EagerFusedBatchNorm`` (``forward`` with ``ctx``) outside
+``torch.func``, and ``FusedBatchNorm`` under it. torch.func needs ``setup_context`` (a
+``forward`` without ``ctx``), and with it ``Function.apply`` binds each call's arguments
+to the signature of ``forward`` and the statistics that backward needs must leave
+forward as extra, non-differentiable outputs (``setup_context`` cannot see the forward's
+locals): bookkeeping that made the small FC shapes markedly slower. So
+``fused_batch_norm`` calls the eager one; a torch.func transform refuses it before its
+forward runs, and the call goes to ``FusedBatchNorm``: ``vmap`` through
+``generate_vmap_rule``, ``grad``/``jacrev`` through ``backward``, ``jvp``/``jacfwd``
+through ``jvp`` (forward-mode AD). Both enter through the public ``Function.apply``.
 
 Double backward: when a graph of the gradient is being built (``create_graph=True``,
 gradient penalties, ``torch.func.grad`` of a gradient), the in-place backward above
@@ -379,8 +383,9 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     the arithmetic here runs with autocast off, else ``vecdot`` and friends would be
     cast to half precision.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
             return _forward(x, weight, bias, running_mean, running_var, training, momentum,
                             eps, in_place)
     xs = x.float() if x.dtype in _LOW_PRECISION else x

@@ -44,14 +44,14 @@ interleaved with torch's kernel):
   not memory: (N, C) input in training takes its own path (``_train_forward_2d``) with
   few ops. ``impl="cpp"`` (``bnlab._cpp``) is the answer for those shapes.
 
-Two Functions, one math: ``_EagerFusedBatchNorm`` (``forward`` with ``ctx``) outside
-``torch.func``, and ``FusedBatchNorm`` under it. torch.func needs ``setup_context`` (a
+Two Functions, one math: ``FusedBatchNorm`` (``forward`` with ``ctx``) outside
+``torch.func``, and ``FuncFusedBatchNorm`` under it. torch.func needs ``setup_context`` (a
 ``forward`` without ``ctx``), and with it ``Function.apply`` binds each call's arguments
 to the signature of ``forward`` and the statistics that backward needs must leave
 forward as extra, non-differentiable outputs (``setup_context`` cannot see the forward's
 locals): bookkeeping that made the small FC shapes markedly slower. So
 ``fused_batch_norm`` calls the eager one; a torch.func transform refuses it before its
-forward runs, and the call goes to ``FusedBatchNorm``: ``vmap`` through
+forward runs, and the call goes to ``FuncFusedBatchNorm``: ``vmap`` through
 ``generate_vmap_rule``, ``grad``/``jacrev`` through ``backward``, ``jvp``/``jacfwd``
 through ``jvp`` (forward-mode AD). Both enter through the public ``Function.apply``.
 
@@ -443,7 +443,7 @@ def _tangent(ctx, x_t, weight_t, bias_t):
     return y_t.to(x.dtype)
 
 
-class FusedBatchNorm(torch.autograd.Function):
+class FuncFusedBatchNorm(torch.autograd.Function):
     """Batch norm with an analytic backward and forward-mode derivative, for torch.func.
 
     Under vmap some of x, the parameters and the statistics may be batched and others
@@ -481,14 +481,14 @@ class FusedBatchNorm(torch.autograd.Function):
         return _tangent(ctx, x_t, weight_t, bias_t), *(None for _ in ctx.saved_tensors[2:])
 
 
-class _EagerFusedBatchNorm(torch.autograd.Function):
+class FusedBatchNorm(torch.autograd.Function):
     """The same Function in the older form (``forward`` with ``ctx``), outside torch.func.
 
     ``Function.apply`` binds every call's arguments to the signature of ``forward`` when
     ``setup_context`` is defined, and extra outputs each cost autograd bookkeeping: on
     the small FC shapes that made the fast path markedly slower. This form returns y
     alone and saves the statistics directly. torch.func refuses it (before its forward
-    runs), and ``fused_batch_norm`` then calls ``FusedBatchNorm``. No ``jvp`` here:
+    runs), and ``fused_batch_norm`` then calls ``FuncFusedBatchNorm``. No ``jvp`` here:
     ``torch.compile`` cannot trace a Function with a custom one.
     """
 
@@ -544,10 +544,10 @@ def fused_batch_norm(
         running_mean = running_var = None
     args = (input, weight, bias, running_mean, running_var, training, momentum, eps)
     if torch.compiler.is_compiling():  # traced: nothing to fall back from
-        return _EagerFusedBatchNorm.apply(*args)
+        return FusedBatchNorm.apply(*args)
     try:
-        return _EagerFusedBatchNorm.apply(*args)
+        return FusedBatchNorm.apply(*args)
     except RuntimeError as err:  # under a torch.func transform, raised before forward ran
         if "setup_context" not in str(err):
             raise
-    return FusedBatchNorm.apply(*args)[0]
+    return FuncFusedBatchNorm.apply(*args)[0]

@@ -101,3 +101,11 @@ def fake_dataset(monkeypatch, synthetic_fashion) -> FashionMNIST:
 def buffers(model: nn.Module) -> list[torch.Tensor]:
     """Copies of ``model``'s buffers (running statistics), to check they were left alone."""
     return [b.clone() for b in model.buffers()]
+# Devices the parity tests run on: CUDA where there is one, reported as skipped elsewhere.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)

@@ -1,5 +1,6 @@
-"""bnlab.nn modules against torch.nn.BatchNorm*: training steps then eval, state_dicts
-both ways, lazy modules, convert_batchnorm, mode vs grad mode, errors, torch.compile."""
+"""bnlab.nn modules against torch.nn.BatchNorm* (on each device present): training steps
+then eval, state_dicts both ways, lazy modules, convert_batchnorm, mode vs grad mode,
+errors, torch.compile."""
 
 from __future__ import annotations
 
@@ -54,17 +55,19 @@ def _same_state(a, b, tol):
 @pytest.mark.parametrize("track", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_module_matches_torch(impl, kind, shape, affine, track, momentum, dtype):
+def test_module_matches_torch(device, impl, kind, shape, affine, track, momentum, dtype):
     theirs, ours = _pair(kind, dtype, impl, affine=affine, track_running_stats=track,
                          momentum=momentum)
+    theirs.to(device)
+    ours.to(device)
     g = torch.Generator().manual_seed(0)
     fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape))
     for step in range(4):
         if step == 3:
             theirs.eval()
             ours.eval()
-        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + step).to(dtype)
-        dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + step).to(device, dtype)
+        dy = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
         if fmt is not None and step % 2:
             x = x.to(memory_format=fmt)
         for a, b in zip(_step(ours, x, dy), _step(theirs, x, dy)):

@@ -216,6 +216,13 @@ def kernel_info() -> dict[str, str]:
     }
 
 
+def _kernel_may_take(input: torch.Tensor) -> bool:
+    """Whether to offer the call to the kernel at all: not off the CPU or while
+    torch.compile traces (no build needed to know that), and not an empty batch, whose
+    meaning (counted, statistics untouched) the fast path carries."""
+    return input.is_cpu and input.numel() > 0 and not torch.compiler.is_compiling()
+
+
 def cpp_batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -229,9 +236,7 @@ def cpp_batch_norm(
     """``impl="cpp"`` without argument checks (callers have checked); builds if needed."""
     if running_mean is None or running_var is None:  # half-given: neither is updated
         running_mean = running_var = None
-    # Off the CPU, or while torch.compile traces, the kernel is not called: no build
-    # needed to know that.
-    if input.is_cpu and not torch.compiler.is_compiling():
+    if _kernel_may_take(input):
         y = load_extension().batch_norm(input, running_mean, running_var, weight, bias,
                                         training, momentum, eps)
         if y is not None:
@@ -254,7 +259,7 @@ def auto_batch_norm(
     the fast path everywhere else; never builds."""
     if running_mean is None or running_var is None:
         running_mean = running_var = None
-    if input.is_cpu and not torch.compiler.is_compiling():
+    if _kernel_may_take(input):
         kernel = cached_extension()
         if kernel is not None:
             y = kernel.batch_norm(input, running_mean, running_var, weight, bias, training,

@@ -30,7 +30,8 @@ def reference_batch_norm(
     if training:
         mean = x.mean(dim=dims, keepdim=True)
         var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)  # biased: divides by m
-        if running_mean is not None and running_var is not None:
+        # An empty batch has no statistics to average in: the running ones stay.
+        if running_mean is not None and running_var is not None and x.numel() > 0:
             m = x.numel() // x.shape[1]
             with torch.no_grad():  # the running averages are not part of the graph
                 new_mean = mean.reshape(-1).to(running_mean.dtype)

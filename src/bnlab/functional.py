@@ -45,17 +45,18 @@ Flax call ``momentum`` the weight of the OLD value, so their ``momentum=0.99`` i
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from bnlab._cpp import auto_batch_norm, cpp_batch_norm
-from bnlab._fused import fused_batch_norm
+from bnlab._fused import fused_batch_norm, stat_dtype
 from bnlab._reference import reference_batch_norm
 
-__all__ = ["DEFAULT_IMPL", "IMPLEMENTATIONS", "Implementation", "batch_norm", "check_input",
-           "fused_batch_norm", "get_implementation"]
+__all__ = ["DEFAULT_IMPL", "IMPLEMENTATIONS", "Implementation", "batch_norm", "check_arguments",
+           "check_input", "fused_batch_norm", "get_implementation"]
 
 Impl = str
 """A key of :data:`IMPLEMENTATIONS`."""
@@ -116,10 +117,12 @@ def get_implementation(name: str) -> Implementation:
 
 
 def check_input(x: torch.Tensor, num_features: int | None, training: bool) -> None:
-    """Raise if ``x`` cannot be batch-normalized; touches nothing.
+    """Raise if ``x`` cannot be batch-normalized; touches nothing (``training``: whether
+    the batch statistics normalize).
 
     Called before any buffer is updated, so a bad batch leaves the running statistics
-    and ``num_batches_tracked`` exactly as they were.
+    and ``num_batches_tracked`` exactly as they were. An empty batch (N = 0) is valid,
+    as in torch: its output is empty and it changes no statistics.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor input (got {type(x).__name__})")
@@ -131,10 +134,45 @@ def check_input(x: torch.Tensor, num_features: int | None, training: bool) -> No
     if num_features is not None and x.shape[1] != num_features:
         raise RuntimeError(
             f"expected {num_features} channels (dim 1) (got {x.shape[1]})")
-    if training and x.numel() // max(x.shape[1], 1) <= 1:
+    if training and x.shape[0] * math.prod(x.shape[2:]) == 1:  # one value per channel
         raise ValueError(
             "Expected more than 1 value per channel when training, "
             f"got input size {x.shape}")
+
+
+def check_arguments(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    eps: float,
+) -> None:
+    """Raise, as torch does, on an ``eps`` or a mix of dtypes that torch refuses.
+
+    ``eps`` must be positive when the batch statistics normalize (a constant channel
+    would divide by zero) and non-negative with the running ones. The tensors share the
+    input's dtype, except that a float16/bfloat16 input may take float32 parameters and
+    statistics (all of them). ``training`` is whether the batch statistics normalize.
+    """
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    given = [(name, t.dtype) for name, t in (("weight", weight), ("bias", bias),
+                                             ("running_mean", running_mean),
+                                             ("running_var", running_var)) if t is not None]
+    if not given:
+        return
+    low_precision = stat_dtype(x.dtype) != x.dtype
+    wanted = x.dtype if given[0][1] == x.dtype or not low_precision else torch.float32
+    for name, dtype in given:
+        if dtype != wanted:
+            raise RuntimeError(
+                f"mixed dtypes: a {x.dtype} input takes weight, bias, running_mean and "
+                "running_var of its own dtype" + (" or all float32" if low_precision else "")
+                + f" (got {name} of {dtype})")
 
 
 def _check_vector(name: str, t: torch.Tensor | None, channels: int) -> None:
@@ -170,6 +208,7 @@ def batch_norm(
             "running_mean and running_var must be given when training=False "
             "(prediction normalizes with the running statistics)")
     check_input(input, None, training)
+    check_arguments(input, running_mean, running_var, weight, bias, training, eps)
     channels = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):

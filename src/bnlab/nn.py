@@ -39,7 +39,8 @@ running statistics and never update them.
 
 ``impl`` (keyword-only, default ``"auto"``) picks one of ``bnlab.functional``'s
 ``IMPLEMENTATIONS`` (see there for what each is and needs); ``"auto"`` is bnlab's C++
-kernel where it applies and is built, the fast path elsewhere.
+kernel where it applies and is built, the fast path elsewhere. Edge cases (empty batch,
+eps, dtypes, transforms) behave as torch's: docs/edge-cases.md.
 """
 
 from __future__ import annotations
@@ -51,7 +52,14 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-from bnlab.functional import DEFAULT_IMPL, IMPLEMENTATIONS, Impl, check_input, get_implementation
+from bnlab.functional import (
+    DEFAULT_IMPL,
+    IMPLEMENTATIONS,
+    Impl,
+    check_arguments,
+    check_input,
+    get_implementation,
+)
 
 __all__ = [
     "BatchNorm1d",
@@ -61,6 +69,7 @@ __all__ = [
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
     "convert_batchnorm",
+    "replace_all_batch_norm_modules_",
 ]
 
 
@@ -141,14 +150,6 @@ class _BatchNorm(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # Every check first: a bad batch must not touch num_batches_tracked or the stats.
-        self._check_input_dim(input)
-        check_input(input, self.num_features, self.training)
-
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
         # Batch statistics in training, and in eval when there are no running ones.
         use_batch_stats = self.training or (self.running_mean is None
                                             and self.running_var is None)
@@ -156,6 +157,16 @@ class _BatchNorm(nn.Module):
         track = not self.training or self.track_running_stats
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
+        self._check_input_dim(input)
+        check_input(input, self.num_features, use_batch_stats)
+        check_arguments(input, running_mean, running_var, self.weight, self.bias,
+                        use_batch_stats, self.eps)
+
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
         # The input was checked above: the implementation is called without re-checks.
         run = IMPLEMENTATIONS[self.impl].run
         return run(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
@@ -255,6 +266,26 @@ class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
     """``BatchNorm3d`` whose ``num_features`` is read from the first input."""
 
     cls_to_become = BatchNorm3d
+
+
+def replace_all_batch_norm_modules_(root: nn.Module) -> nn.Module:
+    """Stop every batch norm in ``root`` (torch's and bnlab's) tracking running statistics,
+    in place; return ``root``.
+
+    ``torch.func.replace_all_batch_norm_modules_`` does this to torch's modules so that
+    ``vmap`` can run them in training mode (an in-place update of unbatched running
+    statistics by a batch of statistics is impossible); it recognises batch norm by
+    ``isinstance(m, torch.nn.modules.batchnorm._BatchNorm)``, which bnlab's modules are
+    not. Afterwards both modes normalize with the batch's statistics.
+    """
+    torch.func.replace_all_batch_norm_modules_(root)
+    for module in root.modules():
+        if isinstance(module, _BatchNorm) and module.track_running_stats:
+            module.running_mean = None
+            module.running_var = None
+            module.num_batches_tracked = None
+            module.track_running_stats = False
+    return root
 
 
 _TORCH_TO_BNLAB: dict[type[nn.Module], type[_BatchNorm]] = {

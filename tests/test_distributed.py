@@ -190,8 +190,8 @@ def test_exp_sync_quick_writes_a_report_from_its_numbers(synthetic_fashion, tmp_
     rows = runs.read_jsonl(out / "sync" / "results.jsonl")
     assert sorted(r["tags"]["variant"] for r in rows) == ["group", "local", "sync"]
     for row in rows:
-        assert runs.read_json(Path(row["run_dir"]) / distributed.DISTRIBUTED)["world_size"] == 2
-    cost = runs.read_json(out / "sync" / "cost.json")
+        assert read_json(Path(row["run_dir"]) / distributed.DISTRIBUTED)["world_size"] == 2
+    cost = read_json(out / "sync" / "cost.json")
     assert cost[0]["world"] == 2 and cost[0]["local"] > 0 and cost[0]["sync"] > 0
     assert f"{cost[0]['sync'] - cost[0]['local']:+.2f}" in report
     sync_acc = next(r for r in rows if r["tags"]["variant"] == "sync")["summary"]["final_val_acc"]

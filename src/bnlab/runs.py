@@ -2,7 +2,8 @@
 
 Why: a run is only useful if a person (or the experiment runner) can read what it did
 after the fact and pick it up where it was killed. Every file is written atomically, so a
-killed run leaves the previous epoch's state, never a torn file::
+killed run leaves the previous epoch's state, never a torn file.
+``load_trained_model`` turns a finished folder back into the model it trained::
 
     runs/<name>/
       config.json      the TrainConfig, verbatim
@@ -22,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from bnlab.config import config_from_dict
 from bnlab.errors import BnlabError
 from bnlab.io import atomic_write, atomic_write_json, atomic_write_text, read_json
 
@@ -108,3 +111,20 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "evals": read_jsonl(run_dir / EVALS) if (run_dir / EVALS).exists() else [],
         "summary": read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).exists() else None,
     }
+
+
+def load_trained_model(run_dir: str | Path) -> tuple[nn.Module, Any]:
+    """The model of a run folder with its last checkpointed weights (on CPU, eval mode), and
+    its ``TrainConfig``."""
+    from bnlab.train import TrainConfig, model_for  # train writes run folders: import lazily
+
+    run = load_run(run_dir)
+    config = config_from_dict(TrainConfig, run["config"])
+    checkpoint_path = Path(run_dir) / CHECKPOINT
+    if not checkpoint_path.exists():
+        raise RunFolderError(f"{run_dir} has no {CHECKPOINT} (no epoch finished yet)")
+    torch.manual_seed(config.seed)
+    model = model_for(config, "cpu")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), config

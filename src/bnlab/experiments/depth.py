@@ -115,7 +115,7 @@ def gradient_profiles(rows: list[dict[str, Any]], dataset) -> dict[tuple, dict[s
     from bnlab.config import config_from_dict
     from bnlab.data import stratified_subset
     from bnlab.gradients import layer_gradient_norms
-    from bnlab.inspection import load_trained_model
+    from bnlab.runs import load_trained_model
     from bnlab.train import TrainConfig, model_for
 
     images, labels = stratified_subset(dataset.train_images, dataset.train_labels,

@@ -54,7 +54,7 @@ def accuracy_in_mode(model: torch.nn.Module, images: torch.Tensor, labels: torch
 
 def mode_table(groups: dict[str, list[dict[str, Any]]], dataset) -> tuple[str, dict[str, dict]]:
     """Per variant: accuracy on training and test images in eval mode and in train mode."""
-    from bnlab.inspection import load_trained_model
+    from bnlab.runs import load_trained_model
 
     train_x = dataset.train_images[:MODE_EVAL_IMAGES]
     train_y = dataset.train_labels[:MODE_EVAL_IMAGES]

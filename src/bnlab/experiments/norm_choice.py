@@ -68,7 +68,7 @@ def mode_accuracies(row: dict[str, Any], dataset) -> dict[str, float] | None:
     """Test accuracy of a finished run's model in eval mode and in train mode (batches of
     the training batch size); None for a diverged run."""
     from bnlab.experiments.dropout import accuracy_in_mode
-    from bnlab.inspection import load_trained_model
+    from bnlab.runs import load_trained_model
 
     if row["summary"]["diverged"]:
         return None

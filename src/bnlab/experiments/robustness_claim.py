@@ -73,7 +73,7 @@ def perturbation_curves(model, dataset, seed: int = 0) -> dict[str, list[tuple[f
 def measure(rows: list[dict[str, Any]], dataset) -> Measured:
     """Per variant, kind and size: the accuracy of each seed that trained (a failed run,
     diverged or at chance level, has no robustness to measure)."""
-    from bnlab.inspection import load_trained_model
+    from bnlab.runs import load_trained_model
 
     measured: Measured = {}
     for row in rows:

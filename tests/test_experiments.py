@@ -10,7 +10,13 @@ import pytest
 
 from bnlab import cli, data, runs
 from bnlab.experiments import EXPERIMENTS, get_experiment, runner
-from bnlab.experiments.analysis import describe_epochs_to_reach, epochs_to_reach, failed, mean_curve
+from bnlab.experiments.analysis import (
+    Row,
+    describe_epochs_to_reach,
+    epochs_to_reach,
+    failed,
+    mean_curve,
+)
 from bnlab.experiments.lr import training_lrs
 from bnlab.experiments.runner import QUICK, ExpSettings, execute, plan, resolve
 from bnlab.experiments.stats import mean_ci, t_quantile_975
@@ -92,9 +98,9 @@ def test_parallel_jobs_give_the_serial_results(synthetic_fashion, tmp_path):
 def _row(tags, final_acc, diverged=False, accs=()):
     metrics = [{"epoch": i + 1, "val_acc": a, "train_acc": a, "val_loss": 1.0}
                for i, a in enumerate(accs)]
-    return {"tags": tags, "label": str(tags), "metrics": metrics,
-            "summary": {"diverged": diverged, "final_val_acc": None if diverged else final_acc,
-                        "epochs": max(len(accs), 1)}}
+    return Row(label=str(tags), tags=tags, seed=0, config={}, metrics=metrics, run_dir="",
+               summary={"diverged": diverged, "final_val_acc": None if diverged else final_acc,
+                        "epochs": max(len(accs), 1)})
 
 
 def test_failure_means_diverged_or_chance_level():
@@ -126,7 +132,7 @@ def test_epochs_to_reach_and_mean_curve_with_a_diverged_seed():
     assert describe_epochs_to_reach([a, b], 0.80) == "2.5 (2, 3)"
     assert describe_epochs_to_reach([a, b], 0.86) == "not reached by 1/2 seeds"
     gone = _row({}, None, diverged=True, accs=[0.5])
-    gone["summary"]["epochs"] = 3
+    gone.summary["epochs"] = 3
     xs, means, _ = mean_curve([a, gone])
     assert xs == [1, 2, 3] and means[2] == pytest.approx((0.86 + 0.1) / 2)
 

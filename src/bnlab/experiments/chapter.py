@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import final
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
+from bnlab.experiments.analysis import Row, by_label, final
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import mean_ci
 
 RUNS = {
@@ -27,7 +27,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
     return [Variant(label, params, {"norm": params["norm"]}) for label, params in RUNS.items()]
 
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     groups = by_label(rows)
     table = format_table(
         ["run", "final val acc per seed", "mean", "best val acc (mean)", "s/epoch (mean)"],
@@ -35,7 +35,7 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
           ", ".join(f"{final(r):.4f}" for r in g),
           f"{mean_ci([final(r) for r in g])[0]:.4f}",
           f"{mean_ci([final(r, 'best_val_acc') for r in g])[0]:.4f}",
-          f"{mean_ci([r['summary']['median_seconds_per_epoch'] or 0 for r in g])[0]:.2f}"]
+          f"{mean_ci([r.summary['median_seconds_per_epoch'] or 0 for r in g])[0]:.2f}"]
          for label, g in groups.items()])
     lines = ["## Per seed", "", table, ""]
     for label, g in groups.items():

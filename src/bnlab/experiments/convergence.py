@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, final
+from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, Row, final
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 
@@ -77,23 +77,17 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 # --------------------------------------------------------------------------- definitions
 
-def progress(row: dict[str, Any], n_images: int | None = None) -> list[Point]:
+def progress(row: Row, n_images: int | None = None) -> list[Point]:
     """A run's (step, train seconds, val acc) at every periodic and end-of-epoch evaluation.
 
-    ``row["evals"]`` is used when present, else read from the run folder. ``n_images`` is
-    the training set size when the run did not take a subset (default 60000).
+    ``n_images`` is the training set size when the run did not take a subset (default 60000).
     """
-    evals = row.get("evals")
-    if evals is None:
-        from bnlab.runs import load_run
-
-        evals = load_run(row["run_dir"])["evals"]
-    config = row["config"]
+    config = row.config
     per_epoch = steps_per_epoch(config["subset"] or n_images or TRAIN_IMAGES,
                                 config["batch_size"])
-    points = {e["step"]: (e["step"], e["train_seconds"], e["val_acc"]) for e in evals}
+    points = {e["step"]: (e["step"], e["train_seconds"], e["val_acc"]) for e in row.evals}
     seconds = 0.0
-    for m in row["metrics"]:
+    for m in row.metrics:
         seconds += m["train_seconds"]
         step = m["epoch"] * per_epoch
         points.setdefault(step, (step, seconds, m["val_acc"]))
@@ -105,10 +99,10 @@ def steps_to_reach(points: list[Point], threshold: float) -> tuple[int, float] |
     return next(((s, t) for s, t, acc in points if acc >= threshold), None)
 
 
-def mean_progress(rows: list[dict[str, Any]], n_images: int | None = None) -> list[Point]:
+def mean_progress(rows: list[Row], n_images: int | None = None) -> list[Point]:
     """Seed-mean (step, seconds, val acc) at every step evaluated in any seed; after a seed
     diverged it counts at chance (and its seconds are left out)."""
-    curves = [(progress(r, n_images), r["summary"]["diverged"]) for r in rows]
+    curves = [(progress(r, n_images), r.diverged) for r in rows]
     steps = sorted({p[0] for points, _ in curves for p in points})
     out = []
     for step in steps:
@@ -126,18 +120,18 @@ def mean_progress(rows: list[dict[str, Any]], n_images: int | None = None) -> li
     return out
 
 
-def best_lr(rows: list[dict[str, Any]], bn: bool) -> float | None:
+def best_lr(rows: list[Row], bn: bool) -> float | None:
     """The rate with the highest mean final validation accuracy (ties: the smaller rate)."""
     means = {lr: mean_ci([final(r) for r in group])[0] for lr in LEARNING_RATES[bn]
              if (group := _group(rows, bn, lr))}
     return max(sorted(means), key=lambda lr: means[lr], default=None)
 
 
-def _group(rows: list[dict[str, Any]], bn: bool, lr: float) -> list[dict[str, Any]]:
-    return [r for r in rows if r["tags"]["bn"] == bn and r["tags"]["lr"] == lr]
+def _group(rows: list[Row], bn: bool, lr: float) -> list[Row]:
+    return [r for r in rows if r.tags["bn"] == bn and r.tags["lr"] == lr]
 
 
-def reach_stats(rows: list[dict[str, Any]], threshold: float,
+def reach_stats(rows: list[Row], threshold: float,
                 n_images: int | None = None) -> dict[str, Any]:
     """Per seed steps/seconds to ``threshold``; means over the seeds that reached it."""
     hits = [steps_to_reach(progress(r, n_images), threshold) for r in rows]
@@ -158,7 +152,7 @@ def describe_reach(stats: dict[str, Any]) -> str:
             f"({', '.join(map(str, stats['steps']))})")
 
 
-def ioffe_comparison(rows: list[dict[str, Any]], n_images: int | None = None) -> dict[str, Any] | None:
+def ioffe_comparison(rows: list[Row], n_images: int | None = None) -> dict[str, Any] | None:
     """The baseline's best seed-mean accuracy, the step it got there, and per BN rate the
     first step BN's seed-mean curve reached it (None when BN never did)."""
     base_lr = best_lr(rows, False)
@@ -179,7 +173,7 @@ def ioffe_comparison(rows: list[dict[str, Any]], n_images: int | None = None) ->
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     n_images = len(dataset.train_labels) if dataset is not None else None
     plot_best_curves(rows, out, n_images)
     headers = ["model", "lr", "final val acc", *[f"to {t:.2f}" for t in THRESHOLDS]]
@@ -199,7 +193,7 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
             "![validation accuracy against steps and seconds](convergence.png)"]
 
 
-def findings(rows: list[dict[str, Any]], n_images: int | None = None) -> list[str]:
+def findings(rows: list[Row], n_images: int | None = None) -> list[str]:
     lines = []
     best = {bn: best_lr(rows, bn) for bn in (False, True)}
     for bn in (False, True):
@@ -253,7 +247,7 @@ def findings(rows: list[dict[str, Any]], n_images: int | None = None) -> list[st
     return lines
 
 
-def plot_best_curves(rows: list[dict[str, Any]], out: Path, n_images: int | None) -> None:
+def plot_best_curves(rows: list[Row], out: Path, n_images: int | None) -> None:
     from bnlab.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)

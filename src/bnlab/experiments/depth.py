@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import FAIL_ACCURACY, failed, final
+from bnlab.experiments.analysis import FAIL_ACCURACY, Row, failed, final, select
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 
@@ -65,12 +65,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 # --------------------------------------------------------------------------- definitions
 
-def select(rows: list[dict[str, Any]], **tags: Any) -> list[dict[str, Any]]:
-    """Rows whose tags match every given tag."""
-    return [r for r in rows if all(r["tags"].get(k) == v for k, v in tags.items())]
-
-
-def best_lr(rows: list[dict[str, Any]], activation: str, norm: str, depth: int) -> float | None:
+def best_lr(rows: list[Row], activation: str, norm: str, depth: int) -> float | None:
     """The rate with the highest mean final validation accuracy (diverged seeds count at
     chance; ties go to the smaller rate); None when the grid has no run of that family."""
     means = {lr: mean_ci([final(r) for r in group])[0] for lr in LEARNING_RATES
@@ -78,7 +73,7 @@ def best_lr(rows: list[dict[str, Any]], activation: str, norm: str, depth: int) 
     return max(sorted(means), key=lambda lr: means[lr], default=None)
 
 
-def trains_at(rows: list[dict[str, Any]], activation: str, norm: str, depth: int) -> bool | None:
+def trains_at(rows: list[Row], activation: str, norm: str, depth: int) -> bool | None:
     """True when some rate has runs and none of its seeds failed; None without runs."""
     groups = [g for lr in LEARNING_RATES
               if (g := select(rows, activation=activation, norm=norm, depth=depth, lr=lr))]
@@ -87,12 +82,12 @@ def trains_at(rows: list[dict[str, Any]], activation: str, norm: str, depth: int
     return any(not any(failed(r) for r in g) for g in groups)
 
 
-def deepest_training(rows: list[dict[str, Any]], activation: str, norm: str) -> int | None:
+def deepest_training(rows: list[Row], activation: str, norm: str) -> int | None:
     """The largest depth of the grid that trains (None if none does)."""
     return max((d for d in DEPTHS if trains_at(rows, activation, norm, d)), default=None)
 
 
-def first_failing(rows: list[dict[str, Any]], activation: str, norm: str) -> int | None:
+def first_failing(rows: list[Row], activation: str, norm: str) -> int | None:
     """The smallest depth of the grid that does not train (None if every depth trains)."""
     return min((d for d in DEPTHS if trains_at(rows, activation, norm, d) is False), default=None)
 
@@ -107,7 +102,7 @@ def first_last_ratio(norms: list[float]) -> float:
 
 # --------------------------------------------------------------------------- gradients
 
-def gradient_profiles(rows: list[dict[str, Any]], dataset) -> dict[tuple, dict[str, Any]]:
+def gradient_profiles(rows: list[Row], dataset) -> dict[tuple, dict[str, Any]]:
     """Per (activation, norm, depth): per-layer gradient norms of seed 0 at initialization
     and after training at the family's best rate, with the run's step count."""
     import torch
@@ -129,26 +124,26 @@ def gradient_profiles(rows: list[dict[str, Any]], dataset) -> dict[tuple, dict[s
                 if lr is None:
                     continue
                 group = select(rows, activation=act, norm=norm, depth=depth, lr=lr)
-                row = min(group, key=lambda r: r["seed"])
-                config = config_from_dict(TrainConfig, row["config"])
+                row = min(group, key=lambda r: r.seed)
+                config = config_from_dict(TrainConfig, row.config)
                 torch.manual_seed(config.seed)
                 init = [v for _, v in layer_gradient_norms(model_for(config, "cpu").train(),
                                                            x, labels)]
                 trained = None
-                if not row["summary"]["diverged"]:
-                    model, _ = load_trained_model(row["run_dir"])
+                if not row.diverged:
+                    model, _ = load_trained_model(row.run_dir)
                     trained = [v for _, v in layer_gradient_norms(model.train(), x, labels)]
-                profiles[(act, norm, depth)] = {"lr": lr, "seed": row["seed"], "init": init,
+                profiles[(act, norm, depth)] = {"lr": lr, "seed": row.seed, "init": init,
                                                 "trained": trained, "row": row}
     return profiles
 
 
-def _steps(row: dict[str, Any]) -> int:
-    config = row["config"]
+def _steps(row: Row) -> int:
+    config = row.config
     n = config["subset"] or 60000
     bs = config["batch_size"]
     per_epoch = n // bs if n % bs == 1 else math.ceil(n / bs)
-    return per_epoch * len(row["metrics"])
+    return per_epoch * len(row.metrics)
 
 
 def _fmt_ratio(value: float) -> str:
@@ -184,7 +179,7 @@ def plot_profiles(profiles: dict[tuple, dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_accuracy_vs_depth(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_accuracy_vs_depth(rows: list[Row], path: Path) -> None:
     from bnlab.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, len(ACTIVATIONS), figsize=(12, 4), sharey=True, squeeze=False)
@@ -214,7 +209,7 @@ def plot_accuracy_vs_depth(rows: list[dict[str, Any]], path: Path) -> None:
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     plot_accuracy_vs_depth(rows, out / "accuracy_vs_depth.png")
     headers = ["activation", "norm", *[f"depth {d}" for d in DEPTHS]]
     table_rows = []
@@ -266,7 +261,7 @@ def gradient_table(profiles: dict[tuple, dict[str, Any]]) -> str:
                          "layers at 0 (init)"], rows)
 
 
-def depth_findings(rows: list[dict[str, Any]]) -> list[str]:
+def depth_findings(rows: list[Row]) -> list[str]:
     lines = []
     for act in ACTIVATIONS:
         for norm, name in NORMS.items():

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import FAIL_ACCURACY, final, mean_curve, train_val_gap
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
+from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, final, mean_curve, train_val_gap
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 
 MODE_EVAL_IMAGES = 10000  # training images used to compare train and eval mode
@@ -52,7 +52,7 @@ def accuracy_in_mode(model: torch.nn.Module, images: torch.Tensor, labels: torch
     return correct / len(labels)
 
 
-def mode_table(groups: dict[str, list[dict[str, Any]]], dataset) -> tuple[str, dict[str, dict]]:
+def mode_table(groups: dict[str, list[Row]], dataset) -> tuple[str, dict[str, dict]]:
     """Per variant: accuracy on training and test images in eval mode and in train mode."""
     from bnlab.runs import load_trained_model
 
@@ -62,9 +62,9 @@ def mode_table(groups: dict[str, list[dict[str, Any]]], dataset) -> tuple[str, d
     for label, group in groups.items():
         cells = measured.setdefault(label, {"train_eval": [], "val_eval": [], "val_train": []})
         for row in group:
-            if row["summary"]["diverged"]:
+            if row.diverged:
                 continue
-            model, _ = load_trained_model(row["run_dir"])
+            model, _ = load_trained_model(row.run_dir)
             cells["train_eval"].append(accuracy_in_mode(model, train_x, train_y, False))
             cells["val_eval"].append(accuracy_in_mode(model, dataset.test_images,
                                                       dataset.test_labels, False))
@@ -82,7 +82,7 @@ def mode_table(groups: dict[str, list[dict[str, Any]]], dataset) -> tuple[str, d
     return format_table(headers, rows), measured
 
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     from bnlab.plots import plot_mean_curves, plt, save_figure
 
     groups = by_label(rows)
@@ -114,7 +114,7 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
         "", "![accuracy per epoch](accuracy_per_epoch.png)"]
 
 
-def findings(groups: dict[str, list[dict[str, Any]]], measured: dict[str, dict]) -> list[str]:
+def findings(groups: dict[str, list[Row]], measured: dict[str, dict]) -> list[str]:
     """Best accuracy, smallest generalization gap and the train-mode effect, from the numbers.
 
     The gap is taken in eval mode on the finished models when they were measured (dropout

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import failed, final
+from bnlab.experiments.analysis import Row, failed, final
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 
@@ -60,19 +60,19 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 # --------------------------------------------------------------------------- definitions
 
-def select(rows: list[dict[str, Any]], norm: str, batch_size: int) -> list[dict[str, Any]]:
-    return [r for r in rows if r["tags"]["norm"] == norm and r["tags"]["batch_size"] == batch_size]
+def select(rows: list[Row], norm: str, batch_size: int) -> list[Row]:
+    return [r for r in rows if r.tags["norm"] == norm and r.tags["batch_size"] == batch_size]
 
 
-def mode_accuracies(row: dict[str, Any], dataset) -> dict[str, float] | None:
+def mode_accuracies(row: Row, dataset) -> dict[str, float] | None:
     """Test accuracy of a finished run's model in eval mode and in train mode (batches of
     the training batch size); None for a diverged run."""
     from bnlab.experiments.dropout import accuracy_in_mode
     from bnlab.runs import load_trained_model
 
-    if row["summary"]["diverged"]:
+    if row.diverged:
         return None
-    model, config = load_trained_model(row["run_dir"])
+    model, config = load_trained_model(row.run_dir)
     images, labels = dataset.test_images, dataset.test_labels
     if len(labels) % config.batch_size == 1:  # BN cannot normalize a batch of one
         images, labels = images[:-1], labels[:-1]
@@ -95,13 +95,13 @@ def mode_independent(gaps: dict[tuple[str, int], float], norm: str,
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     measured: dict[tuple[str, int], list[dict[str, float]]] = {}
     if dataset is not None:
         for row in rows:
             result = mode_accuracies(row, dataset)
             if result is not None:
-                measured.setdefault((row["tags"]["norm"], row["tags"]["batch_size"]), []).append(result)
+                measured.setdefault((row.tags["norm"], row.tags["batch_size"]), []).append(result)
     gaps = mode_gaps(measured)
     plot(rows, measured, out / "norms_by_batch_size.png")
 
@@ -123,7 +123,7 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
         "", "![accuracy and mode gap by batch size](norms_by_batch_size.png)"]
 
 
-def _cell(group: list[dict[str, Any]]) -> str:
+def _cell(group: list[Row]) -> str:
     if not group:
         return "-"
     fails = sum(failed(r) for r in group)
@@ -139,7 +139,7 @@ def _gap_cell(values: list[dict[str, float]]) -> str:
     return f"{train:.4f} / {ev:.4f} ({100 * (train - ev):+.2f})"
 
 
-def findings(rows: list[dict[str, Any]], gaps: dict[tuple[str, int], float]) -> list[str]:
+def findings(rows: list[Row], gaps: dict[tuple[str, int], float]) -> list[str]:
     means = {(n, bs): mean_ci([final(r) for r in g])[0]
              for n in NORMS for bs in BATCH_SIZES if (g := select(rows, n, bs))}
     lines = []
@@ -174,7 +174,7 @@ def findings(rows: list[dict[str, Any]], gaps: dict[tuple[str, int], float]) -> 
     return lines
 
 
-def plot(rows: list[dict[str, Any]], measured: dict, path: Path) -> None:
+def plot(rows: list[Row], measured: dict, path: Path) -> None:
     from bnlab.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))

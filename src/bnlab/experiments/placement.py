@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import describe_epochs_to_reach, final, mean_curve
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
+from bnlab.experiments.analysis import Row, by_label, describe_epochs_to_reach, final, mean_curve
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 
 PLACEMENTS = {
@@ -36,7 +36,7 @@ def _intervals_overlap(a: list[float], b: list[float]) -> bool:
     return abs(ma - mb) <= (ha or 0.0) + (hb or 0.0)
 
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     from bnlab.plots import plot_mean_curves, plt, save_figure
 
     groups = by_label(rows)
@@ -57,7 +57,7 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
             *findings(groups), "", "![validation accuracy per epoch](val_acc_per_epoch.png)"]
 
 
-def findings(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
+def findings(groups: dict[str, list[Row]]) -> list[str]:
     finals = {label: [final(r) for r in g] for label, g in groups.items()}
     means = {label: mean_ci(v)[0] for label, v in finals.items()}
     ranked = sorted(means, key=means.get, reverse=True)

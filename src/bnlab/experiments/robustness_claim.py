@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import FAIL_ACCURACY, failed
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
+from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, failed
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 
 MODELS = {
@@ -70,7 +70,7 @@ def perturbation_curves(model, dataset, seed: int = 0) -> dict[str, list[tuple[f
                                 max_batches=PGD_BATCHES)}
 
 
-def measure(rows: list[dict[str, Any]], dataset) -> Measured:
+def measure(rows: list[Row], dataset) -> Measured:
     """Per variant, kind and size: the accuracy of each seed that trained (a failed run,
     diverged or at chance level, has no robustness to measure)."""
     from bnlab.runs import load_trained_model
@@ -79,8 +79,8 @@ def measure(rows: list[dict[str, Any]], dataset) -> Measured:
     for row in rows:
         if failed(row):
             continue
-        model, _ = load_trained_model(row["run_dir"])
-        cells = measured.setdefault(row["label"], {})
+        model, _ = load_trained_model(row.run_dir)
+        cells = measured.setdefault(row.label, {})
         for kind, curve in perturbation_curves(model, dataset).items():
             for size, acc in curve:
                 cells.setdefault(kind, {}).setdefault(size, []).append(acc)
@@ -122,7 +122,7 @@ def compare(measured: Measured, kind: str, label: str,
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     if dataset is None or not rows:
         return ["(no dataset or no finished runs: nothing to perturb)"]
     measured = measure(rows, dataset)
@@ -149,7 +149,7 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
     return sections
 
 
-def skipped(rows: list[dict[str, Any]]) -> list[str]:
+def skipped(rows: list[Row]) -> list[str]:
     """A line per variant with failed seeds."""
     return [f"- {label}: {sum(map(failed, g))}/{len(g)} seeds failed and are not measured."
             for label, g in by_label(rows).items() if any(map(failed, g))]

@@ -12,14 +12,17 @@ from bnlab import cli, data, runs
 from bnlab.experiments import EXPERIMENTS, get_experiment, runner
 from bnlab.experiments.analysis import (
     Row,
+    best_lr,
     describe_epochs_to_reach,
     epochs_to_reach,
     failed,
     mean_curve,
+    mean_final,
+    plot_intervals,
 )
 from bnlab.experiments.lr import training_lrs
 from bnlab.experiments.runner import QUICK, ExpSettings, execute, plan, resolve
-from bnlab.experiments.stats import mean_ci, t_quantile_975
+from bnlab.experiments.stats import ACCURACY, interval, mean_ci, t_quantile_975
 from bnlab.report import build_report
 from bnlab.train import start_run
 
@@ -155,3 +158,29 @@ def test_report_follows_the_given_order(tmp_path):
         (tmp_path / "exp" / name / "report.md").write_text(f"# {name}\n")
     _, gathered = build_report([tmp_path / "exp"], tmp_path / "r.md", order=("lr", "placement"))
     assert [p.parent.name for p in gathered] == ["lr", "placement", "zeta"]
+
+
+def test_accuracy_intervals_stay_inside_zero_and_one():
+    split = [0.1, 0.85, 0.86]  # seeds split between diverging (chance) and training
+    mean, half = mean_ci(split)
+    assert mean - half < 0 and mean + half > 1  # the raw 3-seed t interval leaves [0, 1]
+    assert interval(split, ACCURACY) == (mean, 0.0, 1.0)
+    assert interval(split) == (mean, mean - half, mean + half)
+    assert interval([0.5]) == (0.5, 0.5, 0.5)
+    from bnlab.plots import plt
+
+    fig, ax = plt.subplots()
+    plot_intervals(ax, {0.1: [0.8, 0.82, 0.81], 100.0: split})
+    (_, _, (whiskers,)) = ax.containers[0]
+    ys = [y for segment in whiskers.get_segments() for _, y in segment]
+    assert min(ys) == 0.0 and max(ys) == 1.0
+    plt.close(fig)
+
+
+def test_best_lr_by_a_criterion_ties_to_the_smaller_rate():
+    rows = [_row({"bn": True, "lr": 0.1}, 0.8), _row({"bn": True, "lr": 1.0}, 0.8),
+            _row({"bn": True, "lr": 3.0}, None, diverged=True), _row({"bn": False, "lr": 1.0}, 0.9)]
+    assert best_lr(rows, (0.1, 1.0, 3.0), bn=True) == 0.1
+    assert best_lr(rows, (0.1, 1.0, 3.0), lambda g: -mean_final(g), bn=True) == 3.0
+    assert best_lr(rows, (0.1, 1.0, 3.0), bn=False) == 1.0
+    assert best_lr(rows, (0.01,), bn=True) is None

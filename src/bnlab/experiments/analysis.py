@@ -1,20 +1,23 @@
-"""Reading results rows: the typed row, curves averaged over seeds, thresholds reached, failures.
+"""Reading results rows: the typed row, selections, failures, the best learning rate, curves
+averaged over seeds, thresholds reached, and intervals drawn.
 
 Why: every experiment asks the same small questions of its runs ("mean val acc per epoch",
-"when did it first reach 0.85?", "did it train at all?"). Answering them in one place keeps
-the definitions identical across reports.
+"when did it first reach 0.85?", "did it train at all?", "which rate is best?"). Answering
+them in one place keeps the definitions identical across reports. The interval math itself
+(Student-t over seeds, bounds, "intervals apart") is in ``stats``.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bnlab import runs
-from bnlab.experiments.stats import mean_ci
+from bnlab.experiments.stats import ACCURACY, bounded, interval, mean_ci
 
 CHANCE = 0.1
 FAIL_ACCURACY = 0.2
@@ -81,6 +84,30 @@ def final(row: Row, key: str = "final_val_acc") -> float:
     return CHANCE if row.diverged or value is None else value
 
 
+def finals(rows: list[Row], key: str = "final_val_acc") -> list[float]:
+    """``final(row, key)`` of every row."""
+    return [final(r, key) for r in rows]
+
+
+def mean_final(rows: list[Row], key: str = "final_val_acc") -> float:
+    """Mean over seeds of ``final(row, key)`` (nan without rows)."""
+    return mean_ci(finals(rows, key))[0]
+
+
+def trains(rows: list[Row]) -> bool:
+    """True when there are rows and none of them failed."""
+    return bool(rows) and not any(failed(r) for r in rows)
+
+
+def best_lr(rows: list[Row], lrs: Sequence[float], criterion: Callable[[list[Row]], float] = mean_final,
+            **tags: Any) -> float | None:
+    """Of the rates ``lrs`` that have rows matching ``tags``, the one whose rows score highest
+    by ``criterion`` (default: mean final validation accuracy, a diverged seed counting at
+    chance); ties go to the smaller rate; None when no rate has rows."""
+    scores = {lr: criterion(group) for lr in lrs if (group := select(rows, **tags, lr=lr))}
+    return max(sorted(scores), key=lambda lr: scores[lr], default=None)
+
+
 Curve = tuple[list[int], list[float], list[float]]  # epochs, means, CI half-widths
 
 
@@ -127,3 +154,39 @@ def train_val_gap(row: Row) -> float:
         return math.nan
     last = row.metrics[-1]
     return last["train_acc"] - last["val_acc"]
+
+
+# --------------------------------------------------------------------------- drawing intervals
+
+def plot_intervals(ax, points: dict[float, Sequence[float]],
+                   bounds: tuple[float, float] = ACCURACY, **kwargs: Any) -> None:
+    """Mean and 95% interval (``stats.interval``, intersected with ``bounds``) of each x's
+    values, as markers with whiskers on ``ax``; ``kwargs`` go to ``ax.errorbar``."""
+    xs = list(points)
+    stats = [interval(points[x], bounds) for x in xs]
+    means = [m for m, _, _ in stats]
+    yerr = [[m - low for m, low, _ in stats], [high - m for m, _, high in stats]]
+    ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, **kwargs)
+
+
+def plot_mean_curves(curves: dict[str, Curve], ax, ylabel: str, cmap: str | None = None,
+                     bounds: tuple[float, float] = ACCURACY) -> None:
+    """Mean curves with 95% CI bands on ``ax``, each band in its line's color; the bands are
+    intersected with ``bounds`` (an accuracy's [0, 1] by default), and so is the y axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    from bnlab.plots import plt
+
+    colors = plt.get_cmap(cmap)(range(0, 256, max(1, 256 // max(1, len(curves))))) if cmap else None
+    for i, (label, (xs, means, halves)) in enumerate(curves.items()):
+        (line,) = ax.plot(xs, means, marker="o", markersize=3, label=label,
+                          color=colors[i] if colors is not None else None)
+        bands = [bounded(m, h, bounds) for m, h in zip(means, halves)]
+        ax.fill_between(xs, [low for low, _ in bands], [high for _, high in bands], alpha=0.12,
+                        color=line.get_color(), linewidth=0)
+    if all(map(math.isfinite, bounds)):
+        ax.set_ylim(*bounds)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)

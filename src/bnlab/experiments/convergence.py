@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, Row, final
+from bnlab.experiments import analysis
+from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, Row, finals, mean_final, select
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
-from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.experiments.stats import format_mean_ci
 
 LEARNING_RATES = {False: (0.3, 1.0, 3.0), True: (0.1, 0.3, 1.0, 3.0)}
 MODELS = {False: ("LeNet", {"model": "lenet", "norm": "none"}),
@@ -121,14 +122,9 @@ def mean_progress(rows: list[Row], n_images: int | None = None) -> list[Point]:
 
 
 def best_lr(rows: list[Row], bn: bool) -> float | None:
-    """The rate with the highest mean final validation accuracy (ties: the smaller rate)."""
-    means = {lr: mean_ci([final(r) for r in group])[0] for lr in LEARNING_RATES[bn]
-             if (group := _group(rows, bn, lr))}
-    return max(sorted(means), key=lambda lr: means[lr], default=None)
-
-
-def _group(rows: list[Row], bn: bool, lr: float) -> list[Row]:
-    return [r for r in rows if r.tags["bn"] == bn and r.tags["lr"] == lr]
+    """The rate with the highest mean final validation accuracy (``analysis.best_lr``; ties:
+    the smaller rate)."""
+    return analysis.best_lr(rows, LEARNING_RATES[bn], bn=bn)
 
 
 def reach_stats(rows: list[Row], threshold: float,
@@ -158,13 +154,13 @@ def ioffe_comparison(rows: list[Row], n_images: int | None = None) -> dict[str, 
     base_lr = best_lr(rows, False)
     if base_lr is None:
         return None
-    base = mean_progress(_group(rows, False, base_lr), n_images)
+    base = mean_progress(select(rows, bn=False, lr=base_lr), n_images)
     if not base:
         return None
     target_step, _, target = max(base, key=lambda p: (p[2], -p[0]))
     per_lr = {}
     for lr in LEARNING_RATES[True]:
-        group = _group(rows, True, lr)
+        group = select(rows, bn=True, lr=lr)
         if group:
             hit = steps_to_reach(mean_progress(group, n_images), target)
             per_lr[lr] = None if hit is None else hit[0]
@@ -180,9 +176,9 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     table_rows = []
     for bn in (False, True):
         for lr in LEARNING_RATES[bn]:
-            group = _group(rows, bn, lr)
+            group = select(rows, bn=bn, lr=lr)
             if group:
-                table_rows.append([MODELS[bn][0], f"{lr:g}", format_mean_ci([final(r) for r in group]),
+                table_rows.append([MODELS[bn][0], f"{lr:g}", format_mean_ci(finals(group)),
                                    *[describe_reach(reach_stats(group, t, n_images))
                                      for t in THRESHOLDS]])
     return ["## Steps to a validation accuracy, by learning rate", "",
@@ -198,12 +194,12 @@ def findings(rows: list[Row], n_images: int | None = None) -> list[str]:
     best = {bn: best_lr(rows, bn) for bn in (False, True)}
     for bn in (False, True):
         if best[bn] is not None:
-            group = _group(rows, bn, best[bn])
+            group = select(rows, bn=bn, lr=best[bn])
             lines.append(f"- Best learning rate, {MODELS[bn][0]}: **{best[bn]:g}** (mean final val "
-                         f"acc {mean_ci([final(r) for r in group])[0]:.4f}).")
+                         f"acc {mean_final(group):.4f}).")
     if best[False] is None or best[True] is None:
         return lines
-    base_group, bn_group = _group(rows, False, best[False]), _group(rows, True, best[True])
+    base_group, bn_group = select(rows, bn=False, lr=best[False]), select(rows, bn=True, lr=best[True])
     for threshold in THRESHOLDS:
         b, n = reach_stats(base_group, threshold, n_images), reach_stats(bn_group, threshold, n_images)
         b_all, n_all = b["reached"] == b["seeds"], n["reached"] == n["seeds"]
@@ -255,7 +251,7 @@ def plot_best_curves(rows: list[Row], out: Path, n_images: int | None) -> None:
         lr = best_lr(rows, bn)
         if lr is None:
             continue
-        curve = mean_progress(_group(rows, bn, lr), n_images)
+        curve = mean_progress(select(rows, bn=bn, lr=lr), n_images)
         name = f"{MODELS[bn][0]} (lr {lr:g})"
         axes[0].plot([p[0] for p in curve], [p[2] for p in curve], marker=".", label=name)
         axes[1].plot([p[1] for p in curve], [p[2] for p in curve], marker=".", label=name)

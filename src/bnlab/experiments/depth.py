@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import FAIL_ACCURACY, Row, failed, final, select
+from bnlab.experiments import analysis
+from bnlab.experiments.analysis import FAIL_ACCURACY, Row, finals, plot_intervals, select, trains
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
-from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.experiments.stats import format_mean_ci
 
 DEPTHS = (5, 10, 20, 50, 110)
 ACTIVATIONS = ("sigmoid", "relu")
@@ -66,11 +67,10 @@ def variants(settings: ExpSettings) -> list[Variant]:
 # --------------------------------------------------------------------------- definitions
 
 def best_lr(rows: list[Row], activation: str, norm: str, depth: int) -> float | None:
-    """The rate with the highest mean final validation accuracy (diverged seeds count at
-    chance; ties go to the smaller rate); None when the grid has no run of that family."""
-    means = {lr: mean_ci([final(r) for r in group])[0] for lr in LEARNING_RATES
-             if (group := select(rows, activation=activation, norm=norm, depth=depth, lr=lr))}
-    return max(sorted(means), key=lambda lr: means[lr], default=None)
+    """The rate with the highest mean final validation accuracy (``analysis.best_lr``: diverged
+    seeds count at chance; ties go to the smaller rate); None when the grid has no run of
+    that family."""
+    return analysis.best_lr(rows, LEARNING_RATES, activation=activation, norm=norm, depth=depth)
 
 
 def trains_at(rows: list[Row], activation: str, norm: str, depth: int) -> bool | None:
@@ -79,7 +79,7 @@ def trains_at(rows: list[Row], activation: str, norm: str, depth: int) -> bool |
               if (g := select(rows, activation=activation, norm=norm, depth=depth, lr=lr))]
     if not groups:
         return None
-    return any(not any(failed(r) for r in g) for g in groups)
+    return any(trains(g) for g in groups)
 
 
 def deepest_training(rows: list[Row], activation: str, norm: str) -> int | None:
@@ -185,17 +185,9 @@ def plot_accuracy_vs_depth(rows: list[Row], path: Path) -> None:
     fig, axes = plt.subplots(1, len(ACTIVATIONS), figsize=(12, 4), sharey=True, squeeze=False)
     for ax, act in zip(axes[0], ACTIVATIONS):
         for norm, name in NORMS.items():
-            xs, means, halves = [], [], []
-            for depth in DEPTHS:
-                lr = best_lr(rows, act, norm, depth)
-                if lr is None:
-                    continue
-                mean, half = mean_ci([final(r) for r in select(
-                    rows, activation=act, norm=norm, depth=depth, lr=lr)])
-                xs.append(depth)
-                means.append(mean)
-                halves.append(half or 0.0)
-            ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=name)
+            at_best = {depth: finals(select(rows, activation=act, norm=norm, depth=depth, lr=lr))
+                       for depth in DEPTHS if (lr := best_lr(rows, act, norm, depth)) is not None}
+            plot_intervals(ax, at_best, label=name)
         ax.axhline(FAIL_ACCURACY, color="crimson", lw=0.8, ls="--", label="fails at or below")
         ax.set_xscale("log")
         ax.set_xticks(DEPTHS, [str(d) for d in DEPTHS])
@@ -223,7 +215,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
                     continue
                 group = select(rows, activation=act, norm=norm, depth=depth, lr=lr)
                 verdict = "" if trains_at(rows, act, norm, depth) else " FAILS"
-                cells.append(f"{format_mean_ci([final(r) for r in group])} (lr {lr:g}){verdict}")
+                cells.append(f"{format_mean_ci(finals(group))} (lr {lr:g}){verdict}")
             table_rows.append(cells)
     sections = ["## Final validation accuracy by depth", "",
                 format_table(headers, table_rows), "",

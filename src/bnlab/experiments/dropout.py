@@ -8,14 +8,21 @@ train-mode vs eval-mode behaviour of the finished models on the same images.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, final, mean_curve, train_val_gap
+from bnlab.experiments.analysis import (
+    FAIL_ACCURACY,
+    Row,
+    by_label,
+    finals,
+    mean_curve,
+    mean_final,
+    plot_mean_curves,
+    train_val_gap,
+)
+from bnlab.experiments.measure import accuracy_in_mode
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 
@@ -36,20 +43,6 @@ def variants(settings: ExpSettings) -> list[Variant]:
                                            "dropout_order": "before"},
                 {"bn": True, "dropout": p, "order": "before"}),
     ]
-
-
-@torch.no_grad()
-def accuracy_in_mode(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                     training: bool, seed: int = 0, batch_size: int = 1000) -> float:
-    """Accuracy of a copy of ``model`` in train or eval mode (the model and its BN buffers
-    are untouched; dropout masks are seeded)."""
-    probe = copy.deepcopy(model).train(training)
-    torch.manual_seed(seed)
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        x = images[start:start + batch_size].unsqueeze(1).float().div(255)  # (B, 1, 28, 28)
-        correct += (probe(x).argmax(dim=1) == labels[start:start + batch_size]).sum().item()
-    return correct / len(labels)
 
 
 def mode_table(groups: dict[str, list[Row]], dataset) -> tuple[str, dict[str, dict]]:
@@ -83,7 +76,7 @@ def mode_table(groups: dict[str, list[Row]], dataset) -> tuple[str, dict[str, di
 
 
 def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
-    from bnlab.plots import plot_mean_curves, plt, save_figure
+    from bnlab.plots import plt, save_figure
 
     groups = by_label(rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -96,8 +89,8 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
 
     table = format_table(["variant", "final val acc", "final train acc (train mode)",
                           "train − val gap"], [
-        [label, format_mean_ci([final(r) for r in g]),
-         format_mean_ci([final(r, "final_train_acc") for r in g]),
+        [label, format_mean_ci(finals(g)),
+         format_mean_ci(finals(g, "final_train_acc")),
          format_mean_ci([train_val_gap(r) for r in g])] for label, g in groups.items()])
     sections = ["## Accuracy and regularization", "", table, "",
                 "The training accuracy here is measured while training (train mode, averaged "
@@ -121,7 +114,7 @@ def findings(groups: dict[str, list[Row]], measured: dict[str, dict]) -> list[st
     lowers train-mode accuracy, so a gap against training-time accuracy understates
     overfitting); otherwise from the training-time accuracy.
     """
-    finals = {label: mean_ci([final(r) for r in g])[0] for label, g in groups.items()}
+    means = {label: mean_final(g) for label, g in groups.items()}
     if measured:
         gaps = {label: mean_ci([a - b for a, b in zip(c["train_eval"], c["val_eval"])])[0]
                 for label, c in measured.items() if c["val_eval"]}
@@ -129,17 +122,17 @@ def findings(groups: dict[str, list[Row]], measured: dict[str, dict]) -> list[st
     else:
         gaps = {label: mean_ci([train_val_gap(r) for r in g])[0] for label, g in groups.items()}
         gap_kind = "train − val gap (training-time train accuracy)"
-    best = max(finals, key=finals.get)
-    lines = [f"- Highest final validation accuracy: {best} ({finals[best]:.4f}).",
-             "- Final validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in finals.items())
+    best = max(means, key=means.get)
+    lines = [f"- Highest final validation accuracy: {best} ({means[best]:.4f}).",
+             "- Final validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
              + "."]
-    trained = {k: v for k, v in gaps.items() if finals[k] > FAIL_ACCURACY}
+    trained = {k: v for k, v in gaps.items() if means[k] > FAIL_ACCURACY}
     if trained:
         smallest = min(trained, key=lambda k: abs(trained[k]))
         lines.append(f"- Smallest {gap_kind} among the runs that trained: {smallest} "
                      f"({100 * trained[smallest]:+.2f} points); " + ", ".join(
                          f"{k} {100 * v:+.2f}" for k, v in trained.items()) + ".")
-    failed_variants = [k for k, v in finals.items() if v <= FAIL_ACCURACY]
+    failed_variants = [k for k, v in means.items() if v <= FAIL_ACCURACY]
     if failed_variants:
         lines.append(f"- Did not train (final accuracy at most {FAIL_ACCURACY}): "
                      + ", ".join(failed_variants) + ".")

@@ -13,9 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, failed, final, mean_curve
+from bnlab.experiments.analysis import (
+    FAIL_ACCURACY,
+    Row,
+    by_label,
+    failed,
+    final,
+    finals,
+    mean_curve,
+    plot_intervals,
+    plot_mean_curves,
+    select,
+    trains,
+)
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
-from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.experiments.stats import format_mean_ci
 
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 MODELS = {False: ("LeNet", {"model": "lenet", "norm": "none"}),
@@ -29,13 +41,11 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 def training_lrs(rows: list[Row], bn: bool) -> list[float]:
     """The grid's rates at which no seed failed, ascending."""
-    return [lr for lr in LEARNING_RATES
-            if (group := [r for r in rows if r.tags == {"bn": bn, "lr": lr}])
-            and not any(failed(r) for r in group)]
+    return [lr for lr in LEARNING_RATES if trains(select(rows, bn=bn, lr=lr))]
 
 
 def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
-    from bnlab.plots import plot_mean_curves, plt, save_figure
+    from bnlab.plots import plt, save_figure
 
     groups = by_label(rows)
     # Validation accuracy per epoch, one line per learning rate, one panel per model.
@@ -48,18 +58,11 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
         ax.legend(fontsize=7, ncol=2)
     save_figure(fig, out / "val_acc_per_epoch.png")
 
-    # Final validation accuracy against learning rate.
+    # Final validation accuracy against learning rate (intervals held to [0, 1]).
     fig, ax = plt.subplots(figsize=(6, 4))
     for bn in (False, True):
-        lrs, means, halves = [], [], []
-        for lr in LEARNING_RATES:
-            group = groups.get(f"{MODELS[bn][0]} lr={lr:g}", [])
-            if group:
-                mean, half = mean_ci([final(r) for r in group])
-                lrs.append(lr)
-                means.append(mean)
-                halves.append(half or 0.0)
-        ax.errorbar(lrs, means, yerr=halves, marker="o", capsize=3, label=MODELS[bn][0])
+        plot_intervals(ax, {lr: finals(group) for lr in LEARNING_RATES
+                            if (group := select(rows, bn=bn, lr=lr))}, label=MODELS[bn][0])
     ax.axhline(FAIL_ACCURACY, color="crimson", lw=0.8, ls="--", label="fails at or below")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
@@ -72,9 +75,9 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     for lr in LEARNING_RATES:
         cells = [f"{lr:g}"]
         for bn in (False, True):
-            group = groups.get(f"{MODELS[bn][0]} lr={lr:g}", [])
+            group = select(rows, bn=bn, lr=lr)
             fails = sum(failed(r) for r in group)
-            cells += [format_mean_ci([final(r) for r in group]), f"{fails}/{len(group)}"]
+            cells += [format_mean_ci(finals(group)), f"{fails}/{len(group)}"]
         table_rows.append(cells)
     table = format_table(["lr", "LeNet final val acc", "LeNet failed", "BN-LeNet final val acc",
                           "BN-LeNet failed"], table_rows)

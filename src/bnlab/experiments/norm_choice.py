@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import Row, failed, final
+from bnlab.experiments.analysis import Row, failed, finals, mean_final, plot_intervals, select
+from bnlab.experiments.measure import accuracy_in_mode
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
-from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.experiments.stats import UNBOUNDED, format_mean_ci, mean_ci
 
 NORMS = {"bnlab": "BN", "layer": "LayerNorm", "group": "GroupNorm", "instance": "InstanceNorm",
          "none": "none"}
@@ -60,14 +61,9 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 # --------------------------------------------------------------------------- definitions
 
-def select(rows: list[Row], norm: str, batch_size: int) -> list[Row]:
-    return [r for r in rows if r.tags["norm"] == norm and r.tags["batch_size"] == batch_size]
-
-
 def mode_accuracies(row: Row, dataset) -> dict[str, float] | None:
     """Test accuracy of a finished run's model in eval mode and in train mode (batches of
     the training batch size); None for a diverged run."""
-    from bnlab.experiments.dropout import accuracy_in_mode
     from bnlab.runs import load_trained_model
 
     if row.diverged:
@@ -106,7 +102,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     plot(rows, measured, out / "norms_by_batch_size.png")
 
     headers = ["norm", *[f"bs {bs} (lr {lr_for(bs):.4g})" for bs in BATCH_SIZES]]
-    acc_rows = [[name, *[_cell(select(rows, norm, bs)) for bs in BATCH_SIZES]]
+    acc_rows = [[name, *[_cell(select(rows, norm=norm, batch_size=bs)) for bs in BATCH_SIZES]]
                 for norm, name in NORMS.items()]
     sections = ["## Final validation accuracy (eval mode) by batch size", "",
                 format_table(headers, acc_rows), "",
@@ -127,7 +123,7 @@ def _cell(group: list[Row]) -> str:
     if not group:
         return "-"
     fails = sum(failed(r) for r in group)
-    text = format_mean_ci([final(r) for r in group])
+    text = format_mean_ci(finals(group))
     return text + (f" (failed {fails}/{len(group)})" if fails else "")
 
 
@@ -140,8 +136,8 @@ def _gap_cell(values: list[dict[str, float]]) -> str:
 
 
 def findings(rows: list[Row], gaps: dict[tuple[str, int], float]) -> list[str]:
-    means = {(n, bs): mean_ci([final(r) for r in g])[0]
-             for n in NORMS for bs in BATCH_SIZES if (g := select(rows, n, bs))}
+    means = {(n, bs): mean_final(g)
+             for n in NORMS for bs in BATCH_SIZES if (g := select(rows, norm=n, batch_size=bs))}
     lines = []
     for bs in BATCH_SIZES:
         at = {n: v for (n, b), v in means.items() if b == bs}
@@ -179,24 +175,11 @@ def plot(rows: list[Row], measured: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for norm, name in NORMS.items():
-        xs, means, halves = [], [], []
-        for bs in BATCH_SIZES:
-            group = select(rows, norm, bs)
-            if group:
-                mean, half = mean_ci([final(r) for r in group])
-                xs.append(bs)
-                means.append(mean)
-                halves.append(half or 0.0)
-        axes[0].errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=name)
-        gap_xs, gap_means, gap_halves = [], [], []
-        for bs in BATCH_SIZES:
-            values = measured.get((norm, bs), [])
-            if values:
-                mean, half = mean_ci([100 * (v["train"] - v["eval"]) for v in values])
-                gap_xs.append(bs)
-                gap_means.append(mean)
-                gap_halves.append(half or 0.0)
-        axes[1].errorbar(gap_xs, gap_means, yerr=gap_halves, marker="o", capsize=3, label=name)
+        plot_intervals(axes[0], {bs: finals(group) for bs in BATCH_SIZES
+                                 if (group := select(rows, norm=norm, batch_size=bs))}, label=name)
+        plot_intervals(axes[1], {bs: [100 * (v["train"] - v["eval"]) for v in values]
+                                 for bs in BATCH_SIZES if (values := measured.get((norm, bs)))},
+                       UNBOUNDED, label=name)
     axes[0].set_ylabel("final val acc (eval mode)")
     axes[1].set_ylabel("train mode − eval mode (points)")
     axes[1].axhline(0.0, color="gray", lw=0.8)

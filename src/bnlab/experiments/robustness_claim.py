@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, failed
+from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, failed, plot_intervals
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
-from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.experiments.stats import ACCURACY, format_mean_ci, intervals_apart, mean_ci
 
 MODELS = {
     "BN (lr 0.1)": ({"model": "bn-lenet", "norm": "bnlab", "lr": 0.1}, True),
@@ -94,14 +94,6 @@ def relative(per_size: dict[float, list[float]]) -> dict[float, list[float]]:
             for size, values in per_size.items()}
 
 
-def separated(a: list[float], b: list[float]) -> bool:
-    """True when the two 95% intervals do not overlap (never with a single seed each)."""
-    (ma, ha), (mb, hb) = mean_ci(a), mean_ci(b)
-    if ha is None or hb is None:
-        return False
-    return abs(ma - mb) > ha + hb
-
-
 def compare(measured: Measured, kind: str, label: str,
             baseline: str = BASELINE) -> list[dict[str, Any]]:
     """Per nonzero size: mean accuracy and relative accuracy of ``label`` and ``baseline``."""
@@ -115,8 +107,8 @@ def compare(measured: Measured, kind: str, label: str,
             continue
         out.append({"size": size, "acc": mean_ci(mine[size])[0], "base_acc": mean_ci(theirs[size])[0],
                     "rel": mean_ci(rel_mine[size])[0], "base_rel": mean_ci(rel_theirs[size])[0],
-                    "apart": separated(mine[size], theirs[size]),
-                    "rel_apart": separated(rel_mine[size], rel_theirs[size])})
+                    "apart": intervals_apart(mine[size], theirs[size]),
+                    "rel_apart": intervals_apart(rel_mine[size], rel_theirs[size])})
     return out
 
 
@@ -197,11 +189,11 @@ def plot(measured: Measured, path: Path) -> None:
     for col, kind in enumerate(SIZES):
         for label, cells in measured.items():
             per_size = cells.get(kind, {})
-            for row, values in enumerate((per_size, relative(per_size))):
-                xs = sorted(values)
-                stats = [mean_ci(values[x]) for x in xs]
-                axes[row][col].errorbar(xs, [m for m, _ in stats], yerr=[h or 0.0 for _, h in stats],
-                                        marker="o", capsize=3, label=label)
+            relative_bounds = (0.0, math.inf)  # a fraction of clean accuracy: >= 0, may pass 1
+            for row, (values, bounds) in enumerate(((per_size, ACCURACY),
+                                                    (relative(per_size), relative_bounds))):
+                plot_intervals(axes[row][col], {x: values[x] for x in sorted(values)}, bounds,
+                               label=label)
         axes[0][col].set_title(KIND_NAMES[kind])
         axes[0][col].set_ylabel("test accuracy")
         axes[1][col].set_ylabel("accuracy / clean accuracy")

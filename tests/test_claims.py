@@ -87,7 +87,7 @@ def test_depth_gradient_profiles_measure_init_and_trained_models(synthetic_fashi
     assert all(v > 0 for v in profile["init"] + profile["trained"])
     assert profile["init"] != profile["trained"]
     assert depth._steps(row) == 8  # 1000 images, batch 128, one epoch
-    assert checkpoint.read_bytes() == before  # measuring does not write the run folder
+    assert checkpoint.read_bytes() == before  # measuring leaves the trained model as it was
 
 
 # --------------------------------------------------------------------------- convergence

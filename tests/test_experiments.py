@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from bnlab import cli, data, runs
-from bnlab.experiments import EXPERIMENTS, get_experiment, runner
+from bnlab.experiments import (
+    EXPERIMENTS,
+    depth,
+    dropout,
+    get_experiment,
+    norm_choice,
+    robustness_claim,
+    runner,
+)
 from bnlab.experiments.analysis import (
     Row,
     best_lr,
@@ -63,6 +72,87 @@ def test_a_second_invocation_trains_nothing(fake_dataset, tmp_path, monkeypatch,
     monkeypatch.setattr(runner, "run_training", must_not_train)
     assert cli.main(argv) == 0
     assert (tmp_path / "placement" / "summary.md").read_text() == first
+
+
+# Experiments that measure finished models: grid constants that shrink their --quick grids,
+# and flags (robustness measures only runs past chance, which one epoch here is not).
+SMALL_GRIDS = {"robustness": ({}, ["--epochs", "2"]), "dropout": ({}, []),
+               "depth": ({"DEPTHS": (5,), "LEARNING_RATES": (0.1,)}, []),
+               "norms": ({"BATCH_SIZES": (8, 128)}, [])}
+
+
+def _count_measurements(monkeypatch) -> list[str]:
+    """Make training fail, and record every model reload and gradient measurement."""
+    from bnlab import gradients
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(runner, "run_training", must_not_train)
+    calls: list[str] = []
+    for module, name in ((runs, "load_trained_model"), (gradients, "layer_gradient_norms")):
+        original = getattr(module, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_GRIDS))
+def test_a_finished_grid_is_reanalysed_from_the_run_folders(name, fake_dataset, tmp_path,
+                                                            monkeypatch, capsys):
+    module = {"robustness": robustness_claim, "dropout": dropout, "depth": depth,
+              "norms": norm_choice}[name]
+    constants, flags = SMALL_GRIDS[name]
+    for constant, value in constants.items():
+        monkeypatch.setattr(module, constant, value)
+    argv = ["exp", name, "--quick", *flags, "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    first = (tmp_path / name / "report.md").read_text()
+    assert list(tmp_path.glob("runs/*/analysis/*.json"))  # measurements were cached
+    calls = _count_measurements(monkeypatch)
+    assert cli.main(argv) == 0
+    assert calls == []  # nothing trained, reloaded or measured again
+    assert (tmp_path / name / "report.md").read_text() == first
+
+
+def test_a_changed_measurement_setting_recomputes(fake_dataset, tmp_path, monkeypatch, capsys):
+    argv = ["exp", "robustness", "--quick", "--epochs", "2", "--out", str(tmp_path),
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in
+            (tmp_path / "robustness" / "results.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if not failed(Row(**r))]
+    assert trained
+    calls = _count_measurements(monkeypatch)
+    monkeypatch.setattr(robustness_claim, "PGD_STEPS", 3)
+    assert cli.main(argv) == 0
+    assert calls == ["load_trained_model"] * len(trained)  # every measured run, once
+    for r in trained:
+        stored = json.loads((Path(r["run_dir"]) / runs.ANALYSIS / "robustness.json").read_text())
+        assert stored["key"]["pgd_steps"] == 3
+
+
+def test_cached_computes_once_per_key(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"acc": [0.5, math.nan], "size": (0.1,)}
+
+    first = runs.cached(tmp_path, "m", {"setting": 1}, compute)
+    again = runs.cached(tmp_path, "m", {"setting": 1}, compute)
+    assert len(calls) == 1 and first["size"] == again["size"] == [0.1]  # as JSON gives it back
+    assert math.isnan(again["acc"][1])
+    runs.cached(tmp_path, "m", {"setting": 2}, compute)
+    assert len(calls) == 2
+    runs.cached(tmp_path, "m", {"setting": 2}, compute)
+    runs.cached(tmp_path, "other", {"setting": 2}, compute)
+    assert len(calls) == 3
+    assert not list(tmp_path.glob("**/*.tmp"))
 
 
 def test_runs_shared_between_experiments_train_once(fake_dataset, tmp_path, capsys):

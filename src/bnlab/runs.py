@@ -13,12 +13,14 @@ killed run leaves the previous epoch's state, never a torn file.
       summary.json     final/best val acc, seconds per epoch, diverged (written at the end)
       checkpoint.pt    model, optimizer, history and RNG state after the last finished epoch
       curves.png       train loss, val loss and val acc against epoch
+      analysis/<name>.json   a measurement of the finished model (``cached``), with its key
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ EVALS = "evals.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 CURVES = "curves.png"
+ANALYSIS = "analysis"
 
 
 class RunFolderError(BnlabError):
@@ -128,3 +131,23 @@ def load_trained_model(run_dir: str | Path) -> tuple[nn.Module, Any]:
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), config
+
+
+def cached(run_dir: str | Path, name: str, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """``compute()`` for a finished run, computed once per ``key`` and kept in the run folder.
+
+    The value is stored with its key in ``analysis/<name>.json`` (atomically). A stored
+    value whose key differs from ``key`` (a changed setting, other images, a new version of
+    the measurement) is recomputed and replaced. ``key`` and the value must be JSON (floats
+    may be NaN); the value returned has been through JSON either way, so a first and a
+    cached analysis see exactly the same numbers.
+    """
+    path = Path(run_dir) / ANALYSIS / f"{name}.json"
+    key = json.loads(json.dumps(key))
+    if path.exists():
+        stored = read_json(path)
+        if stored["key"] == key:
+            return stored["value"]
+    value = json.loads(json.dumps(compute()))
+    atomic_write_json(path, {"key": key, "value": value})
+    return value

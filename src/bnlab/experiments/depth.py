@@ -34,12 +34,15 @@ grows about linearly with depth, so the grid takes about 20-25 minutes.
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bnlab import runs
 from bnlab.bench.timing import format_table
 from bnlab.experiments import analysis
 from bnlab.experiments.analysis import FAIL_ACCURACY, Row, finals, plot_intervals, select, trains
+from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci
 
@@ -105,17 +108,11 @@ def first_last_ratio(norms: list[float]) -> float:
 def gradient_profiles(rows: list[Row], dataset) -> dict[tuple, dict[str, Any]]:
     """Per (activation, norm, depth): per-layer gradient norms of seed 0 at initialization
     and after training at the family's best rate, with the run's step count."""
-    import torch
-
-    from bnlab.config import config_from_dict
     from bnlab.data import stratified_subset
-    from bnlab.gradients import layer_gradient_norms
-    from bnlab.runs import load_trained_model
-    from bnlab.train import TrainConfig, model_for
 
     images, labels = stratified_subset(dataset.train_images, dataset.train_labels,
                                        min(GRADIENT_BATCH, len(dataset.train_labels)))
-    x = images.unsqueeze(1).float().div(255)  # (256, 1, 28, 28)
+    key = {"version": 1, "batch": GRADIENT_BATCH, "data": fingerprint(images, labels)}
     profiles: dict[tuple, dict[str, Any]] = {}
     for act in ACTIVATIONS:
         for norm in NORMS:
@@ -125,17 +122,30 @@ def gradient_profiles(rows: list[Row], dataset) -> dict[tuple, dict[str, Any]]:
                     continue
                 group = select(rows, activation=act, norm=norm, depth=depth, lr=lr)
                 row = min(group, key=lambda r: r.seed)
-                config = config_from_dict(TrainConfig, row.config)
-                torch.manual_seed(config.seed)
-                init = [v for _, v in layer_gradient_norms(model_for(config, "cpu").train(),
-                                                           x, labels)]
-                trained = None
-                if not row.diverged:
-                    model, _ = load_trained_model(row.run_dir)
-                    trained = [v for _, v in layer_gradient_norms(model.train(), x, labels)]
-                profiles[(act, norm, depth)] = {"lr": lr, "seed": row.seed, "init": init,
-                                                "trained": trained, "row": row}
+                norms = runs.cached(row.run_dir, "gradient_profile", key,
+                                    partial(gradient_profile, row, images, labels))
+                profiles[(act, norm, depth)] = {"lr": lr, "seed": row.seed, **norms, "row": row}
     return profiles
+
+
+def gradient_profile(row: Row, images, labels) -> dict[str, list[float] | None]:
+    """||dL/dW|| per weight layer, in depth order, of the run's model at initialization and
+    after training (None when the run diverged), on one batch in train mode."""
+    import torch
+
+    from bnlab.config import config_from_dict
+    from bnlab.gradients import layer_gradient_norms
+    from bnlab.train import TrainConfig, model_for
+
+    x = images.unsqueeze(1).float().div(255)  # (256, 1, 28, 28)
+    config = config_from_dict(TrainConfig, row.config)
+    torch.manual_seed(config.seed)
+    init = [v for _, v in layer_gradient_norms(model_for(config, "cpu").train(), x, labels)]
+    trained = None
+    if not row.diverged:
+        model, _ = runs.load_trained_model(row.run_dir)
+        trained = [v for _, v in layer_gradient_norms(model.train(), x, labels)]
+    return {"init": init, "trained": trained}
 
 
 def _steps(row: Row) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bnlab import runs
 from bnlab.bench.timing import format_table
 from bnlab.experiments.analysis import (
     FAIL_ACCURACY,
@@ -22,7 +23,7 @@ from bnlab.experiments.analysis import (
     plot_mean_curves,
     train_val_gap,
 )
-from bnlab.experiments.measure import accuracy_in_mode
+from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 
@@ -45,24 +46,34 @@ def variants(settings: ExpSettings) -> list[Variant]:
     ]
 
 
-def mode_table(groups: dict[str, list[Row]], dataset) -> tuple[str, dict[str, dict]]:
-    """Per variant: accuracy on training and test images in eval mode and in train mode."""
-    from bnlab.runs import load_trained_model
-
+def mode_accuracies(row: Row, dataset) -> dict[str, float]:
+    """A finished run's accuracy on the first ``MODE_EVAL_IMAGES`` training images in eval
+    mode and on the test set in eval and in train mode; cached in the run folder."""
     train_x = dataset.train_images[:MODE_EVAL_IMAGES]
     train_y = dataset.train_labels[:MODE_EVAL_IMAGES]
+    test_x, test_y = dataset.test_images, dataset.test_labels
+    key = {"version": 1, "batch_size": 1000, "seed": 0,
+           "data": fingerprint(train_x, train_y, test_x, test_y)}
+
+    def compute() -> dict[str, float]:
+        model, _ = runs.load_trained_model(row.run_dir)
+        return {"train_eval": accuracy_in_mode(model, train_x, train_y, False),
+                "val_eval": accuracy_in_mode(model, test_x, test_y, False),
+                "val_train": accuracy_in_mode(model, test_x, test_y, True)}
+
+    return runs.cached(row.run_dir, "dropout_modes", key, compute)
+
+
+def mode_table(groups: dict[str, list[Row]], dataset) -> tuple[str, dict[str, dict]]:
+    """Per variant: accuracy on training and test images in eval mode and in train mode."""
     measured: dict[str, dict[str, list[float]]] = {}
     for label, group in groups.items():
         cells = measured.setdefault(label, {"train_eval": [], "val_eval": [], "val_train": []})
         for row in group:
             if row.diverged:
                 continue
-            model, _ = load_trained_model(row.run_dir)
-            cells["train_eval"].append(accuracy_in_mode(model, train_x, train_y, False))
-            cells["val_eval"].append(accuracy_in_mode(model, dataset.test_images,
-                                                      dataset.test_labels, False))
-            cells["val_train"].append(accuracy_in_mode(model, dataset.test_images,
-                                                       dataset.test_labels, True))
+            for name, acc in mode_accuracies(row, dataset).items():
+                cells[name].append(acc)
     rows = []
     for label, cells in measured.items():
         gaps = [a - b for a, b in zip(cells["train_eval"], cells["val_eval"])]

@@ -2,14 +2,27 @@
 
 Why: several experiments evaluate a finished model again, in a mode or on images that
 training did not use; one definition of "accuracy in train or eval mode" keeps those
-numbers comparable between experiments.
+numbers comparable between experiments. Such measurements are expensive (a model reload,
+attacks, gradients), so experiments keep each one in its run folder with ``runs.cached``,
+keyed by the measurement's settings and the :func:`fingerprint` of the images it used.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import torch
+
+
+def fingerprint(*tensors: torch.Tensor) -> str:
+    """A short SHA-256 of the tensors' shapes, dtypes and contents: which images (and labels)
+    a measurement was made on, for its cache key."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(f"{tuple(t.shape)} {t.dtype};".encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()

@@ -33,9 +33,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bnlab import runs
 from bnlab.bench.timing import format_table
 from bnlab.experiments.analysis import Row, failed, finals, mean_final, plot_intervals, select
-from bnlab.experiments.measure import accuracy_in_mode
+from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import UNBOUNDED, format_mean_ci, mean_ci
 
@@ -63,17 +64,21 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 def mode_accuracies(row: Row, dataset) -> dict[str, float] | None:
     """Test accuracy of a finished run's model in eval mode and in train mode (batches of
-    the training batch size); None for a diverged run."""
-    from bnlab.runs import load_trained_model
-
+    the training batch size); None for a diverged run. Cached in the run folder."""
     if row.diverged:
         return None
-    model, config = load_trained_model(row.run_dir)
     images, labels = dataset.test_images, dataset.test_labels
-    if len(labels) % config.batch_size == 1:  # BN cannot normalize a batch of one
-        images, labels = images[:-1], labels[:-1]
-    return {"eval": accuracy_in_mode(model, images, labels, False, batch_size=EVAL_BATCH),
-            "train": accuracy_in_mode(model, images, labels, True, batch_size=config.batch_size)}
+    key = {"version": 1, "eval_batch": EVAL_BATCH, "data": fingerprint(images, labels)}
+
+    def compute() -> dict[str, float]:
+        model, config = runs.load_trained_model(row.run_dir)
+        x, y = images, labels
+        if len(y) % config.batch_size == 1:  # BN cannot normalize a batch of one
+            x, y = x[:-1], y[:-1]
+        return {"eval": accuracy_in_mode(model, x, y, False, batch_size=EVAL_BATCH),
+                "train": accuracy_in_mode(model, x, y, True, batch_size=config.batch_size)}
+
+    return runs.cached(row.run_dir, "norm_modes", key, compute)
 
 
 def mode_gaps(measured: dict[tuple[str, int], list[dict[str, float]]]) -> dict[tuple[str, int], float]:

@@ -28,8 +28,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bnlab import runs
 from bnlab.bench.timing import format_table
 from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, failed, plot_intervals
+from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import ACCURACY, format_mean_ci, intervals_apart, mean_ci
 
@@ -70,18 +72,31 @@ def perturbation_curves(model, dataset, seed: int = 0) -> dict[str, list[tuple[f
                                 max_batches=PGD_BATCHES)}
 
 
+def measurement_key(dataset) -> dict[str, Any]:
+    """What the curves of a run depend on besides its model: a change recomputes them."""
+    from bnlab.robustness import PGD_STEP_FACTOR
+
+    return {"version": 1, "sizes": SIZES, "pgd_steps": PGD_STEPS, "pgd_batches": PGD_BATCHES,
+            "pgd_step_factor": PGD_STEP_FACTOR, "eval_batch": EVAL_BATCH, "seed": 0,
+            "data": fingerprint(dataset.test_images, dataset.test_labels)}
+
+
+def run_curves(row: Row, dataset, key: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """``perturbation_curves`` of a finished run's model, cached in its folder under ``key``."""
+    return runs.cached(row.run_dir, "robustness", key, lambda: perturbation_curves(
+        runs.load_trained_model(row.run_dir)[0], dataset))
+
+
 def measure(rows: list[Row], dataset) -> Measured:
     """Per variant, kind and size: the accuracy of each seed that trained (a failed run,
-    diverged or at chance level, has no robustness to measure)."""
-    from bnlab.runs import load_trained_model
-
+    diverged or at chance level, has no robustness to measure). Each run's curves are
+    computed once and cached in its folder (``runs.cached``, key ``measurement_key``)."""
     measured: Measured = {}
-    for row in rows:
-        if failed(row):
-            continue
-        model, _ = load_trained_model(row.run_dir)
+    trained = [row for row in rows if not failed(row)]
+    key = measurement_key(dataset) if trained else {}
+    for row in trained:
         cells = measured.setdefault(row.label, {})
-        for kind, curve in perturbation_curves(model, dataset).items():
+        for kind, curve in run_curves(row, dataset, key).items():
             for size, acc in curve:
                 cells.setdefault(kind, {}).setdefault(size, []).append(acc)
     return measured

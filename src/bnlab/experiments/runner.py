@@ -9,7 +9,8 @@ the grid over processes without any two touching the same folder.
 Layout of ``<out>/``::
 
     runs/<model>-<norm>-seed<k>-<hash>/   one run folder per config (bnlab.runs), shared by
-                    every experiment: a config two experiments have in common trains once
+                    every experiment: a config two experiments have in common trains once;
+                    its analysis/ keeps the experiments' measurements of the finished model
     <experiment>/settings.json   the ExpSettings used
     <experiment>/results.jsonl   one row per run: variant, config, per-epoch metrics, summary
     <experiment>/summary.md, summary.csv   mean ± 95% CI over seeds per variant
@@ -216,7 +217,10 @@ def describe_settings(settings: ExpSettings) -> str:
 
 def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Path, dataset,
                    jobs: int = 1, progress: bool = True) -> str:
-    """Plan, train (skipping finished runs), collect and analyze; return ``report.md``'s text."""
+    """Plan, train (skipping finished runs), collect and analyze; return ``report.md``'s text.
+
+    A second call on a finished grid trains nothing, and the analysis reads the expensive
+    measurements back from the run folders (``runs.cached``)."""
     settings = resolve(settings, experiment)
     runs_root = Path(out) / "runs"
     out = Path(out) / experiment.name

@@ -8,33 +8,15 @@ figure, from nothing more than a run folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from bnlab import runs
-from bnlab.config import config_from_dict
 from bnlab.models import norm_layers
 from bnlab.tables import format_table
 
 PARAMS_FIGURE = "norm_params.png"
-
-
-def load_trained_model(run_dir: str | Path) -> tuple[nn.Module, Any]:
-    """The model of a run folder with its last checkpointed weights (on CPU, eval mode)."""
-    from bnlab.train import TrainConfig, model_for
-
-    run = runs.load_run(run_dir)
-    config = config_from_dict(TrainConfig, run["config"])
-    checkpoint_path = Path(run_dir) / runs.CHECKPOINT
-    if not checkpoint_path.exists():
-        raise runs.RunFolderError(f"{run_dir} has no {runs.CHECKPOINT} (no epoch finished yet)")
-    torch.manual_seed(config.seed)
-    model = model_for(config, "cpu")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), config
 
 
 def norm_parameters(model: nn.Module) -> dict[str, dict[str, list[float] | None]]:
@@ -82,7 +64,7 @@ def inspect_run(run_dir: str | Path, figure: bool = True) -> str:
     """The text of ``bnlab inspect``; with ``figure``, writes ``norm_params.png`` in the run."""
     from bnlab.train import describe
 
-    model, config = load_trained_model(run_dir)
+    model, config = runs.load_trained_model(run_dir)
     run = runs.load_run(run_dir)
     params = norm_parameters(model)
     done = len(run["metrics"])

@@ -2,7 +2,8 @@
 
 Why: a run is only useful if a person (or the experiment runner) can read what it did
 after the fact and pick it up where it was killed. Every file is written atomically, so a
-killed run leaves the previous epoch's state, never a torn file::
+killed run leaves the previous epoch's state, never a torn file.
+``load_trained_model`` turns a finished folder back into the model it trained::
 
     runs/<name>/
       config.json      the TrainConfig, verbatim
@@ -12,17 +13,21 @@ killed run leaves the previous epoch's state, never a torn file::
       summary.json     final/best val acc, seconds per epoch, diverged (written at the end)
       checkpoint.pt    model, optimizer, history and RNG state after the last finished epoch
       curves.png       train loss, val loss and val acc against epoch
+      analysis/<name>.json   a measurement of the finished model (``cached``), with its key
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from bnlab.config import config_from_dict
 from bnlab.errors import BnlabError
 from bnlab.io import atomic_write, atomic_write_json, atomic_write_text, read_json
 
@@ -33,6 +38,7 @@ EVALS = "evals.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 CURVES = "curves.png"
+ANALYSIS = "analysis"
 
 
 class RunFolderError(BnlabError):
@@ -108,3 +114,40 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "evals": read_jsonl(run_dir / EVALS) if (run_dir / EVALS).exists() else [],
         "summary": read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).exists() else None,
     }
+
+
+def load_trained_model(run_dir: str | Path) -> tuple[nn.Module, Any]:
+    """The model of a run folder with its last checkpointed weights (on CPU, eval mode), and
+    its ``TrainConfig``."""
+    from bnlab.train import TrainConfig, model_for  # train writes run folders: import lazily
+
+    run = load_run(run_dir)
+    config = config_from_dict(TrainConfig, run["config"])
+    checkpoint_path = Path(run_dir) / CHECKPOINT
+    if not checkpoint_path.exists():
+        raise RunFolderError(f"{run_dir} has no {CHECKPOINT} (no epoch finished yet)")
+    torch.manual_seed(config.seed)
+    model = model_for(config, "cpu")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), config
+
+
+def cached(run_dir: str | Path, name: str, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """``compute()`` for a finished run, computed once per ``key`` and kept in the run folder.
+
+    The value is stored with its key in ``analysis/<name>.json`` (atomically). A stored
+    value whose key differs from ``key`` (a changed setting, other images, a new version of
+    the measurement) is recomputed and replaced. ``key`` and the value must be JSON (floats
+    may be NaN); the value returned has been through JSON either way, so a first and a
+    cached analysis see exactly the same numbers.
+    """
+    path = Path(run_dir) / ANALYSIS / f"{name}.json"
+    key = json.loads(json.dumps(key))
+    if path.exists():
+        stored = read_json(path)
+        if stored["key"] == key:
+            return stored["value"]
+    value = json.loads(json.dumps(compute()))
+    atomic_write_json(path, {"key": key, "value": value})
+    return value

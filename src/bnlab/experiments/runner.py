@@ -10,7 +10,8 @@ two runs touching the same folder.
 Layout of ``<out>/``::
 
     runs/<model>-<norm>-seed<k>-<hash>/   one run folder per config (bnlab.runs), shared by
-                    every experiment: a config two experiments have in common trains once
+                    every experiment: a config two experiments have in common trains once;
+                    its analysis/ keeps the experiments' measurements of the finished model
     <experiment>/settings.json   the ExpSettings used
     <experiment>/results.jsonl   one row per run: variant, config, per-epoch metrics, summary
     <experiment>/summary.md, summary.csv   mean ± 95% CI over seeds per variant
@@ -31,6 +32,7 @@ from typing import Any
 from bnlab import runs
 from bnlab.config import config_to_dict
 from bnlab.data.dataset import FashionMNIST
+from bnlab.experiments.analysis import Row, by_label
 from bnlab.experiments.executors import Executor, GridProgress, LocalExecutor
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.io import atomic_write_json, atomic_write_text
@@ -79,7 +81,7 @@ class Experiment:
     title: str
     question: str
     variants: Callable[[ExpSettings], list[Variant]]
-    analyze: Callable[[list[dict[str, Any]], Path, Any], list[str]]  # (rows, out, dataset)
+    analyze: Callable[[list[Row], Path, Any], list[str]]  # (rows, out, dataset)
     default_epochs: int
     default_subset: int  # -1 = all
     notes: str = ""
@@ -154,42 +156,21 @@ def execute(planned: list[PlannedRun], dataset, jobs: int = 1, progress: bool = 
 
 # --------------------------------------------------------------------------- results
 
-def collect(planned: list[PlannedRun]) -> list[dict[str, Any]]:
-    """One row per finished run: label, tags, seed, config, metrics, summary, folder."""
-    rows = []
-    for p in planned:
-        if not is_finished(p.run_dir):
-            continue
-        run = runs.load_run(p.run_dir)
-        rows.append({
-            "label": p.variant.label,
-            "tags": p.variant.tags,
-            "seed": p.config.seed,
-            "config": run["config"],
-            "metrics": run["metrics"],
-            "summary": run["summary"],
-            "run_dir": str(p.run_dir),
-        })
-    return rows
-
-
-def by_label(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Rows grouped by variant label, in grid order."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(row["label"], []).append(row)
-    return groups
+def collect(planned: list[PlannedRun]) -> list[Row]:
+    """One row per finished run, in grid order."""
+    return [Row.from_run(p.run_dir, p.variant.label, p.variant.tags)
+            for p in planned if is_finished(p.run_dir)]
 
 
 SUMMARY_HEADERS = ["variant", "seeds", "final val acc", "best val acc", "final train acc",
                    "diverged", "s/epoch"]
 
 
-def summary_rows(rows: list[dict[str, Any]]) -> list[list[object]]:
+def summary_rows(rows: list[Row]) -> list[list[object]]:
     """Per variant: mean ± 95% CI over seeds of the headline numbers (diverged runs excluded)."""
     out = []
     for label, group in by_label(rows).items():
-        ok = [r["summary"] for r in group if not r["summary"]["diverged"]]
+        ok = [r.summary for r in group if not r.diverged]
         out.append([
             label, len(group),
             format_mean_ci([s["final_val_acc"] for s in ok]),
@@ -212,7 +193,10 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
                    dataset: FashionMNIST, jobs: int = 1, progress: bool = True,
                    executor: Executor | None = None,
                    tensorboard: str | Path | None = None) -> str:
-    """Plan, train (skipping finished runs), collect and analyze; return ``report.md``'s text."""
+    """Plan, train (skipping finished runs), collect and analyze; return ``report.md``'s text.
+
+    A second call on a finished grid trains nothing, and the analysis reads the expensive
+    measurements back from the run folders (``runs.cached``)."""
     settings = resolve(settings, experiment)
     if experiment.run is not None:
         return experiment.run(settings, Path(out), dataset, jobs, progress)
@@ -224,7 +208,7 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     execute(planned, dataset, jobs, progress, executor, tensorboard)
     rows = collect(planned)
     atomic_write_text(out / "results.jsonl",
-                      "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+                      "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rows))
     table_rows = summary_rows(rows)
     atomic_write_text(out / "summary.csv", to_csv(SUMMARY_HEADERS, table_rows))
     table = format_table(SUMMARY_HEADERS, table_rows)

@@ -1,0 +1,105 @@
+"""Measurements during training, by replaying a finished run with probes at chosen steps.
+
+Why: the ICS and landscape experiments measure the network *while it trains* (percentiles,
+gradient ICS, loss along the gradient), but the trainer is shared and has no per-step
+hooks. Training is deterministic (weights from the seed, data order a pure function of
+(seed, epoch), noise from the seeded global RNG), so a run can be re-played here with the
+trainer's own pieces (``model_for``, ``build_loaders``, ``make_step``) and probed before
+chosen steps; probes fork the RNG and restore every buffer, so they do not change the
+trajectory. The replay checks that it ends on exactly the run's checkpointed weights and
+says so (``reproduces_run``). Results are cached in the run folder (``<name>.json``,
+atomic), keyed by the probe settings, so a second report measures nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from bnlab import runs
+from bnlab.config import config_from_dict
+from bnlab.io import atomic_write_json, read_json
+from bnlab.train import TrainConfig, bar_disabled, build_loaders, make_step, model_for, resolve_device
+
+Probe = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], dict[str, Any]]
+
+
+def probe_steps(total: int, count: int) -> list[int]:
+    """``count`` steps spread evenly over ``[0, total - 1]`` (0 = before any update)."""
+    if total < 1:
+        return []
+    count = min(count, total)
+    return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def total_steps(config: TrainConfig, dataset) -> int:
+    train, _ = build_loaders(config, dataset, torch.device("cpu"))
+    return len(train) * config.epochs
+
+
+def replay(config: TrainConfig, dataset, steps: list[int], probe: Probe,
+           checkpoint: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train ``config`` again from its seed, calling ``probe(model, x, y, step)`` before the
+    update of each step in ``steps`` on that step's batch ``(x, y)`` (step 0: the initial
+    weights). Stops at a non-finite loss. Returns ``{"records": [{"step", **probe}],
+    "reproduces_run": bool | None}`` (None without a ``checkpoint`` to compare with)."""
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model = model_for(config, device)
+    train, _ = build_loaders(config, dataset, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    step_fn = make_step(model, optimizer)
+    wanted, records, step, finite = set(steps), [], 0, True
+    bar = tqdm(total=len(train) * config.epochs, unit="step", desc="probed replay", leave=False,
+               disable=bar_disabled(progress), dynamic_ncols=True)
+    with bar:
+        for epoch in range(1, config.epochs + 1):
+            train.set_epoch(epoch)
+            model.train()
+            for x, y in train:
+                if step in wanted:
+                    records.append({"step": step, **probe(model, x, y, step)})
+                    model.train()
+                loss, _ = step_fn(x, y)
+                step += 1
+                bar.update(1)
+                if not math.isfinite(loss.item()):
+                    finite = False
+                    break
+            if not finite:
+                break
+    return {"records": records, "reproduces_run": _same_weights(model, checkpoint)}
+
+
+def _same_weights(model: torch.nn.Module, checkpoint: Path | None) -> bool | None:
+    if checkpoint is None or not checkpoint.exists():
+        return None
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    mine = model.state_dict()
+    return saved.keys() == mine.keys() and all(
+        torch.equal(saved[k].cpu(), mine[k].cpu()) for k in saved)
+
+
+def cached_replay(run_dir: str | Path, name: str, key: dict[str, Any], dataset,
+                  steps_for: Callable[[TrainConfig], list[int]],
+                  probe_for: Callable[[TrainConfig], Probe]) -> dict[str, Any]:
+    """The replay of the run in ``run_dir`` with ``probe_for(config)`` at ``steps_for(config)``,
+    from ``<run_dir>/<name>.json`` when it was made with the same ``key``, else measured and
+    written there."""
+    path = Path(run_dir) / f"{name}.json"
+    if path.exists():
+        cached = read_json(path)
+        if cached.get("key") == key:
+            return cached
+    config = config_from_dict(TrainConfig, runs.load_run(run_dir)["config"])
+    result = replay(config, dataset, steps_for(config), probe_for(config),
+                    Path(run_dir) / runs.CHECKPOINT)
+    result = {"key": key, **result}
+    atomic_write_json(path, result)
+    return result

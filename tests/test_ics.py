@@ -183,6 +183,7 @@ def test_gradient_ics_leaves_parameters_grads_buffers_and_rng_alone():
     assert_unchanged(model, before)
 
 
+@pytest.mark.slow
 def test_ics_experiment_quick_grid_runs_and_probes_are_cached(synthetic_fashion, tmp_path):
     from bnlab.experiments import get_experiment
     from bnlab.experiments.runner import QUICK, run_experiment

@@ -192,7 +192,7 @@ def test_ics_experiment_quick_grid_runs_and_probes_are_cached(synthetic_fashion,
                             progress=False)
     assert "Every probed replay ended on exactly its run's weights." in report
     assert "noisy BN 1" in report and "Gradient ICS, LeNet vs BN-LeNet at lr 0.1" in report
-    caches = sorted(tmp_path.glob("runs/*/ics-probes.json"))
+    caches = sorted(tmp_path.glob("runs/*/analysis/ics-probes.json"))
     assert len(caches) == len(get_experiment("ics").variants(QUICK))
     stamp = [c.stat().st_mtime_ns for c in caches]
     run_experiment(get_experiment("ics"), QUICK, tmp_path, synthetic_fashion, progress=False)

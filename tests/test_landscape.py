@@ -77,5 +77,5 @@ def test_landscape_experiment_quick_grid_runs(synthetic_fashion, tmp_path):
     report = run_experiment(get_experiment("landscape"), QUICK, tmp_path, synthetic_fashion,
                             progress=False)
     assert "## Smoothness along the gradient" in report and "lr 0.1, early steps" in report
-    assert len(sorted(tmp_path.glob("runs/*/landscape-probes.json"))) == 4
+    assert len(sorted(tmp_path.glob("runs/*/analysis/landscape-probes.json"))) == 4
     assert (tmp_path / "landscape" / "landscape.png").exists()

@@ -13,13 +13,13 @@ motivation without measuring it. This grid trains, with periodic test evaluation
   report reads the ``lr`` experiment, when there is one, and says what it found best), and
   BN-LeNet with noisy BN at 0.5, 1, 2 (lr 0.1).
 
-Then every finished run is re-played with probes (``experiments.probed``) at 25 steps
-spread over training, measuring (``bnlab.ics``): the 15/50/85th percentiles of the input of
-the last hidden layer's sigmoids on a fixed held-out batch (the first 500 test images) in
-eval mode (Ioffe & Szegedy's measurement) and in train mode (batch statistics and, for
-noisy BN, the noise: what the next layer receives while training), for unit 0 and as the
-median over the layer's units; and the gradient ICS of every weight layer (Definition 2.1)
-on that step's batch at the run's lr.
+Then every finished run is re-played with probes (``experiments.probed``) at 25 steps spread
+over training (fewer for short runs, ``probed.PROBES``), measuring (``bnlab.ics``): the
+15/50/85th percentiles of the input of the last hidden layer's sigmoids on a fixed held-out
+batch (the first 500 test images) in eval mode (Ioffe & Szegedy's measurement) and in train
+mode (batch statistics and, for noisy BN, the noise: what the next layer receives while
+training), for unit 0 and as the median over the layer's units; and the gradient ICS of
+every weight layer (Definition 2.1) on that step's batch at the run's lr.
 
 Default: 3 epochs on a class-balanced 30000 training images (1500 MLP steps, 705 LeNet
 steps; Ioffe & Szegedy ran 50000), 3 seeds: 36 runs. Estimated from step times measured on
@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import Row, by_label, final, select
-from bnlab.experiments.probed import cached_replay, probe_steps, total_steps
+from bnlab.experiments.analysis import Row, by_label, finals, mean_final, select
+from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps, total_steps
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.ics import drift, gradient_ics, percentile_record
@@ -51,9 +51,11 @@ MLP_LR = 0.5
 MLP_BATCH = 60
 LENET_LRS = (0.1, 1.0)
 NOISY_LENET_LR = 0.1
-PROBES = 25
 HELD_OUT = 500
 EVALS_PER_RUN = 25
+MIN_EVAL_EVERY = 5
+"""Test evaluations about 25 times per run, but at most every 5 steps (a short run's
+evaluations of 10000 test images would cost more than its training)."""
 NEARLY_AS_WELL = 0.02
 """Noisy BN trains "nearly as well" as BN when its final test accuracy is at most 2 points below."""
 SIMILAR_ICS = 0.8
@@ -63,7 +65,7 @@ the plain net's."""
 
 def eval_every(settings: ExpSettings, batch: int) -> int:
     images = 60000 if settings.subset in (-1, 0) else settings.subset
-    return max(1, math.ceil(images / batch) * settings.epochs // EVALS_PER_RUN)
+    return max(MIN_EVAL_EVERY, math.ceil(images / batch) * settings.epochs // EVALS_PER_RUN)
 
 
 def norm_label(norm: str) -> str:
@@ -103,7 +105,7 @@ def measure(row: Row, dataset) -> dict[str, Any]:
         return probe
 
     return cached_replay(row.run_dir, "ics-probes", {"probes": PROBES, "held_out": HELD_OUT},
-                         dataset, lambda c: probe_steps(total_steps(c, dataset), PROBES), probe_for)
+                         dataset, lambda c: default_probe_steps(total_steps(c, dataset)), probe_for)
 
 
 def drifts(records: list[dict[str, Any]], mode: str) -> dict[str, float]:
@@ -134,7 +136,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     for label, group in groups.items():
         ev = [drifts(probes[r.run_dir]["records"], "eval") for r in group]
         tr = [drifts(probes[r.run_dir]["records"], "train") for r in group]
-        table.append([label, format_mean_ci([final(r) for r in group]),
+        table.append([label, format_mean_ci(finals(group)),
                       format_mean_ci([d["unit_location"] for d in ev], ".3f"),
                       format_mean_ci([d["unit_scale"] for d in ev], ".3f"),
                       format_mean_ci([d["unit_location"] for d in tr], ".3f"),
@@ -177,8 +179,9 @@ def findings(rows: list[Row], probes: dict[str, Any]) -> list[str]:
         bn = select(rows, net=net, norm="bnlab", lr=lr)
         if not plain or not bn:
             continue
-        name = "MLP" if net == "mlp" else "LeNet"
-        acc_bn, acc_plain = _mean([final(r) for r in bn]), _mean([final(r) for r in plain])
+        name = "MLP" if net == "mlp" else (f"LeNet (plain lr {plain[0].tags['lr']:g}, BN lr "
+                                           f"{bn[0].tags['lr']:g})")
+        acc_bn, acc_plain = mean_final(bn), mean_final(plain)
         lines.append(f"- {name}, Ioffe & Szegedy's measurement (eval mode): unit 0's median moved "
                      f"{loc(plain, 'eval'):.3f} widths without BN and {loc(bn, 'eval'):.3f} with "
                      f"BN (final test acc {acc_plain:.4f} vs {acc_bn:.4f}): BN's input distribution "
@@ -187,7 +190,7 @@ def findings(rows: list[Row], probes: dict[str, Any]) -> list[str]:
             noisy = select(rows, net=net, norm=f"noisy-bn:{s:g}")
             if not noisy:
                 continue
-            acc = _mean([final(r) for r in noisy])
+            acc = mean_final(noisy)
             near = acc >= acc_bn - NEARLY_AS_WELL
             more = loc(noisy, "train") > loc(plain, "train")
             lines.append(f"- {name}, noisy BN {s:g}: final test acc {acc:.4f} (BN {acc_bn:.4f}, "
@@ -212,7 +215,7 @@ def findings(rows: list[Row], probes: dict[str, Any]) -> list[str]:
 def _ics_line(name: str, plain: list[Row], bn: list[Row], probes: dict[str, Any]) -> str:
     rel_p = _mean([mean_ics(probes[r.run_dir]["records"], "relative") for r in plain])
     rel_b = _mean([mean_ics(probes[r.run_dir]["records"], "relative") for r in bn])
-    acc_p, acc_b = _mean([final(r) for r in plain]), _mean([final(r) for r in bn])
+    acc_p, acc_b = mean_final(plain), mean_final(bn)
     ratio = rel_b / rel_p if rel_p > 0 else math.nan
     similar = ratio >= SIMILAR_ICS
     better = acc_b > acc_p

@@ -22,6 +22,7 @@ forward/backward passes each: about 25 minutes with ``--jobs 2``.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,8 @@ from typing import Any
 import torch.nn.functional as F
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import Row, by_label, final, select
-from bnlab.experiments.probed import cached_replay, probe_steps, total_steps
+from bnlab.experiments.analysis import Row, best_lr, by_label, finals, select
+from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps, total_steps
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.landscape import probe
@@ -40,7 +41,6 @@ LEARNING_RATES = (0.1, 1.0)
 DEFAULT_BEST_LR = {False: 1.0, True: 1.0}
 """Used when no ``lr`` experiment has finished: LeNet at 0.1 stays at chance for hundreds of
 steps (``convergence``'s docstring), 1 trains; BN-LeNet's best of ``lr``'s quick grid was 1."""
-PROBES = 25
 EARLY = 0.2
 """"Early in training": the first 20% of probe steps (step 0 excluded)."""
 MODELS = {False: ("LeNet", {"model": "lenet", "norm": "none"}),
@@ -57,28 +57,16 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 
 def best_lrs_from_lr_experiment(folder: Path) -> dict[bool, float] | None:
-    """Per model (bn flag), the rate of a finished ``lr`` experiment in ``folder`` with the
-    highest mean final val acc (diverged seeds at chance); None without one."""
+    """Per model (bn flag), the best rate (``analysis.best_lr``) of a finished ``lr``
+    experiment whose ``results.jsonl`` is in ``folder``; None without one."""
+    from bnlab.experiments.lr import LEARNING_RATES as LR_GRID
+
     path = Path(folder) / "results.jsonl"
     if not path.exists():
         return None
-    rows = [Row(**d) for d in map(_json, path.read_text().splitlines()) if d]
-    best = {}
-    for bn in (False, True):
-        means = {}
-        for r in rows:
-            if r.tags.get("bn") == bn:
-                means.setdefault(r.tags["lr"], []).append(final(r))
-        if not means:
-            return None
-        best[bn] = max(sorted(means), key=lambda lr: mean_ci(means[lr])[0])
-    return best
-
-
-def _json(line: str) -> dict[str, Any]:
-    import json
-
-    return json.loads(line) if line.strip() else {}
+    rows = [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    best = {bn: best_lr(rows, LR_GRID, bn=bn) for bn in (False, True)}
+    return None if None in best.values() else best
 
 
 def measure(row: Row, dataset) -> dict[str, Any]:
@@ -91,7 +79,7 @@ def measure(row: Row, dataset) -> dict[str, Any]:
         return at_step
 
     return cached_replay(row.run_dir, "landscape-probes", {"probes": PROBES, "etas": list(ETAS)},
-                         dataset, lambda c: probe_steps(total_steps(c, dataset), PROBES), probe_for)
+                         dataset, lambda c: default_probe_steps(total_steps(c, dataset)), probe_for)
 
 
 def summarize_probe(p: dict[str, Any]) -> dict[str, float]:
@@ -135,7 +123,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
         for early in (True, False):
             stats = [per_run(probes[r.run_dir], early) for r in group]
             table.append([label, "early" if early else "all",
-                          format_mean_ci([final(r) for r in group]),
+                          format_mean_ci(finals(group)),
                           *[format_mean_ci([s.get(k, math.nan) for s in stats], ".4g") for k in keys]])
     headers = ["variant", "steps", "final test acc", "loss range", "max ||dg||", "beta",
                "||dg|| at eta=lr"]

@@ -7,8 +7,9 @@ hooks. Training is deterministic (weights from the seed, data order a pure funct
 trainer's own pieces (``model_for``, ``build_loaders``, ``make_step``) and probed before
 chosen steps; probes fork the RNG and restore every buffer, so they do not change the
 trajectory. The replay checks that it ends on exactly the run's checkpointed weights and
-says so (``reproduces_run``). Results are cached in the run folder (``<name>.json``,
-atomic), keyed by the probe settings, so a second report measures nothing.
+says so (``reproduces_run``). Results are cached in the run folder (``runs.cached``:
+``analysis/<name>.json``), keyed by the probe settings and the data, so a second report
+measures nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from bnlab import runs
 from bnlab.config import config_from_dict
-from bnlab.io import atomic_write_json, read_json
+from bnlab.experiments.measure import fingerprint
 from bnlab.train import TrainConfig, bar_disabled, build_loaders, make_step, model_for, resolve_device
 
 Probe = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], dict[str, Any]]
@@ -35,6 +36,15 @@ def probe_steps(total: int, count: int) -> list[int]:
         return []
     count = min(count, total)
     return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+PROBES = 25
+"""Probe steps per run; runs shorter than 250 steps get one per 10 steps, at least 5."""
+
+
+def default_probe_steps(total: int) -> list[int]:
+    """:func:`probe_steps` with :data:`PROBES` (fewer for short runs, see there)."""
+    return probe_steps(total, min(PROBES, max(5, total // 10)))
 
 
 def total_steps(config: TrainConfig, dataset) -> int:
@@ -90,16 +100,12 @@ def cached_replay(run_dir: str | Path, name: str, key: dict[str, Any], dataset,
                   steps_for: Callable[[TrainConfig], list[int]],
                   probe_for: Callable[[TrainConfig], Probe]) -> dict[str, Any]:
     """The replay of the run in ``run_dir`` with ``probe_for(config)`` at ``steps_for(config)``,
-    from ``<run_dir>/<name>.json`` when it was made with the same ``key``, else measured and
-    written there."""
-    path = Path(run_dir) / f"{name}.json"
-    if path.exists():
-        cached = read_json(path)
-        if cached.get("key") == key:
-            return cached
+    measured once per ``key`` (plus the steps and a fingerprint of the dataset) and kept in the run folder
+    (``runs.cached``)."""
     config = config_from_dict(TrainConfig, runs.load_run(run_dir)["config"])
-    result = replay(config, dataset, steps_for(config), probe_for(config),
-                    Path(run_dir) / runs.CHECKPOINT)
-    result = {"key": key, **result}
-    atomic_write_json(path, result)
-    return result
+    steps = steps_for(config)
+    key = {**key, "steps": steps, "data": fingerprint(dataset.train_images, dataset.train_labels,
+                                      dataset.test_images, dataset.test_labels)}
+    return runs.cached(run_dir, name, key, lambda: replay(
+        config, dataset, steps, probe_for(config), Path(run_dir) / runs.CHECKPOINT,
+        progress=False))

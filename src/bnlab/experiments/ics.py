@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench.timing import format_table
-from bnlab.experiments.analysis import Row, by_label, finals, mean_final, select
+from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, finals, mean_final, select
 from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps, total_steps
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
@@ -191,6 +191,11 @@ def findings(rows: list[Row], probes: dict[str, Any]) -> list[str]:
             if not noisy:
                 continue
             acc = mean_final(noisy)
+            if acc_bn <= FAIL_ACCURACY:
+                lines.append(f"- {name}, noisy BN {s:g}: **undecided**: BN itself did not train "
+                             f"(final test acc {acc_bn:.4f} <= {FAIL_ACCURACY}), so 'nearly as "
+                             f"well as BN' means nothing here (noisy BN: {acc:.4f}).")
+                continue
             near = acc >= acc_bn - NEARLY_AS_WELL
             more = loc(noisy, "train") > loc(plain, "train")
             lines.append(f"- {name}, noisy BN {s:g}: final test acc {acc:.4f} (BN {acc_bn:.4f}, "
@@ -217,6 +222,10 @@ def _ics_line(name: str, plain: list[Row], bn: list[Row], probes: dict[str, Any]
     rel_b = _mean([mean_ics(probes[r.run_dir]["records"], "relative") for r in bn])
     acc_p, acc_b = mean_final(plain), mean_final(bn)
     ratio = rel_b / rel_p if rel_p > 0 else math.nan
+    if max(acc_p, acc_b) <= FAIL_ACCURACY:
+        return (f"- Gradient ICS, {name}: mean ||G - G'||/||G|| {rel_p:.3f} without BN, "
+                f"{rel_b:.3f} with BN (ratio {ratio:.2f}); **undecided**: neither trained (final "
+                f"test acc {acc_p:.4f}, {acc_b:.4f} <= {FAIL_ACCURACY}).")
     similar = ratio >= SIMILAR_ICS
     better = acc_b > acc_p
     verdict = "supported" if similar and better else "not supported"

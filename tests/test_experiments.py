@@ -23,6 +23,7 @@ from bnlab.experiments import (
 from bnlab.experiments.analysis import (
     Row,
     best_lr,
+    best_lr_per_model,
     describe_epochs_to_reach,
     epochs_to_reach,
     failed,
@@ -31,7 +32,14 @@ from bnlab.experiments.analysis import (
     plot_intervals,
 )
 from bnlab.experiments.lr import training_lrs
-from bnlab.experiments.runner import QUICK, ExpSettings, execute, plan, resolve
+from bnlab.experiments.runner import (
+    QUICK,
+    ExpSettings,
+    execute,
+    periodic_eval_every,
+    plan,
+    resolve,
+)
 from bnlab.experiments.stats import ACCURACY, interval, mean_ci, t_quantile_975
 from bnlab.report import build_report
 from bnlab.train import start_run
@@ -286,3 +294,22 @@ def test_best_lr_by_a_criterion_ties_to_the_smaller_rate():
     assert best_lr(rows, (0.1, 1.0, 3.0), lambda g: -mean_final(g), bn=True) == 3.0
     assert best_lr(rows, (0.1, 1.0, 3.0), bn=False) == 1.0
     assert best_lr(rows, (0.01,), bn=True) is None
+
+
+def test_best_lr_per_model_reads_the_lr_experiment_beside(tmp_path):
+    assert best_lr_per_model(tmp_path / "lr") is None  # no lr experiment has run
+    rows = [_row({"bn": True, "lr": 0.1}, 0.8), _row({"bn": True, "lr": 1.0}, 0.85),
+            _row({"bn": False, "lr": 0.1}, 0.5), _row({"bn": False, "lr": 1.0}, None, diverged=True)]
+    (tmp_path / "lr").mkdir()
+    (tmp_path / "lr" / "results.jsonl").write_text(
+        "".join(json.dumps(r.to_json()) + "\n" for r in rows))
+    assert best_lr_per_model(tmp_path / "lr") == {True: 1.0, False: 0.1}
+    (tmp_path / "lr" / "results.jsonl").write_text(json.dumps(rows[0].to_json()) + "\n")
+    assert best_lr_per_model(tmp_path / "lr") is None  # LeNet has no rate
+
+
+def test_periodic_evaluations_about_25_a_run_at_most_every_5_steps():
+    # 30000 images / 60 = 500 steps an epoch; all 60000 / 128 = 469 (the last batch partial)
+    assert periodic_eval_every(ExpSettings(epochs=3, subset=30000), 60) == 1500 // 25
+    assert periodic_eval_every(ExpSettings(epochs=5, subset=-1), 128) == 469 * 5 // 25
+    assert periodic_eval_every(ExpSettings(epochs=1, subset=1000), 128) == 5  # 8 steps

@@ -207,6 +207,12 @@ def seeded_steps(configs: dict[str, TrainConfig], device: torch.device | str) ->
     return steps
 
 
+def step_for(model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig) -> Step:
+    """The training step ``config`` trains ``model`` with: :func:`make_step`, on
+    ``torch.compile(model)`` when ``config.compile``."""
+    return make_step(torch.compile(model) if config.compile else model, optimizer)
+
+
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step:
     """A training step ``(x, y) -> (loss, logits)``: forward, cross-entropy, backward, update."""
 
@@ -268,7 +274,7 @@ class TrainingRun:
             checkpoint = runs.prepare(self.run_dir, config_to_dict(config), resume)
             if checkpoint is not None:
                 self._restore(checkpoint)
-        self._step = make_step(torch.compile(model) if config.compile else model, self.optimizer)
+        self._step = step_for(model, self.optimizer, config)
 
     @property
     def done(self) -> bool:

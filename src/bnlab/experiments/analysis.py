@@ -9,6 +9,7 @@ them in one place keeps the definitions identical across reports. The interval m
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -106,6 +107,26 @@ def best_lr(rows: list[Row], lrs: Sequence[float], criterion: Callable[[list[Row
     chance); ties go to the smaller rate; None when no rate has rows."""
     scores = {lr: criterion(group) for lr in lrs if (group := select(rows, **tags, lr=lr))}
     return max(sorted(scores), key=lambda lr: scores[lr], default=None)
+
+
+def read_results(folder: str | Path) -> list[Row] | None:
+    """The rows of a finished experiment's ``results.jsonl`` in ``folder``; None without one."""
+    path = Path(folder) / "results.jsonl"
+    if not path.exists():
+        return None
+    return [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def best_lr_per_model(folder: str | Path) -> dict[bool, float] | None:
+    """Per model (the ``bn`` tag: BN-LeNet or LeNet), the best rate (:func:`best_lr`, over the
+    rates that ran) of a finished ``lr`` experiment whose results are in ``folder``; None
+    without one, or when a model has no rate."""
+    rows = read_results(folder)
+    if rows is None:
+        return None
+    rates = sorted({r.tags["lr"] for r in rows if "lr" in r.tags})
+    best = {bn: best_lr(rows, rates, bn=bn) for bn in (False, True)}
+    return None if None in best.values() else best
 
 
 Curve = tuple[list[int], list[float], list[float]]  # epochs, means, CI half-widths

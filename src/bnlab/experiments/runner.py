@@ -37,7 +37,7 @@ from bnlab.experiments.executors import Executor, GridProgress, LocalExecutor
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.io import atomic_write_json, atomic_write_text
 from bnlab.tables import format_table
-from bnlab.train import TrainConfig, describe_training_set
+from bnlab.train import TrainConfig, describe_training_set, steps_per_epoch, training_images
 
 
 @dataclass
@@ -109,6 +109,19 @@ def resolve(settings: ExpSettings, experiment: Experiment) -> ExpSettings:
 def train_subset(subset: int) -> int:
     """``TrainConfig.subset`` for a resolved ``ExpSettings.subset``: -1 (all images) is 0 there."""
     return 0 if subset == -1 else subset
+
+
+EVALS_PER_RUN = 25
+MIN_EVAL_EVERY = 5
+"""Periodic test evaluations (``eval_every``): about 25 a run, but at most every 5 steps (a
+short run's evaluations of 10000 test images would cost more than its training)."""
+
+
+def periodic_eval_every(settings: ExpSettings, batch_size: int) -> int:
+    """``TrainConfig.eval_every`` that evaluates a run of resolved ``settings`` at batch
+    ``batch_size`` about :data:`EVALS_PER_RUN` times, at most every :data:`MIN_EVAL_EVERY` steps."""
+    steps = steps_per_epoch(training_images(train_subset(settings.subset)), batch_size) * settings.epochs
+    return max(MIN_EVAL_EVERY, steps // EVALS_PER_RUN)
 
 
 def config_key(config: TrainConfig) -> str:

@@ -8,16 +8,17 @@ import math
 import pytest
 
 from bnlab.experiments import convergence, depth, norm_choice, robustness_claim
-from bnlab.experiments.analysis import CHANCE
+from bnlab.experiments.analysis import CHANCE, Row
+from bnlab.experiments.stats import intervals_apart
 from bnlab.runs import CHECKPOINT
 from bnlab.train import TrainConfig, build_loaders, start_run, steps_per_epoch
 
 
-def _row(tags, final_acc, diverged=False, seed=0, metrics=(), evals=None, config=None):
-    return {"tags": tags, "label": str(tags), "seed": seed, "metrics": list(metrics),
-            "evals": evals, "config": config or {},
-            "summary": {"diverged": diverged, "final_val_acc": None if diverged else final_acc,
-                        "epochs": max(len(metrics), 1)}}
+def _row(tags, final_acc, diverged=False, seed=0, metrics=(), evals=(), config=None, label=None):
+    return Row(label=str(tags) if label is None else label, tags=tags, seed=seed,
+               metrics=list(metrics), evals=list(evals), config=config or {}, run_dir="",
+               summary={"diverged": diverged, "final_val_acc": None if diverged else final_acc,
+                        "epochs": max(len(metrics), 1)})
 
 
 # --------------------------------------------------------------------------- depth
@@ -77,13 +78,8 @@ def test_depth_gradient_profiles_measure_init_and_trained_models(synthetic_fashi
     config = TrainConfig(model="deep-mlp", norm="bnlab", depth=10, activation="sigmoid", lr=0.1,
                          epochs=1, subset=1000, device="cpu")
     start_run(config, synthetic_fashion, tmp_path / "run", progress=False).train()
-    from bnlab.config import config_to_dict
-    from bnlab.runs import load_run
-
-    run = load_run(tmp_path / "run")
-    row = {"tags": {"activation": "sigmoid", "norm": "bnlab", "depth": 10, "lr": 0.1},
-           "seed": 0, "config": config_to_dict(config), "metrics": run["metrics"],
-           "summary": run["summary"], "run_dir": str(tmp_path / "run")}
+    row = Row.from_run(tmp_path / "run",
+                       tags={"activation": "sigmoid", "norm": "bnlab", "depth": 10, "lr": 0.1})
     checkpoint = tmp_path / "run" / CHECKPOINT
     before = checkpoint.read_bytes()
     profiles = depth.gradient_profiles([row], synthetic_fashion)
@@ -92,7 +88,7 @@ def test_depth_gradient_profiles_measure_init_and_trained_models(synthetic_fashi
     assert all(v > 0 for v in profile["init"] + profile["trained"])
     assert profile["init"] != profile["trained"]
     assert depth._steps(row) == 8  # 1000 images, batch 128, one epoch
-    assert checkpoint.read_bytes() == before  # measuring does not write the run folder
+    assert checkpoint.read_bytes() == before  # measuring leaves the trained model as it was
 
 
 # --------------------------------------------------------------------------- convergence
@@ -102,10 +98,9 @@ def _metrics(accs, seconds=1.0):
 
 
 def _conv_row(bn, lr, evals, accs, diverged=False, subset=1000, seed=0):
-    row = _row({"bn": bn, "lr": lr}, accs[-1] if accs else None, diverged=diverged, seed=seed,
-               metrics=_metrics(accs), config={"subset": subset, "batch_size": 128})
-    row["evals"] = [{"step": s, "train_seconds": t, "val_acc": a} for s, t, a in evals]
-    return row
+    return _row({"bn": bn, "lr": lr}, accs[-1] if accs else None, diverged=diverged, seed=seed,
+                metrics=_metrics(accs), config={"subset": subset, "batch_size": 128},
+                evals=[{"step": s, "train_seconds": t, "val_acc": a} for s, t, a in evals])
 
 
 def test_steps_per_epoch_matches_the_training_loader(synthetic_fashion):
@@ -132,12 +127,7 @@ def test_progress_reads_evals_from_a_real_run_folder(synthetic_fashion, tmp_path
     config = TrainConfig(model="lenet", norm="none", lr=1.0, epochs=2, subset=1000,
                          eval_every=3, device="cpu")
     start_run(config, synthetic_fashion, tmp_path, progress=False).train()
-    from bnlab.config import config_to_dict
-    from bnlab.runs import load_run
-
-    run = load_run(tmp_path)
-    row = {"config": config_to_dict(config), "metrics": run["metrics"], "run_dir": str(tmp_path),
-           "summary": run["summary"]}
+    row = Row.from_run(tmp_path)
     steps = [p[0] for p in convergence.progress(row)]
     assert steps == [3, 6, 8, 9, 12, 15, 16]
     seconds = [p[1] for p in convergence.progress(row)]
@@ -216,13 +206,12 @@ def test_only_batch_norm_depends_on_the_mode(synthetic_fashion, tmp_path):
         config = TrainConfig(model="bn-lenet", norm=norm, batch_size=2, lr=norm_choice.lr_for(2),
                              epochs=1, subset=200, device="cpu")
         run_dir = tmp_path / norm
-        summary = start_run(config, synthetic_fashion, run_dir, progress=False).train()
-        row = {"summary": summary, "run_dir": str(run_dir)}
-        measured[norm] = norm_choice.mode_accuracies(row, synthetic_fashion)
+        start_run(config, synthetic_fashion, run_dir, progress=False).train()
+        measured[norm] = norm_choice.mode_accuracies(Row.from_run(run_dir), synthetic_fashion)
     assert measured["layer"]["train"] == measured["layer"]["eval"]
     assert measured["instance"]["train"] == measured["instance"]["eval"]
     assert measured["bnlab"]["train"] != measured["bnlab"]["eval"]
-    assert norm_choice.mode_accuracies({"summary": {"diverged": True}}, synthetic_fashion) is None
+    assert norm_choice.mode_accuracies(_row({}, None, diverged=True), synthetic_fashion) is None
 
 
 # --------------------------------------------------------------------------- robustness
@@ -245,9 +234,8 @@ def test_relative_accuracy_and_comparison():
 
 
 def test_failed_runs_are_not_measured_and_no_baseline_means_no_comparison(synthetic_fashion):
-    rows = [_row({"bn": False, "lr": 1.0}, 0.1), _row({"bn": False, "lr": 1.0}, None, diverged=True)]
-    for row in rows:
-        row["label"] = robustness_claim.BASELINE
+    rows = [_row({"bn": False, "lr": 1.0}, 0.1, label=robustness_claim.BASELINE),
+            _row({"bn": False, "lr": 1.0}, None, diverged=True, label=robustness_claim.BASELINE)]
     assert robustness_claim.measure(rows, synthetic_fashion) == {}  # no model is even loaded
     assert robustness_claim.skipped(rows) == [f"- {robustness_claim.BASELINE}: 2/2 seeds failed "
                                               "and are not measured."]
@@ -256,9 +244,9 @@ def test_failed_runs_are_not_measured_and_no_baseline_means_no_comparison(synthe
 
 
 def test_single_seed_intervals_never_count_as_apart():
-    assert not robustness_claim.separated([0.9], [0.1])
-    assert robustness_claim.separated([0.9, 0.91], [0.1, 0.11])
-    assert not robustness_claim.separated([0.5, 0.9], [0.4, 0.8])
+    assert not intervals_apart([0.9], [0.1])
+    assert intervals_apart([0.9, 0.91], [0.1, 0.11])
+    assert not intervals_apart([0.5, 0.9], [0.4, 0.8])
 
 
 @pytest.mark.slow
@@ -267,7 +255,7 @@ def test_measured_curves_start_at_the_run_s_own_clean_accuracy(synthetic_fashion
                          device="cpu")
     summary = start_run(config, synthetic_fashion, tmp_path, progress=False).train()
     assert summary["final_val_acc"] > 0.2  # a run that trained, so it is measured
-    row = {"label": "BN (lr 1)", "summary": summary, "run_dir": str(tmp_path)}
+    row = Row.from_run(tmp_path, label="BN (lr 1)")
     measured = robustness_claim.measure([row], synthetic_fashion)["BN (lr 1)"]
     assert set(measured) == {"noise", "fgsm", "pgd"}
     assert sorted(measured["fgsm"]) == list(robustness_claim.SIZES["fgsm"])

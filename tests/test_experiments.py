@@ -5,21 +5,50 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from bnlab import cli, runs
-from bnlab.experiments import EXPERIMENTS, executors, get_experiment, runner
-from bnlab.experiments.analysis import describe_epochs_to_reach, epochs_to_reach, failed, mean_curve
+from bnlab.experiments import (
+    EXPERIMENTS,
+    depth,
+    dropout,
+    executors,
+    get_experiment,
+    norm_choice,
+    robustness_claim,
+    runner,
+)
+from bnlab.experiments.analysis import (
+    Row,
+    best_lr,
+    best_lr_per_model,
+    describe_epochs_to_reach,
+    epochs_to_reach,
+    failed,
+    mean_curve,
+    mean_final,
+    plot_intervals,
+)
 from bnlab.experiments.lr import training_lrs
-from bnlab.experiments.runner import QUICK, ExpSettings, execute, plan, resolve
-from bnlab.experiments.stats import mean_ci, t_quantile_975
+from bnlab.experiments.runner import (
+    QUICK,
+    ExpSettings,
+    execute,
+    periodic_eval_every,
+    plan,
+    resolve,
+)
+from bnlab.experiments.stats import ACCURACY, interval, mean_ci, t_quantile_975
 from bnlab.report import build_report
 from bnlab.train import start_run
 
 
+# Experiments that train and report themselves (Experiment.run: sync's multi-process grid)
+# have no TrainConfig variants to count; tests/test_distributed.py runs sync end to end.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+@pytest.mark.parametrize("name", sorted(n for n, e in EXPERIMENTS.items() if e.run is None))
 def test_quick_experiment_runs_end_to_end(name, fake_dataset, tmp_path, capsys):
     code = cli.main(["exp", name, "--quick", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
@@ -50,6 +79,89 @@ def test_a_second_invocation_trains_nothing(fake_dataset, tmp_path, monkeypatch,
     monkeypatch.setattr(executors, "start_run", must_not_train)
     assert cli.main(argv) == 0
     assert (tmp_path / "placement" / "summary.md").read_text() == first
+
+
+# Experiments that measure finished models: grid constants that shrink their --quick grids,
+# and flags (robustness measures only runs past chance, which one epoch here is not).
+SMALL_GRIDS = {"robustness": ({}, ["--epochs", "2"]), "dropout": ({}, []),
+               "depth": ({"DEPTHS": (5,), "LEARNING_RATES": (0.1,)}, []),
+               "norms": ({"BATCH_SIZES": (8, 128)}, [])}
+
+
+def _count_measurements(monkeypatch) -> list[str]:
+    """Make training fail, and record every model reload and gradient measurement."""
+    from bnlab import gradients
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(executors, "start_run", must_not_train)
+    calls: list[str] = []
+    for module, name in ((runs, "load_trained_model"), (gradients, "layer_gradient_norms")):
+        original = getattr(module, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMALL_GRIDS))
+def test_a_finished_grid_is_reanalysed_from_the_run_folders(name, fake_dataset, tmp_path,
+                                                            monkeypatch, capsys):
+    module = {"robustness": robustness_claim, "dropout": dropout, "depth": depth,
+              "norms": norm_choice}[name]
+    constants, flags = SMALL_GRIDS[name]
+    for constant, value in constants.items():
+        monkeypatch.setattr(module, constant, value)
+    argv = ["exp", name, "--quick", *flags, "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    first = (tmp_path / name / "report.md").read_text()
+    assert list(tmp_path.glob("runs/*/analysis/*.json"))  # measurements were cached
+    calls = _count_measurements(monkeypatch)
+    assert cli.main(argv) == 0
+    assert calls == []  # nothing trained, reloaded or measured again
+    assert (tmp_path / name / "report.md").read_text() == first
+
+
+@pytest.mark.slow
+def test_a_changed_measurement_setting_recomputes(fake_dataset, tmp_path, monkeypatch, capsys):
+    argv = ["exp", "robustness", "--quick", "--epochs", "2", "--out", str(tmp_path),
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in
+            (tmp_path / "robustness" / "results.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if not failed(Row(**r))]
+    assert trained
+    calls = _count_measurements(monkeypatch)
+    monkeypatch.setattr(robustness_claim, "PGD_STEPS", 3)
+    assert cli.main(argv) == 0
+    assert calls == ["load_trained_model"] * len(trained)  # every measured run, once
+    for r in trained:
+        stored = json.loads((Path(r["run_dir"]) / runs.ANALYSIS / "robustness.json").read_text())
+        assert stored["key"]["pgd_steps"] == 3
+
+
+def test_cached_computes_once_per_key(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"acc": [0.5, math.nan], "size": (0.1,)}
+
+    first = runs.cached(tmp_path, "m", {"setting": 1}, compute)
+    again = runs.cached(tmp_path, "m", {"setting": 1}, compute)
+    assert len(calls) == 1 and first["size"] == again["size"] == [0.1]  # as JSON gives it back
+    assert math.isnan(again["acc"][1])
+    runs.cached(tmp_path, "m", {"setting": 2}, compute)
+    assert len(calls) == 2
+    runs.cached(tmp_path, "m", {"setting": 2}, compute)
+    runs.cached(tmp_path, "other", {"setting": 2}, compute)
+    assert len(calls) == 3
+    assert not list(tmp_path.glob("**/*.tmp"))
 
 
 @pytest.mark.slow
@@ -101,9 +213,9 @@ def test_parallel_jobs_give_the_serial_results(synthetic_fashion, tmp_path):
 def _row(tags, final_acc, diverged=False, accs=()):
     metrics = [{"epoch": i + 1, "val_acc": a, "train_acc": a, "val_loss": 1.0}
                for i, a in enumerate(accs)]
-    return {"tags": tags, "label": str(tags), "metrics": metrics,
-            "summary": {"diverged": diverged, "final_val_acc": None if diverged else final_acc,
-                        "epochs": max(len(accs), 1)}}
+    return Row(label=str(tags), tags=tags, seed=0, config={}, metrics=metrics, run_dir="",
+               summary={"diverged": diverged, "final_val_acc": None if diverged else final_acc,
+                        "epochs": max(len(accs), 1)})
 
 
 def test_failure_means_diverged_or_chance_level():
@@ -135,7 +247,7 @@ def test_epochs_to_reach_and_mean_curve_with_a_diverged_seed():
     assert describe_epochs_to_reach([a, b], 0.80) == "2.5 (2, 3)"
     assert describe_epochs_to_reach([a, b], 0.86) == "not reached by 1/2 seeds"
     gone = _row({}, None, diverged=True, accs=[0.5])
-    gone["summary"]["epochs"] = 3
+    gone.summary["epochs"] = 3
     xs, means, _ = mean_curve([a, gone])
     assert xs == [1, 2, 3] and means[2] == pytest.approx((0.86 + 0.1) / 2)
 
@@ -158,3 +270,48 @@ def test_report_follows_the_given_order(tmp_path):
         (tmp_path / "exp" / name / "report.md").write_text(f"# {name}\n")
     _, gathered = build_report([tmp_path / "exp"], tmp_path / "r.md", order=("lr", "placement"))
     assert [p.parent.name for p in gathered] == ["lr", "placement", "zeta"]
+
+
+def test_accuracy_intervals_stay_inside_zero_and_one():
+    split = [0.1, 0.85, 0.86]  # seeds split between diverging (chance) and training
+    mean, half = mean_ci(split)
+    assert mean - half < 0 and mean + half > 1  # the raw 3-seed t interval leaves [0, 1]
+    assert interval(split, ACCURACY) == (mean, 0.0, 1.0)
+    assert interval(split) == (mean, mean - half, mean + half)
+    assert interval([0.5]) == (0.5, 0.5, 0.5)
+    from bnlab.plots import plt
+
+    fig, ax = plt.subplots()
+    plot_intervals(ax, {0.1: [0.8, 0.82, 0.81], 100.0: split})
+    (_, _, (whiskers,)) = ax.containers[0]
+    ys = [y for segment in whiskers.get_segments() for _, y in segment]
+    assert min(ys) == 0.0 and max(ys) == 1.0
+    plt.close(fig)
+
+
+def test_best_lr_by_a_criterion_ties_to_the_smaller_rate():
+    rows = [_row({"bn": True, "lr": 0.1}, 0.8), _row({"bn": True, "lr": 1.0}, 0.8),
+            _row({"bn": True, "lr": 3.0}, None, diverged=True), _row({"bn": False, "lr": 1.0}, 0.9)]
+    assert best_lr(rows, (0.1, 1.0, 3.0), bn=True) == 0.1
+    assert best_lr(rows, (0.1, 1.0, 3.0), lambda g: -mean_final(g), bn=True) == 3.0
+    assert best_lr(rows, (0.1, 1.0, 3.0), bn=False) == 1.0
+    assert best_lr(rows, (0.01,), bn=True) is None
+
+
+def test_best_lr_per_model_reads_the_lr_experiment_beside(tmp_path):
+    assert best_lr_per_model(tmp_path / "lr") is None  # no lr experiment has run
+    rows = [_row({"bn": True, "lr": 0.1}, 0.8), _row({"bn": True, "lr": 1.0}, 0.85),
+            _row({"bn": False, "lr": 0.1}, 0.5), _row({"bn": False, "lr": 1.0}, None, diverged=True)]
+    (tmp_path / "lr").mkdir()
+    (tmp_path / "lr" / "results.jsonl").write_text(
+        "".join(json.dumps(r.to_json()) + "\n" for r in rows))
+    assert best_lr_per_model(tmp_path / "lr") == {True: 1.0, False: 0.1}
+    (tmp_path / "lr" / "results.jsonl").write_text(json.dumps(rows[0].to_json()) + "\n")
+    assert best_lr_per_model(tmp_path / "lr") is None  # LeNet has no rate
+
+
+def test_periodic_evaluations_about_25_a_run_at_most_every_5_steps():
+    # 30000 images / 60 = 500 steps an epoch; all 60000 / 128 = 469 (the last batch partial)
+    assert periodic_eval_every(ExpSettings(epochs=3, subset=30000), 60) == 1500 // 25
+    assert periodic_eval_every(ExpSettings(epochs=5, subset=-1), 128) == 469 * 5 // 25
+    assert periodic_eval_every(ExpSettings(epochs=1, subset=1000), 128) == 5  # 8 steps

@@ -123,3 +123,22 @@ def _initialized(model: nn.Sequential, activation: str) -> nn.Sequential:
                 nn.init.xavier_uniform_(module.weight, gain=nn.init.calculate_gain(activation))
             nn.init.zeros_(module.bias)
     return model
+
+
+IOFFE_DEPTH = 4
+IOFFE_WIDTH = 100
+IOFFE_INIT_STD = 0.05
+"""Ioffe & Szegedy (2015, Sec. 4.1) initialize their MNIST net with "small random Gaussian
+values" without giving sigma; 0.05 is about Xavier's scale for 784 -> 100 (0.048) and half of
+it for 100 -> 100, i.e. small but not so small that the plain net cannot start."""
+
+
+def ioffe_mlp(norm: str = "none", num_classes: int = 10) -> nn.Sequential:
+    """Ioffe & Szegedy's Fig. 1 net: 3 hidden layers of 100 sigmoid units, ``norm`` before each
+    sigmoid, weights ~ N(0, IOFFE_INIT_STD^2), zero biases (layout of :func:`deep_mlp`)."""
+    model = deep_mlp(IOFFE_DEPTH, IOFFE_WIDTH, "sigmoid", norm, num_classes)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=IOFFE_INIT_STD)
+            nn.init.zeros_(module.bias)
+    return model

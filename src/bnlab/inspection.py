@@ -8,40 +8,15 @@ figure, from nothing more than a run folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from bnlab import runs
-from bnlab.config import config_from_dict
 from bnlab.models import norm_layers
 from bnlab.tables import format_table
 
 PARAMS_FIGURE = "norm_params.png"
-
-
-def load_trained_model(run_dir: str | Path) -> tuple[nn.Module, Any]:
-    """The model of a run folder with its last checkpointed weights (on CPU, eval mode)."""
-    from bnlab.train import TrainConfig, model_for
-
-    run_dir = Path(run_dir)
-    run = runs.load_run(run_dir)
-    try:
-        config = config_from_dict(TrainConfig, run["config"])
-    except (TypeError, ValueError) as exc:
-        raise runs.RunFileError(f"{run_dir / runs.CONFIG}: {exc}; delete {run_dir} to train "
-                                "the run again") from None
-    checkpoint = runs.load_checkpoint(run_dir, required=("model",))
-    torch.manual_seed(config.seed)
-    model = model_for(config, "cpu")
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as exc:
-        raise runs.RunFileError(f"{run_dir / runs.CHECKPOINT}: its weights do not fit the model "
-                                f"of {runs.CONFIG} ({str(exc).splitlines()[0]}); delete {run_dir} "
-                                "to train the run again") from None
-    return model.eval(), config
 
 
 def norm_parameters(model: nn.Module) -> dict[str, dict[str, list[float] | None]]:
@@ -90,7 +65,7 @@ def write_norm_figure(run_dir: str | Path) -> Path | None:
     from bnlab.plots import plot_norm_parameters
     from bnlab.train import describe
 
-    model, config = load_trained_model(run_dir)
+    model, config = runs.load_trained_model(run_dir)
     params = norm_parameters(model)
     if not params:
         return None
@@ -101,7 +76,7 @@ def inspect_run(run_dir: str | Path, figure: bool = True) -> str:
     """The text of ``bnlab inspect``; with ``figure``, writes ``norm_params.png`` in the run."""
     from bnlab.train import describe
 
-    model, config = load_trained_model(run_dir)
+    model, config = runs.load_trained_model(run_dir)
     run = runs.load_run(run_dir)
     params = norm_parameters(model)
     done = len(run["metrics"])

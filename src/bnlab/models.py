@@ -130,6 +130,7 @@ MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "lenet": (),
     "deep-mlp": ("depth", "width", "activation"),
     "deep-cnn": ("depth", "width", "activation"),
+    "ioffe-mlp": (),
 }
 """The options (``TrainConfig`` fields) each model takes beyond its norm."""
 
@@ -169,6 +170,8 @@ def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cp
 
     if name == "deep-mlp":
         return deep.deep_mlp(norm=norm, **options).to(device)
+    if name == "ioffe-mlp":
+        return deep.ioffe_mlp(norm=norm).to(device)
     width = options.pop("width", 16)
     return deep.deep_cnn(norm=norm, channels=width, **options).to(device)
 

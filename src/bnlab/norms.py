@@ -93,6 +93,7 @@ NORM_LAYERS: dict[str, NormFactory] = {
     "layer": _layer_norm,
     "group": _group_norm,
     "instance": _instance_norm,
+    "noisy-bn": lambda kind, num_features: _noisy_batch_norm(kind, num_features, 1.0),
 }
 
 NORM_DESCRIPTIONS: dict[str, str] = {
@@ -107,7 +108,19 @@ NORM_DESCRIPTIONS: dict[str, str] = {
     "instance": "instance norm: conv: InstanceNorm2d(C, affine=True), each (sample, channel) over "
                 "(H, W), no running stats; fc: undefined (one value per channel), falls back to "
                 "layer norm nn.LayerNorm(C)",
+    "noisy-bn": "Santurkar et al.'s noisy BN: bnlab's BN, then per-sample, per-activation noise "
+                "y*s+m with a mean and scale re-drawn every step (bnlab.noisy_bn); "
+                "'noisy-bn:S' sets the strength S (default 1; 0 = plain BN)",
 }
+
+PARAMETRIZED_NORMS = ("noisy-bn",)
+"""Norms that take a parameter as ``NAME:VALUE`` (e.g. ``noisy-bn:0.5``)."""
+
+
+def _noisy_batch_norm(kind: str, num_features: int, strength: float) -> nn.Module:
+    from bnlab.noisy_bn import noisy_batch_norm
+
+    return noisy_batch_norm(kind, num_features, strength)
 
 
 GHOST_VIRTUAL_BATCH_SIZE = 32
@@ -151,6 +164,11 @@ def create_norm_layer(name: str, kind: str, num_features: int) -> nn.Module:
     """The norm layer registered as ``name`` for ``kind`` activations with ``num_features``."""
     if kind not in _KINDS:
         raise ValueError(f"expected kind in {_KINDS} (got {kind!r})")
+    base, sep, _ = name.partition(":")
+    if sep and base in PARAMETRIZED_NORMS:
+        from bnlab.noisy_bn import parse_strength
+
+        return _noisy_batch_norm(kind, num_features, parse_strength(name))
     try:
         factory = NORM_LAYERS[name]
     except KeyError:

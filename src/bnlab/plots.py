@@ -15,7 +15,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from bnlab.io import atomic_write  # noqa: E402
 
@@ -87,26 +86,3 @@ def plot_norm_parameters(layers: dict[str, dict[str, Sequence[float]]], path: st
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def plot_mean_curves(curves: dict[str, tuple[list[int], list[float], list[float]]], ax,
-                     ylabel: str, cmap: str | None = None) -> None:
-    """Mean curves with 95% CI bands on ``ax``, each band in its line's color.
-
-    An accuracy axis (``ylabel`` mentions accuracy) is held to [0, 1] and so are its bands:
-    with 3 seeds a t-interval can reach past what an accuracy can be.
-    """
-    colors = plt.get_cmap(cmap)(range(0, 256, max(1, 256 // max(1, len(curves))))) if cmap else None
-    bounds = (0.0, 1.0) if "accuracy" in ylabel else (-float("inf"), float("inf"))
-    for i, (label, (xs, means, halves)) in enumerate(curves.items()):
-        (line,) = ax.plot(xs, means, marker="o", markersize=3, label=label,
-                          color=colors[i] if colors is not None else None)
-        low = [max(bounds[0], m - h) for m, h in zip(means, halves)]
-        high = [min(bounds[1], m + h) for m, h in zip(means, halves)]
-        ax.fill_between(xs, low, high, alpha=0.12, color=line.get_color(), linewidth=0)
-    if "accuracy" in ylabel:
-        ax.set_ylim(0.0, 1.0)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)

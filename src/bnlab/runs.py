@@ -2,7 +2,8 @@
 
 Why: a run is only useful if a person (or the experiment runner) can read what it did
 after the fact and pick it up where it was killed. Every file is written atomically, so a
-killed run leaves the previous epoch's state, never a torn file::
+killed run leaves the previous epoch's state, never a torn file.
+``load_trained_model`` turns a finished folder back into the model it trained::
 
     runs/<name>/
       config.json      the TrainConfig, verbatim
@@ -12,6 +13,7 @@ killed run leaves the previous epoch's state, never a torn file::
       summary.json     final/best val acc, seconds per epoch, diverged (written at the end)
       checkpoint.pt    model, optimizer, history and RNG state after the last finished epoch
       curves.png       train loss, val loss and val acc against epoch
+      analysis/<name>.json   a measurement of the finished model (``cached``), with its key
 
 ``checkpoint.pt`` is the source of truth: the history files are derived from it (a resume
 rewrites any that disagree), ``summary.json`` is written last and marks a finished run. A
@@ -24,14 +26,16 @@ import io as io_module
 import json
 import math
 import sys
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from bnlab.config import config_from_dict
 from bnlab.errors import BnlabError
-from bnlab.io import atomic_write, atomic_write_json, remove_stray_temps, write_text_if_changed
+from bnlab.io import atomic_write, atomic_write_json, read_json, remove_stray_temps, write_text_if_changed
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -40,6 +44,7 @@ EVALS = "evals.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 CURVES = "curves.png"
+ANALYSIS = "analysis"
 
 
 class RunFolderError(BnlabError):
@@ -245,3 +250,47 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "summary": (read_object(run_dir / SUMMARY, _rewrite_from_checkpoint(run_dir))
                     if (run_dir / SUMMARY).exists() else None),
     }
+
+
+def load_trained_model(run_dir: str | Path) -> tuple[nn.Module, Any]:
+    """The model of a run folder with its last checkpointed weights (on CPU, eval mode), and
+    its ``TrainConfig``. A config or checkpoint that does not fit is a ``RunFileError``."""
+    from bnlab.train import TrainConfig, model_for  # train writes run folders: import lazily
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    try:
+        config = config_from_dict(TrainConfig, run["config"])
+    except (TypeError, ValueError) as exc:
+        raise RunFileError(f"{run_dir / CONFIG}: {exc}; delete {run_dir} to train "
+                           "the run again") from None
+    checkpoint = load_checkpoint(run_dir, required=("model",))
+    torch.manual_seed(config.seed)
+    model = model_for(config, "cpu")
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        raise RunFileError(f"{run_dir / CHECKPOINT}: its weights do not fit the model "
+                           f"of {CONFIG} ({str(exc).splitlines()[0]}); delete {run_dir} "
+                           "to train the run again") from None
+    return model.eval(), config
+
+
+def cached(run_dir: str | Path, name: str, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """``compute()`` for a finished run, computed once per ``key`` and kept in the run folder.
+
+    The value is stored with its key in ``analysis/<name>.json`` (atomically). A stored
+    value whose key differs from ``key`` (a changed setting, other images, a new version of
+    the measurement) is recomputed and replaced. ``key`` and the value must be JSON (floats
+    may be NaN); the value returned has been through JSON either way, so a first and a
+    cached analysis see exactly the same numbers.
+    """
+    path = Path(run_dir) / ANALYSIS / f"{name}.json"
+    key = json.loads(json.dumps(key))
+    if path.exists():
+        stored = read_json(path)
+        if stored["key"] == key:
+            return stored["value"]
+    value = json.loads(json.dumps(compute()))
+    atomic_write_json(path, {"key": key, "value": value})
+    return value

@@ -233,6 +233,12 @@ def seeded_steps(configs: dict[str, TrainConfig], device: torch.device | str) ->
     return steps
 
 
+def step_for(model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig) -> Step:
+    """The training step ``config`` trains ``model`` with: :func:`make_step`, on
+    ``torch.compile(model)`` when ``config.compile``."""
+    return make_step(torch.compile(model) if config.compile else model, optimizer)
+
+
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step:
     """A training step ``(x, y) -> (loss, logits)``: forward, cross-entropy, backward, update."""
 
@@ -300,7 +306,7 @@ class TrainingRun:
                 # (or a file was damaged): the checkpoint holds the history, so rewrite what
                 # disagrees with it. Files that agree are not touched.
                 runs.write_history(self.run_dir, self.history, self.step_losses, self.evals)
-        self._step = make_step(torch.compile(model) if config.compile else model, self.optimizer)
+        self._step = step_for(model, self.optimizer, config)
 
     @property
     def done(self) -> bool:

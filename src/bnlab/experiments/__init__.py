@@ -11,6 +11,8 @@ from bnlab.experiments import (
     convergence,
     depth,
     dropout,
+    ics,
+    landscape,
     lr,
     norm_choice,
     placement,
@@ -22,7 +24,8 @@ from bnlab.experiments.runner import Experiment
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e for e in (chapter.EXPERIMENT, lr.EXPERIMENT, placement.EXPERIMENT, dropout.EXPERIMENT,
                         depth.EXPERIMENT, convergence.EXPERIMENT, norm_choice.EXPERIMENT,
-                        robustness_claim.EXPERIMENT, sync.EXPERIMENT)
+                        robustness_claim.EXPERIMENT, sync.EXPERIMENT, ics.EXPERIMENT,
+                        landscape.EXPERIMENT)
 }
 
 

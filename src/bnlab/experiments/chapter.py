@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bnlab.experiments.analysis import final
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
+from bnlab.experiments.analysis import Row, by_label, final, mean_final
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import mean_ci
 from bnlab.tables import format_table
 
@@ -27,20 +27,20 @@ def variants(settings: ExpSettings) -> list[Variant]:
     return [Variant(label, params, {"norm": params["norm"]}) for label, params in RUNS.items()]
 
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     groups = by_label(rows)
     table = format_table(
         ["run", "final val acc per seed", "mean", "best val acc (mean)", "s/epoch (mean)"],
         [[label,
           ", ".join(f"{final(r):.4f}" for r in g),
-          f"{mean_ci([final(r) for r in g])[0]:.4f}",
-          f"{mean_ci([final(r, 'best_val_acc') for r in g])[0]:.4f}",
-          f"{mean_ci([r['summary']['median_seconds_per_epoch'] or 0 for r in g])[0]:.2f}"]
+          f"{mean_final(g):.4f}",
+          f"{mean_final(g, 'best_val_acc'):.4f}",
+          f"{mean_ci([r.summary['median_seconds_per_epoch'] or 0 for r in g])[0]:.2f}"]
          for label, g in groups.items()])
     lines = ["## Per seed", "", table, ""]
     for label, g in groups.items():
         if label.startswith("BN-LeNet"):
-            mean = mean_ci([final(r) for r in g])[0]
+            mean = mean_final(g)
             verdict = "meets" if mean >= TARGET else "misses"
             lines.append(f"- {label}: mean final validation accuracy {mean:.4f} {verdict} the "
                          f"{TARGET} bar.")

@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.data.dataset import TRAIN_SIZE
-from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, final
+from bnlab.experiments import analysis
+from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, Row, finals, mean_final, select
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
-from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.experiments.stats import format_mean_ci
 from bnlab.tables import format_table
 from bnlab.train import steps_per_epoch, training_images
 
@@ -73,23 +74,17 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 # --------------------------------------------------------------------------- definitions
 
-def progress(row: dict[str, Any], n_images: int | None = None) -> list[Point]:
+def progress(row: Row, n_images: int | None = None) -> list[Point]:
     """A run's (step, train seconds, val acc) at every periodic and end-of-epoch evaluation.
 
-    ``row["evals"]`` is used when present, else read from the run folder. ``n_images`` is
-    the training set size when the run did not take a subset (default 60000).
+    ``n_images`` is the training set size when the run did not take a subset (default 60000).
     """
-    evals = row.get("evals")
-    if evals is None:
-        from bnlab.runs import load_run
-
-        evals = load_run(row["run_dir"])["evals"]
-    config = row["config"]
+    config = row.config
     per_epoch = steps_per_epoch(training_images(config["subset"], n_images or TRAIN_SIZE),
                                 config["batch_size"])
-    points = {e["step"]: (e["step"], e["train_seconds"], e["val_acc"]) for e in evals}
+    points = {e["step"]: (e["step"], e["train_seconds"], e["val_acc"]) for e in row.evals}
     seconds = 0.0
-    for m in row["metrics"]:
+    for m in row.metrics:
         seconds += m["train_seconds"]
         step = m["epoch"] * per_epoch
         points.setdefault(step, (step, seconds, m["val_acc"]))
@@ -101,10 +96,10 @@ def steps_to_reach(points: list[Point], threshold: float) -> tuple[int, float] |
     return next(((s, t) for s, t, acc in points if acc >= threshold), None)
 
 
-def mean_progress(rows: list[dict[str, Any]], n_images: int | None = None) -> list[Point]:
+def mean_progress(rows: list[Row], n_images: int | None = None) -> list[Point]:
     """Seed-mean (step, seconds, val acc) at every step evaluated in any seed; after a seed
     diverged it counts at chance (and its seconds are left out)."""
-    curves = [(progress(r, n_images), r["summary"]["diverged"]) for r in rows]
+    curves = [(progress(r, n_images), r.diverged) for r in rows]
     steps = sorted({p[0] for points, _ in curves for p in points})
     out = []
     for step in steps:
@@ -122,18 +117,13 @@ def mean_progress(rows: list[dict[str, Any]], n_images: int | None = None) -> li
     return out
 
 
-def best_lr(rows: list[dict[str, Any]], bn: bool) -> float | None:
-    """The rate with the highest mean final validation accuracy (ties: the smaller rate)."""
-    means = {lr: mean_ci([final(r) for r in group])[0] for lr in LEARNING_RATES[bn]
-             if (group := _group(rows, bn, lr))}
-    return max(sorted(means), key=lambda lr: means[lr], default=None)
+def best_lr(rows: list[Row], bn: bool) -> float | None:
+    """The rate with the highest mean final validation accuracy (``analysis.best_lr``; ties:
+    the smaller rate)."""
+    return analysis.best_lr(rows, LEARNING_RATES[bn], bn=bn)
 
 
-def _group(rows: list[dict[str, Any]], bn: bool, lr: float) -> list[dict[str, Any]]:
-    return [r for r in rows if r["tags"]["bn"] == bn and r["tags"]["lr"] == lr]
-
-
-def reach_stats(rows: list[dict[str, Any]], threshold: float,
+def reach_stats(rows: list[Row], threshold: float,
                 n_images: int | None = None) -> dict[str, Any]:
     """Per seed steps/seconds to ``threshold``; means over the seeds that reached it."""
     hits = [steps_to_reach(progress(r, n_images), threshold) for r in rows]
@@ -154,19 +144,19 @@ def describe_reach(stats: dict[str, Any]) -> str:
             f"({', '.join(map(str, stats['steps']))})")
 
 
-def ioffe_comparison(rows: list[dict[str, Any]], n_images: int | None = None) -> dict[str, Any] | None:
+def ioffe_comparison(rows: list[Row], n_images: int | None = None) -> dict[str, Any] | None:
     """The baseline's best seed-mean accuracy, the step it got there, and per BN rate the
     first step BN's seed-mean curve reached it (None when BN never did)."""
     base_lr = best_lr(rows, False)
     if base_lr is None:
         return None
-    base = mean_progress(_group(rows, False, base_lr), n_images)
+    base = mean_progress(select(rows, bn=False, lr=base_lr), n_images)
     if not base:
         return None
     target_step, _, target = max(base, key=lambda p: (p[2], -p[0]))
     per_lr = {}
     for lr in LEARNING_RATES[True]:
-        group = _group(rows, True, lr)
+        group = select(rows, bn=True, lr=lr)
         if group:
             hit = steps_to_reach(mean_progress(group, n_images), target)
             per_lr[lr] = None if hit is None else hit[0]
@@ -175,16 +165,16 @@ def ioffe_comparison(rows: list[dict[str, Any]], n_images: int | None = None) ->
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     n_images = len(dataset.train_labels) if dataset is not None else None
     plot_best_curves(rows, out, n_images)
     headers = ["model", "lr", "final val acc", *[f"to {t:.2f}" for t in THRESHOLDS]]
     table_rows = []
     for bn in (False, True):
         for lr in LEARNING_RATES[bn]:
-            group = _group(rows, bn, lr)
+            group = select(rows, bn=bn, lr=lr)
             if group:
-                table_rows.append([MODELS[bn][0], f"{lr:g}", format_mean_ci([final(r) for r in group]),
+                table_rows.append([MODELS[bn][0], f"{lr:g}", format_mean_ci(finals(group)),
                                    *[describe_reach(reach_stats(group, t, n_images))
                                      for t in THRESHOLDS]])
     return ["## Steps to a validation accuracy, by learning rate", "",
@@ -195,17 +185,17 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
             "![validation accuracy against steps and seconds](convergence.png)"]
 
 
-def findings(rows: list[dict[str, Any]], n_images: int | None = None) -> list[str]:
+def findings(rows: list[Row], n_images: int | None = None) -> list[str]:
     lines = []
     best = {bn: best_lr(rows, bn) for bn in (False, True)}
     for bn in (False, True):
         if best[bn] is not None:
-            group = _group(rows, bn, best[bn])
+            group = select(rows, bn=bn, lr=best[bn])
             lines.append(f"- Best learning rate, {MODELS[bn][0]}: **{best[bn]:g}** (mean final val "
-                         f"acc {mean_ci([final(r) for r in group])[0]:.4f}).")
+                         f"acc {mean_final(group):.4f}).")
     if best[False] is None or best[True] is None:
         return lines
-    base_group, bn_group = _group(rows, False, best[False]), _group(rows, True, best[True])
+    base_group, bn_group = select(rows, bn=False, lr=best[False]), select(rows, bn=True, lr=best[True])
     for threshold in THRESHOLDS:
         b, n = reach_stats(base_group, threshold, n_images), reach_stats(bn_group, threshold, n_images)
         b_all, n_all = b["reached"] == b["seeds"], n["reached"] == n["seeds"]
@@ -249,7 +239,7 @@ def findings(rows: list[dict[str, Any]], n_images: int | None = None) -> list[st
     return lines
 
 
-def plot_best_curves(rows: list[dict[str, Any]], out: Path, n_images: int | None) -> None:
+def plot_best_curves(rows: list[Row], out: Path, n_images: int | None) -> None:
     from bnlab.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
@@ -257,7 +247,7 @@ def plot_best_curves(rows: list[dict[str, Any]], out: Path, n_images: int | None
         lr = best_lr(rows, bn)
         if lr is None:
             continue
-        curve = mean_progress(_group(rows, bn, lr), n_images)
+        curve = mean_progress(select(rows, bn=bn, lr=lr), n_images)
         name = f"{MODELS[bn][0]} (lr {lr:g})"
         axes[0].plot([p[0] for p in curve], [p[2] for p in curve], marker=".", label=name)
         axes[1].plot([p[1] for p in curve], [p[2] for p in curve], marker=".", label=name)

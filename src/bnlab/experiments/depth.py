@@ -34,12 +34,16 @@ grows about linearly with depth, so the grid takes about 20-25 minutes.
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bnlab.experiments.analysis import FAIL_ACCURACY, failed, final
+from bnlab import runs
+from bnlab.experiments import analysis
+from bnlab.experiments.analysis import FAIL_ACCURACY, Row, finals, plot_intervals, select, trains
+from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
-from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.experiments.stats import format_mean_ci
 from bnlab.tables import format_table
 
 DEPTHS = (5, 10, 20, 50, 110)
@@ -65,34 +69,28 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 # --------------------------------------------------------------------------- definitions
 
-def select(rows: list[dict[str, Any]], **tags: Any) -> list[dict[str, Any]]:
-    """Rows whose tags match every given tag."""
-    return [r for r in rows if all(r["tags"].get(k) == v for k, v in tags.items())]
+def best_lr(rows: list[Row], activation: str, norm: str, depth: int) -> float | None:
+    """The rate with the highest mean final validation accuracy (``analysis.best_lr``: diverged
+    seeds count at chance; ties go to the smaller rate); None when the grid has no run of
+    that family."""
+    return analysis.best_lr(rows, LEARNING_RATES, activation=activation, norm=norm, depth=depth)
 
 
-def best_lr(rows: list[dict[str, Any]], activation: str, norm: str, depth: int) -> float | None:
-    """The rate with the highest mean final validation accuracy (diverged seeds count at
-    chance; ties go to the smaller rate); None when the grid has no run of that family."""
-    means = {lr: mean_ci([final(r) for r in group])[0] for lr in LEARNING_RATES
-             if (group := select(rows, activation=activation, norm=norm, depth=depth, lr=lr))}
-    return max(sorted(means), key=lambda lr: means[lr], default=None)
-
-
-def trains_at(rows: list[dict[str, Any]], activation: str, norm: str, depth: int) -> bool | None:
+def trains_at(rows: list[Row], activation: str, norm: str, depth: int) -> bool | None:
     """True when some rate has runs and none of its seeds failed; None without runs."""
     groups = [g for lr in LEARNING_RATES
               if (g := select(rows, activation=activation, norm=norm, depth=depth, lr=lr))]
     if not groups:
         return None
-    return any(not any(failed(r) for r in g) for g in groups)
+    return any(trains(g) for g in groups)
 
 
-def deepest_training(rows: list[dict[str, Any]], activation: str, norm: str) -> int | None:
+def deepest_training(rows: list[Row], activation: str, norm: str) -> int | None:
     """The largest depth of the grid that trains (None if none does)."""
     return max((d for d in DEPTHS if trains_at(rows, activation, norm, d)), default=None)
 
 
-def first_failing(rows: list[dict[str, Any]], activation: str, norm: str) -> int | None:
+def first_failing(rows: list[Row], activation: str, norm: str) -> int | None:
     """The smallest depth of the grid that does not train (None if every depth trains)."""
     return min((d for d in DEPTHS if trains_at(rows, activation, norm, d) is False), default=None)
 
@@ -107,20 +105,14 @@ def first_last_ratio(norms: list[float]) -> float:
 
 # --------------------------------------------------------------------------- gradients
 
-def gradient_profiles(rows: list[dict[str, Any]], dataset) -> dict[tuple, dict[str, Any]]:
+def gradient_profiles(rows: list[Row], dataset) -> dict[tuple, dict[str, Any]]:
     """Per (activation, norm, depth): per-layer gradient norms of seed 0 at initialization
     and after training at the family's best rate, with the run's step count."""
-    import torch
-
-    from bnlab.config import config_from_dict
     from bnlab.data.loader import stratified_subset
-    from bnlab.gradients import layer_gradient_norms
-    from bnlab.inspection import load_trained_model
-    from bnlab.train import TrainConfig, model_for
 
     images, labels = stratified_subset(dataset.train_images, dataset.train_labels,
                                        min(GRADIENT_BATCH, len(dataset.train_labels)))
-    x = images.unsqueeze(1).float().div(255)  # (256, 1, 28, 28)
+    key = {"version": 1, "batch": GRADIENT_BATCH, "data": fingerprint(images, labels)}
     profiles: dict[tuple, dict[str, Any]] = {}
     for act in ACTIVATIONS:
         for norm in NORMS:
@@ -129,25 +121,38 @@ def gradient_profiles(rows: list[dict[str, Any]], dataset) -> dict[tuple, dict[s
                 if lr is None:
                     continue
                 group = select(rows, activation=act, norm=norm, depth=depth, lr=lr)
-                row = min(group, key=lambda r: r["seed"])
-                config = config_from_dict(TrainConfig, row["config"])
-                torch.manual_seed(config.seed)
-                init = [v for _, v in layer_gradient_norms(model_for(config, "cpu").train(),
-                                                           x, labels)]
-                trained = None
-                if not row["summary"]["diverged"]:
-                    model, _ = load_trained_model(row["run_dir"])
-                    trained = [v for _, v in layer_gradient_norms(model.train(), x, labels)]
-                profiles[(act, norm, depth)] = {"lr": lr, "seed": row["seed"], "init": init,
-                                                "trained": trained, "row": row}
+                row = min(group, key=lambda r: r.seed)
+                norms = runs.cached(row.run_dir, "gradient_profile", key,
+                                    partial(gradient_profile, row, images, labels))
+                profiles[(act, norm, depth)] = {"lr": lr, "seed": row.seed, **norms, "row": row}
     return profiles
 
 
-def _steps(row: dict[str, Any]) -> int:
+def gradient_profile(row: Row, images, labels) -> dict[str, list[float] | None]:
+    """||dL/dW|| per weight layer, in depth order, of the run's model at initialization and
+    after training (None when the run diverged), on one batch in train mode."""
+    import torch
+
+    from bnlab.config import config_from_dict
+    from bnlab.gradients import layer_gradient_norms
+    from bnlab.train import TrainConfig, model_for
+
+    x = images.unsqueeze(1).float().div(255)  # (256, 1, 28, 28)
+    config = config_from_dict(TrainConfig, row.config)
+    torch.manual_seed(config.seed)
+    init = [v for _, v in layer_gradient_norms(model_for(config, "cpu").train(), x, labels)]
+    trained = None
+    if not row.diverged:
+        model, _ = runs.load_trained_model(row.run_dir)
+        trained = [v for _, v in layer_gradient_norms(model.train(), x, labels)]
+    return {"init": init, "trained": trained}
+
+
+def _steps(row: Row) -> int:
     from bnlab.train import steps_per_epoch, training_images
 
-    config = row["config"]
-    return steps_per_epoch(training_images(config["subset"]), config["batch_size"]) * len(row["metrics"])
+    config = row.config
+    return steps_per_epoch(training_images(config["subset"]), config["batch_size"]) * len(row.metrics)
 
 
 def _fmt_ratio(value: float) -> str:
@@ -183,23 +188,15 @@ def plot_profiles(profiles: dict[tuple, dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_accuracy_vs_depth(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_accuracy_vs_depth(rows: list[Row], path: Path) -> None:
     from bnlab.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, len(ACTIVATIONS), figsize=(12, 4), sharey=True, squeeze=False)
     for ax, act in zip(axes[0], ACTIVATIONS):
         for norm, name in NORMS.items():
-            xs, means, halves = [], [], []
-            for depth in DEPTHS:
-                lr = best_lr(rows, act, norm, depth)
-                if lr is None:
-                    continue
-                mean, half = mean_ci([final(r) for r in select(
-                    rows, activation=act, norm=norm, depth=depth, lr=lr)])
-                xs.append(depth)
-                means.append(mean)
-                halves.append(half or 0.0)
-            ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=name)
+            at_best = {depth: finals(select(rows, activation=act, norm=norm, depth=depth, lr=lr))
+                       for depth in DEPTHS if (lr := best_lr(rows, act, norm, depth)) is not None}
+            plot_intervals(ax, at_best, label=name)
         ax.axhline(FAIL_ACCURACY, color="crimson", lw=0.8, ls="--", label="fails at or below")
         ax.set_xscale("log")
         ax.set_xticks(DEPTHS, [str(d) for d in DEPTHS])
@@ -213,7 +210,7 @@ def plot_accuracy_vs_depth(rows: list[dict[str, Any]], path: Path) -> None:
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     plot_accuracy_vs_depth(rows, out / "accuracy_vs_depth.png")
     headers = ["activation", "norm", *[f"depth {d}" for d in DEPTHS]]
     table_rows = []
@@ -227,7 +224,7 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
                     continue
                 group = select(rows, activation=act, norm=norm, depth=depth, lr=lr)
                 verdict = "" if trains_at(rows, act, norm, depth) else " FAILS"
-                cells.append(f"{format_mean_ci([final(r) for r in group])} (lr {lr:g}){verdict}")
+                cells.append(f"{format_mean_ci(finals(group))} (lr {lr:g}){verdict}")
             table_rows.append(cells)
     sections = ["## Final validation accuracy by depth", "",
                 format_table(headers, table_rows), "",
@@ -265,7 +262,7 @@ def gradient_table(profiles: dict[tuple, dict[str, Any]]) -> str:
                          "layers at 0 (init)"], rows)
 
 
-def depth_findings(rows: list[dict[str, Any]]) -> list[str]:
+def depth_findings(rows: list[Row]) -> list[str]:
     lines = []
     for act in ACTIVATIONS:
         for norm, name in NORMS.items():

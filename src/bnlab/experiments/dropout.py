@@ -8,14 +8,22 @@ train-mode vs eval-mode behaviour of the finished models on the same images.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from bnlab.experiments.analysis import FAIL_ACCURACY, final, mean_curve, train_val_gap
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
+from bnlab import runs
+from bnlab.experiments.analysis import (
+    FAIL_ACCURACY,
+    Row,
+    by_label,
+    finals,
+    mean_curve,
+    mean_final,
+    plot_mean_curves,
+    train_val_gap,
+)
+from bnlab.experiments.measure import accuracy_in_mode, fingerprint
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.tables import format_table
 
@@ -38,38 +46,34 @@ def variants(settings: ExpSettings) -> list[Variant]:
     ]
 
 
-@torch.no_grad()
-def accuracy_in_mode(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                     training: bool, seed: int = 0, batch_size: int = 1000) -> float:
-    """Accuracy of a copy of ``model`` in train or eval mode (the model and its BN buffers
-    are untouched; dropout masks are seeded)."""
-    probe = copy.deepcopy(model).train(training)
-    torch.manual_seed(seed)
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        x = images[start:start + batch_size].unsqueeze(1).float().div(255)  # (B, 1, 28, 28)
-        correct += (probe(x).argmax(dim=1) == labels[start:start + batch_size]).sum().item()
-    return correct / len(labels)
-
-
-def mode_table(groups: dict[str, list[dict[str, Any]]], dataset) -> tuple[str, dict[str, dict]]:
-    """Per variant: accuracy on training and test images in eval mode and in train mode."""
-    from bnlab.inspection import load_trained_model
-
+def mode_accuracies(row: Row, dataset) -> dict[str, float]:
+    """A finished run's accuracy on the first ``MODE_EVAL_IMAGES`` training images in eval
+    mode and on the test set in eval and in train mode; cached in the run folder."""
     train_x = dataset.train_images[:MODE_EVAL_IMAGES]
     train_y = dataset.train_labels[:MODE_EVAL_IMAGES]
+    test_x, test_y = dataset.test_images, dataset.test_labels
+    key = {"version": 1, "batch_size": 1000, "seed": 0,
+           "data": fingerprint(train_x, train_y, test_x, test_y)}
+
+    def compute() -> dict[str, float]:
+        model, _ = runs.load_trained_model(row.run_dir)
+        return {"train_eval": accuracy_in_mode(model, train_x, train_y, False),
+                "val_eval": accuracy_in_mode(model, test_x, test_y, False),
+                "val_train": accuracy_in_mode(model, test_x, test_y, True)}
+
+    return runs.cached(row.run_dir, "dropout_modes", key, compute)
+
+
+def mode_table(groups: dict[str, list[Row]], dataset) -> tuple[str, dict[str, dict]]:
+    """Per variant: accuracy on training and test images in eval mode and in train mode."""
     measured: dict[str, dict[str, list[float]]] = {}
     for label, group in groups.items():
         cells = measured.setdefault(label, {"train_eval": [], "val_eval": [], "val_train": []})
         for row in group:
-            if row["summary"]["diverged"]:
+            if row.diverged:
                 continue
-            model, _ = load_trained_model(row["run_dir"])
-            cells["train_eval"].append(accuracy_in_mode(model, train_x, train_y, False))
-            cells["val_eval"].append(accuracy_in_mode(model, dataset.test_images,
-                                                      dataset.test_labels, False))
-            cells["val_train"].append(accuracy_in_mode(model, dataset.test_images,
-                                                       dataset.test_labels, True))
+            for name, acc in mode_accuracies(row, dataset).items():
+                cells[name].append(acc)
     rows = []
     for label, cells in measured.items():
         gaps = [a - b for a, b in zip(cells["train_eval"], cells["val_eval"])]
@@ -82,8 +86,8 @@ def mode_table(groups: dict[str, list[dict[str, Any]]], dataset) -> tuple[str, d
     return format_table(headers, rows), measured
 
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
-    from bnlab.plots import plot_mean_curves, plt, save_figure
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+    from bnlab.plots import plt, save_figure
 
     groups = by_label(rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -96,8 +100,8 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
 
     table = format_table(["variant", "final val acc", "final train acc (train mode)",
                           "train − val gap"], [
-        [label, format_mean_ci([final(r) for r in g]),
-         format_mean_ci([final(r, "final_train_acc") for r in g]),
+        [label, format_mean_ci(finals(g)),
+         format_mean_ci(finals(g, "final_train_acc")),
          format_mean_ci([train_val_gap(r) for r in g])] for label, g in groups.items()])
     sections = ["## Accuracy and regularization", "", table, "",
                 "The training accuracy here is measured while training (train mode, averaged "
@@ -114,14 +118,14 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
         "", "![accuracy per epoch](accuracy_per_epoch.png)"]
 
 
-def findings(groups: dict[str, list[dict[str, Any]]], measured: dict[str, dict]) -> list[str]:
+def findings(groups: dict[str, list[Row]], measured: dict[str, dict]) -> list[str]:
     """Best accuracy, smallest generalization gap and the train-mode effect, from the numbers.
 
     The gap is taken in eval mode on the finished models when they were measured (dropout
     lowers train-mode accuracy, so a gap against training-time accuracy understates
     overfitting); otherwise from the training-time accuracy.
     """
-    finals = {label: mean_ci([final(r) for r in g])[0] for label, g in groups.items()}
+    means = {label: mean_final(g) for label, g in groups.items()}
     if measured:
         gaps = {label: mean_ci([a - b for a, b in zip(c["train_eval"], c["val_eval"])])[0]
                 for label, c in measured.items() if c["val_eval"]}
@@ -129,17 +133,17 @@ def findings(groups: dict[str, list[dict[str, Any]]], measured: dict[str, dict])
     else:
         gaps = {label: mean_ci([train_val_gap(r) for r in g])[0] for label, g in groups.items()}
         gap_kind = "train − val gap (training-time train accuracy)"
-    best = max(finals, key=finals.get)
-    lines = [f"- Highest final validation accuracy: {best} ({finals[best]:.4f}).",
-             "- Final validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in finals.items())
+    best = max(means, key=means.get)
+    lines = [f"- Highest final validation accuracy: {best} ({means[best]:.4f}).",
+             "- Final validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
              + "."]
-    trained = {k: v for k, v in gaps.items() if finals[k] > FAIL_ACCURACY}
+    trained = {k: v for k, v in gaps.items() if means[k] > FAIL_ACCURACY}
     if trained:
         smallest = min(trained, key=lambda k: abs(trained[k]))
         lines.append(f"- Smallest {gap_kind} among the runs that trained: {smallest} "
                      f"({100 * trained[smallest]:+.2f} points); " + ", ".join(
                          f"{k} {100 * v:+.2f}" for k, v in trained.items()) + ".")
-    failed_variants = [k for k, v in finals.items() if v <= FAIL_ACCURACY]
+    failed_variants = [k for k, v in means.items() if v <= FAIL_ACCURACY]
     if failed_variants:
         lines.append(f"- Did not train (final accuracy at most {FAIL_ACCURACY}): "
                      + ", ".join(failed_variants) + ".")

@@ -12,9 +12,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bnlab.experiments.analysis import FAIL_ACCURACY, failed, final, mean_curve
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
-from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.experiments.analysis import (
+    FAIL_ACCURACY,
+    Row,
+    by_label,
+    failed,
+    final,
+    finals,
+    mean_curve,
+    plot_intervals,
+    plot_mean_curves,
+    select,
+    trains,
+)
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
+from bnlab.experiments.stats import format_mean_ci
 from bnlab.tables import format_table
 
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -27,39 +39,30 @@ def variants(settings: ExpSettings) -> list[Variant]:
             for bn in (False, True) for lr in LEARNING_RATES]
 
 
-def training_lrs(rows: list[dict[str, Any]], bn: bool) -> list[float]:
+def training_lrs(rows: list[Row], bn: bool) -> list[float]:
     """The grid's rates at which no seed failed, ascending."""
-    return [lr for lr in LEARNING_RATES
-            if (group := [r for r in rows if r["tags"] == {"bn": bn, "lr": lr}])
-            and not any(failed(r) for r in group)]
+    return [lr for lr in LEARNING_RATES if trains(select(rows, bn=bn, lr=lr))]
 
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
-    from bnlab.plots import plot_mean_curves, plt, save_figure
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+    from bnlab.plots import plt, save_figure
 
     groups = by_label(rows)
     # Validation accuracy per epoch, one line per learning rate, one panel per model.
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     for ax, bn in zip(axes, (False, True)):
-        curves = {f"lr={r[0]['tags']['lr']:g}": mean_curve(r) for r in groups.values()
-                  if r[0]["tags"]["bn"] == bn}
+        curves = {f"lr={r[0].tags['lr']:g}": mean_curve(r) for r in groups.values()
+                  if r[0].tags["bn"] == bn}
         plot_mean_curves(curves, ax, "validation accuracy", cmap="viridis")
         ax.set_title(MODELS[bn][0])
         ax.legend(fontsize=7, ncol=2)
     save_figure(fig, out / "val_acc_per_epoch.png")
 
-    # Final validation accuracy against learning rate.
+    # Final validation accuracy against learning rate (intervals held to [0, 1]).
     fig, ax = plt.subplots(figsize=(6, 4))
     for bn in (False, True):
-        lrs, means, halves = [], [], []
-        for lr in LEARNING_RATES:
-            group = groups.get(f"{MODELS[bn][0]} lr={lr:g}", [])
-            if group:
-                mean, half = mean_ci([final(r) for r in group])
-                lrs.append(lr)
-                means.append(mean)
-                halves.append(half or 0.0)
-        ax.errorbar(lrs, means, yerr=halves, marker="o", capsize=3, label=MODELS[bn][0])
+        plot_intervals(ax, {lr: finals(group) for lr in LEARNING_RATES
+                            if (group := select(rows, bn=bn, lr=lr))}, label=MODELS[bn][0])
     ax.axhline(FAIL_ACCURACY, color="crimson", lw=0.8, ls="--", label="fails at or below")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
@@ -72,9 +75,9 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
     for lr in LEARNING_RATES:
         cells = [f"{lr:g}"]
         for bn in (False, True):
-            group = groups.get(f"{MODELS[bn][0]} lr={lr:g}", [])
+            group = select(rows, bn=bn, lr=lr)
             fails = sum(failed(r) for r in group)
-            cells += [format_mean_ci([final(r) for r in group]), f"{fails}/{len(group)}"]
+            cells += [format_mean_ci(finals(group)), f"{fails}/{len(group)}"]
         table_rows.append(cells)
     table = format_table(["lr", "LeNet final val acc", "LeNet failed", "BN-LeNet final val acc",
                           "BN-LeNet failed"], table_rows)
@@ -83,7 +86,7 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
             "![final accuracy against learning rate](final_acc_vs_lr.png)"]
 
 
-def findings(rows: list[dict[str, Any]]) -> list[str]:
+def findings(rows: list[Row]) -> list[str]:
     top = max(LEARNING_RATES)
     lines = [f"- A run **fails** when its loss becomes non-finite or its final validation "
              f"accuracy is at most {FAIL_ACCURACY} (chance is 0.1); a learning rate trains when "
@@ -104,9 +107,9 @@ def findings(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"- Batch norm tolerates a learning rate {'at least ' if largest[True] == top else ''}"
                      f"{ratio:g}x as large (resolved to the grid's spacing of about 3x).")
     for bn in (False, True):
-        best = max((r for r in rows if r["tags"]["bn"] == bn), key=final, default=None)
+        best = max((r for r in rows if r.tags["bn"] == bn), key=final, default=None)
         if best is not None:
-            lines.append(f"- Best single run, {MODELS[bn][0]}: lr {best['tags']['lr']:g}, final "
+            lines.append(f"- Best single run, {MODELS[bn][0]}: lr {best.tags['lr']:g}, final "
                          f"val acc {final(best):.4f}.")
     return lines
 

@@ -33,9 +33,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bnlab.experiments.analysis import failed, final
+from bnlab import runs
+from bnlab.experiments.analysis import Row, failed, finals, mean_final, plot_intervals, select
+from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
-from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.experiments.stats import UNBOUNDED, format_mean_ci, mean_ci
 from bnlab.tables import format_table
 
 NORMS = {"bnlab": "BN", "layer": "LayerNorm", "group": "GroupNorm", "instance": "InstanceNorm",
@@ -60,25 +62,25 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 # --------------------------------------------------------------------------- definitions
 
-def select(rows: list[dict[str, Any]], norm: str, batch_size: int) -> list[dict[str, Any]]:
-    return [r for r in rows if r["tags"]["norm"] == norm and r["tags"]["batch_size"] == batch_size]
-
-
-def mode_accuracies(row: dict[str, Any], dataset) -> dict[str, float] | None:
+def mode_accuracies(row: Row, dataset) -> dict[str, float] | None:
     """Test accuracy of a finished run's model in eval mode and in train mode (batches of
-    the training batch size); None for a diverged run."""
-    from bnlab.experiments.dropout import accuracy_in_mode
-    from bnlab.inspection import load_trained_model
-    from bnlab.train import drops_last_batch
-
-    if row["summary"]["diverged"]:
+    the training batch size); None for a diverged run. Cached in the run folder."""
+    if row.diverged:
         return None
-    model, config = load_trained_model(row["run_dir"])
     images, labels = dataset.test_images, dataset.test_labels
-    if drops_last_batch(len(labels), config.batch_size):
-        images, labels = images[:-1], labels[:-1]
-    return {"eval": accuracy_in_mode(model, images, labels, False, batch_size=EVAL_BATCH),
-            "train": accuracy_in_mode(model, images, labels, True, batch_size=config.batch_size)}
+    key = {"version": 1, "eval_batch": EVAL_BATCH, "data": fingerprint(images, labels)}
+
+    def compute() -> dict[str, float]:
+        from bnlab.train import drops_last_batch
+
+        model, config = runs.load_trained_model(row.run_dir)
+        x, y = images, labels
+        if drops_last_batch(len(y), config.batch_size):
+            x, y = x[:-1], y[:-1]
+        return {"eval": accuracy_in_mode(model, x, y, False, batch_size=EVAL_BATCH),
+                "train": accuracy_in_mode(model, x, y, True, batch_size=config.batch_size)}
+
+    return runs.cached(row.run_dir, "norm_modes", key, compute)
 
 
 def mode_gaps(measured: dict[tuple[str, int], list[dict[str, float]]]) -> dict[tuple[str, int], float]:
@@ -96,18 +98,18 @@ def mode_independent(gaps: dict[tuple[str, int], float], norm: str,
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     measured: dict[tuple[str, int], list[dict[str, float]]] = {}
     if dataset is not None:
         for row in rows:
             result = mode_accuracies(row, dataset)
             if result is not None:
-                measured.setdefault((row["tags"]["norm"], row["tags"]["batch_size"]), []).append(result)
+                measured.setdefault((row.tags["norm"], row.tags["batch_size"]), []).append(result)
     gaps = mode_gaps(measured)
     plot(rows, measured, out / "norms_by_batch_size.png")
 
     headers = ["norm", *[f"bs {bs} (lr {lr_for(bs):.4g})" for bs in BATCH_SIZES]]
-    acc_rows = [[name, *[_cell(select(rows, norm, bs)) for bs in BATCH_SIZES]]
+    acc_rows = [[name, *[_cell(select(rows, norm=norm, batch_size=bs)) for bs in BATCH_SIZES]]
                 for norm, name in NORMS.items()]
     sections = ["## Final validation accuracy (eval mode) by batch size", "",
                 format_table(headers, acc_rows), "",
@@ -124,11 +126,11 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
         "", "![accuracy and mode gap by batch size](norms_by_batch_size.png)"]
 
 
-def _cell(group: list[dict[str, Any]]) -> str:
+def _cell(group: list[Row]) -> str:
     if not group:
         return "-"
     fails = sum(failed(r) for r in group)
-    text = format_mean_ci([final(r) for r in group])
+    text = format_mean_ci(finals(group))
     return text + (f" (failed {fails}/{len(group)})" if fails else "")
 
 
@@ -140,9 +142,9 @@ def _gap_cell(values: list[dict[str, float]]) -> str:
     return f"{train:.4f} / {ev:.4f} ({100 * (train - ev):+.2f})"
 
 
-def findings(rows: list[dict[str, Any]], gaps: dict[tuple[str, int], float]) -> list[str]:
-    means = {(n, bs): mean_ci([final(r) for r in g])[0]
-             for n in NORMS for bs in BATCH_SIZES if (g := select(rows, n, bs))}
+def findings(rows: list[Row], gaps: dict[tuple[str, int], float]) -> list[str]:
+    means = {(n, bs): mean_final(g)
+             for n in NORMS for bs in BATCH_SIZES if (g := select(rows, norm=n, batch_size=bs))}
     lines = []
     for bs in BATCH_SIZES:
         at = {n: v for (n, b), v in means.items() if b == bs}
@@ -175,29 +177,16 @@ def findings(rows: list[dict[str, Any]], gaps: dict[tuple[str, int], float]) -> 
     return lines
 
 
-def plot(rows: list[dict[str, Any]], measured: dict, path: Path) -> None:
+def plot(rows: list[Row], measured: dict, path: Path) -> None:
     from bnlab.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for norm, name in NORMS.items():
-        xs, means, halves = [], [], []
-        for bs in BATCH_SIZES:
-            group = select(rows, norm, bs)
-            if group:
-                mean, half = mean_ci([final(r) for r in group])
-                xs.append(bs)
-                means.append(mean)
-                halves.append(half or 0.0)
-        axes[0].errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=name)
-        gap_xs, gap_means, gap_halves = [], [], []
-        for bs in BATCH_SIZES:
-            values = measured.get((norm, bs), [])
-            if values:
-                mean, half = mean_ci([100 * (v["train"] - v["eval"]) for v in values])
-                gap_xs.append(bs)
-                gap_means.append(mean)
-                gap_halves.append(half or 0.0)
-        axes[1].errorbar(gap_xs, gap_means, yerr=gap_halves, marker="o", capsize=3, label=name)
+        plot_intervals(axes[0], {bs: finals(group) for bs in BATCH_SIZES
+                                 if (group := select(rows, norm=norm, batch_size=bs))}, label=name)
+        plot_intervals(axes[1], {bs: [100 * (v["train"] - v["eval"]) for v in values]
+                                 for bs in BATCH_SIZES if (values := measured.get((norm, bs)))},
+                       UNBOUNDED, label=name)
     axes[0].set_ylabel("final val acc (eval mode)")
     axes[1].set_ylabel("train mode − eval mode (points)")
     axes[1].axhline(0.0, color="gray", lw=0.8)

@@ -10,9 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bnlab.experiments.analysis import describe_epochs_to_reach, final, mean_curve
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
-from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.experiments.analysis import (
+    Row,
+    by_label,
+    describe_epochs_to_reach,
+    finals,
+    mean_curve,
+    mean_final,
+    plot_mean_curves,
+)
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
+from bnlab.experiments.stats import format_mean_ci, intervals_apart
 from bnlab.tables import format_table
 
 PLACEMENTS = {
@@ -31,13 +39,8 @@ def variants(settings: ExpSettings) -> list[Variant]:
                     {"slots": slots}) for label, slots in PLACEMENTS.items()]
 
 
-def _intervals_overlap(a: list[float], b: list[float]) -> bool:
-    (ma, ha), (mb, hb) = mean_ci(a), mean_ci(b)
-    return abs(ma - mb) <= (ha or 0.0) + (hb or 0.0)
-
-
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
-    from bnlab.plots import plot_mean_curves, plt, save_figure
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+    from bnlab.plots import plt, save_figure
 
     groups = by_label(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -49,7 +52,7 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
 
     headers = ["placement", "final val acc", *[f"epochs to {t:.2f}" for t in THRESHOLDS]]
     table = format_table(headers, [
-        [label, format_mean_ci([final(r) for r in g]),
+        [label, format_mean_ci(finals(g)),
          *[describe_epochs_to_reach(g, t) for t in THRESHOLDS]]
         for label, g in groups.items()])
     return ["## Accuracy and convergence by placement", "", table, "",
@@ -57,24 +60,25 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
             *findings(groups), "", "![validation accuracy per epoch](val_acc_per_epoch.png)"]
 
 
-def findings(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
-    finals = {label: [final(r) for r in g] for label, g in groups.items()}
-    means = {label: mean_ci(v)[0] for label, v in finals.items()}
+def findings(groups: dict[str, list[Row]]) -> list[str]:
+    means = {label: mean_final(g) for label, g in groups.items()}
     ranked = sorted(means, key=means.get, reverse=True)
     lines = ["- Ranking by mean final validation accuracy: "
              + ", ".join(f"{label} ({means[label]:.4f})" for label in ranked) + "."]
     reference, baseline = "every layer", "no BN"
-    if reference in finals and baseline in finals:
+    if reference in groups and baseline in groups:
         for label in ranked:
             if label in (reference, baseline):
                 continue
             gain = means[label] - means[baseline]
-            same = _intervals_overlap(finals[label], finals[reference])
-            lines.append(
-                f"- {label}: {100 * gain:+.2f} points against no BN; "
-                + ("its interval overlaps BN-everywhere's (no difference resolved)." if same
-                   else f"{100 * (means[label] - means[reference]):+.2f} points from BN "
-                        "everywhere, intervals apart."))
+            if intervals_apart(finals(groups[label]), finals(groups[reference])):
+                versus = (f"{100 * (means[label] - means[reference]):+.2f} points from BN "
+                          "everywhere, intervals apart.")
+            elif min(len(groups[label]), len(groups[reference])) < 2:
+                versus = "a single seed has no interval (no difference from BN everywhere resolved)."
+            else:
+                versus = "its interval overlaps BN-everywhere's (no difference resolved)."
+            lines.append(f"- {label}: {100 * gain:+.2f} points against no BN; {versus}")
     return lines
 
 

@@ -28,9 +28,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bnlab.experiments.analysis import FAIL_ACCURACY, failed
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant, by_label
-from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab import runs
+from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, failed, plot_intervals
+from bnlab.experiments.measure import fingerprint
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
+from bnlab.experiments.stats import ACCURACY, format_mean_ci, intervals_apart, mean_ci
 from bnlab.tables import format_table
 
 MODELS = {
@@ -70,18 +72,31 @@ def perturbation_curves(model, dataset, seed: int = 0) -> dict[str, list[tuple[f
                                 max_batches=PGD_BATCHES)}
 
 
-def measure(rows: list[dict[str, Any]], dataset) -> Measured:
-    """Per variant, kind and size: the accuracy of each seed that trained (a failed run,
-    diverged or at chance level, has no robustness to measure)."""
-    from bnlab.inspection import load_trained_model
+def measurement_key(dataset) -> dict[str, Any]:
+    """What the curves of a run depend on besides its model: a change recomputes them."""
+    from bnlab.robustness import PGD_STEP_FACTOR
 
+    return {"version": 1, "sizes": SIZES, "pgd_steps": PGD_STEPS, "pgd_batches": PGD_BATCHES,
+            "pgd_step_factor": PGD_STEP_FACTOR, "eval_batch": EVAL_BATCH, "seed": 0,
+            "data": fingerprint(dataset.test_images, dataset.test_labels)}
+
+
+def run_curves(row: Row, dataset, key: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """``perturbation_curves`` of a finished run's model, cached in its folder under ``key``."""
+    return runs.cached(row.run_dir, "robustness", key, lambda: perturbation_curves(
+        runs.load_trained_model(row.run_dir)[0], dataset))
+
+
+def measure(rows: list[Row], dataset) -> Measured:
+    """Per variant, kind and size: the accuracy of each seed that trained (a failed run,
+    diverged or at chance level, has no robustness to measure). Each run's curves are
+    computed once and cached in its folder (``runs.cached``, key ``measurement_key``)."""
     measured: Measured = {}
-    for row in rows:
-        if failed(row):
-            continue
-        model, _ = load_trained_model(row["run_dir"])
-        cells = measured.setdefault(row["label"], {})
-        for kind, curve in perturbation_curves(model, dataset).items():
+    trained = [row for row in rows if not failed(row)]
+    key = measurement_key(dataset) if trained else {}
+    for row in trained:
+        cells = measured.setdefault(row.label, {})
+        for kind, curve in run_curves(row, dataset, key).items():
             for size, acc in curve:
                 cells.setdefault(kind, {}).setdefault(size, []).append(acc)
     return measured
@@ -92,14 +107,6 @@ def relative(per_size: dict[float, list[float]]) -> dict[float, list[float]]:
     clean = per_size.get(0.0, [])
     return {size: [a / c if c > 0 else math.nan for a, c in zip(values, clean)]
             for size, values in per_size.items()}
-
-
-def separated(a: list[float], b: list[float]) -> bool:
-    """True when the two 95% intervals do not overlap (never with a single seed each)."""
-    (ma, ha), (mb, hb) = mean_ci(a), mean_ci(b)
-    if ha is None or hb is None:
-        return False
-    return abs(ma - mb) > ha + hb
 
 
 def compare(measured: Measured, kind: str, label: str,
@@ -115,14 +122,14 @@ def compare(measured: Measured, kind: str, label: str,
             continue
         out.append({"size": size, "acc": mean_ci(mine[size])[0], "base_acc": mean_ci(theirs[size])[0],
                     "rel": mean_ci(rel_mine[size])[0], "base_rel": mean_ci(rel_theirs[size])[0],
-                    "apart": separated(mine[size], theirs[size]),
-                    "rel_apart": separated(rel_mine[size], rel_theirs[size])})
+                    "apart": intervals_apart(mine[size], theirs[size]),
+                    "rel_apart": intervals_apart(rel_mine[size], rel_theirs[size])})
     return out
 
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     if dataset is None or not rows:
         return ["(no dataset or no finished runs: nothing to perturb)"]
     measured = measure(rows, dataset)
@@ -149,7 +156,7 @@ def analyze(rows: list[dict[str, Any]], out: Path, dataset: Any = None) -> list[
     return sections
 
 
-def skipped(rows: list[dict[str, Any]]) -> list[str]:
+def skipped(rows: list[Row]) -> list[str]:
     """A line per variant with failed seeds."""
     return [f"- {label}: {sum(map(failed, g))}/{len(g)} seeds failed and are not measured."
             for label, g in by_label(rows).items() if any(map(failed, g))]
@@ -197,11 +204,11 @@ def plot(measured: Measured, path: Path) -> None:
     for col, kind in enumerate(SIZES):
         for label, cells in measured.items():
             per_size = cells.get(kind, {})
-            for row, values in enumerate((per_size, relative(per_size))):
-                xs = sorted(values)
-                stats = [mean_ci(values[x]) for x in xs]
-                axes[row][col].errorbar(xs, [m for m, _ in stats], yerr=[h or 0.0 for _, h in stats],
-                                        marker="o", capsize=3, label=label)
+            relative_bounds = (0.0, math.inf)  # a fraction of clean accuracy: >= 0, may pass 1
+            for row, (values, bounds) in enumerate(((per_size, ACCURACY),
+                                                    (relative(per_size), relative_bounds))):
+                plot_intervals(axes[row][col], {x: values[x] for x in sorted(values)}, bounds,
+                               label=label)
         axes[0][col].set_title(KIND_NAMES[kind])
         axes[0][col].set_ylabel("test accuracy")
         axes[1][col].set_ylabel("accuracy / clean accuracy")

@@ -10,7 +10,8 @@ two runs touching the same folder.
 Layout of ``<out>/``::
 
     runs/<model>-<norm>-seed<k>-<hash>/   one run folder per config (bnlab.runs), shared by
-                    every experiment: a config two experiments have in common trains once
+                    every experiment: a config two experiments have in common trains once;
+                    its analysis/ keeps the experiments' measurements of the finished model
     <experiment>/settings.json   the ExpSettings used
     <experiment>/results.jsonl   one row per run: variant, config, per-epoch metrics, summary
     <experiment>/summary.md, summary.csv   mean ± 95% CI over seeds per variant
@@ -35,11 +36,18 @@ from bnlab import runs
 from bnlab.config import check_at_least, config_to_dict
 from bnlab.data.dataset import FashionMNIST
 from bnlab.errors import BnlabError, ConfigError
+from bnlab.experiments.analysis import Row, by_label
 from bnlab.experiments.executors import Executor, GridProgress, LocalExecutor
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.io import atomic_write_json, atomic_write_text, remove_stray_temps
 from bnlab.tables import format_table
-from bnlab.train import TrainConfig, build_loaders, describe_training_set
+from bnlab.train import (
+    TrainConfig,
+    build_loaders,
+    describe_training_set,
+    steps_per_epoch,
+    training_images,
+)
 
 
 @dataclass
@@ -83,7 +91,7 @@ class Experiment:
     title: str
     question: str
     variants: Callable[[ExpSettings], list[Variant]]
-    analyze: Callable[[list[dict[str, Any]], Path, Any], list[str]]  # (rows, out, dataset)
+    analyze: Callable[[list[Row], Path, Any], list[str]]  # (rows, out, dataset)
     default_epochs: int
     default_subset: int  # -1 = all
     notes: str = ""
@@ -111,6 +119,19 @@ def resolve(settings: ExpSettings, experiment: Experiment) -> ExpSettings:
 def train_subset(subset: int) -> int:
     """``TrainConfig.subset`` for a resolved ``ExpSettings.subset``: -1 (all images) is 0 there."""
     return 0 if subset == -1 else subset
+
+
+EVALS_PER_RUN = 25
+MIN_EVAL_EVERY = 5
+"""Periodic test evaluations (``eval_every``): about 25 a run, but at most every 5 steps (a
+short run's evaluations of 10000 test images would cost more than its training)."""
+
+
+def periodic_eval_every(settings: ExpSettings, batch_size: int) -> int:
+    """``TrainConfig.eval_every`` that evaluates a run of resolved ``settings`` at batch
+    ``batch_size`` about :data:`EVALS_PER_RUN` times, at most every :data:`MIN_EVAL_EVERY` steps."""
+    steps = steps_per_epoch(training_images(train_subset(settings.subset)), batch_size) * settings.epochs
+    return max(MIN_EVAL_EVERY, steps // EVALS_PER_RUN)
 
 
 def config_key(config: TrainConfig) -> str:
@@ -188,8 +209,8 @@ def execute(planned: list[PlannedRun], dataset: FashionMNIST, jobs: int = 1,
 
 # --------------------------------------------------------------------------- results
 
-def collect(planned: list[PlannedRun], bad: list[BadRun] | None = None) -> list[dict[str, Any]]:
-    """One row per finished run: label, tags, seed, config, metrics, summary, folder.
+def collect(planned: list[PlannedRun], bad: list[BadRun] | None = None) -> list[Row]:
+    """One row per finished run, in grid order.
 
     A finished run whose files cannot be read is said on stderr, added to ``bad`` and left out.
     """
@@ -200,39 +221,21 @@ def collect(planned: list[PlannedRun], bad: list[BadRun] | None = None) -> list[
         if not is_finished(p.run_dir) or p.run_dir in known_bad:
             continue
         try:
-            run = runs.load_run(p.run_dir)
+            rows.append(Row.from_run(p.run_dir, p.variant.label, p.variant.tags))
         except runs.RunFolderError as exc:
             _left_out(p, exc, bad)
-            continue
-        rows.append({
-            "label": p.variant.label,
-            "tags": p.variant.tags,
-            "seed": p.config.seed,
-            "config": run["config"],
-            "metrics": run["metrics"],
-            "summary": run["summary"],
-            "run_dir": str(p.run_dir),
-        })
     return rows
-
-
-def by_label(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Rows grouped by variant label, in grid order."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(row["label"], []).append(row)
-    return groups
 
 
 SUMMARY_HEADERS = ["variant", "seeds", "final val acc", "best val acc", "final train acc",
                    "diverged", "s/epoch"]
 
 
-def summary_rows(rows: list[dict[str, Any]]) -> list[list[object]]:
+def summary_rows(rows: list[Row]) -> list[list[object]]:
     """Per variant: mean ± 95% CI over seeds of the headline numbers (diverged runs excluded)."""
     out = []
     for label, group in by_label(rows).items():
-        ok = [r["summary"] for r in group if not r["summary"]["diverged"]]
+        ok = [r.summary for r in group if not r.diverged]
         out.append([
             label, len(group),
             format_mean_ci([s["final_val_acc"] for s in ok]),
@@ -257,7 +260,10 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
                    tensorboard: str | Path | None = None) -> str:
     """Plan and validate every run, train (skipping finished runs), collect and analyze; return
     ``report.md``'s text. Runs that cannot be used are left out of the report, which says so,
-    and end in ``GridIncomplete`` once everything else is written."""
+    and end in ``GridIncomplete`` once everything else is written.
+
+    A second call on a finished grid trains nothing, and the analysis reads the expensive
+    measurements back from the run folders (``runs.cached``)."""
     settings = resolve(settings, experiment)
     if experiment.run is not None:
         return experiment.run(settings, Path(out), dataset, jobs, progress)
@@ -273,7 +279,7 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     execute(planned, dataset, jobs, progress, executor, tensorboard, bad)
     rows = collect(planned, bad)
     atomic_write_text(out / "results.jsonl",
-                      "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+                      "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rows))
     table_rows = summary_rows(rows)
     atomic_write_text(out / "summary.csv", to_csv(SUMMARY_HEADERS, table_rows))
     table = format_table(SUMMARY_HEADERS, table_rows)

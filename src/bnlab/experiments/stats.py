@@ -36,6 +36,47 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
+ACCURACY = (0.0, 1.0)
+"""Where an accuracy lies: intervals of accuracies are intersected with it."""
+UNBOUNDED = (-math.inf, math.inf)
+
+
+def interval(values: Sequence[float], bounds: tuple[float, float] = UNBOUNDED
+             ) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% Student-t interval over ``values`` intersected with ``bounds``.
+
+    Bounded data keep the Student-t interval over seeds, clipped, rather than an interval
+    made for proportions: the spread measured here is seed to seed, which a Wilson interval
+    (binomial noise of the test images) does not describe, and a bootstrap over 3 seeds
+    cannot reach past the extreme seeds and so undercovers. Clipping loses no coverage:
+    the true mean lies inside ``bounds``, so whenever the t interval holds it, the clipped
+    one does too. One value has no interval: low = high = mean.
+    """
+    mean, half = mean_ci(values)
+    return (mean, *bounded(mean, half, bounds))
+
+
+def bounded(mean: float, half: float | None, bounds: tuple[float, float] = UNBOUNDED
+            ) -> tuple[float, float]:
+    """(low, high) of ``mean ± half`` intersected with ``bounds`` (see :func:`interval`)."""
+    half = half or 0.0
+    return max(bounds[0], mean - half), min(bounds[1], mean + half)
+
+
+def intervals_apart(a: Sequence[float], b: Sequence[float]) -> bool:
+    """True when the 95% intervals of ``a`` and ``b`` do not overlap, |mean_a − mean_b| > h_a + h_b.
+
+    A sample of one value has no interval, so it is never apart from anything: with a
+    single seed no difference is resolved. (Counting it as a zero-width interval would
+    call every single-seed difference resolved, seed noise included, which is what the
+    intervals are there to rule out.)
+    """
+    (ma, ha), (mb, hb) = mean_ci(a), mean_ci(b)
+    if ha is None or hb is None:
+        return False
+    return abs(ma - mb) > ha + hb
+
+
 def format_mean_ci(values: Sequence[float], spec: str = ".4f") -> str:
     mean, half = mean_ci(values)
     if math.isnan(mean):

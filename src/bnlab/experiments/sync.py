@@ -23,14 +23,14 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bnlab import runs
 from bnlab.config import config_to_dict
-from bnlab.experiments.analysis import train_val_gap
+from bnlab.experiments.analysis import Row, select, train_val_gap
 from bnlab.experiments.runner import (
     SUMMARY_HEADERS,
     Experiment,
@@ -93,17 +93,11 @@ def execute(planned: list[dict[str, Any]], dataset, progress: bool) -> None:
             bar.update(1)
 
 
-def collect(planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for p in planned:
-        if is_finished(p["run_dir"]):
-            run = runs.load_run(p["run_dir"])
-            rows.append({"label": f"{NAMES[p['variant']]} b={p['b']}",
-                         "tags": {"variant": p["variant"], "per_rank_batch": p["b"]},
-                         "seed": p["config"].seed, "config": run["config"],
-                         "metrics": run["metrics"], "summary": run["summary"],
-                         "run_dir": str(p["run_dir"])})
-    return rows
+def collect(planned: list[dict[str, Any]]) -> list[Row]:
+    """One row per finished run, in grid order."""
+    return [Row.from_run(p["run_dir"], f"{NAMES[p['variant']]} b={p['b']}",
+                         {"variant": p["variant"], "per_rank_batch": p["b"]})
+            for p in planned if is_finished(p["run_dir"])]
 
 
 # --------------------------------------------------------------------------- cost
@@ -173,17 +167,21 @@ def measure_cost(out: Path, steps: int = COST_STEPS) -> list[dict[str, float]]:
 # --------------------------------------------------------------------------- report
 
 
-def _cell(rows: list[dict[str, Any]], value) -> str:
-    return format_mean_ci([value(r) for r in rows if not r["summary"]["diverged"]])
+def _final_val_acc(row: Row) -> float:
+    return row.summary["final_val_acc"]
 
 
-def _select(rows, variant, b):
-    return [r for r in rows if r["tags"]["variant"] == variant and r["tags"]["per_rank_batch"] == b]
+def _cell(rows: list[Row], value: Callable[[Row], float]) -> str:
+    return format_mean_ci([value(r) for r in rows if not r.diverged])
 
 
-def analyze(rows: list[dict[str, Any]], cost: list[dict[str, float]]) -> list[str]:
+def _select(rows: list[Row], variant: str, b: int) -> list[Row]:
+    return select(rows, variant=variant, per_rank_batch=b)
+
+
+def analyze(rows: list[Row], cost: list[dict[str, float]]) -> list[str]:
     headers = ["norm", *[f"b={b} (global {WORLD * b})" for b in PER_RANK_BATCHES]]
-    acc = [[NAMES[v], *[_cell(_select(rows, v, b), lambda r: r["summary"]["final_val_acc"])
+    acc = [[NAMES[v], *[_cell(_select(rows, v, b), _final_val_acc)
                         for b in PER_RANK_BATCHES]] for v in VARIANTS]
     gap = [[NAMES[v], *[_cell(_select(rows, v, b), train_val_gap) for b in PER_RANK_BATCHES]]
            for v in VARIANTS]
@@ -202,11 +200,12 @@ def analyze(rows: list[dict[str, Any]], cost: list[dict[str, float]]) -> list[st
     ]
 
 
-def _mean(rows, variant, b, value=lambda r: r["summary"]["final_val_acc"]) -> float:
-    return mean_ci([value(r) for r in _select(rows, variant, b) if not r["summary"]["diverged"]])[0]
+def _mean(rows: list[Row], variant: str, b: int) -> float:
+    """Mean final validation accuracy of a cell's runs that did not diverge (nan if none)."""
+    return mean_ci([_final_val_acc(r) for r in _select(rows, variant, b) if not r.diverged])[0]
 
 
-def findings(rows: list[dict[str, Any]], cost: list[dict[str, float]]) -> list[str]:
+def findings(rows: list[Row], cost: list[dict[str, float]]) -> list[str]:
     lines = ["## Findings (computed from the numbers above)", ""]
     for b in PER_RANK_BATCHES:
         means = {v: _mean(rows, v, b) for v in VARIANTS}
@@ -237,7 +236,7 @@ def run(settings: ExpSettings, out: Path, dataset, jobs: int, progress: bool) ->
     execute(planned, dataset, progress)
     rows = collect(planned)
     atomic_write_text(out / "results.jsonl",
-                      "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+                      "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rows))
     table_rows = summary_rows(rows)
     atomic_write_text(out / "summary.csv", to_csv(SUMMARY_HEADERS, table_rows))
     table = format_table(SUMMARY_HEADERS, table_rows)

@@ -1,0 +1,228 @@
+"""Noisy BN, percentile tracking and gradient ICS (Santurkar et al. Def. 2.1) on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlab import nn as bnn
+from bnlab.experiments import probed
+from bnlab.gradients import preserved_buffers
+from bnlab.ics import drift, gradient_ics, percentile_record, unit_percentiles
+from bnlab.noisy_bn import NoisyBatchNorm1d, NoisyBatchNorm2d, parse_strength
+from bnlab.norms import create_norm_layer
+from bnlab.runs import CHECKPOINT
+from bnlab.train import TrainConfig, start_run
+
+
+def tiny_net(norm: str = "bnlab", seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), create_norm_layer(norm, "fc", 7), nn.Sigmoid(),
+                         nn.Linear(7, 6), create_norm_layer(norm, "fc", 6), nn.Sigmoid(),
+                         nn.Linear(6, 3)).double()
+
+
+def batch(seed: int = 1, n: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def snapshot(model: nn.Module):
+    return ([p.detach().clone() for p in model.parameters()],
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            [b.clone() for b in model.buffers()])
+
+
+def assert_unchanged(model: nn.Module, before) -> None:
+    params, grads, buffers = before
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+    for p, g in zip(model.parameters(), grads):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    for b, c in zip(model.buffers(), buffers):
+        assert torch.equal(b, c)
+
+
+# --------------------------------------------------------------------------- noisy BN
+
+@pytest.mark.parametrize("cls,shape", [(NoisyBatchNorm1d, (8, 4)), (NoisyBatchNorm2d, (8, 4, 3, 3))])
+def test_noisy_bn_at_strength_zero_is_bn_exactly(cls, shape):
+    x = torch.randn(*shape, dtype=torch.float64)
+    plain = (bnn.BatchNorm2d if len(shape) == 4 else bnn.BatchNorm1d)(4).double()
+    noisy = cls(4, strength=0.0).double()
+    noisy.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        plain.weight.uniform_()
+        noisy.weight.copy_(plain.weight)
+    rng = torch.get_rng_state()
+    assert torch.equal(noisy(x), plain(x))
+    assert torch.equal(torch.get_rng_state(), rng)  # no noise drawn at all
+    assert torch.equal(noisy.running_mean, plain.running_mean)
+    assert torch.equal(noisy.running_var, plain.running_var)
+
+
+def test_noise_is_per_sample_and_per_activation_and_moves_over_steps():
+    torch.manual_seed(0)
+    layer = NoisyBatchNorm1d(50, strength=1.0).double()
+    x = torch.randn(400, 50, dtype=torch.float64)
+    clean = bnn.BatchNorm1d(50).double()(x)
+    deltas = []
+    for _ in range(30):
+        deltas.append(layer(x) - clean)  # (400, 50): noise y*(s-1) + m
+    d = deltas[0]
+    # Per sample and per activation: within one step the noise varies along BOTH axes,
+    # i.e. it is not one shift per channel (constant over samples) nor one per sample.
+    within_channel = d.var(dim=0).mean()   # over samples, per channel
+    within_sample = d.var(dim=1).mean()    # over channels, per sample
+    assert within_channel > 0.5 and within_sample > 0.5
+    # Entries are uncorrelated across samples and across channels.
+    c = torch.corrcoef(d.T)  # (50, 50) channel correlations over samples
+    assert (c - torch.eye(50, dtype=torch.float64)).abs().max() < 0.3
+    # Each step's mean shift is re-drawn: the batch means of the noise differ between steps
+    # by far more than their sampling error, and are not zero on average.
+    step_means = torch.stack([t.mean() for t in deltas])
+    assert step_means.std() > 10 * d.std() / (d.numel() ** 0.5)
+    assert (step_means.abs() > 0.05).float().mean() > 0.5
+
+
+def test_noise_only_in_training_and_strength_parsing():
+    layer = create_norm_layer("noisy-bn:0.5", "conv", 3)
+    assert isinstance(layer, NoisyBatchNorm2d) and layer.strength == 0.5
+    assert create_norm_layer("noisy-bn", "fc", 3).strength == 1.0
+    layer.eval()
+    x = torch.randn(4, 3, 2, 2)
+    assert torch.equal(layer(x), layer(x))
+    with pytest.raises(ValueError, match="noisy-bn:STRENGTH"):
+        parse_strength("noisy-bn:-1")
+    with pytest.raises(ValueError, match="noisy-bn:STRENGTH"):
+        parse_strength("noisy-bn:abc")
+
+
+# --------------------------------------------------------------------------- percentiles
+
+def test_unit_percentiles_match_sorting():
+    values = torch.arange(101, dtype=torch.float64).unsqueeze(1).repeat(1, 3)  # (101, 3)
+    values[:, 1] *= 2
+    p = unit_percentiles(values)
+    assert p.shape == (3, 3)
+    assert p[:, 0].tolist() == [15.0, 50.0, 85.0] and p[:, 1].tolist() == [30.0, 100.0, 170.0]
+
+
+def test_percentile_record_is_of_the_last_sigmoid_input_and_leaves_model_alone():
+    model = tiny_net("noisy-bn:1")
+    x, _ = batch()
+    model.train()
+    before = snapshot(model)
+    rng = torch.get_rng_state()
+    record = percentile_record(model, x, unit=2)
+    with torch.no_grad():
+        model.eval()
+        pre = model[:5](x)  # (16, 6) the input of the last sigmoid
+        model.train()
+    expected = unit_percentiles(pre)
+    assert record["unit"] == pytest.approx(expected[:, 2].tolist())
+    assert record["median"] == pytest.approx(expected.median(dim=1).values.tolist())
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert_unchanged(model, before)
+    noisy = percentile_record(model, x, train=True, seed=3)
+    assert noisy == percentile_record(model, x, train=True, seed=3) != record
+
+
+def test_drift_is_scale_free_and_zero_for_a_still_distribution():
+    still = [[-1.0, 0.0, 1.0]] * 4
+    assert drift(still) == {"location": 0.0, "scale": 0.0}
+    moving = [[-1.0, 0.0, 1.0], [0.0, 1.0, 2.0], [0.0, 1.0, 4.0]]
+    d = drift(moving)
+    assert d["location"] == pytest.approx(1.0 / (8 / 3))
+    assert drift([[10 * v for v in r] for r in moving]) == pytest.approx(d)
+
+
+# --------------------------------------------------------------------------- gradient ICS
+
+@pytest.mark.parametrize("norm", ["none", "bnlab", "noisy-bn:1"])
+def test_gradient_ics_is_zero_when_the_previous_layers_do_not_move(norm):
+    model = tiny_net(norm)
+    x, y = batch()
+    results = gradient_ics(model, x, y, lr=0.0)
+    assert len(results) == 3
+    for r in results:
+        assert r["diff"] == 0.0 and r["relative"] == 0.0 and r["cosine"] == pytest.approx(1.0)
+
+
+def test_gradient_ics_matches_a_by_hand_update_of_the_previous_layers():
+    model = tiny_net("bnlab")
+    x, y = batch()
+    lr = 0.5
+    results = gradient_ics(model, x, y, lr)
+    assert results[0]["diff"] == 0.0  # nothing before the first layer
+    # Layer 2 (index 3): step layer 1 and its BN by hand, recompute dL/dW_2.
+    ref = copy.deepcopy(model).train()
+    loss = F.cross_entropy(ref(x), y)
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    g = grads[4]  # weight of ref[3]
+    with torch.no_grad():
+        for p, gp in list(zip(ref.parameters(), grads))[:4]:  # linear1 w, b; bn1 w, b
+            p.sub_(lr * gp)
+    (g_prime,) = torch.autograd.grad(F.cross_entropy(ref(x), y), [ref[3].weight])
+    assert results[1]["norm"] == pytest.approx(g.norm().item(), rel=1e-12)
+    assert results[1]["diff"] == pytest.approx((g - g_prime).norm().item(), rel=1e-9)
+    assert results[1]["cosine"] == pytest.approx(
+        F.cosine_similarity(g.flatten(), g_prime.flatten(), dim=0).item(), rel=1e-9)
+    assert results[1]["diff"] > 0
+
+
+def test_gradient_ics_leaves_parameters_grads_buffers_and_rng_alone():
+    model = tiny_net("noisy-bn:1")
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()  # some existing .grad
+    model.eval()
+    before = snapshot(model)
+    rng = torch.get_rng_state()
+    gradient_ics(model, x, y, lr=1.0)
+    assert not model.training and torch.equal(torch.get_rng_state(), rng)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.slow
+def test_ics_experiment_quick_grid_runs_and_probes_are_cached(synthetic_fashion, tmp_path):
+    from bnlab.experiments import get_experiment
+    from bnlab.experiments.runner import QUICK, run_experiment
+
+    report = run_experiment(get_experiment("ics"), QUICK, tmp_path, synthetic_fashion,
+                            progress=False)
+    assert "Every probed replay ended on exactly its run's weights." in report
+    assert "noisy BN 1" in report and "Gradient ICS, LeNet vs BN-LeNet at lr 0.1" in report
+    caches = sorted(tmp_path.glob("runs/*/analysis/ics-probes.json"))
+    assert len(caches) == len(get_experiment("ics").variants(QUICK))
+    stamp = [c.stat().st_mtime_ns for c in caches]
+    run_experiment(get_experiment("ics"), QUICK, tmp_path, synthetic_fashion, progress=False)
+    assert [c.stat().st_mtime_ns for c in caches] == stamp  # nothing measured again
+
+
+def test_a_probed_replay_ends_on_exactly_the_run_s_weights(synthetic_fashion, tmp_path):
+    config = TrainConfig(model="bn-lenet", norm="noisy-bn:1", lr=0.1, batch_size=32, epochs=1,
+                         subset=200, device="cpu")
+    start_run(config, synthetic_fashion, tmp_path, progress=False).train()
+    batches = []
+
+    def probe(model, x, y, step):  # probes keep the trajectory: RNG forked, buffers restored
+        with torch.random.fork_rng(), preserved_buffers(model):
+            torch.rand(3)
+            model.train()(x)
+        batches.append(len(y))
+        return {"n": len(y)}
+
+    total = probed.total_steps(config, synthetic_fashion)
+    assert total == 7  # 200 images in batches of 32
+    replayed = probed.replay(config, synthetic_fashion, [0, 3, 6], probe, tmp_path / CHECKPOINT,
+                             progress=False)
+    assert [r["step"] for r in replayed["records"]] == [0, 3, 6] and batches == [32, 32, 8]
+    assert replayed["reproduces_run"] is True
+    other = dataclasses.replace(config, lr=0.2)
+    assert probed.replay(other, synthetic_fashion, [], probe, tmp_path / CHECKPOINT,
+                         progress=False)["reproduces_run"] is False

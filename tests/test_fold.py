@@ -274,4 +274,4 @@ def test_bench_fold_cli_rejects_bad_repeats(capsys) -> None:
     from bnlab.cli import main
 
     assert main(["bench", "fold", "--repeats", "0"]) == 2
-    assert "bnlab: error: --repeats: expected >= 1 (got 0)" in capsys.readouterr().err
+    assert "bnlab: error: expected --repeats >= 1 (got 0)" in capsys.readouterr().err

@@ -89,7 +89,7 @@ class TrainConfig:
     subset: int = field(default=0, metadata={"help": SUBSET_HELP})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda"})
     compile: bool = field(default=False, metadata={
-        "help": "torch.compile the training step (about 25-30 s of compile before epoch 1)"})
+        "help": "torch.compile the training step (compiles before epoch 1)"})
     eval_batch_size: int = field(default=1000, metadata={"help": "batch size of evaluation"})
     eval_every: int = field(default=0, metadata={
         "help": "also evaluate every N training steps (0 = only after each epoch)"})

@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bnlab.bench.timing import format_table
 from bnlab.experiments import get_experiment
 from bnlab.experiments.executors import LocalExecutor, RayExecutor, import_ray
 from bnlab.experiments.runner import ExpSettings, execute, plan
+from bnlab.tables import format_table
 
 
 def run_grid_benchmark(dataset, seeds: int = 2, workers: int = 2, repeats: int = 2,

@@ -22,9 +22,8 @@ training), for unit 0 and as the median over the layer's units; and the gradient
 every weight layer (Definition 2.1) on that step's batch at the run's lr.
 
 Default: 3 epochs on a class-balanced 30000 training images (1500 MLP steps, 705 LeNet
-steps; Ioffe & Szegedy ran 50000), 3 seeds: 36 runs. Estimated from step times measured on
-one loaded core (MLP 13-21 ms/step, LeNet about 32 ms/step) and the replay (a second
-training pass plus probes): about 30 minutes with ``--jobs 2``.
+steps; Ioffe & Szegedy ran 50000), 3 seeds: 36 runs, sized (training plus the replay's
+second pass and probes) to fit the lab's 40-minute budget on 2 cores with ``--jobs 2``.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ equal distances; Santurkar et al. use a range of this kind around their lr 0.1) 
 eta = the run's own lr (the step SGD actually takes), reported apart.
 
 Default: 5 epochs on all 60000 training images (2345 steps), 3 seeds: 12 runs, the same
-configs as ``ics``'s LeNets when both use the same epochs and subset. Estimated at about
-32 ms per LeNet step on one loaded core, training plus replay plus 25 probes of 6
-forward/backward passes each: about 25 minutes with ``--jobs 2``.
+configs as ``ics``'s LeNets when both use the same epochs and subset; training plus replay
+plus 25 probes of 6 forward/backward passes each, sized to fit the lab's 40-minute budget
+on 2 cores with ``--jobs 2``.
 """
 
 from __future__ import annotations

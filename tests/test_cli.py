@@ -151,3 +151,12 @@ def test_bench_writes_its_section_of_the_performance_page(capsys, fake_dataset, 
     assert run_cli(capsys, "bench", "step", "--norms", "bnlab,torch", "--steps", "2",
                    "--device", "cpu", "--write-docs", str(page))[0] == 0
     assert page.read_text().count("<!-- begin step -->") == 1
+
+
+@pytest.mark.parametrize("module", ["bn", "fold", "grid", "loader", "step"])
+def test_every_bench_module_imports(module):
+    """The CLI imports a benchmark's module only when it runs; a broken import would only show
+    then, so each is imported here."""
+    import importlib
+
+    importlib.import_module(f"bnlab.bench.{module}")

@@ -22,6 +22,9 @@ from bnlab.io import read_json
 from bnlab.nn import BatchNorm1d, BatchNorm2d
 from bnlab.train import TrainConfig, TrainingRun, build_loaders, model_for
 
+# Every test here spawns processes (seconds each): the slow tier.
+pytestmark = pytest.mark.slow
+
 CONFIG = TrainConfig(model="bn-lenet", norm="bnlab", batch_size=128, subset=256, epochs=2,
                      lr=0.5, eval_batch_size=200, device="cpu")
 

@@ -26,6 +26,7 @@ import bnlab.nn as bnn
 from bnlab.functional import batch_norm
 
 IMPLS = IMPL_PARAMS  # every implementation but the compiled one, which is tried on few cases
+COMPILED = pytest.param("compiled", marks=pytest.mark.slow)  # each new shape compiles
 KINDS = {1: (nn.BatchNorm1d, bnn.BatchNorm1d), 2: (nn.BatchNorm2d, bnn.BatchNorm2d),
          3: (nn.BatchNorm3d, bnn.BatchNorm3d)}
 TOL = {torch.float64: {"rtol": 1e-9, "atol": 1e-9}, torch.float32: {"rtol": 1e-5, "atol": 1e-5}}
@@ -115,7 +116,7 @@ def test_empty_batch_module(device, impl, training, kind, shape, momentum):
     assert ours.num_batches_tracked.item() == (2 if training else 0)
 
 
-@pytest.mark.parametrize("impl", IMPLS + ["compiled"])
+@pytest.mark.parametrize("impl", IMPLS + [COMPILED])
 @pytest.mark.parametrize("training", [True, False])
 def test_empty_batch_functional(device, impl, training):
     x = torch.randn(0, 3, 2, device=device)
@@ -193,7 +194,7 @@ def test_one_value_per_channel_without_running_stats_in_eval(impl):
                          r"Expected more than 1 value per channel when training")
 
 
-@pytest.mark.parametrize("impl", IMPLS + ["compiled"])
+@pytest.mark.parametrize("impl", IMPLS + [COMPILED])
 @pytest.mark.parametrize("ndim", [9, 10])
 @pytest.mark.parametrize("training", [True, False])
 def test_more_than_8_dims(device, impl, ndim, training):
@@ -564,6 +565,7 @@ def test_replace_all_batch_norm_modules():
 
 # torch.compile ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["fast", "reference"])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_compile_fullgraph(impl, momentum):

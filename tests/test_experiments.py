@@ -46,9 +46,14 @@ from bnlab.train import start_run
 
 
 # Experiments that train and report themselves (Experiment.run: sync's multi-process grid)
-# have no TrainConfig variants to count; tests/test_distributed.py runs sync end to end.
+# have no TrainConfig variants to count; tests/test_distributed.py runs sync end to end, and
+# tests/test_ics.py and tests/test_landscape.py run their quick grids (with their caches).
+OWN_QUICK_TESTS = {"ics", "landscape"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(n for n, e in EXPERIMENTS.items() if e.run is None))
+@pytest.mark.parametrize("name", sorted(n for n, e in EXPERIMENTS.items()
+                                        if e.run is None and n not in OWN_QUICK_TESTS))
 def test_quick_experiment_runs_end_to_end(name, fake_dataset, tmp_path, capsys):
     code = cli.main(["exp", name, "--quick", "--out", str(tmp_path), "--no-progress"])
     assert code == 0

@@ -247,6 +247,7 @@ def test_compiled_impl_matches_torch():
     _assert_all_close(ours, theirs, **TOL[torch.float32])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impls", ["default", pytest.param(("cpp",), marks=CPP_SKIP)])
 @pytest.mark.parametrize("floor", [False, True])
 def test_bn_benchmark_reports_every_shape_and_impl(impls, floor):

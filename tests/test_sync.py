@@ -251,14 +251,17 @@ def world_of_three(tmp_path_factory):
     return run_world(_world_of_three, 3, tmp_path_factory.mktemp("world3"))
 
 
+@pytest.mark.slow
 def test_sync_bn_equals_one_process_bn_over_two_ranks(world_of_two):
     _check_exactness(world_of_two)
 
 
+@pytest.mark.slow
 def test_sync_bn_equals_one_process_bn_over_three_ranks(world_of_three):
     _check_exactness(world_of_three)
 
 
+@pytest.mark.slow
 def test_ddp_with_sync_bn_trains_as_one_process(world_of_two):
     for rank, result in enumerate(world_of_two):
         for broadcast_buffers, diffs in result["ddp"].items():
@@ -266,6 +269,7 @@ def test_ddp_with_sync_bn_trains_as_one_process(world_of_two):
             assert diffs["loss"] <= 1e-10 and diffs["state"] <= 1e-10, (broadcast_buffers, diffs)
 
 
+@pytest.mark.slow
 def test_subset_group_syncs_only_within_it(world_of_three):
     for rank in (0, 1):
         case = world_of_three[rank]["subset"]

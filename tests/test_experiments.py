@@ -44,7 +44,6 @@ from bnlab.experiments.stats import ACCURACY, interval, mean_ci, t_quantile_975
 from bnlab.report import build_report
 from bnlab.train import start_run
 
-
 # Experiments that train and report themselves (Experiment.run: sync's multi-process grid)
 # have no TrainConfig variants to count; tests/test_distributed.py runs sync end to end, and
 # tests/test_ics.py and tests/test_landscape.py run their quick grids (with their caches).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, take_state
 
 __all__ = ["to_torch"]
 
@@ -26,15 +26,7 @@ def _to_torch_one(bn: _BatchNorm) -> nn.Module:
     new = target(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                  device=None if ref is None else ref.device,
                  dtype=None if ref is None else ref.dtype, bias=bn.bias is not None)
-    if bn.affine:
-        new.weight = bn.weight  # the same Parameter objects: optimizers keep working
-        new.bias = bn.bias
-    if bn.track_running_stats:
-        new.running_mean = bn.running_mean
-        new.running_var = bn.running_var
-        new.num_batches_tracked = bn.num_batches_tracked
-    new.train(bn.training)
-    return new
+    return take_state(bn, new)
 
 
 def to_torch(module: nn.Module) -> nn.Module:

@@ -307,18 +307,25 @@ def _convert_one(bn: nn.Module, impl: Impl) -> nn.Module:
     new = target(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                  device=None if ref is None else ref.device,
                  dtype=None if ref is None else ref.dtype, bias=bn.bias is not None, impl=impl)
-    with torch.no_grad():
-        if bn.affine:
-            new.weight = bn.weight  # the same Parameter objects: optimizers keep working
-            if bn.bias is not None:
-                new.bias = bn.bias
-        if bn.track_running_stats:
-            new.running_mean = bn.running_mean
-            new.running_var = bn.running_var
-            new.num_batches_tracked = bn.num_batches_tracked
-    new.train(bn.training)
-    if hasattr(bn, "qconfig"):
-        new.qconfig = bn.qconfig
+    return take_state(bn, new)
+
+
+def take_state(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` (a batch norm of another class, built with ``old``'s settings) with ``old``'s
+    state: the same Parameter and buffer objects (so optimizers and references keep working,
+    bit-identical), its mode and its ``qconfig``. The one rule of every conversion
+    (``convert_batchnorm``, ``to_torch``, ``SyncBatchNorm.convert_sync_batchnorm``)."""
+    if old.affine:
+        new.weight = old.weight
+        if old.bias is not None:
+            new.bias = old.bias
+    if old.track_running_stats:
+        new.running_mean = old.running_mean
+        new.running_var = old.running_var
+        new.num_batches_tracked = old.num_batches_tracked
+    new.train(old.training)
+    if hasattr(old, "qconfig"):
+        new.qconfig = old.qconfig
     return new
 
 

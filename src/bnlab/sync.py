@@ -59,7 +59,7 @@ from torch.autograd.function import once_differentiable
 
 from bnlab._fused import stat_dtype
 from bnlab.functional import DEFAULT_IMPL, Impl
-from bnlab.nn import _BatchNorm
+from bnlab.nn import _BatchNorm, take_state
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -289,15 +289,4 @@ def _to_sync(bn: nn.Module, process_group: Any) -> SyncBatchNorm:
                         process_group, device=None if ref is None else ref.device,
                         dtype=None if ref is None else ref.dtype, bias=bn.bias is not None,
                         impl=getattr(bn, "impl", DEFAULT_IMPL))
-    if bn.affine:
-        new.weight = bn.weight  # the same Parameter objects: optimizers keep working
-        if bn.bias is not None:
-            new.bias = bn.bias
-    if bn.track_running_stats:
-        new.running_mean = bn.running_mean
-        new.running_var = bn.running_var
-        new.num_batches_tracked = bn.num_batches_tracked
-    new.train(bn.training)
-    if hasattr(bn, "qconfig"):
-        new.qconfig = bn.qconfig
-    return new
+    return take_state(bn, new)

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import pytest
 
-from bnlab._cpp import build_requirements_missing
+from bnlab._cpp import build_requirements_missing, has_cxx_compiler
 from bnlab.functional import IMPLEMENTATIONS
 
 CPP_MISSING = build_requirements_missing()
 CPP_SKIP = pytest.mark.skipif(bool(CPP_MISSING),
                               reason="bnlab's C++ kernel cannot build here: lacks "
                               + " and ".join(CPP_MISSING))
+# torch.compile's CPU backend (Inductor) writes and compiles C++: impl="compiled" needs a compiler.
+COMPILED_SKIP = pytest.mark.skipif(not has_cxx_compiler(),
+                                   reason="impl='compiled' (Inductor on CPU) needs a C++ compiler "
+                                   "on PATH")
 _GRID = [impl for impl in IMPLEMENTATIONS.values() if impl.compiles != "each shape"]
 # Parametrize with these; iterate over RUNNABLE.
 IMPL_PARAMS = [pytest.param(impl.name, marks=CPP_SKIP) if impl.compiles == "once" else impl.name
                for impl in _GRID]
 RUNNABLE = [impl.name for impl in _GRID if impl.compiles == "no" or not CPP_MISSING]
+# The norm names (bnlab.norms) of implementations that need a compiler, with their skip marks.
+NORM_SKIPS = {impl.norm: CPP_SKIP if impl.compiles == "once" else COMPILED_SKIP
+              for impl in IMPLEMENTATIONS.values() if impl.compiles != "no"}

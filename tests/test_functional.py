@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _impls import CPP_SKIP, IMPL_PARAMS, RUNNABLE
+from _impls import COMPILED_SKIP, CPP_SKIP, IMPL_PARAMS, RUNNABLE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -238,6 +238,7 @@ def test_bad_impl_name():
 
 
 @pytest.mark.slow
+@COMPILED_SKIP
 def test_compiled_impl_matches_torch():
     """impl='compiled' (torch.compile of the reference math): one small case, since each
     new shape compiles (seconds)."""

@@ -62,12 +62,18 @@ class KernelUnavailable(RuntimeError):
     """The C++ kernel cannot be built or loaded here; the message says why."""
 
 
+def has_cxx_compiler() -> bool:
+    """Whether a C++ compiler is on PATH (this kernel's build, and torch.compile's CPU
+    backend, need one)."""
+    return any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
+
+
 def build_requirements_missing() -> list[str]:
     """What the build needs and this machine lacks (empty when it can build)."""
     from torch.utils.cpp_extension import is_ninja_available
 
     missing = []
-    if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+    if not has_cxx_compiler():
         missing.append("a C++ compiler (c++, g++ or clang++ on PATH)")
     if not is_ninja_available():
         missing.append("ninja (pip install ninja)")

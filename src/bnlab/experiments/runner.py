@@ -254,6 +254,18 @@ def describe_settings(settings: ExpSettings) -> str:
             "intervals over seeds.")
 
 
+def write_results(out: Path, rows: list[Row]) -> str:
+    """Write a grid's ``results.jsonl`` and its ``summary.csv``/``summary.md`` (mean ± 95% CI
+    over seeds per variant) into ``out``; return the summary table."""
+    atomic_write_text(out / "results.jsonl",
+                      "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rows))
+    table_rows = summary_rows(rows)
+    atomic_write_text(out / "summary.csv", to_csv(SUMMARY_HEADERS, table_rows))
+    table = format_table(SUMMARY_HEADERS, table_rows)
+    atomic_write_text(out / "summary.md", table + "\n")
+    return table
+
+
 def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Path,
                    dataset: FashionMNIST, jobs: int = 1, progress: bool = True,
                    executor: Executor | None = None,
@@ -278,12 +290,7 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     bad: list[BadRun] = []
     execute(planned, dataset, jobs, progress, executor, tensorboard, bad)
     rows = collect(planned, bad)
-    atomic_write_text(out / "results.jsonl",
-                      "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rows))
-    table_rows = summary_rows(rows)
-    atomic_write_text(out / "summary.csv", to_csv(SUMMARY_HEADERS, table_rows))
-    table = format_table(SUMMARY_HEADERS, table_rows)
-    atomic_write_text(out / "summary.md", table + "\n")
+    table = write_results(out, rows)
     sections = experiment.analyze(rows, out, dataset)
     report = "\n".join([
         f"# {experiment.title}", "", f"**Question.** {experiment.question}", "",

@@ -19,7 +19,6 @@ median difference is the synchronization's cost (cached in ``cost.json``).
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -32,16 +31,15 @@ import torch
 from bnlab.config import config_to_dict
 from bnlab.experiments.analysis import Row, select, train_val_gap
 from bnlab.experiments.runner import (
-    SUMMARY_HEADERS,
     Experiment,
     ExpSettings,
     describe_settings,
     is_finished,
     run_folder_name,
-    summary_rows,
     train_subset,
+    write_results,
 )
-from bnlab.experiments.stats import format_mean_ci, mean_ci, to_csv
+from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.io import atomic_write_json, atomic_write_text, read_json
 from bnlab.tables import format_table
 
@@ -235,12 +233,7 @@ def run(settings: ExpSettings, out: Path, dataset, jobs: int, progress: bool) ->
     planned = plan(settings, runs_root)
     execute(planned, dataset, progress)
     rows = collect(planned)
-    atomic_write_text(out / "results.jsonl",
-                      "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rows))
-    table_rows = summary_rows(rows)
-    atomic_write_text(out / "summary.csv", to_csv(SUMMARY_HEADERS, table_rows))
-    table = format_table(SUMMARY_HEADERS, table_rows)
-    atomic_write_text(out / "summary.md", table + "\n")
+    table = write_results(out, rows)
     cost = measure_cost(out, steps=COST_STEPS if settings.seeds > 1 else 10)  # --quick: 10
     report = "\n".join([
         f"# {EXPERIMENT.title}", "", f"**Question.** {EXPERIMENT.question}", "",

@@ -18,7 +18,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from _impls import COMPILED_SKIP, IMPL_PARAMS
+from _impls import COMPILED_MARKS, COMPILED_SKIP, IMPL_PARAMS
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, stack_module_state, vmap
 
@@ -26,7 +26,7 @@ import bnlab.nn as bnn
 from bnlab.functional import batch_norm
 
 IMPLS = IMPL_PARAMS  # every implementation but the compiled one, which is tried on few cases
-COMPILED = pytest.param("compiled", marks=[pytest.mark.slow, COMPILED_SKIP])  # each new shape compiles
+COMPILED = pytest.param("compiled", marks=COMPILED_MARKS)
 KINDS = {1: (nn.BatchNorm1d, bnn.BatchNorm1d), 2: (nn.BatchNorm2d, bnn.BatchNorm2d),
          3: (nn.BatchNorm3d, bnn.BatchNorm3d)}
 TOL = {torch.float64: {"rtol": 1e-9, "atol": 1e-9}, torch.float32: {"rtol": 1e-5, "atol": 1e-5}}

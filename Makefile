@@ -9,6 +9,8 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_ARGS   ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers: one per core by default (`make test PYTEST_JOBS=0` runs in one process).
+PYTEST_JOBS ?= auto
 
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.bnlab-installed
@@ -22,11 +24,11 @@ demo: data kernel
 # saying why, where Fashion-MNIST cannot be had), so a failed fetch does not stop it.
 # Lint first: CI runs `make test`, so it enforces ruff too.
 test: lint data-if-possible kernel
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_JOBS) $(PYTEST_ARGS)
 
 # The edit loop: lint and every test not marked slow (the end-to-end grids, demo and CLI runs).
 test-fast: lint kernel
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_JOBS) -m "not slow" $(PYTEST_ARGS)
 
 env: $(STAMP)
 

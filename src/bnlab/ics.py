@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab.gradients import ACTIVATION_LAYERS, WEIGHT_LAYERS, preserved_buffers
+from bnlab.scoped import in_mode, removing, restored_values
 
 PERCENTILES = (0.15, 0.50, 0.85)
 
@@ -61,17 +62,10 @@ def last_activation_input(model: nn.Module, x: torch.Tensor, train: bool = False
     captured: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda mod, inputs, out: captured.append(inputs[0]))
              for m in model.modules() if isinstance(m, ACTIVATION_LAYERS)]
-    was_training = model.training
-    device = x.device
-    try:
-        model.train(train)
-        with torch.no_grad(), preserved_buffers(model), same_noise(device):
-            torch.manual_seed(seed)
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    with removing(hooks), in_mode(model, train), torch.no_grad(), preserved_buffers(model), \
+            same_noise(x.device):
+        torch.manual_seed(seed)
+        model(x)
     if not captured:
         raise ValueError(f"expected a model with an activation layer (got {type(model).__name__})")
     return captured[-1].flatten(1)  # (N, units) (conv maps flattened per sample)
@@ -113,15 +107,8 @@ def weight_layers_in_order(model: nn.Module, x: torch.Tensor) -> list[nn.Module]
     order: list[nn.Module] = []
     hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod) if mod not in order else None)
              for m in model.modules() if list(m.parameters(recurse=False))]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad(), preserved_buffers(model):
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    with removing(hooks), in_mode(model, False), torch.no_grad(), preserved_buffers(model):
+        model(x)
     return order
 
 
@@ -140,35 +127,27 @@ def gradient_ics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float,
     modules = weight_layers_in_order(model, x)
     params = [list(m.parameters(recurse=False)) for m in modules]
     flat = [p for group in params for p in group]
-    saved = [p.detach().clone() for p in flat]
-    was_training = model.training
     results = []
-    try:
-        model.train()
-        with preserved_buffers(model), same_noise(x.device) as rewind, torch.enable_grad():
-            rewind()
-            grads = torch.autograd.grad(loss_fn(model(x), y), flat, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads)]
-            start = 0
-            for index, (module, group) in enumerate(zip(modules, params)):
-                if isinstance(module, WEIGHT_LAYERS):
-                    with torch.no_grad():
-                        for p, g in zip(flat[:start], grads[:start]):
-                            p.sub_(lr * g)
-                    rewind()
-                    (g_after,) = torch.autograd.grad(loss_fn(model(x), y), [module.weight])
-                    with torch.no_grad():
-                        for p, value in zip(flat[:start], saved[:start]):
-                            p.copy_(value)
-                    g_before = grads[start + [id(p) for p in group].index(id(module.weight))]
-                    results.append(compare_gradients(f"{index}:{type(module).__name__}",
-                                                     g_before, g_after))
-                start += len(group)
-    finally:
-        with torch.no_grad():
-            for p, value in zip(flat, saved):
-                p.copy_(value)
-        model.train(was_training)
+    with restored_values(flat) as saved, in_mode(model, True), preserved_buffers(model), \
+            same_noise(x.device) as rewind, torch.enable_grad():
+        rewind()
+        grads = torch.autograd.grad(loss_fn(model(x), y), flat, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads)]
+        start = 0
+        for index, (module, group) in enumerate(zip(modules, params)):
+            if isinstance(module, WEIGHT_LAYERS):
+                with torch.no_grad():
+                    for p, g in zip(flat[:start], grads[:start]):
+                        p.sub_(lr * g)
+                rewind()
+                (g_after,) = torch.autograd.grad(loss_fn(model(x), y), [module.weight])
+                with torch.no_grad():
+                    for p, value in zip(flat[:start], saved[:start]):
+                        p.copy_(value)
+                g_before = grads[start + [id(p) for p in group].index(id(module.weight))]
+                results.append(compare_gradients(f"{index}:{type(module).__name__}",
+                                                 g_before, g_after))
+            start += len(group)
     return results
 
 

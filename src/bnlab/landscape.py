@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from bnlab.gradients import preserved_buffers
+from bnlab.scoped import in_mode, restored_values
 
 LossFn = Callable[[nn.Module], torch.Tensor]  # model -> scalar loss on the probed batch
 
@@ -40,31 +41,23 @@ def probe(model: nn.Module, loss_fn: LossFn, etas: Sequence[float]) -> dict[str,
     docstring; ``beta`` is nan when g is 0).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    saved = [p.detach().clone() for p in params]
-    was_training = model.training
     losses, changes, ratios = [], [], []
-    try:
-        model.train()
-        with preserved_buffers(model), torch.enable_grad():
-            loss0 = loss_fn(model)
-            g = [gi.detach() for gi in torch.autograd.grad(loss0, params)]
-            g_norm = _norm(g)
-            for eta in etas:
-                with torch.no_grad():
-                    for p, w, gi in zip(params, saved, g):
-                        p.copy_(w - eta * gi)
-                loss = loss_fn(model)
-                moved = torch.autograd.grad(loss, params)
-                change = _norm([a - b for a, b in zip(moved, g)])
-                losses.append(loss.item())
-                changes.append(change)
-                step = abs(eta) * g_norm
-                ratios.append(change / step if step > 0 else math.nan)
-    finally:
-        with torch.no_grad():
-            for p, w in zip(params, saved):
-                p.copy_(w)
-        model.train(was_training)
+    with restored_values(params) as saved, in_mode(model, True), preserved_buffers(model), \
+            torch.enable_grad():
+        loss0 = loss_fn(model)
+        g = [gi.detach() for gi in torch.autograd.grad(loss0, params)]
+        g_norm = _norm(g)
+        for eta in etas:
+            with torch.no_grad():
+                for p, w, gi in zip(params, saved, g):
+                    p.copy_(w - eta * gi)
+            loss = loss_fn(model)
+            moved = torch.autograd.grad(loss, params)
+            change = _norm([a - b for a, b in zip(moved, g)])
+            losses.append(loss.item())
+            changes.append(change)
+            step = abs(eta) * g_norm
+            ratios.append(change / step if step > 0 else math.nan)
     every_loss = [loss0.item(), *losses]
     finite = [r for r in ratios if math.isfinite(r)]
     return {"loss0": loss0.item(), "grad_norm": g_norm, "etas": list(etas), "loss": losses,

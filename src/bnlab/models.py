@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bnlab.norms import create_norm_layer
+from bnlab.scoped import in_mode
 
 NORM_SLOTS = ("conv1", "conv2", "fc1", "fc2")
 """Where BN-LeNet can hold a norm layer: after each of its four hidden conv/linear layers."""
@@ -114,11 +115,8 @@ def initialize(model: nn.Module, example: torch.Tensor) -> nn.Module:
     The dry run is in eval mode under no_grad so it leaves no trace in BN running stats;
     the model's train/eval mode is restored afterwards.
     """
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with in_mode(model, False), torch.no_grad():
         model(example)
-    model.train(was_training)
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(module.weight)

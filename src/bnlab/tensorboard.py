@@ -33,6 +33,7 @@ from torch import nn
 
 from bnlab.errors import BnlabError
 from bnlab.models import norm_layers
+from bnlab.scoped import in_mode, removing
 
 FIXED_BATCH = 256
 """Test images whose activations at each BN layer's input are logged every epoch."""
@@ -130,12 +131,6 @@ def layer_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]],
         return hook
 
     handles = [layer.register_forward_pre_hook(capture(name)) for name, layer in layers]
-    was_training = model.training
-    model.eval()
-    try:
+    with removing(handles), in_mode(model, False):
         model(batch)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
     return captured

@@ -33,6 +33,7 @@ from bnlab.denormals import denormals_flushed
 from bnlab.errors import ConfigError
 from bnlab.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
 from bnlab.norms import BATCH_NORMS, NORM_LAYERS
+from bnlab.scoped import in_mode
 
 SUBSET_HELP = (f"train on a class-balanced subset of N training images (0 = all {TRAIN_SIZE}); "
                "the test set stays whole")
@@ -256,18 +257,14 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over ``batches`` in eval mode; the mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        correct = count = 0
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = count = 0
+    with in_mode(model, False):
         for x, y in batches:
             logits = model(x)  # (N, 10)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double().cpu()
             correct += (logits.argmax(dim=1) == y).sum().item()
             count += y.numel()
-    finally:
-        model.train(was_training)
     return loss_sum.item() / count, correct / count
 
 

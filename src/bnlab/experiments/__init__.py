@@ -16,6 +16,7 @@ from bnlab.experiments import (
     lr,
     norm_choice,
     placement,
+    precise,
     robustness_claim,
     sync,
 )
@@ -25,7 +26,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     e.name: e for e in (chapter.EXPERIMENT, lr.EXPERIMENT, placement.EXPERIMENT, dropout.EXPERIMENT,
                         depth.EXPERIMENT, convergence.EXPERIMENT, norm_choice.EXPERIMENT,
                         robustness_claim.EXPERIMENT, sync.EXPERIMENT, ics.EXPERIMENT,
-                        landscape.EXPERIMENT)
+                        landscape.EXPERIMENT, precise.EXPERIMENT)
 }
 
 

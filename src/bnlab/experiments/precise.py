@@ -431,11 +431,13 @@ EXPERIMENT = Experiment(
              "many samples does a population estimate need (Wu & Johnson: 10^3-10^4)?",
     variants=variants,
     analyze=analyze,
-    default_epochs=5,
+    default_epochs=3,
     default_subset=-1,
     notes=f"BN-LeNet at lr {', '.join(f'{lr:g}' for lr in LEARNING_RATES)}, batch 128, plain SGD; "
           f"probes every {FIRST_EPOCH_EVERY} steps in epoch 1 and after every epoch, EMA momentum "
           f"{', '.join(map(str, MOMENTA))} (shadow EMAs of one training), population over N in "
-          f"{list(SAMPLES)}. Default sized to fit 40 minutes on 2 cores with --jobs 2: training "
-          "plus a replay plus the probes (8 test evaluations and 5 population passes each).",
+          f"{list(SAMPLES)}. Default: 3 epochs on all 60000 images (N up to 60000 needs them all), "
+          "3 seeds, sized to fit 40 minutes on 2 cores with --jobs 2: the probes (8 test "
+          "evaluations and 5 population passes each), run one run after another in the "
+          "analysis, cost more than the training.",
 )

@@ -131,8 +131,8 @@ GHOST_VIRTUAL_BATCH_SIZE = 32
 
 def parse_virtual_batch_size(spec: str) -> int:
     """``"ghost:8"`` -> 8; ``"ghost"`` -> :data:`GHOST_VIRTUAL_BATCH_SIZE`."""
-    _, _, value = spec.partition(":")
-    if not value:
+    _, sep, value = spec.partition(":")
+    if not sep:
         return GHOST_VIRTUAL_BATCH_SIZE
     if not value.isdigit() or int(value) < 2:
         raise ValueError(f"expected ghost:SIZE with an integer SIZE >= 2 (got {spec!r})")

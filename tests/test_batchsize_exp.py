@@ -161,3 +161,13 @@ def test_batchsize_quick_grid_runs_and_a_rerun_trains_and_measures_nothing(
     monkeypatch.setattr(executors, "start_run", must_not_run)
     monkeypatch.setattr(runs, "load_trained_model", must_not_run)
     assert run_experiment(experiment, QUICK, tmp_path, synthetic_fashion, progress=False) == report
+
+
+def test_freeze_bn_epochs_over_several_processes_is_refused_before_anything_is_written(
+        synthetic_fashion, tmp_path):
+    from bnlab.distributed import DistributedConfig, DistributedError, launch
+
+    config = TrainConfig(epochs=2, freeze_bn_epochs=1, subset=200, device="cpu")
+    with pytest.raises(DistributedError, match="--freeze-bn-epochs is not supported"):
+        launch(config, DistributedConfig(nproc=2), synthetic_fashion, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -147,3 +147,22 @@ def test_precise_quick_grid_runs_and_a_rerun_trains_and_replays_nothing(syntheti
     monkeypatch.setattr(probed, "replay", must_not_run)
     again = run_experiment(experiment, QUICK, tmp_path, synthetic_fashion, progress=False)
     assert again == report
+
+
+def test_the_lr_grid_beside_is_read_for_the_high_rate(tmp_path):
+    import json
+
+    assert "default 3" in precise.lr_grid_note(tmp_path / "precise")[0]
+    (tmp_path / "lr").mkdir()
+
+    def row(bn: bool, lr: float, acc: float) -> str:
+        return json.dumps({"label": "", "tags": {"bn": bn, "lr": lr}, "seed": 0, "config": {},
+                           "metrics": [], "run_dir": "", "summary": {"final_val_acc": acc,
+                                                                     "diverged": False}})
+
+    lines = [row(True, 1.0, 0.9), row(True, 3.0, 0.85), row(True, 10.0, 0.1), row(False, 1.0, 0.8)]
+    (tmp_path / "lr" / "results.jsonl").write_text("\n".join(lines) + "\n")
+    note = precise.lr_grid_note(tmp_path / "precise")[0]
+    assert "training at lr 1, 3 (best 1)" in note and "is among them" in note
+    (tmp_path / "lr" / "results.jsonl").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    assert "**not** among them" in precise.lr_grid_note(tmp_path / "precise")[0]

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnlab.experiments.analysis import Row, read_results, select
+from bnlab.experiments.analysis import Row, best_lr_per_model, read_results, select
 from bnlab.experiments.probed import cached_replay
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
@@ -349,9 +349,12 @@ def lr_grid_note(out: Path) -> list[str]:
     rates = training_lrs(rows, bn=True)
     if not rates:
         return ["- The `lr` experiment beside this one finds no rate at which BN-LeNet trains."]
+    best = (best_lr_per_model(out.parent / "lr") or {}).get(True)
     inside = HIGH_LR in rates
     return [f"- The `lr` experiment beside this one finds BN-LeNet training at lr "
-            f"{', '.join(f'{r:g}' for r in rates)}; this grid's high rate {HIGH_LR:g} is "
+            f"{', '.join(f'{r:g}' for r in rates)}"
+            + (f" (best {best:g})" if best is not None else "")
+            + f"; this grid's high rate {HIGH_LR:g} is "
             + ("among them." if inside else "**not** among them (read its rows with care).")]
 
 

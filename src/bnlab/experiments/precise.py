@@ -310,9 +310,11 @@ def findings(rows: list[Row], probes) -> list[str]:
             per_seed = [(probes[r.run_dir], phases(r, probes[r.run_dir])[phase])
                         for r in group if probes[r.run_dir]]
             n = enough_samples(per_seed)
+            largest = largest_population(per_seed[0][0])[4:] if per_seed else "-"
             lines.append(f"- lr {lr:g}, {phase}: the smallest N within {100 * ENOUGH:g} points of "
-                         f"the largest N's accuracy is " + (f"**{n}** samples ({_beside_paper(n)})"
-                                                            if n is not None else "none"))
+                         f"N = {largest}'s accuracy is "
+                         + (f"**{n}** samples ({_beside_paper(n)})" if n is not None else "none")
+                         + ".")
     lines.insert(0, f"- EMA more than {100 * WRONG:g} point below population statistics (mean "
                  "over seeds): " + ("; ".join(wrong) if wrong else "nowhere in this grid") + ".")
     return lines

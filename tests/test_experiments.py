@@ -46,8 +46,9 @@ from bnlab.train import start_run
 
 # Experiments that train and report themselves (Experiment.run: sync's multi-process grid)
 # have no TrainConfig variants to count; tests/test_distributed.py runs sync end to end, and
-# tests/test_ics.py and tests/test_landscape.py run their quick grids (with their caches).
-OWN_QUICK_TESTS = {"ics", "landscape"}
+# tests/test_ics.py, test_landscape.py, test_precise_exp.py and test_batchsize_exp.py run
+# their quick grids (with their caches).
+OWN_QUICK_TESTS = {"ics", "landscape", "precise", "batchsize"}
 
 
 @pytest.mark.slow

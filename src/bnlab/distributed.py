@@ -332,6 +332,8 @@ def launch(config, dconfig: DistributedConfig, dataset, out: str | Path, resume:
                 local_bn=not dconfig.sync_bn)
     if config.compile:
         raise DistributedError("--compile is not supported with --nproc > 1")
+    if config.freeze_bn_epochs:  # the frozen phase rebuilds the step without DDP's
+        raise DistributedError("--freeze-bn-epochs is not supported with --nproc > 1")
     out = Path(out)
     spawn(rank_main, (config, dconfig, dataset, str(out), resume, progress), dconfig.nproc)
     return read_json(out / runs.SUMMARY)

@@ -113,8 +113,9 @@ NORM_DESCRIPTIONS: dict[str, str] = {
                 "'noisy-bn:S' sets the strength S (default 1; 0 = plain BN)",
 }
 
-PARAMETRIZED_NORMS = ("noisy-bn",)
-"""Norms that take a parameter as ``NAME:VALUE`` (e.g. ``noisy-bn:0.5``)."""
+PARAMETRIZED_NORMS = ("noisy-bn", "ghost")
+"""Norms that take a parameter as ``NAME:VALUE``: ``noisy-bn:0.5`` (the noise strength),
+``ghost:8`` (the virtual batch size, an integer >= 2)."""
 
 
 def _noisy_batch_norm(kind: str, num_features: int, strength: float) -> nn.Module:
@@ -128,7 +129,18 @@ GHOST_VIRTUAL_BATCH_SIZE = 32
 (2017) found to generalize well; the chapter's batch of 128 becomes four ghost batches."""
 
 
-def _family_layer(kind: str, num_features: int, family: str) -> nn.Module:
+def parse_virtual_batch_size(spec: str) -> int:
+    """``"ghost:8"`` -> 8; ``"ghost"`` -> :data:`GHOST_VIRTUAL_BATCH_SIZE`."""
+    _, sep, value = spec.partition(":")
+    if not sep:
+        return GHOST_VIRTUAL_BATCH_SIZE
+    if not value.isdigit() or int(value) < 2:
+        raise ValueError(f"expected ghost:SIZE with an integer SIZE >= 2 (got {spec!r})")
+    return int(value)
+
+
+def _family_layer(kind: str, num_features: int, family: str,
+                  virtual_batch_size: int = GHOST_VIRTUAL_BATCH_SIZE) -> nn.Module:
     from bnlab import frozen, ghost, renorm
 
     classes = {"ghost": (ghost.GhostBatchNorm2d, ghost.GhostBatchNorm1d),
@@ -136,7 +148,7 @@ def _family_layer(kind: str, num_features: int, family: str) -> nn.Module:
                "frozen": (frozen.FrozenBatchNorm2d, frozen.FrozenBatchNorm1d)}[family]
     cls = classes[0] if kind == "conv" else classes[1]
     if family == "ghost":
-        return cls(num_features, GHOST_VIRTUAL_BATCH_SIZE)
+        return cls(num_features, virtual_batch_size)
     return cls(num_features)
 
 
@@ -146,7 +158,8 @@ NORM_LAYERS["renorm"] = functools.partial(_family_layer, family="renorm")
 NORM_LAYERS["frozen"] = functools.partial(_family_layer, family="frozen")
 NORM_DESCRIPTIONS["ghost"] = (
     f"ghost batch norm: batch norm on each chunk of {GHOST_VIRTUAL_BATCH_SIZE} samples, running "
-    "statistics updated per chunk; prediction as batch norm (bnlab.ghost)")
+    "statistics updated per chunk; prediction as batch norm (bnlab.ghost); 'ghost:V' sets the "
+    "chunk (virtual batch) size V >= 2")
 NORM_DESCRIPTIONS["renorm"] = (
     "batch renormalization: r_max 3, d_max 5 after 100 steps of plain batch norm; prediction as "
     "batch norm (bnlab.renorm)")
@@ -160,11 +173,18 @@ BATCH_NORMS = frozenset({impl.norm for impl in IMPLEMENTATIONS.values()} | {"tor
 train on batches of one (an FC layer then has a single value per channel)."""
 
 
+def is_batch_norm(name: str) -> bool:
+    """Whether the norm named ``name`` (``NAME`` or ``NAME:VALUE``) is in :data:`BATCH_NORMS`."""
+    return name.partition(":")[0] in BATCH_NORMS
+
+
 def create_norm_layer(name: str, kind: str, num_features: int) -> nn.Module:
     """The norm layer registered as ``name`` for ``kind`` activations with ``num_features``."""
     if kind not in _KINDS:
         raise ValueError(f"expected kind in {_KINDS} (got {kind!r})")
     base, sep, _ = name.partition(":")
+    if sep and base == "ghost":
+        return _family_layer(kind, num_features, "ghost", parse_virtual_batch_size(name))
     if sep and base in PARAMETRIZED_NORMS:
         from bnlab.noisy_bn import parse_strength
 

@@ -32,7 +32,7 @@ from bnlab.deep import check_architecture
 from bnlab.denormals import denormals_flushed
 from bnlab.errors import ConfigError
 from bnlab.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
-from bnlab.norms import BATCH_NORMS, NORM_LAYERS
+from bnlab.norms import NORM_LAYERS, is_batch_norm
 from bnlab.scoped import in_mode
 
 SUBSET_HELP = (f"train on a class-balanced subset of N training images (0 = all {TRAIN_SIZE}); "
@@ -94,6 +94,12 @@ class TrainConfig:
     eval_batch_size: int = field(default=1000, metadata={"help": "batch size of evaluation"})
     eval_every: int = field(default=0, metadata={
         "help": "also evaluate every N training steps (0 = only after each epoch)"})
+    freeze_bn_epochs: int = field(default=0, metadata={
+        "help": "train the last N epochs with every batch norm frozen at its population "
+                "statistics, computed once when that phase starts (bnlab.precise.update_bn_stats "
+                "over one pass of the training set, then bnlab.frozen.freeze_batch_norm; "
+                "Wu & Johnson 2021's remedy for train-test inconsistency); 0 = never",
+        OMIT_AT_DEFAULT: True})
     flush_denormal: bool = field(default=True, metadata={
         "help": "flush denormal floats to zero on CPU while training and evaluating "
                 "(bnlab.denormals: where the CPU is slow at them, a saturated net otherwise "
@@ -108,7 +114,10 @@ class TrainConfig:
             raise ValueError(f"{unused} set, but model {self.model!r} takes only "
                              f"{list(MODEL_OPTIONS[self.model])}")
         check_at_least(self, 1, "epochs", "batch_size", "eval_batch_size")
-        check_at_least(self, 0, "seed", "subset", "eval_every")
+        check_at_least(self, 0, "seed", "subset", "eval_every", "freeze_bn_epochs")
+        check(self.freeze_bn_epochs < self.epochs or not self.freeze_bn_epochs,
+              f"expected freeze_bn_epochs < epochs (got {self.freeze_bn_epochs} of "
+              f"{self.epochs}): the statistics are those of a model trained for some epochs")
         check(math.isfinite(self.lr) and self.lr > 0, f"expected a finite lr > 0 (got {self.lr})")
         check_finite_at_least(self, 0, "momentum", "weight_decay")
         check(0 <= self.dropout < 1, f"expected dropout in [0, 1) (got {self.dropout})")
@@ -119,10 +128,13 @@ class TrainConfig:
                 check_architecture(self.depth, self.width, self.activation)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        check(not (self.norm in BATCH_NORMS and has_norm_layers(self.model) and slots)
-              or self.batch_size >= 2,
+        has_batch_norms = is_batch_norm(self.norm) and has_norm_layers(self.model) and bool(slots)
+        check(not has_batch_norms or self.batch_size >= 2,
               f"batch norm needs batch_size >= 2: a batch of one has one value per channel "
               f"(got {self.batch_size})")
+        check(not self.freeze_bn_epochs or has_batch_norms,
+              f"freeze_bn_epochs needs a model with batch norms (got model {self.model!r}, "
+              f"norm {self.norm!r}, norm_slots {self.norm_slots!r})")
         check_device_name(self.device)
 
 
@@ -304,6 +316,10 @@ class TrainingRun:
                 # disagrees with it. Files that agree are not touched.
                 runs.write_history(self.run_dir, self.history, self.step_losses, self.evals)
         self._step = step_for(model, self.optimizer, config)
+        self.bn_frozen = False
+        frozen = config.freeze_bn_epochs
+        if frozen and len(self.history) > config.epochs - frozen:
+            self._freeze_batch_norms(recompute=False)  # resumed: the checkpoint holds them
 
     @property
     def done(self) -> bool:
@@ -313,6 +329,8 @@ class TrainingRun:
         """Train and evaluate one epoch; return its metrics row (None if it diverged)."""
         epoch = len(self.history) + 1
         self.train_loader.set_epoch(epoch)
+        if self._in_frozen_phase() and not self.bn_frozen:
+            self._freeze_batch_norms(recompute=True)
         bar = tqdm(total=len(self.train_loader),
                    desc=f"{self.label + ' ' if self.label else ''}epoch {epoch}/{self.config.epochs}",
                    unit="step", leave=False, disable=bar_disabled(self.progress),
@@ -348,6 +366,26 @@ class TrainingRun:
         self._observe(epoch, result.step_losses, row)
         self._checkpoint()
         return row
+
+    def _in_frozen_phase(self) -> bool:
+        """Whether the next epoch is one of the last ``config.freeze_bn_epochs``."""
+        frozen = self.config.freeze_bn_epochs
+        return bool(frozen) and len(self.history) >= self.config.epochs - frozen
+
+    def _freeze_batch_norms(self, recompute: bool) -> None:
+        """Replace every batch norm by a frozen one (``bnlab.frozen``); with ``recompute``, its
+        statistics are first set to the population statistics of the current weights over one
+        pass of the training set (``bnlab.precise.update_bn_stats``, in this epoch's order)."""
+        from bnlab.frozen import freeze_batch_norm
+        from bnlab.precise import update_bn_stats
+
+        if recompute:
+            with denormals_flushed(self.config.flush_denormal):
+                update_bn_stats(self.model, self.train_loader, len(self.train_loader),
+                                progress=False)
+        freeze_batch_norm(self.model)  # in place: the model object stays the same
+        self._step = step_for(self.model, self.optimizer, self.config)
+        self.bn_frozen = True
 
     def _observe(self, epoch: int, step_losses: list[float], row: dict[str, Any] | None) -> None:
         if self.observer is not None:

@@ -7,6 +7,7 @@ registry is what ``bnlab exp NAME`` looks names up in.
 from __future__ import annotations
 
 from bnlab.experiments import (
+    batchsize,
     chapter,
     convergence,
     depth,
@@ -16,6 +17,7 @@ from bnlab.experiments import (
     lr,
     norm_choice,
     placement,
+    precise,
     robustness_claim,
     sync,
 )
@@ -25,7 +27,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     e.name: e for e in (chapter.EXPERIMENT, lr.EXPERIMENT, placement.EXPERIMENT, dropout.EXPERIMENT,
                         depth.EXPERIMENT, convergence.EXPERIMENT, norm_choice.EXPERIMENT,
                         robustness_claim.EXPERIMENT, sync.EXPERIMENT, ics.EXPERIMENT,
-                        landscape.EXPERIMENT)
+                        landscape.EXPERIMENT, precise.EXPERIMENT,
+                        batchsize.EXPERIMENT)
 }
 
 

@@ -63,16 +63,22 @@ def total_steps(config: TrainConfig, dataset) -> int:
 
 
 def replay(config: TrainConfig, dataset, steps: list[int], probe: Probe,
-           checkpoint: Path | None = None, progress: bool = True) -> dict[str, Any]:
+           checkpoint: Path | None = None, progress: bool = True,
+           setup: Callable[[torch.nn.Module], None] | None = None) -> dict[str, Any]:
     """Train ``config`` again from its seed, calling ``probe(model, x, y, step)`` before the
     update of each step in ``steps`` on that step's batch ``(x, y)`` (step 0: the initial
-    weights). Stops at a non-finite loss. Returns ``{"records": [{"step", **probe}],
-    "reproduces_run": bool | None}`` (None without a ``checkpoint`` to compare with)."""
+    weights; the run's last step count, ``total_steps``, probes the final weights on the
+    last batch). ``setup(model)``, when given, is called once before the first step (to
+    attach observers of every training step, e.g. forward hooks). Stops at a non-finite
+    loss. Returns ``{"records": [{"step", **probe}], "reproduces_run": bool | None}`` (None
+    without a ``checkpoint`` to compare with)."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = model_for(config, device)
     train, _ = build_loaders(config, dataset, device)
     step_fn = step_for(model, optimizer_for(model, config), config)
+    if setup is not None:
+        setup(model)
     wanted, records, step, finite = set(steps), [], 0, True
     bar = tqdm(total=len(train) * config.epochs, unit="step", desc="probed replay", leave=False,
                disable=bar_disabled(progress), dynamic_ncols=True)
@@ -92,6 +98,8 @@ def replay(config: TrainConfig, dataset, steps: list[int], probe: Probe,
                     break
             if not finite:
                 break
+        if finite and step in wanted:  # after the last update
+            records.append({"step": step, **probe(model, x, y, step)})
     return {"records": records, "reproduces_run": _same_weights(model, checkpoint)}
 
 
@@ -106,14 +114,16 @@ def _same_weights(model: torch.nn.Module, checkpoint: Path | None) -> bool | Non
 
 def cached_replay(run_dir: str | Path, name: str, key: dict[str, Any], dataset,
                   steps_for: Callable[[TrainConfig], list[int]],
-                  probe_for: Callable[[TrainConfig], Probe]) -> dict[str, Any]:
-    """The replay of the run in ``run_dir`` with ``probe_for(config)`` at ``steps_for(config)``,
-    measured once per ``key`` (plus the steps and a fingerprint of the dataset) and kept in the run folder
-    (``runs.cached``)."""
+                  probe_for: Callable[[TrainConfig], Probe],
+                  setup_for: Callable[[TrainConfig], Callable[[torch.nn.Module], None]] | None = None,
+                  ) -> dict[str, Any]:
+    """The replay of the run in ``run_dir`` with ``probe_for(config)`` at ``steps_for(config)``
+    (and ``setup_for(config)`` as its ``setup``), measured once per ``key`` (plus the steps
+    and a fingerprint of the dataset) and kept in the run folder (``runs.cached``)."""
     config = config_from_dict(TrainConfig, runs.load_run(run_dir)["config"])
     steps = steps_for(config)
     key = {**key, "steps": steps, "data": fingerprint(dataset.train_images, dataset.train_labels,
                                       dataset.test_images, dataset.test_labels)}
     return runs.cached(run_dir, name, key, lambda: replay(
         config, dataset, steps, probe_for(config), Path(run_dir) / runs.CHECKPOINT,
-        progress=False))
+        progress=False, setup=setup_for(config) if setup_for else None))

@@ -1,0 +1,173 @@
+"""bnlab exp batchsize: Ghost BN's virtual batch by name, the three ways of measuring accuracy,
+the frozen-BN remedy in training (TrainConfig.freeze_bn_epochs), and the quick grid end to end
+(cached, re-analysed without training or reloading)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from bnlab import runs
+from bnlab.config import config_to_dict
+from bnlab.data.loader import Loader
+from bnlab.errors import ConfigError
+from bnlab.experiments import batchsize
+from bnlab.experiments.measure import accuracy_in_mode
+from bnlab.experiments.runner import QUICK, ExpSettings
+from bnlab.frozen import _FrozenBatchNorm
+from bnlab.ghost import _GhostBatchNorm
+from bnlab.norms import create_norm_layer, is_batch_norm
+from bnlab.precise import update_bn_stats
+from bnlab.train import TrainConfig, model_for, start_run
+
+
+def test_ghost_v_names_the_virtual_batch_size():
+    assert create_norm_layer("ghost:8", "conv", 6).virtual_batch_size == 8
+    assert create_norm_layer("ghost", "fc", 6).virtual_batch_size == 32
+    for bad in ("ghost:1", "ghost:x", "ghost:2.5", "ghost:"):
+        with pytest.raises(ValueError, match="ghost:SIZE"):
+            create_norm_layer(bad, "fc", 4)
+    assert is_batch_norm("ghost:4") and not is_batch_norm("group")
+    with pytest.raises(ConfigError, match="batch_size >= 2"):
+        TrainConfig(norm="ghost:4", batch_size=1)
+
+
+def _models(*norms: str) -> list[torch.nn.Module]:
+    out = []
+    for norm in norms:
+        torch.manual_seed(0)
+        out.append(model_for(TrainConfig(norm=norm)))
+    return out
+
+
+def test_ghost_of_the_whole_batch_measures_exactly_as_plain_batch_norm(synthetic_fashion):
+    ds = synthetic_fashion
+    ghost, plain, small = _models("ghost:128", "bnlab", "ghost:2")
+    for m in (ghost, small):  # the same weights and (initial) running statistics
+        m.load_state_dict(plain.state_dict())
+    args = (ds.train_images[:512], ds.train_labels[:512], ds.test_images, ds.test_labels, 128)
+    before = copy.deepcopy(plain.state_dict())
+    ways = batchsize.three_ways(plain, *args)
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in before.items())  # untouched
+    assert batchsize.three_ways(ghost, *args) == ways
+    assert batchsize.three_ways(small, *args) != ways
+    # train, mini-batch: train mode over whole batches of 128 of a fixed shuffle
+    images, labels = batchsize._shuffled(ds.train_images[:512], ds.train_labels[:512], 128)
+    assert ways["train_minibatch"] == accuracy_in_mode(plain, images, labels, True, batch_size=128)
+    population = update_bn_stats(copy.deepcopy(plain), Loader(*args[:2], 128, seed=0), 4,
+                                 progress=False)
+    assert ways["test_population"] == accuracy_in_mode(population, ds.test_images,
+                                                       ds.test_labels, False)
+
+
+def test_shuffled_keeps_whole_batches_of_a_fixed_shuffle():
+    images, labels = torch.arange(10).repeat_interleave(4).view(10, 2, 2), torch.arange(10)
+    a = batchsize._shuffled(images, labels, 4)
+    b = batchsize._shuffled(images, labels, 4)
+    assert len(a[1]) == 8 and torch.equal(a[1], b[1]) and len(set(a[1].tolist())) == 8
+    assert torch.equal(a[0][:, 0, 0], a[1])  # images stay with their labels
+
+
+def test_freeze_bn_epochs_is_validated():
+    with pytest.raises(ConfigError, match="freeze_bn_epochs < epochs"):
+        TrainConfig(epochs=2, freeze_bn_epochs=2)
+    with pytest.raises(ConfigError, match="needs a model with batch norms"):
+        TrainConfig(model="lenet", norm="none", epochs=3, freeze_bn_epochs=1)
+    with pytest.raises(ConfigError, match="needs a model with batch norms"):
+        TrainConfig(norm="group", epochs=3, freeze_bn_epochs=1)
+    # at its default the field is left out of saved configs, so existing run hashes hold
+    assert "freeze_bn_epochs" not in config_to_dict(TrainConfig())
+    assert config_to_dict(TrainConfig(epochs=3, freeze_bn_epochs=1))["freeze_bn_epochs"] == 1
+
+
+def test_the_frozen_phase_uses_the_population_statistics_of_the_weights_when_it_starts(
+        synthetic_fashion, tmp_path):
+    ds = synthetic_fashion
+    config = TrainConfig(norm="ghost:4", epochs=2, freeze_bn_epochs=1, subset=300, device="cpu")
+    run = start_run(config, ds, tmp_path / "frozen", progress=False)
+    run.train()
+    frozen = [m for m in run.model.modules() if isinstance(m, _FrozenBatchNorm)]
+    assert len(frozen) == 4 and not any(isinstance(m, _GhostBatchNorm) for m in run.model.modules())
+    # The same run's first epoch, then update_bn_stats over epoch 2's batches: the statistics
+    # the frozen layers hold (they never change while frozen).
+    first = start_run(TrainConfig(norm="ghost:4", epochs=1, subset=300, device="cpu"), ds,
+                      progress=False)
+    first.train()
+    first.train_loader.set_epoch(2)
+    update_bn_stats(first.model, first.train_loader, len(first.train_loader), progress=False)
+    expected = [m for m in first.model.modules() if isinstance(m, _GhostBatchNorm)]
+    for f, e in zip(frozen, expected):
+        torch.testing.assert_close(f.running_mean, e.running_mean)
+        torch.testing.assert_close(f.running_var, e.running_var)
+    # Frozen layers compute the same in train and eval mode.
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(run.model.train()(x), run.model.eval()(x))
+
+
+def test_a_run_resumed_in_or_before_its_frozen_phase_ends_as_an_uninterrupted_one(
+        synthetic_fashion, tmp_path):
+    ds = synthetic_fashion
+    config = TrainConfig(norm="ghost:4", epochs=3, freeze_bn_epochs=2, subset=300, device="cpu")
+    whole = start_run(config, ds, tmp_path / "whole", progress=False)
+    whole.train()
+    for cut in (1, 2):
+        part = start_run(config, ds, tmp_path / f"cut{cut}", progress=False)
+        for _ in range(cut):
+            part.train_next_epoch()
+        resumed = start_run(config, ds, tmp_path / f"cut{cut}", resume=True, progress=False)
+        assert resumed.bn_frozen == (cut == 2)
+        resumed.train()
+        losses = [[round(v, 6) for v in epoch] for epoch in resumed.step_losses]
+        assert losses == [[round(v, 6) for v in epoch] for epoch in whole.step_losses]
+        assert all(torch.equal(v, whole.model.state_dict()[k])
+                   for k, v in resumed.model.state_dict().items())
+
+
+def test_variants_remedy_small_batch_rates_and_quick_grid():
+    full = batchsize.variants(ExpSettings(epochs=10))
+    remedy = [v for v in full if v.tags.get("frozen")]
+    assert len(remedy) == len(batchsize.GHOST_SIZES)
+    assert {v.params["freeze_bn_epochs"] for v in remedy} == {2}
+    small = [v for v in full if v.tags["part"] == "small"]
+    assert {(v.params["batch_size"], v.params["lr"]) for v in small} == {
+        (2, 0.1 / 64), (4, 0.1 / 32), (8, 0.1 / 16)}
+    assert not [v for v in batchsize.variants(QUICK) if v.tags.get("frozen")]
+    assert batchsize.frozen_epochs(1) == 0 and batchsize.frozen_epochs(3) == 1
+
+
+@pytest.mark.slow
+def test_batchsize_quick_grid_runs_and_a_rerun_trains_and_measures_nothing(
+        synthetic_fashion, tmp_path, monkeypatch):
+    from bnlab.experiments import executors, get_experiment
+    from bnlab.experiments.runner import run_experiment
+
+    experiment = get_experiment("batchsize")
+    report = run_experiment(experiment, QUICK, tmp_path, synthetic_fashion, progress=False)
+    for section in ("## Normalization batch at SGD batch 128", "## Small normalization batches",
+                    "## Findings", "The generalization gap is", "train-test inconsistency is",
+                    "Normalization batch 2: best", "| 128 |"):
+        assert section in report, section
+    caches = sorted(tmp_path.glob("runs/*/analysis/batchsize-three-ways.json"))
+    # every batch-norm run: 6 ghost sizes, BN and Batch Renorm at 3 small batches
+    assert len(caches) == len(batchsize.GHOST_SIZES) + 2 * len(batchsize.SMALL_BATCHES)
+    assert (tmp_path / "batchsize" / "batchsize.png").stat().st_size > 0
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("trained or reloaded again")
+
+    monkeypatch.setattr(executors, "start_run", must_not_run)
+    monkeypatch.setattr(runs, "load_trained_model", must_not_run)
+    assert run_experiment(experiment, QUICK, tmp_path, synthetic_fashion, progress=False) == report
+
+
+def test_freeze_bn_epochs_over_several_processes_is_refused_before_anything_is_written(
+        synthetic_fashion, tmp_path):
+    from bnlab.distributed import DistributedConfig, DistributedError, launch
+
+    config = TrainConfig(epochs=2, freeze_bn_epochs=1, subset=200, device="cpu")
+    with pytest.raises(DistributedError, match="--freeze-bn-epochs is not supported"):
+        launch(config, DistributedConfig(nproc=2), synthetic_fashion, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,168 @@
+"""bnlab exp precise: shadow EMAs, the probe's population statistics, the analysis rules, and
+the quick grid end to end (cached, re-analysed without training or replaying)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bnlab.experiments import precise
+from bnlab.experiments.probed import replay
+from bnlab.norms import create_norm_layer
+from bnlab.precise import update_bn_stats
+from bnlab.train import TrainConfig, build_loaders, evaluate, start_run
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(create_norm_layer("bnlab", "fc", 3), nn.Linear(3, 4),
+                         create_norm_layer("bnlab", "fc", 4))
+
+
+def test_shadow_of_momentum_0_1_equals_the_layers_own_running_statistics():
+    model = _tiny().train()
+    shadows = precise.ShadowEMA((0.01, 0.1, 0.9))
+    shadows.attach(model)
+    for _ in range(5):
+        model(torch.randn(16, 3) * 3 + 1)
+    for name, layer in precise._batch_norm_layers(model):
+        mean, var = shadows.stats[name][0.1]
+        torch.testing.assert_close(mean, layer.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(var, layer.running_var, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(shadows.stats[name][0.9][0], shadows.stats[name][0.01][0])
+
+
+def test_shadow_of_momentum_1_is_the_last_batch_and_inactive_or_eval_forwards_change_nothing():
+    model = _tiny().train()
+    shadows = precise.ShadowEMA((1.0,))
+    shadows.attach(model)
+    model(torch.randn(10, 3))
+    last = torch.randn(20, 3) * 2 - 1
+    model(last)
+    mean, var = shadows.stats["0"][1.0]
+    torch.testing.assert_close(mean, last.mean(0))
+    torch.testing.assert_close(var, last.var(0, unbiased=True))
+    before = [t.clone() for t in shadows.stats["0"][1.0]]
+    shadows.active = False
+    model(torch.randn(8, 3))
+    shadows.active = True
+    model.eval()
+    model(torch.randn(8, 3))
+    assert all(torch.equal(a, b) for a, b in zip(before, shadows.stats["0"][1.0]))
+
+
+def test_probe_steps_every_50_in_the_first_epoch_and_after_every_epoch():
+    assert precise.probe_steps(120, 3) == [0, 50, 100, 120, 240, 360]
+    assert precise.probe_steps(8, 1) == [0, 8]
+    assert precise.sample_sizes(1000) == [128, 512, 1000]
+    assert precise.sample_sizes(60000) == list(precise.SAMPLES)
+
+
+def test_statistics_error_is_zero_for_the_population_and_in_units_of_its_sigma():
+    pop = {"a": (torch.zeros(2), torch.full((2,), 4.0))}
+    est = {"a": (torch.tensor([2.0, -2.0]), torch.full((2,), 4.0 * math.e))}
+    assert precise.statistics_error(pop, pop) == [0.0, 0.0]
+    mean_err, var_err = precise.statistics_error(est, pop, eps=0.0)
+    assert mean_err == pytest.approx(1.0) and var_err == pytest.approx(1.0)
+
+
+def test_the_probe_evaluates_ema_0_1_as_the_model_and_population_as_update_bn_stats(synthetic_fashion):
+    config = TrainConfig(lr=0.1, epochs=1, subset=300, device="cpu")
+    run = start_run(config, synthetic_fashion, progress=False)
+    shadows = precise.ShadowEMA()
+    shadows.attach(run.model)
+    run.train()
+    own = {k: v.clone() for k, v in run.model.state_dict().items()}
+    probe = precise.make_probe(config, synthetic_fashion, shadows)
+    record = probe(run.model, None, None, 3)
+    assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in own.items())  # restored
+    assert shadows.active
+    train, test = build_loaders(config, synthetic_fashion, "cpu")
+    assert record["acc"]["ema:0.1"] == evaluate(run.model, test)[1]
+    # The largest N is the whole (300-image) training set: exactly update_bn_stats over it.
+    train.set_epoch(0)
+    exact = update_bn_stats(copy.deepcopy(run.model), train, len(train), progress=False)
+    last = precise._batch_norm_layers(exact)[-1][1]
+    assert record["channel"]["pop:300"] == [last.running_mean[0].item(), last.running_var[0].item()]
+    assert record["error"]["pop:300"] == [0.0, 0.0]
+    assert record["acc"]["pop:300"] == evaluate(exact, test)[1]
+    assert set(record["acc"]) == {"ema:0.01", "ema:0.1", "ema:0.9", "pop:128", "pop:300"}
+
+
+def test_a_replay_with_shadows_keeps_the_trajectory_and_probes_the_final_weights(synthetic_fashion,
+                                                                              tmp_path):
+    config = TrainConfig(lr=0.1, epochs=2, subset=200, batch_size=64, device="cpu")
+    start_run(config, synthetic_fashion, tmp_path, progress=False).train()
+    shadows = precise.ShadowEMA()
+    steps = precise.probe_steps(4, 2)  # 200 images at batch 64: 4 steps an epoch
+    out = replay(config, synthetic_fashion, steps, precise.make_probe(config, synthetic_fashion, shadows),
+                 tmp_path / "checkpoint.pt", progress=False, setup=shadows.attach)
+    assert out["reproduces_run"] is True
+    assert [r["step"] for r in out["records"]] == [0, 4, 8]
+    first = out["records"][0]  # before any step the shadows hold batch norm's (0, 1) start
+    assert first["channel"]["ema:0.9"] == [0.0, 1.0] == first["channel"]["ema:0.01"]
+
+
+def _record(step: int, ema: float, pops: dict[int, float]) -> dict:
+    return {"step": step, "acc": {"ema:0.1": ema, **{f"pop:{n}": a for n, a in pops.items()}}}
+
+
+def test_phase_gap_and_enough_samples_follow_their_definitions():
+    records = [_record(0, 0.1, {128: 0.1, 512: 0.1, 1000: 0.1}),
+               _record(5, 0.50, {128: 0.70, 512: 0.798, 1000: 0.80}),
+               _record(10, 0.70, {128: 0.80, 512: 0.85, 1000: 0.90})]
+    assert precise.estimators(records) == ["ema:0.1", "pop:128", "pop:512", "pop:1000"]
+    assert precise.phase_gap(records, "ema:0.1", lambda s: s > 0) == pytest.approx(-0.25)
+    early = lambda s: s == 5  # noqa: E731
+    assert precise.enough_samples([(records, early)]) == 512  # 0.2 points below
+    assert precise.enough_samples([(records, lambda s: s == 10)]) == 1000
+    assert precise.enough_samples([]) is None
+
+
+@pytest.mark.slow
+def test_precise_quick_grid_runs_and_a_rerun_trains_and_replays_nothing(synthetic_fashion, tmp_path,
+                                                                     monkeypatch):
+    from bnlab.experiments import executors, get_experiment, probed
+    from bnlab.experiments.runner import QUICK, run_experiment
+
+    experiment = get_experiment("precise")
+    report = run_experiment(experiment, QUICK, tmp_path, synthetic_fashion, progress=False)
+    for section in ("## EMA vs population statistics", "## Findings", "EMA momentum 0.9",
+                    "population, N = 1000", "smallest N within 0.5 points",
+                    "Replays that end on exactly the run's checkpointed weights: 2 of 2"):
+        assert section in report, section
+    caches = sorted(tmp_path.glob("runs/*/analysis/precise-probes.json"))
+    assert len(caches) == len(precise.LEARNING_RATES)
+    for figure in ("precise_accuracy.png", "precise_gap.png"):
+        assert (tmp_path / "precise" / figure).stat().st_size > 0
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("trained or replayed again")
+
+    monkeypatch.setattr(executors, "start_run", must_not_run)
+    monkeypatch.setattr(probed, "replay", must_not_run)
+    again = run_experiment(experiment, QUICK, tmp_path, synthetic_fashion, progress=False)
+    assert again == report
+
+
+def test_the_lr_grid_beside_is_read_for_the_high_rate(tmp_path):
+    import json
+
+    assert "default 3" in precise.lr_grid_note(tmp_path / "precise")[0]
+    (tmp_path / "lr").mkdir()
+
+    def row(bn: bool, lr: float, acc: float) -> str:
+        return json.dumps({"label": "", "tags": {"bn": bn, "lr": lr}, "seed": 0, "config": {},
+                           "metrics": [], "run_dir": "", "summary": {"final_val_acc": acc,
+                                                                     "diverged": False}})
+
+    lines = [row(True, 1.0, 0.9), row(True, 3.0, 0.85), row(True, 10.0, 0.1), row(False, 1.0, 0.8)]
+    (tmp_path / "lr" / "results.jsonl").write_text("\n".join(lines) + "\n")
+    note = precise.lr_grid_note(tmp_path / "precise")[0]
+    assert "training at lr 1, 3 (best 1)" in note and "is among them" in note
+    (tmp_path / "lr" / "results.jsonl").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    assert "**not** among them" in precise.lr_grid_note(tmp_path / "precise")[0]

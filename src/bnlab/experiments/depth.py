@@ -291,9 +291,10 @@ def finite_size_sweep(dataset, seeds: list[int], out: Path) -> Sweep:
                       "batch": {b: rates(act, WIDTH, b) for b in SWEEP_BATCHES}}
                 for act in ACTIVATIONS}
 
-    stored = runs.cached(out, "init_sweep", key, compute)
-    return {act: {axis: {int(v): seeds for v, seeds in values.items()}
-                  for axis, values in axes.items()} for act, axes in stored.items()}
+    stored = runs.cached(out, "init_sweep", key, compute)  # JSON: string keys, sorted
+    return {act: {axis: {v: stored[act][axis][str(v)] for v in values}
+                  for axis, values in (("width", SWEEP_WIDTHS), ("batch", SWEEP_BATCHES))}
+            for act in ACTIVATIONS}
 
 
 def growth_table(growth: dict[tuple, list[float]]) -> str:

@@ -127,7 +127,7 @@ def measure_statistics(rows: list[Row], dataset) -> Controls:
     """Per BN variant, statistics (``bnlab.robustness.STATISTICS``) and sigma: the noisy
     test accuracy of each seed that trained; cached per run (``robustness_statistics``)."""
     from bnlab.data.loader import Loader
-    from bnlab.robustness import noise_accuracy_by_statistics
+    from bnlab.robustness import STATISTICS, noise_accuracy_by_statistics
 
     batches = Loader(dataset.test_images, dataset.test_labels, EVAL_BATCH, shuffle=False)
     measured: Controls = {}
@@ -138,9 +138,9 @@ def measure_statistics(rows: list[Row], dataset) -> Controls:
                             lambda row=row: noise_accuracy_by_statistics(
                                 runs.load_trained_model(row.run_dir)[0], batches, SIZES["noise"]))
         for sigma, accuracies in curve:
-            for statistics, acc in accuracies.items():
+            for statistics in STATISTICS:  # in this order (the cache's JSON sorts the keys)
                 measured.setdefault(row.label, {}).setdefault(statistics, {}).setdefault(
-                    sigma, []).append(acc)
+                    sigma, []).append(accuracies[statistics])
     return measured
 
 

@@ -280,8 +280,8 @@ def batch_size_changes(rows: list[Row]) -> list[str]:
             a, b = cells.values()
             text += ("; same sign in both arms: a batch-size effect, not only a budget effect"
                      if a * b > 0 else
-                     "; the sign flips with the budget: the equal-epochs change is a "
-                     "step-count effect" if a * b < 0 else
+                     "; the sign flips with the budget: a budget effect (steps in one arm, "
+                     "samples in the other), not one of the batch size" if a * b < 0 else
                      "; no change in one arm: not a batch-size effect that both budgets show")
         lines.append(text + ".")
     for arm in ARMS:

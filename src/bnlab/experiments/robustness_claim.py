@@ -366,8 +366,9 @@ EXPERIMENT = Experiment(
           "lr 1 (at 0.1 it does not leave chance level in a few epochs), and BN-LeNet at lr 0.1 "
           "for a tenth of the epochs (the matched-clean-accuracy control); batch 128, no "
           "momentum. Default grid: 9 runs of 10 epochs and 3 of 1 on 60000 images, estimated "
-          "at 20-28 minutes on 2 cores (the 9-run grid took 15-20; the short runs add a "
-          "tenth of a BN run each, and the controls per BN model one pass over 10000 clean "
-          "images and, per sigma, 4 evaluations and one statistics pass of the test set, "
-          "each about a clean evaluation's cost).",
+          "at 25-30 minutes on 2 cores: the 9-run grid with its attacks took 15-20; the short "
+          "runs add about a tenth of a BN run each; the controls (per BN model one pass over "
+          "10000 clean images and, per sigma, 4 evaluations and a statistics pass of the test "
+          "set) measured 89 s for 2 BN models on 2 cores here, so about 9 minutes for the grid's 12, serial "
+          "in the analysis.",
 )

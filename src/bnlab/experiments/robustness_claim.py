@@ -369,6 +369,6 @@ EXPERIMENT = Experiment(
           "at 25-30 minutes on 2 cores: the 9-run grid with its attacks took 15-20; the short "
           "runs add about a tenth of a BN run each; the controls (per BN model one pass over "
           "10000 clean images and, per sigma, 4 evaluations and a statistics pass of the test "
-          "set) measured 89 s for 2 BN models on 2 cores here, so about 9 minutes for the grid's 12, serial "
+          "set) measured 89 s for 2 BN models on one core here, so about 7 minutes for the grid's 9, serial "
           "in the analysis.",
 )

@@ -240,7 +240,7 @@ def test_norms_equal_steps_arm_has_equal_step_counts(settings):
         steps.add(config.epochs * steps_per_epoch(training_images(config.subset), config.batch_size))
     # batch EQUAL_STEPS_BATCH's step count in the equal-epochs arm, at every batch size
     assert steps == {settings.epochs * steps_per_epoch(settings.subset, norm_choice.EQUAL_STEPS_BATCH)}
-    # while in the equal-epochs arm every batch size takes a different number of steps
+    # the equal-epochs arm keeps the grid's epochs and images (so its step counts differ)
     epochs_arm = [v for v in norm_choice.variants(settings) if v.tags["arm"] == norm_choice.EPOCHS]
     assert all("epochs" not in v.params and "subset" not in v.params for v in epochs_arm)
 

@@ -9,6 +9,7 @@ import pytest
 
 from bnlab.experiments import convergence, depth, norm_choice, robustness_claim
 from bnlab.experiments.analysis import CHANCE, Row
+from bnlab.experiments.runner import ExpSettings, resolve
 from bnlab.experiments.stats import intervals_apart
 from bnlab.runs import CHECKPOINT
 from bnlab.train import TrainConfig, build_loaders, start_run, steps_per_epoch
@@ -178,10 +179,11 @@ def test_mean_progress_counts_a_diverged_seed_at_chance():
 def test_norms_lr_rule_and_grid():
     assert norm_choice.lr_for(128) == pytest.approx(0.1)
     assert norm_choice.lr_for(2) == pytest.approx(0.0125)
-    grid = norm_choice.variants(None)
-    assert len(grid) == 20
+    grid = norm_choice.variants(resolve(ExpSettings(), norm_choice.EXPERIMENT))
+    assert len(grid) == 40  # 5 norms x 4 batch sizes, in each of the two arms
+    assert {v.tags["arm"] for v in grid} == set(norm_choice.ARMS)
     at_two = {v.params["lr"] for v in grid if v.params["batch_size"] == 2}
-    assert at_two == {norm_choice.lr_for(2)}  # one rate for every norm at a batch size
+    assert at_two == {norm_choice.lr_for(2)}  # one rate for every norm and arm at a batch size
 
 
 def test_mode_gaps_and_mode_independence():

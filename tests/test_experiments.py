@@ -62,8 +62,12 @@ def test_quick_experiment_runs_end_to_end(name, fake_dataset, tmp_path, capsys):
     expected_runs = len(experiment.variants(resolve(QUICK, experiment)))
     rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
     assert len(rows) == expected_runs
-    assert all(len(r["metrics"]) == 1 or r["summary"]["diverged"] for r in rows)
-    assert {r["config"]["subset"] for r in rows} == {1000}
+    # an arm with its own budget (Variant.params sets epochs/subset) keeps it; others are --quick's
+    budgets = {v.label: v.params for v in experiment.variants(resolve(QUICK, experiment))}
+    for r in rows:
+        own = budgets[r["label"]]
+        assert len(r["metrics"]) == own.get("epochs", 1) or r["summary"]["diverged"]
+        assert r["config"]["subset"] == own.get("subset", 1000)
     report = (folder / "report.md").read_text()
     assert report.startswith(f"# {experiment.title}") and "## Summary" in report
     assert len((folder / "summary.csv").read_text().splitlines()) == expected_runs + 1
@@ -221,6 +225,32 @@ def _row(tags, final_acc, diverged=False, accs=()):
     return Row(label=str(tags), tags=tags, seed=0, config={}, metrics=metrics, run_dir="",
                summary={"diverged": diverged, "final_val_acc": None if diverged else final_acc,
                         "epochs": max(len(accs), 1)})
+
+
+@pytest.mark.parametrize("settings", [QUICK, ExpSettings()])
+def test_norms_equal_steps_arm_has_equal_step_counts(settings):
+    from bnlab.train import TrainConfig, steps_per_epoch, training_images
+
+    settings = resolve(settings, norm_choice.EXPERIMENT)
+    arm = [v for v in norm_choice.variants(settings) if v.tags["arm"] == norm_choice.STEPS]
+    assert {v.tags["batch_size"] for v in arm} == set(norm_choice.BATCH_SIZES)
+    steps = set()
+    for v in arm:
+        config = TrainConfig(**v.params)
+        assert config.subset <= settings.subset
+        steps.add(config.epochs * steps_per_epoch(training_images(config.subset), config.batch_size))
+    # batch EQUAL_STEPS_BATCH's step count in the equal-epochs arm, at every batch size
+    assert steps == {settings.epochs * steps_per_epoch(settings.subset, norm_choice.EQUAL_STEPS_BATCH)}
+    # the equal-epochs arm keeps the grid's epochs and images (so its step counts differ)
+    epochs_arm = [v for v in norm_choice.variants(settings) if v.tags["arm"] == norm_choice.EPOCHS]
+    assert all("epochs" not in v.params and "subset" not in v.params for v in epochs_arm)
+
+
+def test_equal_steps_budget_picks_whole_batches_and_fewest_epochs():
+    assert norm_choice.equal_steps_budget(1875, 2, 10000) == (1, 3750)
+    assert norm_choice.equal_steps_budget(1875, 128, 10000) == (25, 9600)  # 24 does not divide
+    with pytest.raises(ValueError, match="no budget of 7 steps at batch 128 fits 100 images"):
+        norm_choice.equal_steps_budget(7, 128, 100)  # not even one batch of 128 fits
 
 
 def test_failure_means_diverged_or_chance_level():

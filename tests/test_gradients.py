@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import buffers
 from torch import nn
 
 from bnlab.deep import deep_mlp
-from bnlab.gradients import activation_stats, layer_gradient_norms
+from bnlab.gradients import (
+    activation_stats,
+    growth_per_layer,
+    layer_gradient_norms,
+    mean_field_growth,
+)
 from bnlab.models import build_model
 
 
@@ -72,3 +79,36 @@ def test_activation_stats_one_row_per_activation_in_order() -> None:
 def test_a_model_without_weight_layers_is_refused() -> None:
     with pytest.raises(ValueError, match="expected a model with conv or linear layers"):
         layer_gradient_norms(nn.Sequential(nn.Flatten()), *batch())
+
+
+@pytest.mark.parametrize("rate", [0.5, 1.0, 1.2112, 3.0])
+def test_growth_fit_recovers_a_geometric_profile(rate: float) -> None:
+    # index 0 = input side: a gradient that grows by `rate` per layer towards the input
+    profile = [2.5 * rate ** (9 - layer) for layer in range(10)]
+    assert growth_per_layer(profile) == pytest.approx(rate, rel=1e-12)
+
+
+def test_growth_fit_is_least_squares_and_skips_underflow() -> None:
+    # ln values 0, 1, 3 at 0, 1, 2: slope 1.5, so the factor towards the input is e^-1.5
+    profile = [1.0, math.e, math.e ** 3]
+    assert growth_per_layer(profile) == pytest.approx(math.exp(-1.5), rel=1e-12)
+    assert growth_per_layer([*profile, 0.0, math.nan]) == pytest.approx(math.exp(-1.5), rel=1e-12)
+    assert math.isnan(growth_per_layer([0.0, 1.0, math.inf]))
+
+
+def test_mean_field_growth_closed_forms() -> None:
+    assert mean_field_growth(torch.relu) == pytest.approx(math.pi / (math.pi - 1), rel=1e-7)
+    assert mean_field_growth(lambda z: z) == pytest.approx(1.0, rel=1e-7)  # linear: no growth
+    assert mean_field_growth(lambda z: 3 * z + 1) == pytest.approx(1.0, rel=1e-7)  # scale-free
+    relu, tanh, sigmoid = (mean_field_growth(f) for f in (torch.relu, torch.tanh, torch.sigmoid))
+    assert relu > tanh > sigmoid > 1.0
+
+
+def test_a_wide_bn_relu_net_explodes_at_the_mean_field_rate() -> None:
+    """Width 256, batch 512: near the theory's limit, the fitted factor is within 3% of
+    sqrt(pi/(pi-1)) (1.21; a net without growth would give 1)."""
+    torch.manual_seed(0)
+    x, y = batch(512)
+    norms = [v for _, v in layer_gradient_norms(deep_mlp(24, 256, "relu", "bnlab").train(), x, y)]
+    measured = growth_per_layer(norms[1:-1])
+    assert measured == pytest.approx(math.sqrt(math.pi / (math.pi - 1)), rel=0.03)

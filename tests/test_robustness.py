@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import buffers
@@ -9,7 +11,16 @@ from torch import nn
 
 from bnlab.data.loader import Loader
 from bnlab.models import build_model
-from bnlab.robustness import fgsm_accuracy, input_gradient, noise_accuracy, pgd_accuracy
+from bnlab.robustness import (
+    STATISTICS,
+    fgsm_accuracy,
+    gaussian_noise,
+    input_gradient,
+    noise_accuracy,
+    noise_accuracy_by_statistics,
+    perturbed_accuracy,
+    pgd_accuracy,
+)
 from bnlab.train import evaluate, make_step
 
 EPSILONS = [0.0, 0.02, 0.05, 0.1]
@@ -112,3 +123,63 @@ def test_negative_sizes_are_refused(trained) -> None:
         fgsm_accuracy(model, test, [-0.1])
     with pytest.raises(ValueError, match=r"expected steps >= 1 \(got 0\)"):
         pgd_accuracy(model, test, [0.1], steps=0)
+
+
+def test_adaptive_bn_on_unshifted_data_is_population_statistics_evaluation() -> None:
+    """Re-estimating the statistics on clean images (sigma 0) that are the population the
+    'precise' statistics come from is the same function: 'adapted' equals 'precise', and,
+    for a model whose running statistics are those population statistics, 'running' too."""
+    from bnlab.precise import update_bn_stats
+
+    torch.manual_seed(0)
+    model = build_model("bn-lenet", norm="bnlab")
+    data = batches(4, batch_size=50)
+    update_bn_stats(model, data, num_batches=4, progress=False)
+    model.eval()
+    before = buffers(model)
+    (sigma, accuracies), = noise_accuracy_by_statistics(model, data, [0.0], clean=data)
+    assert sigma == 0.0 and set(accuracies) == set(STATISTICS)
+    assert accuracies["adapted"] == accuracies["precise"] == accuracies["running"]
+    assert accuracies["running"] == perturbed_accuracy(model, data, lambda x, y: x)
+    assert not model.training
+    for old, new in zip(before, model.buffers()):
+        assert torch.equal(old, new)
+
+
+def test_each_statistics_source_is_the_model_it_names() -> None:
+    """Running statistics of another domain (all-zero images); 'precise' is the model
+    re-estimated on the clean images, 'adapted' the one re-estimated on exactly the noisy
+    images it is evaluated on (the draws of gaussian_noise), 'running' the model as it is."""
+    from bnlab.precise import update_bn_stats
+
+    torch.manual_seed(0)
+    model = build_model("bn-lenet", norm="bnlab")
+    data, clean = batches(4, batch_size=50), batches(3, batch_size=40, seed=2)
+    update_bn_stats(model, [torch.zeros(50, 1, 28, 28)], num_batches=1, progress=False)
+    (_, accuracies), = noise_accuracy_by_statistics(model, data, [0.1], clean=clean)
+    noise = gaussian_noise(0.1, 0)  # one generator for all batches, as in the measurement
+    noisy = [(noise(x, y), y) for x, y in data]
+
+    def reestimated(on):
+        return update_bn_stats(copy.deepcopy(model), on, num_batches=len(on), progress=False)
+
+    identity = lambda x, y: x  # noqa: E731
+    assert accuracies["adapted"] == perturbed_accuracy(reestimated(noisy), noisy, identity)
+    assert accuracies["precise"] == perturbed_accuracy(reestimated(clean), noisy, identity)
+    assert accuracies["running"] == perturbed_accuracy(model, noisy, identity)
+
+
+def test_without_batch_norm_the_statistics_sources_agree() -> None:
+    torch.manual_seed(0)
+    model = build_model("bn-lenet", norm="none")
+    data = batches(2, batch_size=50)
+    for sigma, accuracies in noise_accuracy_by_statistics(model, data, [0.0, 0.3], clean=data):
+        assert len(set(accuracies.values())) == 1
+        assert accuracies["running"] == dict(noise_accuracy(model, data, [sigma]))[sigma]
+
+
+def batches(n: int, batch_size: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` fixed batches of uniform images in [0, 1] with class-cycling labels."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(batch_size, 1, 28, 28, generator=g), torch.arange(batch_size) % 10)
+            for _ in range(n)]

@@ -20,6 +20,7 @@ taken with ``torch.autograd.grad`` with respect to the input only).
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 
@@ -167,3 +168,64 @@ class _Generator:
 def _check_size(name: str, value: float) -> None:
     if value < 0:
         raise ValueError(f"expected {name} >= 0 (got {value})")
+
+
+STATISTICS = ("running", "precise", "batch", "adapted")
+"""Where a BN model's normalization statistics come from when it is evaluated on noisy images:
+its running averages from training (eval mode); population statistics of clean training
+images, re-estimated for the final weights (``bnlab.precise.update_bn_stats``); each noisy
+batch's own statistics (the BN layers in train mode, nothing else); or statistics
+re-estimated on all the noisy images ("adaptive BN", Li et al. 2016: ``update_bn_stats`` on
+the shifted domain). ``running`` vs ``precise`` is the averages' lag; ``precise`` vs
+``adapted`` is the shift of the statistics that the noise causes."""
+
+
+def noise_accuracy_by_statistics(model: nn.Module, batches: Batches, sigmas: Sequence[float],
+                                 clean: Batches, seed: int = 0, max_batches: int | None = None
+                                 ) -> list[tuple[float, dict[str, float]]]:
+    """For each sigma, accuracy on ``clamp(x + sigma * z, 0, 1)`` (the draws of
+    :func:`noise_accuracy`) with each of :data:`STATISTICS`; ``precise`` is re-estimated on
+    every batch of ``clean`` (clean training images). Every evaluation runs on a copy: the
+    model, its mode and its buffers are untouched. A model without batch norms has one
+    function, so all four are its eval-mode accuracy."""
+    from bnlab.precise import _batch_norm_layers, update_bn_stats
+
+    def reestimated(on: list) -> nn.Module:
+        return update_bn_stats(copy.deepcopy(model), on, num_batches=len(on), progress=False)
+
+    has_bn = bool(_batch_norm_layers(model))
+    precise = reestimated(list(clean)) if has_bn else model
+    out = []
+    for sigma in sigmas:
+        perturb = gaussian_noise(sigma, seed)
+        noisy = [(perturb(x, y).detach(), y) for x, y in itertools.islice(batches, max_batches)]
+        if not noisy:
+            raise ValueError("expected at least one batch (got an empty iterable)")
+        running = _accuracy(model, noisy, batch_statistics=False)
+        if not has_bn:
+            out.append((sigma, dict.fromkeys(STATISTICS, running)))
+            continue
+        out.append((sigma, {"running": running,
+                            "precise": _accuracy(precise, noisy, batch_statistics=False),
+                            "batch": _accuracy(model, noisy, batch_statistics=True),
+                            "adapted": _accuracy(reestimated(noisy), noisy,
+                                                 batch_statistics=False)}))
+    return out
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+              batch_statistics: bool) -> float:
+    """Accuracy of a copy of ``model`` in eval mode, its batch norms in train mode (each
+    batch normalized by its own statistics) when ``batch_statistics``."""
+    from bnlab.precise import _batch_norm_layers
+
+    probe = copy.deepcopy(model).eval()
+    if batch_statistics:
+        for _, layer in _batch_norm_layers(probe):
+            layer.train()
+    correct = count = 0
+    for x, y in batches:
+        correct += (probe(x).argmax(dim=1) == y).sum().item()
+        count += y.numel()
+    return correct / count

@@ -23,8 +23,25 @@ constant across batch sizes (Hoffer et al., 2017); the linear rule would give ba
 rate of 0.0016 and, in a fixed number of epochs, no more progress than batch 128, while a
 constant 0.1 would make batch 2 noisy for reasons unrelated to the norm.
 
-Default: 3 epochs on a class-balanced subset of 10000 training images (batch 2 is 5000
-steps an epoch), 3 seeds: 60 runs, about 15-20 minutes on 2 cores.
+Two arms, because a fixed number of epochs is not a fixed amount of training across batch
+sizes (3 epochs of 10000 images are 15000 steps at batch 2 and 237 at batch 128):
+
+* **equal epochs** (equal samples): every batch size sees the grid's epochs x images. It
+  compares *norms at one batch size* (same steps, same samples for each norm). Across
+  batch sizes it is confounded with the step count: the small batches take many more steps.
+* **equal steps**: every batch size takes the same number of SGD steps, those of batch
+  ``EQUAL_STEPS_BATCH`` in the equal-epochs arm (1875 at the defaults), on at most the
+  grid's images (``equal_steps_budget`` picks epochs and a class-balanced subset so the
+  step counts are exactly equal). Across batch sizes it is confounded the other way: the
+  large batches see more samples. A change across batch sizes that keeps its sign in both
+  arms is neither a step-count nor a sample-count effect; the difference between two norms'
+  changes (BN's minus LayerNorm's, say) cancels what the budget does to both.
+
+The train/eval mode sweep (train mode at batch 2 is 5000 forward passes per model) is
+measured on the equal-epochs arm only, once per finished run, and cached in its folder.
+
+Default: 3 epochs on a class-balanced subset of 10000 training images, 3 seeds: 60 runs in
+the equal-epochs arm and 60 in the equal-steps arm; see the notes for the time it takes.
 """
 
 from __future__ import annotations
@@ -36,7 +53,7 @@ from typing import Any
 from bnlab import runs
 from bnlab.experiments.analysis import Row, failed, finals, mean_final, plot_intervals, select
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
 from bnlab.experiments.stats import UNBOUNDED, format_mean_ci, mean_ci
 from bnlab.tables import format_table
 
@@ -47,6 +64,9 @@ BASE_LR = 0.1
 BASE_BATCH = 128
 EVAL_BATCH = 1000
 MODE_INDEPENDENT = 0.002  # |gap| below which a norm counts as mode-independent
+EQUAL_STEPS_BATCH = 16
+EPOCHS, STEPS = "equal epochs", "equal steps"
+ARMS = (EPOCHS, STEPS)
 
 
 def lr_for(batch_size: int) -> float:
@@ -54,10 +74,42 @@ def lr_for(batch_size: int) -> float:
     return BASE_LR * math.sqrt(batch_size / BASE_BATCH)
 
 
+def equal_steps_target(settings: ExpSettings) -> int:
+    """The equal-steps arm's step count: batch ``EQUAL_STEPS_BATCH``'s steps in the
+    equal-epochs arm of (resolved) ``settings``."""
+    from bnlab.train import steps_per_epoch, training_images
+
+    return settings.epochs * steps_per_epoch(training_images(train_subset(settings.subset)),
+                                             EQUAL_STEPS_BATCH)
+
+
+def equal_steps_budget(steps: int, batch_size: int, max_images: int) -> tuple[int, int]:
+    """(epochs, images) with ``epochs * steps_per_epoch(images, batch_size) == steps`` and
+    ``images <= max_images``, with the fewest epochs: an epoch of whole batches
+    (``images = (steps / epochs) * batch_size``) over as many images as allowed."""
+    for epochs in range(max(1, math.ceil(steps * batch_size / max_images)), steps + 1):
+        if steps % epochs == 0 and (steps // epochs) * batch_size <= max_images:
+            return epochs, (steps // epochs) * batch_size
+    raise ValueError(f"no budget of {steps} steps at batch {batch_size} fits {max_images} images")
+
+
 def variants(settings: ExpSettings) -> list[Variant]:
-    return [Variant(f"{name} bs={bs}", {"model": "bn-lenet", "norm": norm, "batch_size": bs,
-                                        "lr": lr_for(bs)}, {"norm": norm, "batch_size": bs})
-            for norm, name in NORMS.items() for bs in BATCH_SIZES]
+    from bnlab.train import training_images
+
+    target = equal_steps_target(settings)
+    images = training_images(train_subset(settings.subset))
+    out = []
+    for arm in ARMS:
+        for norm, name in NORMS.items():
+            for bs in BATCH_SIZES:
+                params = {"model": "bn-lenet", "norm": norm, "batch_size": bs, "lr": lr_for(bs)}
+                label = f"{name} bs={bs}"
+                if arm == STEPS:
+                    epochs, subset = equal_steps_budget(target, bs, images)
+                    params |= {"epochs": epochs, "subset": subset}
+                    label += f" steps={target}"
+                out.append(Variant(label, params, {"norm": norm, "batch_size": bs, "arm": arm}))
+    return out
 
 
 # --------------------------------------------------------------------------- definitions
@@ -98,32 +150,61 @@ def mode_independent(gaps: dict[tuple[str, int], float], norm: str,
 
 # --------------------------------------------------------------------------- report
 
+def _steps(row: Row) -> int:
+    from bnlab.train import steps_per_epoch, training_images
+
+    return row.config["epochs"] * steps_per_epoch(training_images(row.config["subset"]),
+                                                  row.config["batch_size"])
+
+
 def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     measured: dict[tuple[str, int], list[dict[str, float]]] = {}
     if dataset is not None:
-        for row in rows:
+        for row in select(rows, arm=EPOCHS):
             result = mode_accuracies(row, dataset)
             if result is not None:
                 measured.setdefault((row.tags["norm"], row.tags["batch_size"]), []).append(result)
     gaps = mode_gaps(measured)
     plot(rows, measured, out / "norms_by_batch_size.png")
 
-    headers = ["norm", *[f"bs {bs} (lr {lr_for(bs):.4g})" for bs in BATCH_SIZES]]
-    acc_rows = [[name, *[_cell(select(rows, norm=norm, batch_size=bs)) for bs in BATCH_SIZES]]
-                for norm, name in NORMS.items()]
-    sections = ["## Final validation accuracy (eval mode) by batch size", "",
-                format_table(headers, acc_rows), "",
-                "Mean ± 95% CI over seeds; 'failed k/n' = seeds that diverged or ended at chance "
-                "level.", ""]
+    sections = []
+    for arm in ARMS:
+        arm_rows = select(rows, arm=arm)
+        if not arm_rows:
+            continue
+        budget = {bs: _budget(select(arm_rows, batch_size=bs)) for bs in BATCH_SIZES}
+        headers = ["norm", *[f"bs {bs} (lr {lr_for(bs):.4g}; {budget[bs]})" for bs in BATCH_SIZES]]
+        acc_rows = [[name, *[_cell(select(arm_rows, norm=norm, batch_size=bs))
+                             for bs in BATCH_SIZES]] for norm, name in NORMS.items()]
+        sections += [f"## Final validation accuracy (eval mode) by batch size: {arm}", "",
+                     format_table(headers, acc_rows), "",
+                     "Mean ± 95% CI over seeds; 'failed k/n' = seeds that diverged or ended at "
+                     "chance level. " + ARM_READING[arm], ""]
     if measured:
         gap_rows = [[name, *[_gap_cell(measured.get((norm, bs), [])) for bs in BATCH_SIZES]]
                     for norm, name in NORMS.items()]
-        sections += ["## Train mode vs eval mode", "",
+        sections += ["## Train mode vs eval mode (equal epochs)", "",
                      format_table(["norm", *[f"bs {bs}" for bs in BATCH_SIZES]], gap_rows), "",
                      "Each cell: test accuracy in train mode (batches of the training batch size) "
                      "/ in eval mode, and the gap train − eval in points (mean over seeds).", ""]
     return sections + findings(rows, gaps) + [
         "", "![accuracy and mode gap by batch size](norms_by_batch_size.png)"]
+
+
+ARM_READING = {
+    EPOCHS: "Every batch size sees the same samples, so the small batches take more steps: "
+            "read this table down a column (norms at one batch size), not along a row.",
+    STEPS: "Every batch size takes the same SGD steps, so the large batches see more "
+           "samples: read along a row with that in mind, and beside the equal-epochs table.",
+}
+
+
+def _budget(group: list[Row]) -> str:
+    if not group:
+        return "-"
+    row = group[0]
+    return (f"{_steps(row)} steps, {row.config['epochs']} ep x "
+            f"{row.config['subset'] or 'all'} img")
 
 
 def _cell(group: list[Row]) -> str:
@@ -142,26 +223,30 @@ def _gap_cell(values: list[dict[str, float]]) -> str:
     return f"{train:.4f} / {ev:.4f} ({100 * (train - ev):+.2f})"
 
 
+def _means(rows: list[Row], arm: str) -> dict[tuple[str, int], float]:
+    return {(n, bs): mean_final(g) for n in NORMS for bs in BATCH_SIZES
+            if (g := select(rows, arm=arm, norm=n, batch_size=bs))}
+
+
 def findings(rows: list[Row], gaps: dict[tuple[str, int], float]) -> list[str]:
-    means = {(n, bs): mean_final(g)
-             for n in NORMS for bs in BATCH_SIZES if (g := select(rows, norm=n, batch_size=bs))}
-    lines = []
+    means = _means(rows, EPOCHS)
+    lines = ["Which comparison each finding supports: rankings at one batch size (equal epochs: "
+             "same steps and samples for every norm) compare norms; a change across batch "
+             "sizes is read in both arms, and only where it keeps its sign in both is it more "
+             "than a step-count (equal epochs) or sample-count (equal steps) effect.", ""]
     for bs in BATCH_SIZES:
         at = {n: v for (n, b), v in means.items() if b == bs}
         if at:
             ranked = sorted(at, key=at.get, reverse=True)
-            lines.append(f"- Batch {bs}: " + ", ".join(f"{NORMS[n]} {at[n]:.4f}" for n in ranked)
+            lines.append(f"- Batch {bs} (norms compared, equal epochs): "
+                         + ", ".join(f"{NORMS[n]} {at[n]:.4f}" for n in ranked)
                          + f" (best: **{NORMS[ranked[0]]}**).")
-    small, large = min(BATCH_SIZES), max(BATCH_SIZES)
-    for norm, name in NORMS.items():
-        if (norm, small) in means and (norm, large) in means:
-            change = means[(norm, small)] - means[(norm, large)]
-            lines.append(f"- {name}: batch {small} vs batch {large}: {100 * change:+.2f} points.")
+    lines += batch_size_changes(rows)
     alternatives = [n for n in ("layer", "group", "instance")
                     if all((n, bs) in means and ("bnlab", bs) in means for bs in BATCH_SIZES)]
     for n in alternatives:
         better = [bs for bs in BATCH_SIZES if means[(n, bs)] >= means[("bnlab", bs)]]
-        lines.append(f"- {NORMS[n]} is at least as accurate as BN at batch sizes: "
+        lines.append(f"- {NORMS[n]} is at least as accurate as BN (equal epochs) at batch sizes: "
                      + (", ".join(map(str, better)) if better else "none of the grid") + ".")
     if gaps:
         for norm, name in NORMS.items():
@@ -177,19 +262,58 @@ def findings(rows: list[Row], gaps: dict[tuple[str, int], float]) -> list[str]:
     return lines
 
 
+def batch_size_changes(rows: list[Row]) -> list[str]:
+    """Per norm: accuracy at the smallest minus the largest batch in each arm, whether the
+    sign survives the change of budget, and BN's change minus each other norm's."""
+    small, large = min(BATCH_SIZES), max(BATCH_SIZES)
+    change = {arm: {n: m[(n, small)] - m[(n, large)] for n in NORMS
+                    if (n, small) in (m := _means(rows, arm)) and (n, large) in m}
+              for arm in ARMS}
+    lines = []
+    for norm, name in NORMS.items():
+        cells = {arm: change[arm][norm] for arm in ARMS if norm in change[arm]}
+        if not cells:
+            continue
+        text = f"- {name}: batch {small} vs batch {large}: " + ", ".join(
+            f"{100 * v:+.2f} points ({arm})" for arm, v in cells.items())
+        if len(cells) == 2:
+            a, b = cells.values()
+            text += ("; same sign in both arms: a batch-size effect, not only a budget effect"
+                     if a * b > 0 else
+                     "; the sign flips with the budget: a budget effect (steps in one arm, "
+                     "samples in the other), not one of the batch size" if a * b < 0 else
+                     "; no change in one arm: not a batch-size effect that both budgets show")
+        lines.append(text + ".")
+    for arm in ARMS:
+        if "bnlab" not in change[arm]:
+            continue
+        others = [n for n in NORMS if n != "bnlab" and n in change[arm]]
+        if others:
+            lines.append(f"- BN's change from batch {large} to {small} minus each other norm's "
+                         f"({arm}; the budget's effect common to both cancels): " + ", ".join(
+                             f"vs {NORMS[n]} {100 * (change[arm]['bnlab'] - change[arm][n]):+.2f}"
+                             for n in others) + " points.")
+    return lines
+
+
 def plot(rows: list[Row], measured: dict, path: Path) -> None:
     from bnlab.plots import plt, save_figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
     for norm, name in NORMS.items():
-        plot_intervals(axes[0], {bs: finals(group) for bs in BATCH_SIZES
-                                 if (group := select(rows, norm=norm, batch_size=bs))}, label=name)
-        plot_intervals(axes[1], {bs: [100 * (v["train"] - v["eval"]) for v in values]
+        for ax, arm in zip(axes, ARMS):
+            plot_intervals(ax, {bs: finals(group) for bs in BATCH_SIZES
+                                if (group := select(rows, arm=arm, norm=norm, batch_size=bs))},
+                           label=name)
+        plot_intervals(axes[2], {bs: [100 * (v["train"] - v["eval"]) for v in values]
                                  for bs in BATCH_SIZES if (values := measured.get((norm, bs)))},
                        UNBOUNDED, label=name)
-    axes[0].set_ylabel("final val acc (eval mode)")
-    axes[1].set_ylabel("train mode − eval mode (points)")
-    axes[1].axhline(0.0, color="gray", lw=0.8)
+    for ax, arm in zip(axes, ARMS):
+        ax.set_ylabel("final val acc (eval mode)")
+        ax.set_title(arm)
+    axes[2].set_ylabel("train mode − eval mode (points)")
+    axes[2].set_title(EPOCHS)
+    axes[2].axhline(0.0, color="gray", lw=0.8)
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(BATCH_SIZES, [str(b) for b in BATCH_SIZES])
@@ -209,7 +333,12 @@ EXPERIMENT = Experiment(
     analyze=analyze,
     default_epochs=3,
     default_subset=10000,
-    notes="Learning rate 0.1·sqrt(batch/128), the same for every norm at a batch size. Default: "
-          "3 epochs on 10000 images (batch 2 is 5000 steps an epoch) to fit 60 runs in 40 "
-          "minutes.",
+    notes="Learning rate 0.1·sqrt(batch/128), the same for every norm at a batch size. Two "
+          "arms: equal epochs (3 epochs on 10000 images: 15000 steps at batch 2, 237 at batch "
+          "128) and equal steps (batch 16's 1875 at every batch size). Default grid: 120 "
+          "distinct runs, estimated at about 31 minutes of training on 2 cores (12-13 for the "
+          "equal-epochs arm, 18 for the equal-steps one, whose batch-128 runs take 25 epochs) "
+          "from step times measured on one loaded core (batch 2: 3.4 ms, 8: 5.3, 32: 9.5, "
+          "128: 35) and about 1 s per test evaluation (one per epoch), plus 2-8 minutes for the "
+          "first analysis (train-mode sweeps at batch 2; cached, a re-analysis takes seconds).",
 )

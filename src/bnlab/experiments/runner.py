@@ -76,7 +76,10 @@ FULL = ExpSettings(seeds=3, epochs=10, subset=-1)
 
 @dataclass(frozen=True)
 class Variant:
-    """One point of the grid: a label, the TrainConfig fields it sets, and fields for analysis."""
+    """One point of the grid: a label, the TrainConfig fields it sets, and fields for analysis.
+
+    ``epochs`` and ``subset`` come from the grid's settings unless ``params`` sets them (an
+    arm of the grid with a budget of its own, e.g. equal steps at every batch size)."""
 
     label: str
     params: dict[str, Any]
@@ -157,8 +160,8 @@ def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list
     for variant in experiment.variants(settings):
         for seed in range(settings.seeds):
             try:
-                config = TrainConfig(**{**variant.params, "seed": seed, "epochs": settings.epochs,
-                                        "subset": subset})
+                config = TrainConfig(**{"epochs": settings.epochs, "subset": subset,
+                                        **variant.params, "seed": seed})
             except ValueError as exc:
                 raise ConfigError(f"{experiment.name}: variant {variant.label!r}: {exc}") from None
             planned.append(PlannedRun(variant, config, runs_root / run_folder_name(config)))

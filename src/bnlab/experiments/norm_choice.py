@@ -336,9 +336,7 @@ EXPERIMENT = Experiment(
     notes="Learning rate 0.1·sqrt(batch/128), the same for every norm at a batch size. Two "
           "arms: equal epochs (3 epochs on 10000 images: 15000 steps at batch 2, 237 at batch "
           "128) and equal steps (batch 16's 1875 at every batch size). Default grid: 120 "
-          "distinct runs, estimated at about 31 minutes of training on 2 cores (12-13 for the "
-          "equal-epochs arm, 18 for the equal-steps one, whose batch-128 runs take 25 epochs) "
-          "from step times measured on one loaded core (batch 2: 3.4 ms, 8: 5.3, 32: 9.5, "
-          "128: 35) and about 1 s per test evaluation (one per epoch), plus 2-8 minutes for the "
-          "first analysis (train-mode sweeps at batch 2; cached, a re-analysis takes seconds).",
+          "distinct runs, sized to fit 40 minutes on 2 cores with the first analysis (the "
+          "equal-steps arm costs more: its batch-128 runs take 25 epochs); the analysis's "
+          "train-mode sweeps are cached, so a re-analysis trains and sweeps nothing.",
 )

@@ -12,11 +12,11 @@ from torch import nn
 
 from bnlab import nn as bnn
 from bnlab.experiments import probed
-from bnlab.gradients import preserved_buffers
 from bnlab.ics import drift, gradient_ics, percentile_record, unit_percentiles
 from bnlab.noisy_bn import NoisyBatchNorm1d, NoisyBatchNorm2d, parse_strength
 from bnlab.norms import create_norm_layer
 from bnlab.runs import CHECKPOINT
+from bnlab.scoped import preserved_buffers
 from bnlab.train import TrainConfig, start_run
 
 

@@ -12,29 +12,18 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab.scoped import preserved_buffers, removing
+
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 ACTIVATION_LAYERS = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer of ``model`` (BN running mean/var, batch counts) on exit."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
 
 
 def layer_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -62,11 +51,8 @@ def layer_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     # The backward runs before the buffers are restored: torch's BN saves its running
     # statistics for the backward and refuses tensors changed in place since.
     with preserved_buffers(model), torch.enable_grad():
-        try:
+        with removing(handles):
             loss = loss_fn(model(x), y)
-        finally:
-            for handle in handles:
-                handle.remove()
         if not call_order:
             raise ValueError(f"expected a model with conv or linear layers "
                              f"(got {type(model).__name__} with none run in its forward)")
@@ -95,12 +81,8 @@ def activation_stats(model: nn.Module, x: torch.Tensor) -> list[tuple[str, float
 
     handles = [module.register_forward_hook(record(name))
                for name, module in model.named_modules() if isinstance(module, ACTIVATION_LAYERS)]
-    try:
-        with preserved_buffers(model):
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with removing(handles), preserved_buffers(model):
+        model(x)
     return stats
 
 

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.gradients import ACTIVATION_LAYERS, WEIGHT_LAYERS, preserved_buffers
-from bnlab.scoped import in_mode, removing, restored_values
+from bnlab.gradients import ACTIVATION_LAYERS, WEIGHT_LAYERS
+from bnlab.scoped import in_mode, preserved_buffers, removing, restored_values
 
 PERCENTILES = (0.15, 0.50, 0.85)
 

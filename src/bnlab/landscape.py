@@ -27,8 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from bnlab.gradients import preserved_buffers
-from bnlab.scoped import in_mode, restored_values
+from bnlab.scoped import in_mode, preserved_buffers, restored_values
 
 LossFn = Callable[[nn.Module], torch.Tensor]  # model -> scalar loss on the probed batch
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab.scoped import in_mode
+
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Perturb = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -136,17 +138,13 @@ def perturbed_accuracy(model: nn.Module, batches: Batches, perturb: Perturb,
     of) ``batches``; the model's mode is restored."""
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"expected max_batches >= 1 or None (got {max_batches})")
-    was_training = model.training
-    model.eval()
-    try:
-        correct = count = 0
+    correct = count = 0
+    with in_mode(model, False):
         for x, y in itertools.islice(batches, max_batches):
             x_perturbed = perturb(x, y).detach()  # (B, 1, 28, 28)
             with torch.no_grad():
                 correct += (model(x_perturbed).argmax(dim=1) == y).sum().item()
             count += y.numel()
-    finally:
-        model.train(was_training)
     if count == 0:
         raise ValueError("expected at least one batch (got an empty iterable)")
     return correct / count

@@ -3,8 +3,7 @@
 Why: measurements (evaluation, probes of the loss landscape, internal covariate shift,
 TensorBoard's layer inputs) switch a model to eval or train mode, hook its layers or move
 its weights, and must leave it exactly as they found it, also when they raise. Each
-context manager here undoes one kind of change in a ``finally``; buffers (BN running
-statistics) are restored by ``bnlab.gradients.preserved_buffers``.
+context manager here undoes one kind of change in a ``finally``.
 """
 
 from __future__ import annotations
@@ -53,3 +52,10 @@ def restored_values(tensors: Iterable[torch.Tensor]) -> Iterator[list[torch.Tens
         with torch.no_grad():
             for tensor, value in zip(tensors, saved):
                 tensor.copy_(value)
+
+
+@contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer of ``model`` (BN running mean/var, batch counts) on exit."""
+    with restored_values(model.buffers()):
+        yield

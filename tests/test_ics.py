@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab import nn as bnn
+from bnlab import runs
 from bnlab.experiments import probed
 from bnlab.ics import drift, gradient_ics, percentile_record, unit_percentiles
 from bnlab.noisy_bn import NoisyBatchNorm1d, NoisyBatchNorm2d, parse_strength
@@ -226,3 +227,25 @@ def test_a_probed_replay_ends_on_exactly_the_run_s_weights(synthetic_fashion, tm
     other = dataclasses.replace(config, lr=0.2)
     assert probed.replay(other, synthetic_fashion, [], probe, tmp_path / CHECKPOINT,
                          progress=False)["reproduces_run"] is False
+
+
+def test_a_cached_replay_trains_with_the_thread_count_each_epoch_recorded(synthetic_fashion,
+                                                                          tmp_path):
+    """On CPU the thread count changes how reductions round, so a replay run in a process
+    with another count (an analysis after a --jobs 2 grid) must use the run's own."""
+    config = TrainConfig(model="bn-lenet", norm="bnlab", lr=0.1, batch_size=32, epochs=2,
+                         subset=100, device="cpu")
+    caller = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        start_run(config, synthetic_fashion, tmp_path, progress=False).train()
+        torch.set_num_threads(2)
+        seen = []
+        out = probed.cached_replay(tmp_path, "threads-probe", {}, synthetic_fashion,
+                                   lambda c: [0, 5], lambda c: lambda m, x, y, s: seen.append(
+                                       torch.get_num_threads()) or {})
+        assert seen == [1, 1] and out["reproduces_run"] is True
+        assert torch.get_num_threads() == 2  # the caller's count is back
+        assert [row["threads"] for row in runs.load_run(tmp_path)["metrics"]] == [1, 1]
+    finally:
+        torch.set_num_threads(caller)

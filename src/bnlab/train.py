@@ -360,6 +360,9 @@ class TrainingRun:
             "train_seconds": result.seconds,
             "eval_seconds": eval_seconds,
             "images_per_s": result.images / result.seconds,
+            # CPU reductions split over threads round differently: a replay of the run
+            # (experiments.probed) needs the count to retrace the same weights.
+            "threads": torch.get_num_threads(),
         }
         self.history.append(row)
         self._log(format_epoch(row, self.config.epochs))

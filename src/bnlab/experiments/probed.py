@@ -16,7 +16,8 @@ measures nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +65,18 @@ def total_steps(config: TrainConfig, dataset) -> int:
 
 def replay(config: TrainConfig, dataset, steps: list[int], probe: Probe,
            checkpoint: Path | None = None, progress: bool = True,
-           setup: Callable[[torch.nn.Module], None] | None = None) -> dict[str, Any]:
+           setup: Callable[[torch.nn.Module], None] | None = None,
+           threads: list[int] | None = None) -> dict[str, Any]:
     """Train ``config`` again from its seed, calling ``probe(model, x, y, step)`` before the
     update of each step in ``steps`` on that step's batch ``(x, y)`` (step 0: the initial
     weights; the run's last step count, ``total_steps``, probes the final weights on the
     last batch). ``setup(model)``, when given, is called once before the first step (to
-    attach observers of every training step, e.g. forward hooks). Stops at a non-finite
-    loss. Returns ``{"records": [{"step", **probe}], "reproduces_run": bool | None}`` (None
-    without a ``checkpoint`` to compare with)."""
+    attach observers of every training step, e.g. forward hooks). ``threads``: the torch
+    thread count each epoch trained with (``metrics.jsonl``), set for that epoch of the
+    replay and restored afterwards (on CPU a different count rounds reductions differently,
+    so the replay would leave the run's trajectory). Stops at a non-finite loss. Returns
+    ``{"records": [{"step", **probe}], "reproduces_run": bool | None}`` (None without a
+    ``checkpoint`` to compare with)."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = model_for(config, device)
@@ -82,8 +87,11 @@ def replay(config: TrainConfig, dataset, steps: list[int], probe: Probe,
     wanted, records, step, finite = set(steps), [], 0, True
     bar = tqdm(total=len(train) * config.epochs, unit="step", desc="probed replay", leave=False,
                disable=bar_disabled(progress), dynamic_ncols=True)
-    with bar, denormals_flushed(config.flush_denormal):  # as the trainer runs
+    caller_threads = torch.get_num_threads()
+    with bar, denormals_flushed(config.flush_denormal), _restored_threads(caller_threads):
         for epoch in range(1, config.epochs + 1):
+            if threads and epoch <= len(threads):
+                torch.set_num_threads(threads[epoch - 1])
             train.set_epoch(epoch)
             model.train()
             for x, y in train:
@@ -103,6 +111,14 @@ def replay(config: TrainConfig, dataset, steps: list[int], probe: Probe,
     return {"records": records, "reproduces_run": _same_weights(model, checkpoint)}
 
 
+@contextmanager
+def _restored_threads(count: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        torch.set_num_threads(count)
+
+
 def _same_weights(model: torch.nn.Module, checkpoint: Path | None) -> bool | None:
     if checkpoint is None or not checkpoint.exists():
         return None
@@ -120,10 +136,14 @@ def cached_replay(run_dir: str | Path, name: str, key: dict[str, Any], dataset,
     """The replay of the run in ``run_dir`` with ``probe_for(config)`` at ``steps_for(config)``
     (and ``setup_for(config)`` as its ``setup``), measured once per ``key`` (plus the steps
     and a fingerprint of the dataset) and kept in the run folder (``runs.cached``)."""
-    config = config_from_dict(TrainConfig, runs.load_run(run_dir)["config"])
+    run = runs.load_run(run_dir)
+    config = config_from_dict(TrainConfig, run["config"])
     steps = steps_for(config)
-    key = {**key, "steps": steps, "data": fingerprint(dataset.train_images, dataset.train_labels,
-                                      dataset.test_images, dataset.test_labels)}
+    # Runs trained before metrics recorded threads replay with the caller's count.
+    threads = [row["threads"] for row in run["metrics"] if "threads" in row] or None
+    key = {**key, "steps": steps, **({"threads": threads} if threads else {}),
+           "data": fingerprint(dataset.train_images, dataset.train_labels,
+                               dataset.test_images, dataset.test_labels)}
     return runs.cached(run_dir, name, key, lambda: replay(
         config, dataset, steps, probe_for(config), Path(run_dir) / runs.CHECKPOINT,
-        progress=False, setup=setup_for(config) if setup_for else None))
+        progress=False, setup=setup_for(config) if setup_for else None, threads=threads))

@@ -66,13 +66,13 @@ def total_steps(config: TrainConfig, dataset) -> int:
 def replay(config: TrainConfig, dataset, steps: list[int], probe: Probe,
            checkpoint: Path | None = None, progress: bool = True,
            setup: Callable[[torch.nn.Module], None] | None = None,
-           threads: list[int] | None = None) -> dict[str, Any]:
+           threads: dict[int, int] | None = None) -> dict[str, Any]:
     """Train ``config`` again from its seed, calling ``probe(model, x, y, step)`` before the
     update of each step in ``steps`` on that step's batch ``(x, y)`` (step 0: the initial
     weights; the run's last step count, ``total_steps``, probes the final weights on the
     last batch). ``setup(model)``, when given, is called once before the first step (to
-    attach observers of every training step, e.g. forward hooks). ``threads``: the torch
-    thread count each epoch trained with (``metrics.jsonl``), set for that epoch of the
+    attach observers of every training step, e.g. forward hooks). ``threads``: epoch -> the
+    torch thread count it trained with (``metrics.jsonl``), set for that epoch of the
     replay and restored afterwards (on CPU a different count rounds reductions differently,
     so the replay would leave the run's trajectory). Stops at a non-finite loss. Returns
     ``{"records": [{"step", **probe}], "reproduces_run": bool | None}`` (None without a
@@ -90,8 +90,8 @@ def replay(config: TrainConfig, dataset, steps: list[int], probe: Probe,
     caller_threads = torch.get_num_threads()
     with bar, denormals_flushed(config.flush_denormal), _restored_threads(caller_threads):
         for epoch in range(1, config.epochs + 1):
-            if threads and epoch <= len(threads):
-                torch.set_num_threads(threads[epoch - 1])
+            if threads and epoch in threads:
+                torch.set_num_threads(threads[epoch])
             train.set_epoch(epoch)
             model.train()
             for x, y in train:
@@ -140,8 +140,8 @@ def cached_replay(run_dir: str | Path, name: str, key: dict[str, Any], dataset,
     config = config_from_dict(TrainConfig, run["config"])
     steps = steps_for(config)
     # Runs trained before metrics recorded threads replay with the caller's count.
-    threads = [row["threads"] for row in run["metrics"] if "threads" in row] or None
-    key = {**key, "steps": steps, **({"threads": threads} if threads else {}),
+    threads = {row["epoch"]: row["threads"] for row in run["metrics"] if "threads" in row}
+    key = {**key, "steps": steps, **({"threads": sorted(threads.items())} if threads else {}),
            "data": fingerprint(dataset.train_images, dataset.train_labels,
                                dataset.test_images, dataset.test_labels)}
     return runs.cached(run_dir, name, key, lambda: replay(

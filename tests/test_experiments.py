@@ -3,6 +3,7 @@ definitions their reports rest on (failure, CI, epochs to a threshold) are exact
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bnlab import cli, runs
+from bnlab.config import config_to_dict
 from bnlab.experiments import (
     EXPERIMENTS,
     depth,
@@ -350,3 +352,16 @@ def test_periodic_evaluations_about_25_a_run_at_most_every_5_steps():
     assert periodic_eval_every(ExpSettings(epochs=3, subset=30000), 60) == 1500 // 25
     assert periodic_eval_every(ExpSettings(epochs=5, subset=-1), 128) == 469 * 5 // 25
     assert periodic_eval_every(ExpSettings(epochs=1, subset=1000), 128) == 5  # 8 steps
+
+
+def test_no_flush_denormal_reaches_every_run_and_the_default_keeps_run_folders(tmp_path):
+    """``bnlab exp --no-flush-denormal`` (the arithmetic before the flush, to time it) gives
+    every run of the grid IEEE denormals and folders of its own; the default changes no
+    run folder name, so grids run before the setting existed are still found."""
+    lr = get_experiment("lr")
+    default = plan(lr, QUICK, tmp_path)
+    ieee = plan(lr, dataclasses.replace(QUICK, flush_denormal=False), tmp_path)
+    assert all(p.config.flush_denormal for p in default)
+    assert not any(p.config.flush_denormal for p in ieee)
+    assert not {p.run_dir for p in default} & {p.run_dir for p in ieee}
+    assert "flush_denormal" not in json.dumps(config_to_dict(default[0].config))

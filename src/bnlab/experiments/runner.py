@@ -60,6 +60,9 @@ class ExpSettings:
     subset: int = field(default=0, metadata={
         "help": "training images per run (0 = experiment default, -1 = all 60000)"})
     dropout: float = field(default=0.5, metadata={"help": "dropout probability (dropout experiment)"})
+    flush_denormal: bool = field(default=True, metadata={
+        "help": "every run flushes denormal floats to zero on CPU (TrainConfig.flush_denormal; "
+                "off: the IEEE arithmetic of runs from before the flush, to time the difference)"})
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
@@ -161,6 +164,7 @@ def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list
         for seed in range(settings.seeds):
             try:
                 config = TrainConfig(**{"epochs": settings.epochs, "subset": subset,
+                                        "flush_denormal": settings.flush_denormal,
                                         **variant.params, "seed": seed})
             except ValueError as exc:
                 raise ConfigError(f"{experiment.name}: variant {variant.label!r}: {exc}") from None

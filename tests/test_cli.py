@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bnlab import cli
+from bnlab import cli, runs
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -45,6 +45,28 @@ def test_train_lenet_defaults_to_no_norm_and_rejects_bn(capsys, fake_dataset, tm
                            str(tmp_path / "b"), "--no-progress")
     assert code == 2 and "model 'lenet' has no norm layers" in err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("norm", "message"), [
+    ("ghost:1", "expected ghost:SIZE with an integer SIZE >= 2"),
+    ("layer:3", "norm 'layer' takes no value"),
+    ("nope", "unknown norm 'nope'"),
+    ("noisy-bn:x", "expected noisy-bn:STRENGTH"),
+])
+def test_train_refuses_bad_norm_names_in_one_line(capsys, fake_dataset, tmp_path, norm, message):
+    code, _, err = run_cli(capsys, "train", "--norm", norm, "--out", str(tmp_path / "x"),
+                           "--no-progress")
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_takes_a_parametrized_norm(capsys, fake_dataset, tmp_path):
+    code, _, _ = run_cli(capsys, "train", "--norm", "ghost:16", "--epochs", "1", "--out",
+                         str(tmp_path / "g"), "--no-progress")
+    assert code == 0
+    model, config = runs.load_trained_model(tmp_path / "g")
+    assert config.norm == "ghost:16"
+    assert {m.virtual_batch_size for m in model.modules() if hasattr(m, "virtual_batch_size")} == {16}
 
 
 def test_train_refuses_to_overwrite_and_resumes(capsys, fake_dataset, tmp_path):

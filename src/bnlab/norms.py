@@ -178,6 +178,26 @@ def is_batch_norm(name: str) -> bool:
     return name.partition(":")[0] in BATCH_NORMS
 
 
+def check_norm_name(name: str) -> None:
+    """ValueError unless ``name`` is a norm of :data:`NORM_LAYERS`, or ``NAME:VALUE`` for a
+    norm of :data:`PARAMETRIZED_NORMS` with a value it accepts."""
+    base, sep, _ = name.partition(":")
+    if base not in NORM_LAYERS:
+        raise ValueError(f"unknown norm {name!r}; expected one of {sorted(NORM_LAYERS)} (and "
+                         f"NAME:VALUE for {', '.join(PARAMETRIZED_NORMS)})")
+    if not sep:
+        return
+    if base not in PARAMETRIZED_NORMS:
+        raise ValueError(f"norm {base!r} takes no value (got {name!r}); only "
+                         f"{', '.join(PARAMETRIZED_NORMS)} do")
+    if base == "ghost":
+        parse_virtual_batch_size(name)
+    else:
+        from bnlab.noisy_bn import parse_strength
+
+        parse_strength(name)
+
+
 def create_norm_layer(name: str, kind: str, num_features: int) -> nn.Module:
     """The norm layer registered as ``name`` for ``kind`` activations with ``num_features``."""
     if kind not in _KINDS:

@@ -32,7 +32,7 @@ from bnlab.deep import check_architecture
 from bnlab.denormals import denormals_flushed
 from bnlab.errors import ConfigError
 from bnlab.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
-from bnlab.norms import NORM_LAYERS, is_batch_norm
+from bnlab.norms import NORM_LAYERS, check_norm_name, is_batch_norm
 from bnlab.scoped import in_mode
 
 SUBSET_HELP = (f"train on a class-balanced subset of N training images (0 = all {TRAIN_SIZE}); "
@@ -68,7 +68,8 @@ class TrainConfig:
 
     model: str = field(default="bn-lenet", metadata={"help": "model", "choices": tuple(MODEL_OPTIONS)})
     norm: str = field(default="bnlab", metadata={
-        "help": "norm layer (bnlab.norms); lenet takes only 'none'", "choices": tuple(NORM_LAYERS)})
+        "help": f"norm layer (bnlab.norms): one of {', '.join(NORM_LAYERS)}, or ghost:V "
+                "(virtual batch V) / noisy-bn:S (strength S); lenet takes only 'none'"})
     norm_slots: str = field(default="all", metadata={
         "help": "where bn-lenet has norm layers: all, none, conv, fc or a comma list of "
                 "conv1,conv2,fc1,fc2"})
@@ -107,6 +108,10 @@ class TrainConfig:
         OMIT_AT_DEFAULT: True})
 
     def __post_init__(self) -> None:
+        try:
+            check_norm_name(self.norm)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         check_norm(self.model, self.norm)
         unused = [f.name for f in dataclasses.fields(self) if f.name in _ALL_MODEL_OPTIONS
                   and f.name not in MODEL_OPTIONS[self.model] and getattr(self, f.name) != f.default]

@@ -106,7 +106,9 @@ def test_two_processes_with_local_bn_train_as_ghost_bn_of_half_the_batch(synthet
 
 
 def _dying_rank(config, dconfig, dataset, out, resume, progress):
-    """``rank_main``, except that rank 1 is killed in the first step of epoch 2."""
+    """``rank_main``, except that rank 1 is killed right after the first step of epoch 2:
+    that step's all-reduces need rank 0 in epoch 2 too, so epoch 1's checkpoint is written
+    (killing rank 1 *before* its step raced rank 0's writing of epoch 1)."""
     wrapped = distributed.global_step
     steps = {"done": 0}
 
@@ -115,9 +117,10 @@ def _dying_rank(config, dconfig, dataset, out, resume, progress):
 
         def dying_step(x, y):
             steps["done"] += 1
+            result = inner(x, y)
             if steps["done"] == 3 and os.environ["RANK"] == "1":
                 os.kill(os.getpid(), signal.SIGKILL)
-            return inner(x, y)
+            return result
 
         return dying_step
 

@@ -205,6 +205,23 @@ def test_exp_sync_quick_writes_a_report_from_its_numbers(synthetic_fashion, tmp_
     assert "- b=8: SyncBN − local BN" in report
 
 
+def test_sync_findings_name_the_step_counts_behind_a_change_across_batch_sizes():
+    """The grid holds epochs fixed, so a row across batch sizes compares different step
+    counts; the finding says how many each end took (4000 images in global batches of 8
+    and 128: 500 and 32 steps an epoch)."""
+    from bnlab.experiments import sync
+    from bnlab.experiments.analysis import Row
+
+    rows = [Row(label="", tags={"variant": v, "per_rank_batch": b}, seed=0,
+                config={"epochs": 2, "subset": 4000, "batch_size": sync.WORLD * b},
+                metrics=[], summary={"final_val_acc": acc, "diverged": False}, run_dir="")
+            for v in sync.VARIANTS for b, acc in ((2, 0.5), (32, 0.7))]
+    lines = [line for line in sync.findings(rows, []) if "moves by" in line]
+    assert len(lines) == len(sync.VARIANTS)
+    assert all("from b=2 to b=32 moves by +20.00 points" in line for line in lines)
+    assert all("b=2 takes 1000 SGD steps and b=32 64" in line for line in lines)
+
+
 def test_cli_bad_nproc_is_one_line_and_writes_nothing(synthetic_fashion, tmp_path, monkeypatch,
                                                       capsys):
     from bnlab import cli

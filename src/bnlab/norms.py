@@ -178,39 +178,39 @@ def is_batch_norm(name: str) -> bool:
     return name.partition(":")[0] in BATCH_NORMS
 
 
-def check_norm_name(name: str) -> None:
-    """ValueError unless ``name`` is a norm of :data:`NORM_LAYERS`, or ``NAME:VALUE`` for a
-    norm of :data:`PARAMETRIZED_NORMS` with a value it accepts."""
+def _parse_norm_name(name: str) -> tuple[str, int | float | None]:
+    """``NAME`` -> (NAME, None); ``NAME:VALUE`` -> (NAME, its parsed value), for a norm of
+    :data:`PARAMETRIZED_NORMS`. ValueError for anything else, saying what was expected."""
     base, sep, _ = name.partition(":")
     if base not in NORM_LAYERS:
         raise ValueError(f"unknown norm {name!r}; expected one of {sorted(NORM_LAYERS)} (and "
                          f"NAME:VALUE for {', '.join(PARAMETRIZED_NORMS)})")
     if not sep:
-        return
+        return base, None
     if base not in PARAMETRIZED_NORMS:
         raise ValueError(f"norm {base!r} takes no value (got {name!r}); only "
                          f"{', '.join(PARAMETRIZED_NORMS)} do")
     if base == "ghost":
-        parse_virtual_batch_size(name)
-    else:
-        from bnlab.noisy_bn import parse_strength
+        return base, parse_virtual_batch_size(name)
+    from bnlab.noisy_bn import parse_strength
 
-        parse_strength(name)
+    return base, parse_strength(name)
+
+
+def check_norm_name(name: str) -> None:
+    """ValueError unless ``name`` is a norm of :data:`NORM_LAYERS`, or ``NAME:VALUE`` for a
+    norm of :data:`PARAMETRIZED_NORMS` with a value it accepts."""
+    _parse_norm_name(name)
 
 
 def create_norm_layer(name: str, kind: str, num_features: int) -> nn.Module:
-    """The norm layer registered as ``name`` for ``kind`` activations with ``num_features``."""
+    """The norm layer registered as ``name`` (``NAME`` or ``NAME:VALUE``) for ``kind``
+    activations with ``num_features``."""
     if kind not in _KINDS:
         raise ValueError(f"expected kind in {_KINDS} (got {kind!r})")
-    base, sep, _ = name.partition(":")
-    if sep and base == "ghost":
-        return _family_layer(kind, num_features, "ghost", parse_virtual_batch_size(name))
-    if sep and base in PARAMETRIZED_NORMS:
-        from bnlab.noisy_bn import parse_strength
-
-        return _noisy_batch_norm(kind, num_features, parse_strength(name))
-    try:
-        factory = NORM_LAYERS[name]
-    except KeyError:
-        raise ValueError(f"unknown norm {name!r}; expected one of {sorted(NORM_LAYERS)}") from None
-    return factory(kind, num_features)
+    base, value = _parse_norm_name(name)
+    if value is None:
+        return NORM_LAYERS[base](kind, num_features)
+    if base == "ghost":
+        return _family_layer(kind, num_features, "ghost", value)
+    return _noisy_batch_norm(kind, num_features, value)

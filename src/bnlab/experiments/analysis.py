@@ -56,6 +56,18 @@ class Row:
     def diverged(self) -> bool:
         return bool(self.summary["diverged"])
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """SGD steps of one of the run's epochs: its training images in batches of its size."""
+        from bnlab.train import steps_per_epoch, training_images
+
+        return steps_per_epoch(training_images(self.config["subset"]), self.config["batch_size"])
+
+    @property
+    def planned_steps(self) -> int:
+        """SGD steps of the run's whole budget (``config["epochs"]`` epochs)."""
+        return self.config["epochs"] * self.steps_per_epoch
+
     def to_json(self) -> dict[str, Any]:
         """The row for ``results.jsonl``: every field but ``evals`` (they stay in the run folder)."""
         return {"label": self.label, "tags": self.tags, "seed": self.seed, "config": self.config,

@@ -168,13 +168,6 @@ def gradient_profile(row: Row, images, labels) -> dict[str, list[float] | None]:
     return {"init": init, "trained": trained}
 
 
-def _steps(row: Row) -> int:
-    from bnlab.train import steps_per_epoch, training_images
-
-    config = row.config
-    return steps_per_epoch(training_images(config["subset"]), config["batch_size"]) * len(row.metrics)
-
-
 def _fmt_ratio(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2e}"
 
@@ -469,7 +462,7 @@ def gradient_table(profiles: dict[tuple, dict[str, Any]]) -> str:
         rows.append([act, NORMS[norm], depth, f"{p['lr']:g}",
                      _fmt_ratio(first_last_ratio(p["init"])),
                      "diverged" if trained is None else _fmt_ratio(first_last_ratio(trained)),
-                     "-" if trained is None else _steps(p["row"]),
+                     "-" if trained is None else p["row"].steps_per_epoch * len(p["row"].metrics),
                      f"{min(p['init']):.1e} .. {max(p['init']):.1e}",
                      sum(v == 0 for v in p["init"])])
     return format_table(["activation", "norm", "depth", "lr", "first/last at init",

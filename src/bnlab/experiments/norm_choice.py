@@ -150,13 +150,6 @@ def mode_independent(gaps: dict[tuple[str, int], float], norm: str,
 
 # --------------------------------------------------------------------------- report
 
-def _steps(row: Row) -> int:
-    from bnlab.train import steps_per_epoch, training_images
-
-    return row.config["epochs"] * steps_per_epoch(training_images(row.config["subset"]),
-                                                  row.config["batch_size"])
-
-
 def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     measured: dict[tuple[str, int], list[dict[str, float]]] = {}
     if dataset is not None:
@@ -203,7 +196,7 @@ def _budget(group: list[Row]) -> str:
     if not group:
         return "-"
     row = group[0]
-    return (f"{_steps(row)} steps, {row.config['epochs']} ep x "
+    return (f"{row.planned_steps} steps, {row.config['epochs']} ep x "
             f"{row.config['subset'] or 'all'} img")
 
 

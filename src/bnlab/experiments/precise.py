@@ -56,14 +56,7 @@ from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.precise import _batch_norm_layers, update_bn_stats
 from bnlab.tables import format_table
-from bnlab.train import (
-    TrainConfig,
-    build_loaders,
-    evaluate,
-    resolve_device,
-    steps_per_epoch,
-    training_images,
-)
+from bnlab.train import TrainConfig, build_loaders, evaluate, resolve_device
 
 LEARNING_RATES = (0.1, 3.0)
 HIGH_LR = LEARNING_RATES[1]
@@ -223,7 +216,7 @@ def phase_gap(records: list[dict[str, Any]], name: str, steps: Callable[[int], b
 
 def phases(row: Row, records: list[dict[str, Any]]) -> dict[str, Callable[[int], bool]]:
     """"first epoch": probes after step 0 up to the end of epoch 1; "end": the last probe."""
-    per_epoch = steps_per_epoch(training_images(row.config["subset"]), row.config["batch_size"])
+    per_epoch = row.steps_per_epoch
     last = records[-1]["step"] if records else -1
     return {"first epoch": lambda s: 0 < s <= per_epoch, "end": lambda s: s == last}
 

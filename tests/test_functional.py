@@ -305,17 +305,38 @@ def test_cpp_falls_back_to_fast_path(x):
                       rtol=2e-2, atol=2e-2)
 
 
+@pytest.fixture
+def two_threads():
+    """torch (and so the kernel's loops) on two threads for the test, whatever the worker had."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @CPP_SKIP
-def test_cpp_large_batch_parallel_chunks():
-    """Enough rows and channels that the kernel splits the work across threads and
-    merges per-chunk statistics (both layouts)."""
-    for shape, fmt in [((1000, 40), torch.contiguous_format),
-                       ((64, 8, 24, 24), torch.contiguous_format),
-                       ((64, 8, 12, 12), torch.channels_last)]:
-        args = list(_inputs(shape, torch.float64, mean=3.0, std=2.0, seed=9))
-        args[0], args[5] = (t.to(memory_format=fmt) for t in (args[0], args[5]))
-        _assert_all_close(_run(_ours("cpp"), *args, True), _run(F.batch_norm, *args, True),
-                          **TOL[torch.float64])
+def test_cpp_kernel_splits_its_loops_over_torchs_threads(two_threads):
+    """Built without OpenMP, ATen's at::parallel_for runs every loop on one thread (the
+    kernel's builds before -fopenmp did); the built kernel must use torch's threads."""
+    from bnlab._cpp import load_extension
+
+    assert load_extension().parallel_chunks() == 2
+
+
+@CPP_SKIP
+@pytest.mark.parametrize("shape, fmt", [((1000, 40), torch.contiguous_format),
+                                        ((64, 8, 24, 24), torch.contiguous_format),
+                                        ((64, 8, 12, 12), torch.channels_last)],
+                         ids=["rows", "planes", "channels_last"])
+def test_cpp_large_batch_parallel_chunks(two_threads, shape, fmt):
+    """Enough rows and channels that the kernel splits the work across two threads and
+    merges per-chunk statistics: torch's results, and the same bits on a second call."""
+    args = list(_inputs(shape, torch.float64, mean=3.0, std=2.0, seed=9))
+    args[0], args[5] = (t.to(memory_format=fmt) for t in (args[0], args[5]))
+    first = _run(_ours("cpp"), *args, True)
+    _assert_all_close(first, _run(F.batch_norm, *args, True), **TOL[torch.float64])
+    again = _run(_ours("cpp"), *args, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -9,7 +9,9 @@ compiled code gets under that floor, so ``csrc/batch_norm.cpp`` (our own kernel,
 torch's) holds one loop per direction and the autograd node, in C++.
 
 Building: ``bnlab kernel build`` (which ``make demo`` and ``make test`` run) compiles it
-once per machine with ``torch.utils.cpp_extension``; it needs a C++ compiler and ninja.
+once per machine with ``torch.utils.cpp_extension``; it needs a C++ compiler with OpenMP
+(g++; clang++ with libomp) and ninja: without OpenMP, ATen's ``at::parallel_for`` in the
+kernel would run every loop on one thread.
 The build lives in ``$TORCH_EXTENSIONS_DIR`` (default: torch's
 ``~/.cache/torch_extensions``) under a name that encodes the source, the compiler flags,
 the torch and Python versions, so a changed source or another torch never loads a stale
@@ -111,7 +113,12 @@ def extensions_root() -> Path:
 def kernel_build() -> KernelBuild:
     """This machine's build of the kernel: name and folder, from what it is built of."""
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = ("-O3", "-fopenmp-simd", *_ARCH_FLAGS.get(capability, []))
+    # -fopenmp, not only -fopenmp-simd: ATen's at::parallel_for is a header template that
+    # runs its loop on the calling thread unless the extension itself is compiled with
+    # OpenMP (_OPENMP defined). Linked with -fopenmp, the extension needs libgomp.so.1,
+    # which resolves to the copy torch has already loaded: one OpenMP runtime, torch's
+    # thread pool and torch.set_num_threads.
+    flags = ("-O3", "-fopenmp", *_ARCH_FLAGS.get(capability, []))
     digest = hashlib.sha256()
     python = f"{sys.implementation.cache_tag} {sys.platform}"  # the extension's ABI
     for part in (_SOURCE.read_bytes(), " ".join(flags).encode(), torch.__version__.encode(),
@@ -139,7 +146,7 @@ def build_extension(quiet: bool = False) -> ModuleType:
     build.directory.mkdir(parents=True, exist_ok=True)
     try:
         return load(name=build.name, sources=[str(_SOURCE)], extra_cflags=list(build.flags),
-                    build_directory=str(build.directory), verbose=False)
+                    extra_ldflags=["-fopenmp"], build_directory=str(build.directory), verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:  # a compiler error, say
         raise KernelUnavailable(f"building bnlab's C++ kernel failed: {_first_line(exc)}") \
             from exc
@@ -203,10 +210,12 @@ def kernel_info() -> dict[str, str]:
     """Where the kernel is cached, whether it loads, what a build needs (for the CLI)."""
     build = kernel_build()
     missing = build_requirements_missing()
+    threads = "-"
     if build.built:
         try:
-            import_built()
+            kernel = import_built()
             loads = "yes"
+            threads = f"{kernel.parallel_chunks()} of torch's {torch.get_num_threads()}"
         except KernelUnavailable as exc:
             loads = f"no: {exc}"
     else:
@@ -216,7 +225,8 @@ def kernel_info() -> dict[str, str]:
         "library": str(build.library),
         "built": "yes" if build.built else "no",
         "loads": loads,
-        "build needs": "a C++ compiler (c++, g++ or clang++) and ninja",
+        "threads a loop uses": threads,
+        "build needs": "a C++ compiler with OpenMP (c++, g++, or clang++ with libomp) and ninja",
         "missing here": ", ".join(missing) if missing else "nothing",
         "impl='auto' on CPU": "C++ kernel" if loads == "yes" else "fast path",
     }

@@ -18,7 +18,7 @@ tests read it). Every implementation takes torch's functional argument order
   plain tensor ops, differentiated by autograd. The one to read.
 * ``"cpp"``: ``bnlab._cpp``, the same math as one C++ loop per direction with the
   autograd node in C++ (CPU float32/float64; other inputs take the fast path). Builds
-  the extension on first use (needs a C++ compiler and ninja).
+  the extension on first use (needs a C++ compiler with OpenMP and ninja).
 * ``"compiled"``: the reference formula through ``torch.compile`` (Inductor fuses the
   forward and the derived backward into a few loops). Needs a C++ compiler (CPU) or
   Triton (CUDA) at run time, and each new input shape or mode compiles on its first
@@ -97,7 +97,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in (
                    "autograd Function with the hand-derived backward, plain tensor ops"),
     Implementation("reference", reference_batch_norm, "nothing", "bnlab-ref",
                    "the chapter's formula, differentiated by autograd"),
-    Implementation("cpp", cpp_batch_norm, "a C++ compiler and ninja (builds on first use)",
+    Implementation("cpp", cpp_batch_norm, "a C++ compiler with OpenMP and ninja (builds on first use)",
                    "bnlab-cpp", "bnlab's C++ kernel, autograd node in C++", compiles="once"),
     Implementation("compiled", compiled_batch_norm,
                    "a C++ compiler (CPU) or Triton (CUDA); compiles each shape",

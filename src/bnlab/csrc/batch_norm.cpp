@@ -17,6 +17,10 @@
 // Deterministic: per-thread partial sums are merged in a fixed order, so a given input
 // and thread count give the same bits every run.
 //
+// Threads: the loops are ATen's at::parallel_for, which splits work only when this file
+// is compiled with OpenMP (bnlab._cpp builds it with -fopenmp); parallel_chunks() says
+// how many pieces a loop is split into in this build.
+//
 // Double backward: when the backward itself is recorded (create_graph=True), the node
 // computes the gradients with differentiable ATen ops instead (differentiable_backward).
 // Inference (no grad needed) runs the forward kernel without an autograd node.
@@ -28,6 +32,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <mutex>
 #include <vector>
@@ -528,10 +533,20 @@ std::optional<Tensor> batch_norm(const Tensor& x, const std::optional<Tensor>& r
   return y;
 }
 
+// Pieces at::parallel_for splits a loop of torch.get_num_threads() items into, one item
+// per piece at most: the thread count in an OpenMP build, 1 in a build without OpenMP.
+int64_t parallel_chunks() {
+  std::atomic<int64_t> chunks{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { ++chunks; });
+  return chunks.load();
+}
+
 }  // namespace bnlab
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm", &bnlab::batch_norm,
         "bnlab batch norm (CPU kernel, C++ autograd node), arguments as torch.nn.functional."
         "batch_norm's; None where the kernel does not take the call");
+  m.def("parallel_chunks", &bnlab::parallel_chunks,
+        "pieces at::parallel_for splits a loop of torch.get_num_threads() items into (1 without OpenMP)");
 }

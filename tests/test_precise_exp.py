@@ -123,6 +123,14 @@ def test_phase_gap_and_enough_samples_follow_their_definitions():
     assert precise.enough_samples([]) is None
 
 
+def test_paper_claims_agree_only_where_the_seeds_intervals_are_apart():
+    worse, level, overlapping = [-10.0, -11.0, -12.0], [0.0, 1.0, -1.0], [-1.0, 2.0, -3.0]
+    assert precise._compare("claim", worse, level, "what").endswith("**agrees**.")
+    assert precise._compare("claim", level, worse, "what").endswith("**disagrees**.")
+    assert "not resolved here" in precise._compare("claim", overlapping, level, "what")
+    assert "not measured" in precise._compare("claim", [], level, "what")
+
+
 @pytest.mark.slow
 def test_precise_quick_grid_runs_and_a_rerun_trains_and_replays_nothing(synthetic_fashion, tmp_path,
                                                                      monkeypatch):
@@ -133,6 +141,7 @@ def test_precise_quick_grid_runs_and_a_rerun_trains_and_replays_nothing(syntheti
     report = run_experiment(experiment, QUICK, tmp_path, synthetic_fashion, progress=False)
     for section in ("## EMA vs population statistics", "## Findings", "EMA momentum 0.9",
                     "population, N = 1000", "smallest N within 0.5 points",
+                    "## Beside the paper", "precise BN needs 10^3-10^4 samples: here",
                     "Replays that end on exactly the run's checkpointed weights: 2 of 2"):
         assert section in report, section
     caches = sorted(tmp_path.glob("runs/*/analysis/precise-probes.json"))

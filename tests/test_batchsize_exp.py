@@ -148,7 +148,9 @@ def test_batchsize_quick_grid_runs_and_a_rerun_trains_and_measures_nothing(
     report = run_experiment(experiment, QUICK, tmp_path, synthetic_fashion, progress=False)
     for section in ("## Normalization batch at SGD batch 128", "## Small normalization batches",
                     "## Findings", "The generalization gap is", "train-test inconsistency is",
-                    "Normalization batch 2: best", "| 128 |"):
+                    "Normalization batch 2: best", "| 128 |", "## Beside the paper",
+                    "- the generalization gap grows with the normalization batch: ",
+                    "- Frozen BN for the last epochs recovers it: not measured in this grid."):
         assert section in report, section
     caches = sorted(tmp_path.glob("runs/*/analysis/batchsize-three-ways.json"))
     # every batch-norm run: 6 ghost sizes, BN and Batch Renorm at 3 small batches

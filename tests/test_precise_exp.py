@@ -123,14 +123,6 @@ def test_phase_gap_and_enough_samples_follow_their_definitions():
     assert precise.enough_samples([]) is None
 
 
-def test_paper_claims_agree_only_where_the_seeds_intervals_are_apart():
-    worse, level, overlapping = [-10.0, -11.0, -12.0], [0.0, 1.0, -1.0], [-1.0, 2.0, -3.0]
-    assert precise._compare("claim", worse, level, "what").endswith("**agrees**.")
-    assert precise._compare("claim", level, worse, "what").endswith("**disagrees**.")
-    assert "not resolved here" in precise._compare("claim", overlapping, level, "what")
-    assert "not measured" in precise._compare("claim", [], level, "what")
-
-
 @pytest.mark.slow
 def test_precise_quick_grid_runs_and_a_rerun_trains_and_replays_nothing(synthetic_fashion, tmp_path,
                                                                      monkeypatch):

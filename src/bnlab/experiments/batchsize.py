@@ -49,7 +49,7 @@ from bnlab.data.loader import Loader, stratified_subset
 from bnlab.experiments.analysis import Row, final, finals, plot_intervals, select
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
-from bnlab.experiments.stats import format_mean_ci, intervals_apart, mean_ci
+from bnlab.experiments.stats import claim_verdict, format_mean_ci, intervals_apart, mean_ci
 from bnlab.norms import is_batch_norm
 from bnlab.precise import update_bn_stats
 from bnlab.tables import format_table
@@ -178,11 +178,13 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
             f"batch b at lr {BASE_LR:g}·b/{SGD_BATCH}; Ghost BN: SGD batch {SGD_BATCH} at lr "
             f"{BASE_LR:g}, normalization batch b (part 1's runs).", "",
             "## Findings", "", *findings(rows, ways), "",
-            "**Beside the paper.** Wu & Johnson (ResNet-50 on ImageNet, SGD batch fixed, "
-            "normalization batch varied) find the generalization gap growing with the "
-            "normalization batch and the train-test inconsistency the main cost of small "
-            "normalization batches, closed by training the last epochs with population "
-            "statistics; here BN-LeNet on Fashion-MNIST with plain SGD at a constant rate.", "",
+            "## Beside the paper", "",
+            "Wu & Johnson (ResNet-50 on ImageNet, SGD batch fixed, normalization batch varied) "
+            "find the generalization gap growing with the normalization batch and the "
+            "train-test inconsistency the main cost of small normalization batches, closed by "
+            "training the last epochs with population statistics; here BN-LeNet on "
+            "Fashion-MNIST with plain SGD at a constant rate.", "",
+            *paper_comparison(rows, ways), "",
             "![batchsize](batchsize.png)"]
 
 
@@ -264,6 +266,38 @@ def findings(rows: list[Row], ways) -> list[str]:
                                        f"not apart from {', '.join(rest)} at 95%." if rest else
                                        "apart from every other norm at 95%."))
     return lines
+
+
+def paper_comparison(rows: list[Row], ways) -> list[str]:
+    """The paper's three claims against this grid, each at the smallest and largest
+    normalization batch measured (points; see :func:`claim_verdict`)."""
+    sizes = [v for v in GHOST_SIZES if _values(select(rows, part="ghost", v=v, frozen=False),
+                                               ways, "test_population")]
+    if not sizes:
+        return ["- No ghost runs measured: nothing to compare."]
+    small, large = sizes[0], sizes[-1]
+    plain = {v: select(rows, part="ghost", v=v, frozen=False) for v in (small, large)}
+
+    def gap(v: int, a: str, b: str) -> list[float]:
+        return [100 * g for g in _gap(plain[v], ways, a, b)]
+
+    frozen = [100 * a for a in finals(select(rows, part="ghost", v=small, frozen=True))]
+    population = [100 * a for a in _values(plain[small], ways, "test_population")]
+    return [
+        claim_verdict("the generalization gap grows with the normalization batch",
+                      gap(small, "train_minibatch", "test_minibatch"),
+                      gap(large, "train_minibatch", "test_minibatch"),
+                      f"train minus test accuracy (mini-batch statistics), V = {small} vs {large}"),
+        claim_verdict("small normalization batches suffer train-test inconsistency",
+                      gap(large, "test_minibatch", "test_population"),
+                      gap(small, "test_minibatch", "test_population"),
+                      f"test accuracy with mini-batch minus with population statistics, V = "
+                      f"{large} vs {small}"),
+        claim_verdict("Frozen BN for the last epochs recovers it",
+                      population, frozen,
+                      f"V = {small}, test accuracy (%) with population statistics after plain "
+                      f"training vs after the frozen remedy"),
+    ]
 
 
 def _apart(a: list[float], b: list[float]) -> str:

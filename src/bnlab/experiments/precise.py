@@ -53,7 +53,7 @@ from torch import nn
 from bnlab.experiments.analysis import Row, best_lr_per_model, read_results, select
 from bnlab.experiments.probed import cached_replay
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
-from bnlab.experiments.stats import format_mean_ci, intervals_apart, mean_ci
+from bnlab.experiments.stats import claim_verdict, format_mean_ci, mean_ci
 from bnlab.precise import _batch_norm_layers, update_bn_stats
 from bnlab.tables import format_table
 from bnlab.train import TrainConfig, build_loaders, evaluate, resolve_device
@@ -321,34 +321,20 @@ def _gaps(rows: list[Row], probes, lr: float, name: str, phase: str) -> list[flo
     return [100 * g for g in _per_phase(select(rows, lr=lr), probes, name, phase, phase_gap)]
 
 
-def _compare(claim: str, ours: list[float], theirs: list[float], what: str) -> str:
-    """One line: the paper's ``claim`` (``ours`` below ``theirs``) agrees with this grid where
-    the two 95% intervals are apart in its direction, disagrees where they are apart the
-    other way, and is not resolved by these seeds where they overlap."""
-    if not ours or not theirs:
-        return f"- {claim}: not measured in this grid."
-    if not intervals_apart(ours, theirs):
-        verdict = "not resolved here (the intervals overlap)"
-    else:
-        verdict = "agrees" if mean_ci(ours)[0] < mean_ci(theirs)[0] else "disagrees"
-    return (f"- {claim}: {what}: {format_mean_ci(ours, '.2f')} vs {format_mean_ci(theirs, '.2f')} "
-            f"points: **{verdict}**.")
-
-
 def paper_comparison(rows: list[Row], probes) -> list[str]:
     """The paper's four claims, each against this grid's numbers (accuracy minus the largest
     population estimate's, in points; lower is worse)."""
     low, high = LEARNING_RATES[0], HIGH_LR
     slow, default = f"ema:{min(MOMENTA)}", "ema:0.1"
     lines = [
-        _compare("EMA is worse early than late", _gaps(rows, probes, low, default, "first epoch"),
+        claim_verdict("EMA is worse early than late", _gaps(rows, probes, low, default, "first epoch"),
                  _gaps(rows, probes, low, default, "end"),
                  f"lr {low:g}, momentum 0.1, first epoch vs end"),
-        _compare("a large EMA momentum (slow average) is worse",
+        claim_verdict("a large EMA momentum (slow average) is worse",
                  _gaps(rows, probes, low, slow, "first epoch"),
                  _gaps(rows, probes, low, default, "first epoch"),
                  f"lr {low:g}, first epoch, our momentum {min(MOMENTA):g} vs 0.1"),
-        _compare("a large rate makes EMA worse", _gaps(rows, probes, high, default, "end"),
+        claim_verdict("a large rate makes EMA worse", _gaps(rows, probes, high, default, "end"),
                  _gaps(rows, probes, low, default, "end"),
                  f"momentum 0.1, final weights, lr {high:g} vs {low:g}")]
     needed = []

@@ -77,6 +77,22 @@ def intervals_apart(a: Sequence[float], b: Sequence[float]) -> bool:
     return abs(ma - mb) > ha + hb
 
 
+def claim_verdict(claim: str, lower: Sequence[float], higher: Sequence[float], what: str,
+                  unit: str = "points", spec: str = ".2f") -> str:
+    """One report line on a paper's ``claim`` that ``lower`` is below ``higher``: it *agrees*
+    with this grid where their 95% intervals are apart in the claimed direction, *disagrees*
+    where they are apart the other way, and is *not resolved* by these seeds where they
+    overlap (or one sample is a single seed); ``what`` names the two samples."""
+    if not lower or not higher:
+        return f"- {claim}: not measured in this grid."
+    if not intervals_apart(lower, higher):
+        verdict = "not resolved here (the intervals overlap)"
+    else:
+        verdict = "agrees" if mean_ci(lower)[0] < mean_ci(higher)[0] else "disagrees"
+    return (f"- {claim}: {what}: {format_mean_ci(lower, spec)} vs {format_mean_ci(higher, spec)} "
+            f"{unit}: **{verdict}**.")
+
+
 def format_mean_ci(values: Sequence[float], spec: str = ".4f") -> str:
     mean, half = mean_ci(values)
     if math.isnan(mean):

@@ -154,6 +154,8 @@ def test_kernel_info_names_this_machines_build(capsys):
 
     code, out, _ = run_cli(capsys, "kernel", "info")
     assert code == 0 and str(_cpp.kernel_build().library) in out
+    if _cpp.kernel_build().built:  # a loading build says how many threads its loops use
+        assert f"threads per loop:   {_cpp.load_extension().parallel_chunks()} of torch's" in out
 
 
 def test_bench_bn_rejects_unknown_impls(capsys):

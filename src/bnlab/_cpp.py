@@ -225,7 +225,7 @@ def kernel_info() -> dict[str, str]:
         "library": str(build.library),
         "built": "yes" if build.built else "no",
         "loads": loads,
-        "threads a loop uses": threads,
+        "threads per loop": threads,
         "build needs": "a C++ compiler with OpenMP (c++, g++, or clang++ with libomp) and ninja",
         "missing here": ", ".join(missing) if missing else "nothing",
         "impl='auto' on CPU": "C++ kernel" if loads == "yes" else "fast path",

@@ -138,6 +138,18 @@ def test_variants_remedy_small_batch_rates_and_quick_grid():
     assert batchsize.frozen_epochs(1) == 0 and batchsize.frozen_epochs(3) == 1
 
 
+def test_freeze_loss_jump_reads_the_epochs_either_side_of_the_freeze():
+    from bnlab.experiments.analysis import Row
+
+    def row(epochs_run: int) -> Row:
+        return Row(label="", tags={}, seed=0, config={"epochs": 10, "freeze_bn_epochs": 2},
+                   metrics=[{"epoch": e, "train_loss": float(e)} for e in range(1, epochs_run + 1)],
+                   summary={}, run_dir="")
+
+    assert batchsize.freeze_loss_jump(row(10)) == (8.0, 9.0)  # epoch 8 batch stats, 9 frozen
+    assert batchsize.freeze_loss_jump(row(8)) is None  # stopped before freezing
+
+
 @pytest.mark.slow
 def test_batchsize_quick_grid_runs_and_a_rerun_trains_and_measures_nothing(
         synthetic_fashion, tmp_path, monkeypatch):

@@ -252,6 +252,13 @@ def findings(rows: list[Row], ways) -> list[str]:
     if remedy:
         lines.append("- Frozen BN for the last epochs, test accuracy minus the plain runs' with "
                      "population statistics (points): " + "; ".join(remedy) + ".")
+        jumps = [freeze_loss_jump(r) for r in select(rows, part="ghost", frozen=True)]
+        jumps = [j for j in jumps if j is not None]
+        if jumps:
+            before, after = (mean_ci([j[i] for j in jumps])[0] for i in (0, 1))
+            lines.append(f"- Training loss of the remedy runs, last epoch with batch statistics vs "
+                         f"first frozen epoch: {before:.3f} vs {after:.3f} (mean over "
+                         f"{len(jumps)} runs, every V), at the same constant rate {BASE_LR:g}.")
     for b in SMALL_BATCHES:
         scores = {label: finals(select(rows, part="small", b=b, norm=label)) for label in SMALL_NORMS}
         scores["Ghost BN"] = finals(select(rows, part="ghost", v=b, frozen=False))
@@ -266,6 +273,15 @@ def findings(rows: list[Row], ways) -> list[str]:
                                        f"not apart from {', '.join(rest)} at 95%." if rest else
                                        "apart from every other norm at 95%."))
     return lines
+
+
+def freeze_loss_jump(row: Row) -> tuple[float, float] | None:
+    """A remedy run's training loss in its last epoch with batch statistics and in its first
+    frozen epoch (None if it has neither, e.g. it diverged first)."""
+    first_frozen = row.config["epochs"] - row.config["freeze_bn_epochs"]  # index of that epoch
+    if first_frozen < 1 or len(row.metrics) <= first_frozen:
+        return None
+    return row.metrics[first_frozen - 1]["train_loss"], row.metrics[first_frozen]["train_loss"]
 
 
 def paper_comparison(rows: list[Row], ways) -> list[str]:

@@ -245,6 +245,13 @@ def test_failed_runs_are_not_measured_and_no_baseline_means_no_comparison(synthe
     assert text[-1].startswith("- No comparison")
 
 
+def test_robustness_controls_resolve_each_sigma_by_the_seeds_intervals():
+    mine = {0.0: [0.9, 0.91, 0.9], 0.1: [0.8, 0.81, 0.8], 0.3: [0.2, 0.21, 0.2], 0.5: [0.5, 0.1, 0.3]}
+    theirs = {0.0: [0.9, 0.9, 0.91], 0.1: [0.5, 0.51, 0.5], 0.3: [0.6, 0.61, 0.6], 0.5: [0.3, 0.4, 0.2]}
+    assert robustness_claim.resolved_by_size(mine, theirs) == {"more": [0.1], "less": [0.3],
+                                                              "open": [0.5]}
+
+
 def test_single_seed_intervals_never_count_as_apart():
     assert not intervals_apart([0.9], [0.1])
     assert intervals_apart([0.9, 0.91], [0.1, 0.11])

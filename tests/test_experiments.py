@@ -32,8 +32,8 @@ from bnlab.experiments.analysis import (
     mean_curve,
     mean_final,
     plot_intervals,
+    training_lrs,
 )
-from bnlab.experiments.lr import training_lrs
 from bnlab.experiments.runner import (
     QUICK,
     ExpSettings,
@@ -265,8 +265,8 @@ def test_a_learning_rate_trains_only_when_every_seed_does():
             _row({"bn": True, "lr": 1.0}, 0.8), _row({"bn": True, "lr": 1.0}, 0.1),
             _row({"bn": True, "lr": 3.0}, None, diverged=True),
             _row({"bn": False, "lr": 0.01}, 0.1)]
-    assert training_lrs(rows, True) == [0.1]
-    assert training_lrs(rows, False) == []
+    assert training_lrs(rows, bn=True) == [0.1]
+    assert training_lrs(rows, bn=False) == []
 
 
 def test_mean_ci_uses_student_t():

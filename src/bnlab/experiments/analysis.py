@@ -112,6 +112,13 @@ def trains(rows: list[Row]) -> bool:
     return bool(rows) and not any(failed(r) for r in rows)
 
 
+def training_lrs(rows: list[Row], **tags: Any) -> list[float]:
+    """The learning rates (``lr`` tags) of the rows matching ``tags`` at which no seed
+    failed (:func:`trains`), ascending."""
+    group = select(rows, **tags)
+    return [lr for lr in sorted({r.tags["lr"] for r in group}) if trains(select(group, lr=lr))]
+
+
 def best_lr(rows: list[Row], lrs: Sequence[float], criterion: Callable[[list[Row]], float] = mean_final,
             **tags: Any) -> float | None:
     """Of the rates ``lrs`` that have rows matching ``tags``, the one whose rows score highest

@@ -23,7 +23,7 @@ from bnlab.experiments.analysis import (
     plot_intervals,
     plot_mean_curves,
     select,
-    trains,
+    training_lrs,
 )
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci
@@ -37,11 +37,6 @@ MODELS = {False: ("LeNet", {"model": "lenet", "norm": "none"}),
 def variants(settings: ExpSettings) -> list[Variant]:
     return [Variant(f"{MODELS[bn][0]} lr={lr:g}", {**MODELS[bn][1], "lr": lr}, {"bn": bn, "lr": lr})
             for bn in (False, True) for lr in LEARNING_RATES]
-
-
-def training_lrs(rows: list[Row], bn: bool) -> list[float]:
-    """The grid's rates at which no seed failed, ascending."""
-    return [lr for lr in LEARNING_RATES if trains(select(rows, bn=bn, lr=lr))]
 
 
 def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
@@ -93,7 +88,7 @@ def findings(rows: list[Row]) -> list[str]:
              "no seed fails."]
     largest = {}
     for bn in (False, True):
-        ok = training_lrs(rows, bn)
+        ok = training_lrs(rows, bn=bn)
         largest[bn] = max(ok, default=None)
         if not ok:
             lines.append(f"- {MODELS[bn][0]}: no learning rate of the grid trains.")

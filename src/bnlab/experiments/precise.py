@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnlab.experiments.analysis import Row, best_lr_per_model, read_results, select
+from bnlab.experiments.analysis import Row, best_lr_per_model, read_results, select, training_lrs
 from bnlab.experiments.probed import cached_replay
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import claim_verdict, format_mean_ci, mean_ci
@@ -377,8 +377,6 @@ def _beside_paper(n: int) -> str:
 
 
 def lr_grid_note(out: Path) -> list[str]:
-    from bnlab.experiments.lr import training_lrs
-
     rows = read_results(out.parent / "lr")
     if rows is None:
         return [f"- High rate: the default {HIGH_LR:g} (no finished `lr` experiment beside this one)."]

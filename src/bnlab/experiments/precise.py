@@ -273,7 +273,7 @@ def tables(rows: list[Row], probes) -> list[str]:
             continue
         for name in estimators(recs[0]):
             table.append([f"{lr:g}", _describe(name), *[
-                format_mean_ci([100 * v for v in _per_phase(group, probes, name, p, phase_gap)], ".2f")
+                format_mean_ci(_gaps(group, probes, lr, name, p), ".2f")
                 for p in ("first epoch", "end")], *[
                 format_mean_ci(_per_phase(group, probes, name, p, _phase_error), ".3g")
                 for p in ("first epoch", "end")]])
@@ -295,18 +295,15 @@ def findings(rows: list[Row], probes) -> list[str]:
         for name in [n for n in estimators(recs[0]) if n.startswith("ema:")]:
             cells = []
             for phase in ("first epoch", "end"):
-                gaps = _per_phase(group, probes, name, phase, phase_gap)
-                mean = mean_ci(gaps)[0] if gaps else math.nan
-                cells.append(f"{phase} {format_mean_ci([100 * g for g in gaps], '.2f')}")
-                if mean < -WRONG:
+                gaps = _gaps(group, probes, lr, name, phase)
+                cells.append(f"{phase} {format_mean_ci(gaps, '.2f')}")
+                if gaps and mean_ci(gaps)[0] < -100 * WRONG:
                     wrong.append(f"lr {lr:g}, momentum {name[4:]}, {phase}")
             lines.append(f"- lr {lr:g}, EMA momentum {name[4:]}: accuracy minus population "
                          f"statistics' (points) {'; '.join(cells)}.")
         for phase in ("first epoch", "end"):
-            per_seed = [(probes[r.run_dir], phases(r, probes[r.run_dir])[phase])
-                        for r in group if probes[r.run_dir]]
-            n = enough_samples(per_seed)
-            largest = largest_population(per_seed[0][0])[4:] if per_seed else "-"
+            n = _enough(group, probes, phase)
+            largest = largest_population(recs[0])[4:]
             lines.append(f"- lr {lr:g}, {phase}: the smallest N within {100 * ENOUGH:g} points of "
                          f"N = {largest}'s accuracy is "
                          + (f"**{n}** samples ({_beside_paper(n)})" if n is not None else "none")
@@ -317,8 +314,15 @@ def findings(rows: list[Row], probes) -> list[str]:
 
 
 def _gaps(rows: list[Row], probes, lr: float, name: str, phase: str) -> list[float]:
-    """Per seed, points of accuracy of ``name`` minus the largest population estimate's."""
+    """Per seed at ``lr``, points of accuracy of ``name`` minus the largest population
+    estimate's, over the probes of ``phase``."""
     return [100 * g for g in _per_phase(select(rows, lr=lr), probes, name, phase, phase_gap)]
+
+
+def _enough(rows: list[Row], probes, phase: str) -> int | None:
+    """:func:`enough_samples` over the probed runs of ``rows`` in ``phase``."""
+    return enough_samples([(probes[r.run_dir], phases(r, probes[r.run_dir])[phase])
+                           for r in rows if probes[r.run_dir]])
 
 
 def paper_comparison(rows: list[Row], probes) -> list[str]:
@@ -327,24 +331,20 @@ def paper_comparison(rows: list[Row], probes) -> list[str]:
     low, high = LEARNING_RATES[0], HIGH_LR
     slow, default = f"ema:{min(MOMENTA)}", "ema:0.1"
     lines = [
-        claim_verdict("EMA is worse early than late", _gaps(rows, probes, low, default, "first epoch"),
-                 _gaps(rows, probes, low, default, "end"),
-                 f"lr {low:g}, momentum 0.1, first epoch vs end"),
+        claim_verdict("EMA is worse early than late",
+                      _gaps(rows, probes, low, default, "first epoch"),
+                      _gaps(rows, probes, low, default, "end"),
+                      f"lr {low:g}, momentum 0.1, first epoch vs end"),
         claim_verdict("a large EMA momentum (slow average) is worse",
-                 _gaps(rows, probes, low, slow, "first epoch"),
-                 _gaps(rows, probes, low, default, "first epoch"),
-                 f"lr {low:g}, first epoch, our momentum {min(MOMENTA):g} vs 0.1"),
-        claim_verdict("a large rate makes EMA worse", _gaps(rows, probes, high, default, "end"),
-                 _gaps(rows, probes, low, default, "end"),
-                 f"momentum 0.1, final weights, lr {high:g} vs {low:g}")]
-    needed = []
-    for lr in LEARNING_RATES:
-        group = [r for r in select(rows, lr=lr) if probes[r.run_dir]]
-        for phase in ("first epoch", "end"):
-            n = enough_samples([(probes[r.run_dir], phases(r, probes[r.run_dir])[phase])
-                                for r in group])
-            if n is not None:
-                needed.append(n)
+                      _gaps(rows, probes, low, slow, "first epoch"),
+                      _gaps(rows, probes, low, default, "first epoch"),
+                      f"lr {low:g}, first epoch, our momentum {min(MOMENTA):g} vs 0.1"),
+        claim_verdict("a large rate makes EMA worse",
+                      _gaps(rows, probes, high, default, "end"),
+                      _gaps(rows, probes, low, default, "end"),
+                      f"momentum 0.1, final weights, lr {high:g} vs {low:g}")]
+    needed = [n for lr in LEARNING_RATES for phase in ("first epoch", "end")
+              if (n := _enough(select(rows, lr=lr), probes, phase)) is not None]
     if needed:
         within = all(PAPER_SAMPLES[0] <= n <= PAPER_SAMPLES[1] for n in needed)
         here = f"{min(needed)}" if min(needed) == max(needed) else f"{min(needed)}-{max(needed)}"

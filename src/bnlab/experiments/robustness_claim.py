@@ -274,12 +274,11 @@ def control_findings(measured: Measured, controls: Controls) -> list[str]:
     def verdict(name: str, mine: dict[float, list[float]], theirs: dict[float, list[float]],
                 what: str) -> None:
         resolved = outcome[name] = resolved_by_size(mine, theirs)
-        diff = mean_ci(mine[sigma])[0] - mean_ci(theirs[sigma])[0]
+        ours, base_mean = mean_ci(mine[sigma])[0], mean_ci(theirs[sigma])[0]
         lines.append(f"- {name}: BN more robust at sigma {_sizes(resolved['more'])}, less robust "
                      f"at {_sizes(resolved['less'])} (95% intervals apart), not resolved at "
-                     f"{_sizes(resolved['open'])}; at sigma {sigma:g} {what} "
-                     f"{mean_ci(mine[sigma])[0]:.4f} vs {BASELINE} {mean_ci(theirs[sigma])[0]:.4f} "
-                     f"({100 * diff:+.2f} points).")
+                     f"{_sizes(resolved['open'])}; at sigma {sigma:g} {what} {ours:.4f} vs "
+                     f"{BASELINE} {base_mean:.4f} ({100 * (ours - base_mean):+.2f} points).")
 
     for label in (lab for lab in controls if lab != SHORT):
         by_stats = controls[label]

@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from bnlab import runs
-from bnlab.config import config_to_dict
 from bnlab.data.loader import Loader
-from bnlab.errors import ConfigError
 from bnlab.experiments import batchsize
 from bnlab.experiments.measure import accuracy_in_mode
 from bnlab.experiments.runner import QUICK, ExpSettings
@@ -21,6 +19,8 @@ from bnlab.ghost import _GhostBatchNorm
 from bnlab.norms import create_norm_layer, is_batch_norm
 from bnlab.precise import update_bn_stats
 from bnlab.train import TrainConfig, model_for, start_run
+from bnlab.util.config import config_to_dict
+from bnlab.util.errors import ConfigError
 
 
 def test_ghost_v_names_the_virtual_batch_size():

@@ -105,8 +105,8 @@ def test_demo_with_other_settings_needs_fresh(capsys, fake_dataset, tmp_path):
 
 
 def test_unknown_config_key_is_an_error():
-    from bnlab.config import config_from_dict
     from bnlab.train import TrainConfig
+    from bnlab.util.config import config_from_dict
 
     with pytest.raises(ValueError, match=r"unknown TrainConfig key\(s\) \['learning_rate'\]"):
         config_from_dict(TrainConfig, {"learning_rate": 0.1})

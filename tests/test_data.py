@@ -22,7 +22,7 @@ import torch
 from bnlab.cli import main
 from bnlab.data import dataset, fetch
 from bnlab.data.loader import Loader, stratified_subset
-from bnlab.errors import DatasetError
+from bnlab.util.errors import DatasetError
 
 # Captured before any fixture replaces them: the real search path, hash table and apt step.
 REAL_LOCATIONS = dataset.search_locations()

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from bnlab import cli, runs
-from bnlab.config import config_to_dict
 from bnlab.experiments import (
     EXPERIMENTS,
     depth,
@@ -45,6 +44,7 @@ from bnlab.experiments.runner import (
 from bnlab.experiments.stats import ACCURACY, interval, mean_ci, t_quantile_975
 from bnlab.report import build_report
 from bnlab.train import start_run
+from bnlab.util.config import config_to_dict
 
 # Experiments that train and report themselves (Experiment.run: sync's multi-process grid)
 # have no TrainConfig variants to count; tests/test_distributed.py runs sync end to end, and
@@ -316,7 +316,7 @@ def test_accuracy_intervals_stay_inside_zero_and_one():
     assert interval(split, ACCURACY) == (mean, 0.0, 1.0)
     assert interval(split) == (mean, mean - half, mean + half)
     assert interval([0.5]) == (0.5, 0.5, 0.5)
-    from bnlab.plots import plt
+    from bnlab.util.plots import plt
 
     fig, ax = plt.subplots()
     plot_intervals(ax, {0.1: [0.8, 0.82, 0.81], 100.0: split})

@@ -17,8 +17,8 @@ from bnlab.ics import drift, gradient_ics, percentile_record, unit_percentiles
 from bnlab.noisy_bn import NoisyBatchNorm1d, NoisyBatchNorm2d, parse_strength
 from bnlab.norms import create_norm_layer
 from bnlab.runs import CHECKPOINT
-from bnlab.scoped import preserved_buffers
 from bnlab.train import TrainConfig, start_run
+from bnlab.util.scoped import preserved_buffers
 
 
 def tiny_net(norm: str = "bnlab", seed: int = 0) -> nn.Sequential:

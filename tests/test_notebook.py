@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bnlab.data.dataset import load_fashion_mnist
-from bnlab.errors import DatasetError
 from bnlab.experiments import EXPERIMENTS
+from bnlab.util.errors import DatasetError
 
 nbformat = pytest.importorskip("nbformat")
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "batch_norm.ipynb"

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from bnlab import cli, inspection
-from bnlab.errors import ConfigError
 from bnlab.experiments import executors, runner
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
+from bnlab.util.errors import ConfigError
 
 TINY = ["--epochs", "1", "--subset", "100", "--batch-size", "50", "--eval-batch-size", "200",
         "--device", "cpu", "--no-progress"]

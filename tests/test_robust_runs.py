@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnlab import cli, io, runs
-from bnlab.config import config_to_dict
+from bnlab import cli, runs
 from bnlab.experiments import get_experiment
 from bnlab.experiments.runner import ExpSettings, plan, resolve
 from bnlab.train import TrainConfig, start_run
+from bnlab.util import io
+from bnlab.util.config import config_to_dict
 
 TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "images_per_s",
                "mean_seconds_per_epoch", "median_seconds_per_epoch", "median_images_per_s"}

@@ -1,4 +1,4 @@
-"""bnlab.scoped: each temporary change is undone on exit, also when the block raises."""
+"""bnlab.util.scoped: each temporary change is undone on exit, also when the block raises."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnlab.scoped import in_mode, removing, restored_values
+from bnlab.util.scoped import in_mode, removing, restored_values
 
 
 class Boom(Exception):

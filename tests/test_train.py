@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from bnlab import runs, train
-from bnlab.config import config_from_dict, config_to_dict
-from bnlab.denormals import denormals_flushed, flushing_denormals
 from bnlab.models import build_model
 from bnlab.train import TrainConfig, build_loaders, evaluate, start_run
+from bnlab.util.config import config_from_dict, config_to_dict
+from bnlab.util.denormals import denormals_flushed, flushing_denormals
 
 TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "images_per_s"}
 

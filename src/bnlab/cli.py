@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bnlab.errors import BnlabError, describe_os_error
+from bnlab.util.errors import BnlabError, describe_os_error
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -227,10 +227,10 @@ def _run_bench_bn(args: argparse.Namespace) -> None:
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:
-    from bnlab.config import add_config_flags
     from bnlab.demo import DemoConfig
     from bnlab.distributed import DistributedConfig
     from bnlab.train import TrainConfig
+    from bnlab.util.config import add_config_flags
 
     train = sub.add_parser("train", help="train one model on Fashion-MNIST (one run folder)",
                            description="Train one model; writes config.json, metrics.jsonl, "
@@ -269,7 +269,7 @@ def _add_common_run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_or_error(cls, args, base=None):
-    from bnlab.config import config_from_args
+    from bnlab.util.config import config_from_args
 
     try:
         return config_from_args(cls, args, base)
@@ -350,10 +350,10 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
-    from bnlab.config import add_config_flags
     from bnlab.experiments import EXPERIMENTS
     from bnlab.experiments.executors import EXECUTORS
     from bnlab.experiments.runner import ExpSettings
+    from bnlab.util.config import add_config_flags
 
     listing = "; ".join(f"{name}: {e.title}" for name, e in EXPERIMENTS.items())
     exp = sub.add_parser(

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from bnlab import runs
-from bnlab.config import config_to_dict
 from bnlab.data.dataset import FashionMNIST
-from bnlab.io import atomic_write_json, atomic_write_text, remove_stray_temps
-from bnlab.tables import format_table
 from bnlab.train import SUBSET_HELP, TrainConfig, describe, describe_training_set, start_run
+from bnlab.util.config import config_to_dict
+from bnlab.util.io import atomic_write_json, atomic_write_text, remove_stray_temps
+from bnlab.util.tables import format_table
 
 REPORT = "report.md"
 COMPARISON_FIGURE = "comparison.png"
@@ -135,7 +135,7 @@ def write_report(config: DemoConfig, out: Path, plan: dict[str, TrainConfig],
                  histories: dict[str, list[dict[str, Any]]]) -> str:
     """Print-ready text; also writes ``report.md``, ``comparison.png`` and norm figures."""
     from bnlab.inspection import PARAMS_FIGURE, inspect_run
-    from bnlab.plots import plot_comparison
+    from bnlab.util.plots import plot_comparison
 
     plot_comparison(histories, out / COMPARISON_FIGURE,
                     title=f"Fashion-MNIST, lr {config.lr:g}, batch {config.batch_size}")

@@ -70,8 +70,8 @@ from torch import nn
 from torch.multiprocessing.spawn import ProcessException
 
 from bnlab import runs
-from bnlab.errors import BnlabError
-from bnlab.io import atomic_write_json, read_json
+from bnlab.util.errors import BnlabError
+from bnlab.util.io import atomic_write_json, read_json
 
 DISTRIBUTED = "distributed.json"  # beside config.json in a run folder of N > 1 processes
 MIN_SHARD = 2  # images per process and step: local batch norm needs two values per channel

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab.gradients import ACTIVATION_LAYERS, WEIGHT_LAYERS
-from bnlab.scoped import in_mode, preserved_buffers, removing, restored_values
+from bnlab.util.scoped import in_mode, preserved_buffers, removing, restored_values
 
 PERCENTILES = (0.15, 0.50, 0.85)
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from bnlab import runs
 from bnlab.models import norm_layers
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 PARAMS_FIGURE = "norm_params.png"
 
@@ -62,8 +62,8 @@ def format_norm_table(params: dict[str, dict[str, list[float] | None]]) -> str:
 
 def write_norm_figure(run_dir: str | Path) -> Path | None:
     """Write ``norm_params.png`` into the run folder (None for a model without norm layers)."""
-    from bnlab.plots import plot_norm_parameters
     from bnlab.train import describe
+    from bnlab.util.plots import plot_norm_parameters
 
     model, config = runs.load_trained_model(run_dir)
     params = norm_parameters(model)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from bnlab.scoped import in_mode, preserved_buffers, restored_values
+from bnlab.util.scoped import in_mode, preserved_buffers, restored_values
 
 LossFn = Callable[[nn.Module], torch.Tensor]  # model -> scalar loss on the probed batch
 

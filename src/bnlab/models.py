@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bnlab.norms import create_norm_layer
-from bnlab.scoped import in_mode
+from bnlab.util.scoped import in_mode
 
 NORM_SLOTS = ("conv1", "conv2", "fc1", "fc2")
 """Where BN-LeNet can hold a norm layer: after each of its four hidden conv/linear layers."""

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from bnlab.io import atomic_write_text
+from bnlab.util.io import atomic_write_text
 
 _LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
 

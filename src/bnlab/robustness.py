@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.scoped import in_mode
+from bnlab.util.scoped import in_mode
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Perturb = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

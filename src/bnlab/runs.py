@@ -33,9 +33,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnlab.config import config_from_dict
-from bnlab.errors import BnlabError
-from bnlab.io import atomic_write, atomic_write_json, read_json, remove_stray_temps, write_text_if_changed
+from bnlab.util.config import config_from_dict
+from bnlab.util.errors import BnlabError
+from bnlab.util.io import (
+    atomic_write,
+    atomic_write_json,
+    read_json,
+    remove_stray_temps,
+    write_text_if_changed,
+)
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"

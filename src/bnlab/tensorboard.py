@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnlab.errors import BnlabError
 from bnlab.models import norm_layers
-from bnlab.scoped import in_mode, removing
+from bnlab.util.errors import BnlabError
+from bnlab.util.scoped import in_mode, removing
 
 FIXED_BATCH = 256
 """Test images whose activations at each BN layer's input are logged every epoch."""

@@ -25,15 +25,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bnlab import runs
-from bnlab.config import OMIT_AT_DEFAULT, check, check_at_least, check_finite_at_least, config_to_dict
 from bnlab.data.dataset import TRAIN_SIZE, FashionMNIST
 from bnlab.data.loader import Loader, stratified_subset
 from bnlab.deep import check_architecture
-from bnlab.denormals import denormals_flushed
-from bnlab.errors import ConfigError
 from bnlab.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
 from bnlab.norms import NORM_LAYERS, check_norm_name, is_batch_norm
-from bnlab.scoped import in_mode
+from bnlab.util.config import OMIT_AT_DEFAULT, check, check_at_least, check_finite_at_least, config_to_dict
+from bnlab.util.denormals import denormals_flushed
+from bnlab.util.errors import ConfigError
+from bnlab.util.scoped import in_mode
 
 SUBSET_HELP = (f"train on a class-balanced subset of N training images (0 = all {TRAIN_SIZE}); "
                "the test set stays whole")
@@ -103,7 +103,7 @@ class TrainConfig:
         OMIT_AT_DEFAULT: True})
     flush_denormal: bool = field(default=True, metadata={
         "help": "flush denormal floats to zero on CPU while training and evaluating "
-                "(bnlab.denormals: where the CPU is slow at them, a saturated net otherwise "
+                "(bnlab.util.denormals: where the CPU is slow at them, a saturated net otherwise "
                 "runs many times slower per step)",
         OMIT_AT_DEFAULT: True})
 
@@ -433,7 +433,7 @@ class TrainingRun:
         summary = summarize(self.history, self.config.epochs, self.diverged)
         if self.run_dir is not None and not (runs.summary_is_current(self.run_dir, summary)
                                              and (self.run_dir / runs.CURVES).exists()):
-            from bnlab.plots import plot_curves
+            from bnlab.util.plots import plot_curves
 
             plot_curves(self.history, self.run_dir / runs.CURVES, title=describe(self.config),
                         diverged=self.diverged)

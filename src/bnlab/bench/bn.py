@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from bnlab.bench.timing import time_interleaved
 from bnlab.functional import IMPLEMENTATIONS, batch_norm, get_implementation
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 SHAPES: list[tuple[int, ...]] = [
     (128, 6, 24, 24),   # BN-LeNet: after conv1

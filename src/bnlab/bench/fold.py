@@ -22,7 +22,7 @@ from bnlab.bench.timing import sync, time_interleaved
 from bnlab.fold import fold_batch_norm
 from bnlab.models import build_model
 from bnlab.nn import to_torch
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 BATCH_SIZES = (1, 128)
 

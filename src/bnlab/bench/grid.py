@@ -19,7 +19,7 @@ from pathlib import Path
 from bnlab.experiments import get_experiment
 from bnlab.experiments.executors import LocalExecutor, RayExecutor, import_ray
 from bnlab.experiments.runner import ExpSettings, execute, plan
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 
 def run_grid_benchmark(dataset, seeds: int = 2, workers: int = 2, repeats: int = 2,

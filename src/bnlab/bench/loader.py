@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from bnlab.bench.timing import time_interleaved
 from bnlab.data.dataset import load_fashion_mnist
 from bnlab.data.loader import Loader
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 
 class PerSampleDataset(Dataset):

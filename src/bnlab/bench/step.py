@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from bnlab.bench.timing import sync
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 DEFAULT_NORMS = ("bnlab", "torch")
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bnlab.errors import DatasetError
-from bnlab.io import atomic_write_json, read_json
+from bnlab.util.errors import DatasetError
+from bnlab.util.io import atomic_write_json, read_json
 
 CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

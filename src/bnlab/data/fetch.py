@@ -38,8 +38,8 @@ from bnlab.data.dataset import (
     parse_idx,
     verification_cache_path,
 )
-from bnlab.errors import DatasetError
-from bnlab.io import atomic_write, remove_stray_temps
+from bnlab.util.errors import DatasetError
+from bnlab.util.io import atomic_write, remove_stray_temps
 
 CONNECT_TIMEOUT_S = 5.0
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bnlab.data.dataset import CLASSES
-from bnlab.errors import DatasetError
+from bnlab.util.errors import DatasetError
 
 
 def stratified_subset(images: torch.Tensor, labels: torch.Tensor,

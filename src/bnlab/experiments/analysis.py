@@ -215,7 +215,7 @@ def plot_mean_curves(curves: dict[str, Curve], ax, ylabel: str, cmap: str | None
     intersected with ``bounds`` (an accuracy's [0, 1] by default), and so is the y axis."""
     from matplotlib.ticker import MaxNLocator
 
-    from bnlab.plots import plt
+    from bnlab.util.plots import plt
 
     colors = plt.get_cmap(cmap)(range(0, 256, max(1, 256 // max(1, len(curves))))) if cmap else None
     for i, (label, (xs, means, halves)) in enumerate(curves.items()):

@@ -52,7 +52,7 @@ from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import claim_verdict, format_mean_ci, intervals_apart, mean_ci
 from bnlab.norms import is_batch_norm
 from bnlab.precise import update_bn_stats
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 SGD_BATCH = 128
 BASE_LR = 0.1
@@ -323,7 +323,7 @@ def _apart(a: list[float], b: list[float]) -> str:
 
 
 def plot(rows: list[Row], ways, path: Path) -> None:
-    from bnlab.plots import plt, save_figure
+    from bnlab.util.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for key, label in (*WAYS.items(), ("test_ema", "test, EMA")):

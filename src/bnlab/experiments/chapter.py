@@ -13,7 +13,7 @@ from typing import Any
 from bnlab.experiments.analysis import Row, by_label, final, mean_final
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import mean_ci
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 RUNS = {
     "LeNet (no BN)": {"model": "lenet", "norm": "none"},

@@ -51,7 +51,7 @@ from bnlab.experiments.analysis import FAIL_ACCURACY, Row, finals, plot_interval
 from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 DEPTHS = (5, 10, 20, 50, 110)
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
@@ -153,9 +153,9 @@ def gradient_profile(row: Row, images, labels) -> dict[str, list[float] | None]:
     after training (None when the run diverged), on one batch in train mode."""
     import torch
 
-    from bnlab.config import config_from_dict
     from bnlab.gradients import layer_gradient_norms
     from bnlab.train import TrainConfig, model_for
+    from bnlab.util.config import config_from_dict
 
     x = images.unsqueeze(1).float().div(255)  # (256, 1, 28, 28)
     config = config_from_dict(TrainConfig, row.config)
@@ -173,7 +173,7 @@ def _fmt_ratio(value: float) -> str:
 
 
 def plot_profiles(profiles: dict[tuple, dict[str, Any]], path: Path) -> None:
-    from bnlab.plots import plt, save_figure
+    from bnlab.util.plots import plt, save_figure
 
     fig, axes = plt.subplots(2, len(ACTIVATIONS), figsize=(12, 8), squeeze=False)
     colors = {"bnlab": "tab:blue", "none": "tab:red"}
@@ -202,7 +202,7 @@ def plot_profiles(profiles: dict[tuple, dict[str, Any]], path: Path) -> None:
 
 
 def plot_accuracy_vs_depth(rows: list[Row], path: Path) -> None:
-    from bnlab.plots import plt, save_figure
+    from bnlab.util.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, len(ACTIVATIONS), figsize=(12, 4), sharey=True, squeeze=False)
     for ax, act in zip(axes[0], ACTIVATIONS):
@@ -368,7 +368,7 @@ def growth_findings(growth: dict[tuple, list[float]], sweep: Sweep | None) -> li
 
 
 def plot_sweep(sweep: Sweep, path: Path) -> None:
-    from bnlab.plots import plt, save_figure
+    from bnlab.util.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False)
     for ax, axis, fixed in zip(axes[0], ("width", "batch"),

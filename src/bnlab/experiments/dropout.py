@@ -25,7 +25,7 @@ from bnlab.experiments.analysis import (
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 MODE_EVAL_IMAGES = 10000  # training images used to compare train and eval mode
 
@@ -87,7 +87,7 @@ def mode_table(groups: dict[str, list[Row]], dataset) -> tuple[str, dict[str, di
 
 
 def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
-    from bnlab.plots import plt, save_figure
+    from bnlab.util.plots import plt, save_figure
 
     groups = by_label(rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))

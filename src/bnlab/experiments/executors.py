@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from bnlab.errors import BnlabError
 from bnlab.train import TrainConfig, bar_disabled, start_run
+from bnlab.util.errors import BnlabError
 
 EXECUTORS = ("local", "ray")
 RAY_RETRIES = 3

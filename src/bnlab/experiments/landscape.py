@@ -33,7 +33,7 @@ from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps,
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, periodic_eval_every
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.landscape import probe
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 ETAS = (0.05, 0.1, 0.2, 0.4)
 LEARNING_RATES = (0.1, 1.0)
@@ -159,7 +159,7 @@ def _order(ratio: float) -> str:
 
 
 def plot(rows: list[Row], probes: dict[str, Any], path: Path) -> None:
-    from bnlab.plots import plt, save_figure
+    from bnlab.util.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), squeeze=False)
     for label, group in by_label(rows).items():

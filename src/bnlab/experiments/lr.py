@@ -27,7 +27,7 @@ from bnlab.experiments.analysis import (
 )
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 MODELS = {False: ("LeNet", {"model": "lenet", "norm": "none"}),
@@ -40,7 +40,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 
 def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
-    from bnlab.plots import plt, save_figure
+    from bnlab.util.plots import plt, save_figure
 
     groups = by_label(rows)
     # Validation accuracy per epoch, one line per learning rate, one panel per model.

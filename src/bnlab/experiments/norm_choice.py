@@ -55,7 +55,7 @@ from bnlab.experiments.analysis import Row, failed, finals, mean_final, plot_int
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
 from bnlab.experiments.stats import UNBOUNDED, format_mean_ci, mean_ci
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 NORMS = {"bnlab": "BN", "layer": "LayerNorm", "group": "GroupNorm", "instance": "InstanceNorm",
          "none": "none"}
@@ -290,7 +290,7 @@ def batch_size_changes(rows: list[Row]) -> list[str]:
 
 
 def plot(rows: list[Row], measured: dict, path: Path) -> None:
-    from bnlab.plots import plt, save_figure
+    from bnlab.util.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
     for norm, name in NORMS.items():

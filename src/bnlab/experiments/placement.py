@@ -21,7 +21,7 @@ from bnlab.experiments.analysis import (
 )
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, intervals_apart
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 PLACEMENTS = {
     "every layer": "all",
@@ -40,7 +40,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 
 def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
-    from bnlab.plots import plt, save_figure
+    from bnlab.util.plots import plt, save_figure
 
     groups = by_label(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -55,8 +55,8 @@ from bnlab.experiments.probed import cached_replay
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import claim_verdict, format_mean_ci, mean_ci
 from bnlab.precise import _batch_norm_layers, update_bn_stats
-from bnlab.tables import format_table
 from bnlab.train import TrainConfig, build_loaders, evaluate, resolve_device
+from bnlab.util.tables import format_table
 
 LEARNING_RATES = (0.1, 3.0)
 HIGH_LR = LEARNING_RATES[1]
@@ -415,7 +415,7 @@ def _curves(group: list[Row], probes, value) -> dict[str, tuple[list[int], list[
 
 def plot_accuracy(rows: list[Row], probes, path: Path) -> None:
     from bnlab.experiments.analysis import plot_mean_curves
-    from bnlab.plots import plt, save_figure
+    from bnlab.util.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, len(LEARNING_RATES), figsize=(6 * len(LEARNING_RATES), 4.5),
                              squeeze=False, sharey=True)
@@ -432,7 +432,7 @@ def plot_accuracy(rows: list[Row], probes, path: Path) -> None:
 
 
 def plot_gap(rows: list[Row], probes, path: Path) -> None:
-    from bnlab.plots import plt, save_figure
+    from bnlab.util.plots import plt, save_figure
 
     fig, axes = plt.subplots(2, len(LEARNING_RATES), figsize=(6 * len(LEARNING_RATES), 8),
                              squeeze=False)

@@ -25,8 +25,6 @@ import torch
 from tqdm.auto import tqdm
 
 from bnlab import runs
-from bnlab.config import config_from_dict
-from bnlab.denormals import denormals_flushed
 from bnlab.experiments.measure import fingerprint
 from bnlab.train import (
     TrainConfig,
@@ -37,6 +35,8 @@ from bnlab.train import (
     resolve_device,
     step_for,
 )
+from bnlab.util.config import config_from_dict
+from bnlab.util.denormals import denormals_flushed
 
 Probe = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], dict[str, Any]]
 

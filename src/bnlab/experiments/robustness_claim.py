@@ -41,7 +41,7 @@ from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, failed, plo
 from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import ACCURACY, format_mean_ci, intervals_apart, mean_ci
-from bnlab.tables import format_table
+from bnlab.util.tables import format_table
 
 MODELS = {
     "BN (lr 0.1)": ({"model": "bn-lenet", "norm": "bnlab", "lr": 0.1}, True),
@@ -350,7 +350,7 @@ def _sizes(sizes: list[float]) -> str:
 
 
 def plot(measured: Measured, path: Path) -> None:
-    from bnlab.plots import plt, save_figure
+    from bnlab.util.plots import plt, save_figure
 
     fig, axes = plt.subplots(2, len(SIZES), figsize=(15, 8), squeeze=False)
     for col, kind in enumerate(SIZES):

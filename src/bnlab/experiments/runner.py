@@ -33,14 +33,10 @@ from typing import Any
 import torch
 
 from bnlab import runs
-from bnlab.config import check_at_least, config_to_dict
 from bnlab.data.dataset import FashionMNIST
-from bnlab.errors import BnlabError, ConfigError
 from bnlab.experiments.analysis import Row, by_label
 from bnlab.experiments.executors import Executor, GridProgress, LocalExecutor
 from bnlab.experiments.stats import format_mean_ci, to_csv
-from bnlab.io import atomic_write_json, atomic_write_text, remove_stray_temps
-from bnlab.tables import format_table
 from bnlab.train import (
     TrainConfig,
     build_loaders,
@@ -48,6 +44,10 @@ from bnlab.train import (
     steps_per_epoch,
     training_images,
 )
+from bnlab.util.config import check_at_least, config_to_dict
+from bnlab.util.errors import BnlabError, ConfigError
+from bnlab.util.io import atomic_write_json, atomic_write_text, remove_stray_temps
+from bnlab.util.tables import format_table
 
 
 @dataclass

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from bnlab.config import config_to_dict
 from bnlab.experiments.analysis import Row, select, train_val_gap
 from bnlab.experiments.runner import (
     Experiment,
@@ -40,8 +39,9 @@ from bnlab.experiments.runner import (
     write_results,
 )
 from bnlab.experiments.stats import format_mean_ci, mean_ci
-from bnlab.io import atomic_write_json, atomic_write_text, read_json
-from bnlab.tables import format_table
+from bnlab.util.config import config_to_dict
+from bnlab.util.io import atomic_write_json, atomic_write_text, read_json
+from bnlab.util.tables import format_table
 
 WORLD = 4
 PER_RANK_BATCHES = (2, 4, 8, 32)

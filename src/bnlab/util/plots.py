@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bnlab.io import atomic_write  # noqa: E402
+from bnlab.util.io import atomic_write  # noqa: E402
 
 
 def save_figure(fig, path: str | Path) -> Path:

@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from bnlab.errors import ConfigError
+from bnlab.util.errors import ConfigError
 
 T = TypeVar("T")
 

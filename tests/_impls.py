@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from bnlab._cpp import build_requirements_missing, has_cxx_compiler
 from bnlab.functional import IMPLEMENTATIONS
+from bnlab.kernels.cpp import build_requirements_missing, has_cxx_compiler
 
 CPP_MISSING = build_requirements_missing()
 CPP_SKIP = pytest.mark.skipif(bool(CPP_MISSING),

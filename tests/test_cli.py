@@ -150,7 +150,7 @@ def test_kernel_build_without_compiler_fails_in_one_line(capsys, monkeypatch, tm
 
 
 def test_kernel_info_names_this_machines_build(capsys):
-    from bnlab import _cpp
+    from bnlab.kernels import cpp as _cpp
 
     code, out, _ = run_cli(capsys, "kernel", "info")
     assert code == 0 and str(_cpp.kernel_build().library) in out

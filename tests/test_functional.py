@@ -273,7 +273,7 @@ def test_bn_benchmark_reports_every_shape_and_impl(impls, floor):
 # impl="cpp": the C++ kernel runs where it can, the fast path takes the rest ------------
 
 def _auto_uses_kernel() -> bool:
-    from bnlab._cpp import cached_extension
+    from bnlab.kernels.cpp import cached_extension
 
     return cached_extension() is not None
 
@@ -318,7 +318,7 @@ def two_threads():
 def test_cpp_kernel_splits_its_loops_over_torchs_threads(two_threads):
     """Built without OpenMP, ATen's at::parallel_for runs every loop on one thread (the
     kernel's builds before -fopenmp did); the built kernel must use torch's threads."""
-    from bnlab._cpp import load_extension
+    from bnlab.kernels.cpp import load_extension
 
     assert load_extension().parallel_chunks() == 2
 
@@ -356,7 +356,7 @@ def test_cpp_says_what_its_build_lacks(monkeypatch, tmp_path):
 
     import torch.utils.cpp_extension as cpp_extension
 
-    import bnlab._cpp as cpp
+    import bnlab.kernels.cpp as cpp
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there
     monkeypatch.setattr(shutil, "which", lambda name: None)
@@ -371,7 +371,7 @@ def test_cpp_says_what_its_build_lacks(monkeypatch, tmp_path):
 def test_cpp_off_the_cpu_needs_no_build(monkeypatch):
     """A non-CPU input takes the fast path without building (or needing) the extension.
     The meta device stands in for CUDA here: shapes and dtypes, no data."""
-    import bnlab._cpp as cpp
+    import bnlab.kernels.cpp as cpp
 
     def refuse():
         raise AssertionError("the extension was loaded for a non-CPU input")
@@ -387,7 +387,7 @@ def test_cpp_off_the_cpu_needs_no_build(monkeypatch):
 @pytest.fixture
 def fresh_auto(monkeypatch):
     """impl='auto' deciding afresh (its answer is cached per process), restored after."""
-    import bnlab._cpp as cpp
+    import bnlab.kernels.cpp as cpp
 
     cpp.cached_extension.cache_clear()
     yield cpp
@@ -444,7 +444,7 @@ def test_kernel_declines_transformed_and_traced_inputs():
     auto take the fast path; under torch.compile tracing they do not call it at all."""
     import torch.autograd.forward_ad as fwAD
 
-    from bnlab._cpp import load_extension
+    from bnlab.kernels.cpp import load_extension
 
     kernel = load_extension()
     args = (None, None, None, None, True, 0.1, 1e-5)
@@ -465,7 +465,7 @@ def test_kernel_declines_transformed_and_traced_inputs():
 def test_auto_and_cpp_trace_under_compile(monkeypatch):
     """torch.compile(fullgraph=True) traces impl='auto' and impl='cpp' without a graph
     break: while tracing they take the fast path (the kernel is never loaded)."""
-    import bnlab._cpp as cpp
+    import bnlab.kernels.cpp as cpp
 
     def refuse():
         raise AssertionError("the extension was called while tracing")

@@ -63,7 +63,7 @@ def _add_kernel_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_kernel_build(args: argparse.Namespace) -> None:
-    from bnlab import _cpp
+    from bnlab.kernels import cpp as _cpp
 
     try:
         _cpp.build_extension()
@@ -73,7 +73,7 @@ def _run_kernel_build(args: argparse.Namespace) -> None:
 
 
 def _run_kernel_info(args: argparse.Namespace) -> None:
-    from bnlab import _cpp
+    from bnlab.kernels import cpp as _cpp
 
     info = _cpp.kernel_info()
     width = max(map(len, info))
@@ -208,9 +208,9 @@ def _run_bench_grid(args: argparse.Namespace) -> None:
 
 
 def _run_bench_bn(args: argparse.Namespace) -> None:
-    from bnlab import _cpp
     from bnlab.bench import bn
     from bnlab.functional import IMPLEMENTATIONS
+    from bnlab.kernels import cpp as _cpp
 
     _check_positive(args, "repeats")
     impls = tuple(n.strip() for n in args.impls.split(",") if n.strip())

@@ -12,11 +12,11 @@ tests read it). Every implementation takes torch's functional argument order
   and is already built (``bnlab kernel build``), the fast path everywhere else. It never
   builds during a forward; when it falls back for lack of a build it says so once on
   stderr, with the command that builds it.
-* ``"fast"``: ``bnlab._fused.FusedBatchNorm``, an autograd Function with the
+* ``"fast"``: ``bnlab.kernels.fused.FusedBatchNorm``, an autograd Function with the
   hand-derived backward, in plain tensor ops: no compiler, any device.
-* ``"reference"``: ``bnlab._reference.reference_batch_norm``, the chapter's formula as
+* ``"reference"``: ``bnlab.kernels.reference.reference_batch_norm``, the chapter's formula as
   plain tensor ops, differentiated by autograd. The one to read.
-* ``"cpp"``: ``bnlab._cpp``, the same math as one C++ loop per direction with the
+* ``"cpp"``: ``bnlab.kernels.cpp``, the same math as one C++ loop per direction with the
   autograd node in C++ (CPU float32/float64; other inputs take the fast path). Builds
   the extension on first use (needs a C++ compiler with OpenMP and ninja).
 * ``"compiled"``: the reference formula through ``torch.compile`` (Inductor fuses the
@@ -51,9 +51,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bnlab._cpp import auto_batch_norm, cpp_batch_norm
-from bnlab._fused import fused_batch_norm, stat_dtype
-from bnlab._reference import reference_batch_norm
+from bnlab.kernels.cpp import auto_batch_norm, cpp_batch_norm
+from bnlab.kernels.fused import fused_batch_norm, stat_dtype
+from bnlab.kernels.reference import reference_batch_norm
 
 __all__ = ["DEFAULT_IMPL", "IMPLEMENTATIONS", "Implementation", "batch_norm", "check_arguments",
            "check_input", "fused_batch_norm", "get_implementation"]

@@ -57,8 +57,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from bnlab._fused import stat_dtype
 from bnlab.functional import DEFAULT_IMPL, Impl
+from bnlab.kernels.fused import stat_dtype
 from bnlab.nn import _BatchNorm, take_state
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]

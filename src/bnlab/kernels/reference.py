@@ -3,7 +3,7 @@
 Why keep it next to the fast path: it is the version a reader can check against the
 formula at a glance, and the tests hold the fast path to it (and both to torch). It is
 deliberately plain and stands alone (it imports nothing from the other implementations);
-speed is ``bnlab._fused``'s and ``bnlab._cpp``'s job.
+speed is ``bnlab.kernels.fused``'s and ``bnlab.kernels.cpp``'s job.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """bnlab's C++ batch norm (``impl="cpp"``, and ``impl="auto"`` where it is built).
 
-Why compiled code: the fast path (``bnlab._fused``) is plain tensor ops under a Python
+Why compiled code: the fast path (``bnlab.kernels.fused``) is plain tensor ops under a Python
 ``autograd.Function``. On large activations that is memory-bound, but on small ones (the
 chapter's FC activations, (128, 120) and (128, 84)) a do-nothing Python
 ``autograd.Function`` already costs a large part of torch's whole forward+backward
@@ -50,7 +50,7 @@ from types import ModuleType
 
 import torch
 
-from bnlab._fused import fused_batch_norm
+from bnlab.kernels.fused import fused_batch_norm
 
 _SOURCE = Path(__file__).with_name("csrc") / "batch_norm.cpp"
 _ARCH_FLAGS = {  # what torch's own CPU kernels were picked for on this machine

@@ -42,7 +42,7 @@ interleaved with torch's kernel):
   updated by one ``_foreach_lerp_``.
 * Small inputs (the FC layers' (128, 120)) are dominated by per-op and Python overhead,
   not memory: (N, C) input in training takes its own path (``_train_forward_2d``) with
-  few ops. ``impl="cpp"`` (``bnlab._cpp``) is the answer for those shapes.
+  few ops. ``impl="cpp"`` (``bnlab.kernels.cpp``) is the answer for those shapes.
 
 Two Functions, one math: ``FusedBatchNorm`` (``forward`` with ``ctx``) outside
 ``torch.func``, and ``FuncFusedBatchNorm`` under it. torch.func needs ``setup_context`` (a

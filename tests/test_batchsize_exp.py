@@ -14,10 +14,10 @@ from bnlab.data.loader import Loader
 from bnlab.experiments import batchsize
 from bnlab.experiments.measure import accuracy_in_mode
 from bnlab.experiments.runner import QUICK, ExpSettings
-from bnlab.frozen import _FrozenBatchNorm
-from bnlab.ghost import _GhostBatchNorm
+from bnlab.nn.frozen import _FrozenBatchNorm
+from bnlab.nn.ghost import _GhostBatchNorm
+from bnlab.nn.precise import update_bn_stats
 from bnlab.norms import create_norm_layer, is_batch_norm
-from bnlab.precise import update_bn_stats
 from bnlab.train import TrainConfig, model_for, start_run
 from bnlab.util.config import config_to_dict
 from bnlab.util.errors import ConfigError

@@ -17,8 +17,8 @@ import torch
 
 from bnlab import distributed, runs
 from bnlab.distributed import DistributedConfig, DistributedError, launch, spawn
-from bnlab.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.nn import BatchNorm1d, BatchNorm2d
+from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.train import TrainConfig, TrainingRun, build_loaders, model_for
 from bnlab.util.io import read_json
 

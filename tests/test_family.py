@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, freeze_batch_norm, unfreeze_batch_norm
-from bnlab.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.nn import BatchNorm1d, BatchNorm2d
-from bnlab.renorm import PAPER_D_MAX, PAPER_R_MAX, BatchRenorm1d, BatchRenorm2d, Ramp
+from bnlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, freeze_batch_norm, unfreeze_batch_norm
+from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d
+from bnlab.nn.renorm import PAPER_D_MAX, PAPER_R_MAX, BatchRenorm1d, BatchRenorm2d, Ramp
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))]

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from bnlab.fold import fold_batch_norm
-from bnlab.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
-from bnlab.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.models import build_model
 from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, convert_batchnorm, to_torch
-from bnlab.nn import _BatchNorm as BnlabBatchNorm
-from bnlab.renorm import BatchRenorm1d, BatchRenorm2d
+from bnlab.nn.batchnorm import _BatchNorm as BnlabBatchNorm
+from bnlab.nn.fold import fold_batch_norm
+from bnlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
+from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d
+from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d
 
 CONVS = {1: (nn.Conv1d, nn.ConvTranspose1d), 2: (nn.Conv2d, nn.ConvTranspose2d),
          3: (nn.Conv3d, nn.ConvTranspose3d)}
@@ -266,7 +266,7 @@ def test_bench_fold_times_four_models_that_agree() -> None:
     table = run_fold_benchmark(repeats=2, device="cpu", batch_sizes=(2,))
     rows = [line for line in table.splitlines() if line.startswith("| 2 ")]
     assert [r.split("|")[2].strip() for r in rows] == [
-        "unfolded (bnlab BN)", "unfolded (torch BN)", "folded (bnlab.fold)", "torch fx fuse"]
+        "unfolded (bnlab BN)", "unfolded (torch BN)", "folded (bnlab.nn.fold)", "torch fx fuse"]
     assert all(float(r.split("|")[5]) < 1e-5 for r in rows)  # the same function
 
 

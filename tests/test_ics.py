@@ -14,7 +14,7 @@ from bnlab import nn as bnn
 from bnlab import runs
 from bnlab.experiments import probed
 from bnlab.ics import drift, gradient_ics, percentile_record, unit_percentiles
-from bnlab.noisy_bn import NoisyBatchNorm1d, NoisyBatchNorm2d, parse_strength
+from bnlab.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d, parse_strength
 from bnlab.norms import create_norm_layer
 from bnlab.runs import CHECKPOINT
 from bnlab.train import TrainConfig, start_run

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab.nn import BatchNorm2d
-from bnlab.precise import update_bn_stats
+from bnlab.nn.precise import update_bn_stats
 
 TIGHT = {"rtol": 1e-12, "atol": 1e-12}
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from bnlab.experiments import precise
 from bnlab.experiments.probed import replay
+from bnlab.nn.precise import update_bn_stats
 from bnlab.norms import create_norm_layer
-from bnlab.precise import update_bn_stats
 from bnlab.train import TrainConfig, build_loaders, evaluate, start_run
 
 

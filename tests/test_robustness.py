@@ -129,7 +129,7 @@ def test_adaptive_bn_on_unshifted_data_is_population_statistics_evaluation() -> 
     """Re-estimating the statistics on clean images (sigma 0) that are the population the
     'precise' statistics come from is the same function: 'adapted' equals 'precise', and,
     for a model whose running statistics are those population statistics, 'running' too."""
-    from bnlab.precise import update_bn_stats
+    from bnlab.nn.precise import update_bn_stats
 
     torch.manual_seed(0)
     model = build_model("bn-lenet", norm="bnlab")
@@ -150,7 +150,7 @@ def test_each_statistics_source_is_the_model_it_names() -> None:
     """Running statistics of another domain (all-zero images); 'precise' is the model
     re-estimated on the clean images, 'adapted' the one re-estimated on exactly the noisy
     images it is evaluated on (the draws of gaussian_noise), 'running' the model as it is."""
-    from bnlab.precise import update_bn_stats
+    from bnlab.nn.precise import update_bn_stats
 
     torch.manual_seed(0)
     model = build_model("bn-lenet", norm="bnlab")

@@ -126,7 +126,7 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
 
     fold = bench_sub.add_parser(
         "fold", help="BN-LeNet eval latency at batch 1 and 128: unfolded, folded "
-                     "(bnlab.fold) and torch's conv-BN fusion, interleaved")
+                     "(bnlab.nn.fold) and torch's conv-BN fusion, interleaved")
     fold.add_argument("--repeats", type=int, default=200, help="interleaved calls per model")
     fold.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     fold.set_defaults(handler=_run_bench_fold)

@@ -3,7 +3,7 @@
 Why: batch norm is where data parallelism bites. With N processes and a global batch B,
 each process sees B / N images; its batch norm normalizes with the statistics of those
 (DDP's default, "local BN": ghost batch norm with ghost size B / N) unless the layers are
-converted to :class:`bnlab.sync.SyncBatchNorm` (``--sync-bn``), which normalizes with the
+converted to :class:`bnlab.nn.sync.SyncBatchNorm` (``--sync-bn``), which normalizes with the
 statistics of all B. This module runs ``bnlab train`` that way, on this machine or, under
 ``torchrun``, on several.
 
@@ -208,7 +208,7 @@ def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resu
         torch.manual_seed(config.seed)
         model = model_for(config, device)
         if dconfig.sync_bn:
-            from bnlab.sync import SyncBatchNorm
+            from bnlab.nn.sync import SyncBatchNorm
 
             model = SyncBatchNorm.convert_sync_batchnorm(model)
         train, test = build_loaders(config, dataset, device)

@@ -176,7 +176,7 @@ def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cp
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every batch-norm layer in ``model``, torch's or bnlab's."""
-    from bnlab.nn import _BatchNorm as BnlabBatchNorm
+    from bnlab.nn.batchnorm import _BatchNorm as BnlabBatchNorm
 
     kinds = (nn.modules.batchnorm._BatchNorm, BnlabBatchNorm)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]

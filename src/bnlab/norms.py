@@ -109,7 +109,7 @@ NORM_DESCRIPTIONS: dict[str, str] = {
                 "(H, W), no running stats; fc: undefined (one value per channel), falls back to "
                 "layer norm nn.LayerNorm(C)",
     "noisy-bn": "Santurkar et al.'s noisy BN: bnlab's BN, then per-sample, per-activation noise "
-                "y*s+m with a mean and scale re-drawn every step (bnlab.noisy_bn); "
+                "y*s+m with a mean and scale re-drawn every step (bnlab.nn.noisy); "
                 "'noisy-bn:S' sets the strength S (default 1; 0 = plain BN)",
 }
 
@@ -119,7 +119,7 @@ PARAMETRIZED_NORMS = ("noisy-bn", "ghost")
 
 
 def _noisy_batch_norm(kind: str, num_features: int, strength: float) -> nn.Module:
-    from bnlab.noisy_bn import noisy_batch_norm
+    from bnlab.nn.noisy import noisy_batch_norm
 
     return noisy_batch_norm(kind, num_features, strength)
 
@@ -141,7 +141,7 @@ def parse_virtual_batch_size(spec: str) -> int:
 
 def _family_layer(kind: str, num_features: int, family: str,
                   virtual_batch_size: int = GHOST_VIRTUAL_BATCH_SIZE) -> nn.Module:
-    from bnlab import frozen, ghost, renorm
+    from bnlab.nn import frozen, ghost, renorm
 
     classes = {"ghost": (ghost.GhostBatchNorm2d, ghost.GhostBatchNorm1d),
                "renorm": (renorm.BatchRenorm2d, renorm.BatchRenorm1d),
@@ -152,21 +152,21 @@ def _family_layer(kind: str, num_features: int, family: str,
     return cls(num_features)
 
 
-# The batch-norm family (bnlab.ghost, bnlab.renorm, bnlab.frozen), with their defaults.
+# The batch-norm family (bnlab.nn.ghost, bnlab.nn.renorm, bnlab.nn.frozen), with their defaults.
 NORM_LAYERS["ghost"] = functools.partial(_family_layer, family="ghost")
 NORM_LAYERS["renorm"] = functools.partial(_family_layer, family="renorm")
 NORM_LAYERS["frozen"] = functools.partial(_family_layer, family="frozen")
 NORM_DESCRIPTIONS["ghost"] = (
     f"ghost batch norm: batch norm on each chunk of {GHOST_VIRTUAL_BATCH_SIZE} samples, running "
-    "statistics updated per chunk; prediction as batch norm (bnlab.ghost); 'ghost:V' sets the "
+    "statistics updated per chunk; prediction as batch norm (bnlab.nn.ghost); 'ghost:V' sets the "
     "chunk (virtual batch) size V >= 2")
 NORM_DESCRIPTIONS["renorm"] = (
     "batch renormalization: r_max 3, d_max 5 after 100 steps of plain batch norm; prediction as "
-    "batch norm (bnlab.renorm)")
+    "batch norm (bnlab.nn.renorm)")
 NORM_DESCRIPTIONS["frozen"] = (
     "frozen batch norm: fixed statistics and affine, the same in train and eval; fresh ones are "
     "(0, 1) statistics and the identity affine, so training with it is training without "
-    "normalization: for inference and as a baseline (bnlab.frozen)")
+    "normalization: for inference and as a baseline (bnlab.nn.frozen)")
 
 BATCH_NORMS = frozenset({impl.norm for impl in IMPLEMENTATIONS.values()} | {"torch", "ghost", "renorm"})
 """The norms of :data:`NORM_LAYERS` that normalize over the batch in training: they cannot
@@ -192,7 +192,7 @@ def _parse_norm_name(name: str) -> tuple[str, int | float | None]:
                          f"{', '.join(PARAMETRIZED_NORMS)} do")
     if base == "ghost":
         return base, parse_virtual_batch_size(name)
-    from bnlab.noisy_bn import parse_strength
+    from bnlab.nn.noisy import parse_strength
 
     return base, parse_strength(name)
 

@@ -171,7 +171,7 @@ def _check_size(name: str, value: float) -> None:
 STATISTICS = ("running", "precise", "batch", "adapted")
 """Where a BN model's normalization statistics come from when it is evaluated on noisy images:
 its running averages from training (eval mode); population statistics of clean training
-images, re-estimated for the final weights (``bnlab.precise.update_bn_stats``); each noisy
+images, re-estimated for the final weights (``bnlab.nn.precise.update_bn_stats``); each noisy
 batch's own statistics (the BN layers in train mode, nothing else); or statistics
 re-estimated on all the noisy images ("adaptive BN", Li et al. 2016: ``update_bn_stats`` on
 the shifted domain). ``running`` vs ``precise`` is the averages' lag; ``precise`` vs
@@ -186,7 +186,7 @@ def noise_accuracy_by_statistics(model: nn.Module, batches: Batches, sigmas: Seq
     every batch of ``clean`` (clean training images). Every evaluation runs on a copy: the
     model, its mode and its buffers are untouched. A model without batch norms has one
     function, so all four are its eval-mode accuracy."""
-    from bnlab.precise import _batch_norm_layers, update_bn_stats
+    from bnlab.nn.precise import _batch_norm_layers, update_bn_stats
 
     def reestimated(on: list) -> nn.Module:
         return update_bn_stats(copy.deepcopy(model), on, num_batches=len(on), progress=False)
@@ -216,7 +216,7 @@ def _accuracy(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
               batch_statistics: bool) -> float:
     """Accuracy of a copy of ``model`` in eval mode, its batch norms in train mode (each
     batch normalized by its own statistics) when ``batch_statistics``."""
-    from bnlab.precise import _batch_norm_layers
+    from bnlab.nn.precise import _batch_norm_layers
 
     probe = copy.deepcopy(model).eval()
     if batch_statistics:

@@ -97,8 +97,8 @@ class TrainConfig:
         "help": "also evaluate every N training steps (0 = only after each epoch)"})
     freeze_bn_epochs: int = field(default=0, metadata={
         "help": "train the last N epochs with every batch norm frozen at its population "
-                "statistics, computed once when that phase starts (bnlab.precise.update_bn_stats "
-                "over one pass of the training set, then bnlab.frozen.freeze_batch_norm; "
+                "statistics, computed once when that phase starts (bnlab.nn.precise.update_bn_stats "
+                "over one pass of the training set, then bnlab.nn.frozen.freeze_batch_norm; "
                 "Wu & Johnson 2021's remedy for train-test inconsistency); 0 = never",
         OMIT_AT_DEFAULT: True})
     flush_denormal: bool = field(default=True, metadata={
@@ -381,11 +381,11 @@ class TrainingRun:
         return bool(frozen) and len(self.history) >= self.config.epochs - frozen
 
     def _freeze_batch_norms(self, recompute: bool) -> None:
-        """Replace every batch norm by a frozen one (``bnlab.frozen``); with ``recompute``, its
+        """Replace every batch norm by a frozen one (``bnlab.nn.frozen``); with ``recompute``, its
         statistics are first set to the population statistics of the current weights over one
-        pass of the training set (``bnlab.precise.update_bn_stats``, in this epoch's order)."""
-        from bnlab.frozen import freeze_batch_norm
-        from bnlab.precise import update_bn_stats
+        pass of the training set (``bnlab.nn.precise.update_bn_stats``, in this epoch's order)."""
+        from bnlab.nn.frozen import freeze_batch_norm
+        from bnlab.nn.precise import update_bn_stats
 
         if recompute:
             with denormals_flushed(self.config.flush_denormal):

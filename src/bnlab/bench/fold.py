@@ -1,6 +1,6 @@
 """What folding batch norm into the layers before it saves at inference.
 
-Why: an eval-mode batch norm is a per-channel affine map that ``bnlab.fold`` removes by
+Why: an eval-mode batch norm is a per-channel affine map that ``bnlab.nn.fold`` removes by
 rescaling the preceding convolution or linear layer; this benchmark measures what that
 is worth on the chapter's BN-LeNet, against the unfolded model with bnlab's and with
 torch's batch norm and against torch's own fusion (``torch.fx.experimental.optimization
@@ -19,9 +19,9 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse as torch_fuse
 
 from bnlab.bench.timing import sync, time_interleaved
-from bnlab.fold import fold_batch_norm
 from bnlab.models import build_model
 from bnlab.nn import to_torch
+from bnlab.nn.fold import fold_batch_norm
 from bnlab.util.tables import format_table
 
 BATCH_SIZES = (1, 128)
@@ -38,7 +38,7 @@ def _models(device: torch.device) -> dict[str, nn.Module]:
     return {
         "unfolded (bnlab BN)": model,
         "unfolded (torch BN)": torch_bn,
-        "folded (bnlab.fold)": fold_batch_norm(model),
+        "folded (bnlab.nn.fold)": fold_batch_norm(model),
         "torch fx fuse": torch_fuse(torch_bn),
     }
 

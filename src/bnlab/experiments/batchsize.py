@@ -16,7 +16,7 @@ its run folder):
   128 of a fixed shuffle, so each chunk of V is normalized with its own statistics;
 - *test, mini-batch*: the same on the test set;
 - *test, population*: eval mode with population statistics of the final weights
-  (``bnlab.precise.update_bn_stats`` over one pass of the training images);
+  (``bnlab.nn.precise.update_bn_stats`` over one pass of the training images);
 
 beside the trainer's *test, EMA* (eval mode, running statistics of momentum 0.1). Only
 whole batches of 128 count, so every chunk has exactly V samples. The remedy: the same
@@ -24,7 +24,7 @@ runs with the last :func:`frozen_epochs` epochs trained with batch norm frozen a
 population statistics (``TrainConfig.freeze_bn_epochs``; the paper: the last 2 of 10).
 There the model trains with what it predicts with, so the three ways coincide; its
 accuracy is the trainer's final test accuracy. The frozen layers keep their affine fixed
-(``bnlab.frozen``) and the rate stays 0.1 (the chapter's constant rate; the paper's
+(``bnlab.nn.frozen``) and the rate stays 0.1 (the chapter's constant rate; the paper's
 schedule has decayed by then).
 
 Part 2, normalization batch b in :data:`SMALL_BATCHES`: batch norm, batch renormalization,
@@ -50,8 +50,8 @@ from bnlab.experiments.analysis import Row, final, finals, plot_intervals, selec
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import claim_verdict, format_mean_ci, intervals_apart, mean_ci
+from bnlab.nn.precise import update_bn_stats
 from bnlab.norms import is_batch_norm
-from bnlab.precise import update_bn_stats
 from bnlab.util.tables import format_table
 
 SGD_BATCH = 128

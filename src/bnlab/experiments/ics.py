@@ -5,7 +5,7 @@ motivation without measuring it. This grid trains, with periodic test evaluation
 
 * **Ioffe & Szegedy's Fig. 1 net** (``ioffe-mlp``: 3 hidden layers x 100 sigmoid units,
   weights ~ N(0, 0.05^2), batch 60, plain SGD at lr 0.5) without BN, with BN before each
-  sigmoid, and with Santurkar et al.'s noisy BN (``bnlab.noisy_bn``) at strengths 0.5, 1, 2.
+  sigmoid, and with Santurkar et al.'s noisy BN (``bnlab.nn.noisy``) at strengths 0.5, 1, 2.
   lr 0.5: measured before choosing, the plain net is still at chance after 1000 steps at
   0.1 and at 0.66 at 0.5 (BN: 0.80 and 0.77), so 0.5 is a rate at which the baseline trains.
 * **the chapter's LeNet**: plain LeNet and BN-LeNet at the chapter's lr 0.1 and at lr 1
@@ -52,7 +52,7 @@ SETTING_DIFFERS = (
     "and fewer steps (above), sigma and lr our choice (they give neither). Santurkar et al. use "
     "VGG on CIFAR-10 (and a 25-layer deep linear net for gradient ICS), with their own noise "
     "constants; here a 3x100 sigmoid MLP and LeNet on Fashion-MNIST, and the noise of "
-    "bnlab.noisy_bn. Agreement or disagreement below is about this setting only.")
+    "bnlab.nn.noisy. Agreement or disagreement below is about this setting only.")
 STRENGTHS = (0.5, 1.0, 2.0)
 MLP_LR = 0.5
 MLP_BATCH = 60

@@ -4,7 +4,7 @@ Why: batch norm predicts with running statistics, an exponential moving average 
 batch statistics gathered while the weights were still moving. Wu & Johnson show that
 the EMA can be far from the population statistics of the *current* weights (early in
 training, at a high learning rate, with a large momentum) and that recomputing them
-("precise BN", ``bnlab.precise.update_bn_stats``) needs only 10^3-10^4 samples.
+("precise BN", ``bnlab.nn.precise.update_bn_stats``) needs only 10^3-10^4 samples.
 
 The grid: BN-LeNet (bnlab's BN, batch 128, plain SGD) at lr 0.1 (the chapter's) and at
 :data:`HIGH_LR` (a high rate at which BN-LeNet still trains; the report reads a finished
@@ -54,7 +54,7 @@ from bnlab.experiments.analysis import Row, best_lr_per_model, read_results, sel
 from bnlab.experiments.probed import cached_replay
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import claim_verdict, format_mean_ci, mean_ci
-from bnlab.precise import _batch_norm_layers, update_bn_stats
+from bnlab.nn.precise import _batch_norm_layers, update_bn_stats
 from bnlab.train import TrainConfig, build_loaders, evaluate, resolve_device
 from bnlab.util.tables import format_table
 

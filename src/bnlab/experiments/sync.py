@@ -106,7 +106,7 @@ def _cost_rank(batch: int, steps: int) -> dict[str, float] | None:
     import torch.distributed as dist
     from torch import nn
 
-    from bnlab.sync import SyncBatchNorm
+    from bnlab.nn.sync import SyncBatchNorm
     from bnlab.train import TrainConfig, make_step, model_for, optimizer_for
 
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from bnlab import nn as bnn
+from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d
 
 
 def noise_like(y: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,11 +69,11 @@ class _NoisyMixin:
         return f"{super().extra_repr()}, noise_strength={self.strength:g}"
 
 
-class NoisyBatchNorm1d(_NoisyMixin, bnn.BatchNorm1d):
+class NoisyBatchNorm1d(_NoisyMixin, BatchNorm1d):
     """bnlab's BatchNorm1d, then Santurkar et al.'s noise (module docstring) while training."""
 
 
-class NoisyBatchNorm2d(_NoisyMixin, bnn.BatchNorm2d):
+class NoisyBatchNorm2d(_NoisyMixin, BatchNorm2d):
     """bnlab's BatchNorm2d, then Santurkar et al.'s noise (module docstring) while training."""
 
 

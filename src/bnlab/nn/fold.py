@@ -41,6 +41,9 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
+from bnlab.nn.batchnorm import _BatchNorm
+from bnlab.nn.frozen import _FrozenBatchNorm
+
 __all__ = ["fold_batch_norm"]
 
 _CONV_RANKS = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5, nn.ConvTranspose1d: 3,
@@ -52,9 +55,6 @@ Method = Literal["auto", "sequential", "fx"]
 
 def _bn_ranks(m: nn.Module) -> tuple[int, ...] | None:
     """Input ranks of a foldable batch norm (with running statistics), else None."""
-    from bnlab.frozen import _FrozenBatchNorm
-    from bnlab.nn import _BatchNorm
-
     if getattr(m, "running_mean", None) is None:
         return None
     if isinstance(m, _BatchNorm | _FrozenBatchNorm):

@@ -69,6 +69,7 @@ __all__ = [
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
     "convert_batchnorm",
+    "is_batch_norm",
     "replace_all_batch_norm_modules_",
 ]
 
@@ -268,6 +269,13 @@ class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
     cls_to_become = BatchNorm3d
 
 
+def is_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a batch norm, torch's (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``,
+    their lazy forms) or bnlab's (``BatchNorm*d`` and every layer built on it: ghost, renorm,
+    noisy, sync). bnlab's frozen batch norm is not one: it has no batch statistics."""
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, _BatchNorm))
+
+
 def replace_all_batch_norm_modules_(root: nn.Module) -> nn.Module:
     """Stop every batch norm in ``root`` (torch's and bnlab's) tracking running statistics,
     in place; return ``root``.
@@ -350,25 +358,3 @@ def convert_batchnorm(module: nn.Module, *, impl: Impl = DEFAULT_IMPL) -> nn.Mod
         if new_child is not child:
             module.add_module(name, new_child)
     return module
-
-
-# The batch-norm family and interop live one concept per file; exported here by name,
-# imported on first use (the family's modules build on _BatchNorm above).
-_FAMILY_EXPORTS = {
-    "GhostBatchNorm1d": "bnlab.ghost", "GhostBatchNorm2d": "bnlab.ghost",
-    "BatchRenorm1d": "bnlab.renorm", "BatchRenorm2d": "bnlab.renorm",
-    "FrozenBatchNorm1d": "bnlab.frozen", "FrozenBatchNorm2d": "bnlab.frozen",
-    "FrozenBatchNorm3d": "bnlab.frozen",
-    "freeze_batch_norm": "bnlab.frozen", "unfreeze_batch_norm": "bnlab.frozen",
-    "to_torch": "bnlab.interop",
-    "SyncBatchNorm": "bnlab.sync",
-}
-__all__ += list(_FAMILY_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _FAMILY_EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_FAMILY_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,7 @@ import torch
 
 from bnlab.functional import DEFAULT_IMPL, Impl, check_input
 from bnlab.functional import batch_norm as functional_batch_norm
-from bnlab.nn import _BatchNorm
+from bnlab.nn.batchnorm import _BatchNorm
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
 

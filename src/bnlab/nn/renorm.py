@@ -49,7 +49,7 @@ import torch
 
 from bnlab.functional import DEFAULT_IMPL, Impl, check_input
 from bnlab.functional import batch_norm as functional_batch_norm
-from bnlab.nn import _BatchNorm
+from bnlab.nn.batchnorm import _BatchNorm
 
 __all__ = ["PAPER_D_MAX", "PAPER_R_MAX", "BatchRenorm1d", "BatchRenorm2d", "Ramp"]
 

@@ -59,7 +59,7 @@ from torch.autograd.function import once_differentiable
 
 from bnlab.functional import DEFAULT_IMPL, Impl
 from bnlab.kernels.fused import stat_dtype
-from bnlab.nn import _BatchNorm, take_state
+from bnlab.nn.batchnorm import _BatchNorm, is_batch_norm, take_state
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -273,11 +273,7 @@ class SyncBatchNorm(_BatchNorm):
 
 
 def _convertible(module: nn.Module) -> bool:
-    from bnlab import nn as bnn
-
-    if isinstance(module, SyncBatchNorm):
-        return False
-    return isinstance(module, (bnn._BatchNorm, nn.modules.batchnorm._BatchNorm))
+    return is_batch_norm(module) and not isinstance(module, SyncBatchNorm)
 
 
 def _to_sync(bn: nn.Module, process_group: Any) -> SyncBatchNorm:

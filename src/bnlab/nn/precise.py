@@ -38,18 +38,16 @@ from itertools import islice
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from bnlab.nn.batchnorm import is_batch_norm
 
 __all__ = ["update_bn_stats"]
 
 
 def _batch_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every batch norm with running statistics, torch's or bnlab's."""
-    from bnlab.nn import _BatchNorm
-
-    kinds = (nn.modules.batchnorm._BatchNorm, _BatchNorm)
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, kinds) and getattr(m, "running_mean", None) is not None]
+            if is_batch_norm(m) and getattr(m, "running_mean", None) is not None]
 
 
 class _Moments:
@@ -75,6 +73,15 @@ class _Moments:
 
     def unbiased_var(self) -> torch.Tensor:
         return self.m2 / max(self.count - 1, 1)
+
+
+def _with_progress(batches: Iterable, total: int, progress: bool) -> Iterable:
+    if not progress:
+        return batches
+    # tqdm belongs to the lab, not the library: `import bnlab.nn` must not load it.
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, total=total, desc="BN statistics", disable=None)
 
 
 def _first_tensor(batch) -> torch.Tensor:
@@ -118,8 +125,7 @@ def update_bn_stats(model: nn.Module, batches: Iterable, num_batches: int = 200,
         for _, layer in layers:
             layer.train()
         with torch.no_grad():
-            for batch in tqdm(islice(batches, num_batches), total=num_batches,
-                              desc="BN statistics", disable=None if progress else True):
+            for batch in _with_progress(islice(batches, num_batches), num_batches, progress):
                 model(_first_tensor(batch).to(reference.device))
                 seen += 1
     finally:

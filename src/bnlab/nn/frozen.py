@@ -36,7 +36,7 @@ from torch import nn
 
 from bnlab.functional import batch_norm as functional_batch_norm
 from bnlab.functional import check_input
-from bnlab.nn import _BatchNorm
+from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, is_batch_norm
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
            "freeze_batch_norm", "unfreeze_batch_norm"]
@@ -152,7 +152,7 @@ def _swap(module: nn.Module, match, convert) -> nn.Module:
 
 
 def _is_freezable(m: nn.Module) -> bool:
-    return (isinstance(m, nn.modules.batchnorm._BatchNorm | _BatchNorm)
+    return (is_batch_norm(m)
             and _ranks_of(m) is not None)
 
 
@@ -172,7 +172,7 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
             raise ValueError(f"cannot freeze the uninitialized lazy layer {name or 'model'!r} "
                              f"({type(m).__name__}): run one batch through the model first")
-        if isinstance(m, nn.modules.batchnorm._BatchNorm | _BatchNorm):
+        if is_batch_norm(m):
             if _ranks_of(m) is None:
                 raise ValueError(f"cannot freeze {name or 'model'!r} ({type(m).__name__}): "
                                  "only BatchNorm1d/2d/3d and bnlab's batch norms are supported")
@@ -186,8 +186,6 @@ def _unfreeze_one(frozen: _FrozenBatchNorm) -> nn.Module:
     if frozen.source is not None:
         cls, config = frozen.source
     else:  # built directly, not by freeze_batch_norm: bnlab's plain batch norm
-        from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
-
         cls = {(2, 3): BatchNorm1d, (4,): BatchNorm2d, (5,): BatchNorm3d}[frozen._ranks]
         config = {"eps": frozen.eps, "affine": frozen.affine,
                   "bias": frozen.bias is not None if frozen.affine else True}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, take_state
+from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, take_state
 
 __all__ = ["to_torch"]
 
@@ -40,7 +40,7 @@ def to_torch(module: nn.Module) -> nn.Module:
     modules back (the ``impl`` is not something torch's modules hold).
 
     Left alone: bnlab's ghost, renorm and frozen layers (torch has no equivalent; their
-    ``eval()`` output is plain batch norm, so ``bnlab.fold.fold_batch_norm`` or a frozen
+    ``eval()`` output is plain batch norm, so ``bnlab.nn.fold.fold_batch_norm`` or a frozen
     copy is the way to export them). An uninitialized lazy layer raises ``ValueError``.
     """
     for name, m in module.named_modules():

@@ -27,6 +27,6 @@ IMPL_PARAMS = [pytest.param(impl.name, marks=CPP_SKIP) if impl.compiles == "once
 RUNNABLE = [impl.name for impl in _GRID if impl.compiles == "no" or not CPP_MISSING]
 # Compiling each new shape takes seconds: tests of it are in the slow tier.
 COMPILED_MARKS = [COMPILED_SKIP, pytest.mark.slow]
-# The norm names (bnlab.norms) of implementations that need a compiler, with their marks.
+# The norm names (bnlab.training.norms) of implementations that need a compiler, with their marks.
 NORM_SKIPS = {impl.norm: CPP_SKIP if impl.compiles == "once" else COMPILED_MARKS
               for impl in IMPLEMENTATIONS.values() if impl.compiles != "no"}

@@ -9,7 +9,6 @@ import copy
 import pytest
 import torch
 
-from bnlab import runs
 from bnlab.data.loader import Loader
 from bnlab.experiments import batchsize
 from bnlab.experiments.measure import accuracy_in_mode
@@ -17,8 +16,9 @@ from bnlab.experiments.runner import QUICK, ExpSettings
 from bnlab.nn.frozen import _FrozenBatchNorm
 from bnlab.nn.ghost import _GhostBatchNorm
 from bnlab.nn.precise import update_bn_stats
-from bnlab.norms import create_norm_layer, is_batch_norm
-from bnlab.train import TrainConfig, model_for, start_run
+from bnlab.training import runs
+from bnlab.training.norms import create_norm_layer, is_batch_norm
+from bnlab.training.train import TrainConfig, model_for, start_run
 from bnlab.util.config import config_to_dict
 from bnlab.util.errors import ConfigError
 
@@ -179,7 +179,7 @@ def test_batchsize_quick_grid_runs_and_a_rerun_trains_and_measures_nothing(
 
 def test_freeze_bn_epochs_over_several_processes_is_refused_before_anything_is_written(
         synthetic_fashion, tmp_path):
-    from bnlab.distributed import DistributedConfig, DistributedError, launch
+    from bnlab.training.distributed import DistributedConfig, DistributedError, launch
 
     config = TrainConfig(epochs=2, freeze_bn_epochs=1, subset=200, device="cpu")
     with pytest.raises(DistributedError, match="--freeze-bn-epochs is not supported"):

@@ -11,8 +11,8 @@ from bnlab.experiments import convergence, depth, norm_choice, robustness_claim
 from bnlab.experiments.analysis import CHANCE, Row
 from bnlab.experiments.runner import ExpSettings, resolve
 from bnlab.experiments.stats import claim_verdict, intervals_apart
-from bnlab.runs import CHECKPOINT
-from bnlab.train import TrainConfig, build_loaders, start_run, steps_per_epoch
+from bnlab.training.runs import CHECKPOINT
+from bnlab.training.train import TrainConfig, build_loaders, start_run, steps_per_epoch
 
 
 def _row(tags, final_acc, diverged=False, seed=0, metrics=(), evals=(), config=None, label=None):

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from bnlab import cli, runs
+from bnlab import cli
+from bnlab.training import runs
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -105,7 +106,7 @@ def test_demo_with_other_settings_needs_fresh(capsys, fake_dataset, tmp_path):
 
 
 def test_unknown_config_key_is_an_error():
-    from bnlab.train import TrainConfig
+    from bnlab.training.train import TrainConfig
     from bnlab.util.config import config_from_dict
 
     with pytest.raises(ValueError, match=r"unknown TrainConfig key\(s\) \['learning_rate'\]"):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab import nn as bnn
-from bnlab.deep import deep_cnn, deep_mlp
+from bnlab.training.deep import deep_cnn, deep_mlp
 
 
 def weight_layers(model: nn.Module) -> list[nn.Module]:

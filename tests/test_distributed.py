@@ -1,4 +1,4 @@
-"""Data-parallel training (bnlab.distributed): the same run as one process, and failures.
+"""Data-parallel training (bnlab.training.distributed): the same run as one process, and failures.
 
 Each launch spawns 2 gloo processes on localhost (a free port; the process group has a
 timeout and the launcher stops every process when one fails), on the synthetic
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnlab import distributed, runs
-from bnlab.distributed import DistributedConfig, DistributedError, launch, spawn
 from bnlab.nn import BatchNorm1d, BatchNorm2d
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d
-from bnlab.train import TrainConfig, TrainingRun, build_loaders, model_for
+from bnlab.training import distributed, runs
+from bnlab.training.distributed import DistributedConfig, DistributedError, launch, spawn
+from bnlab.training.train import TrainConfig, TrainingRun, build_loaders, model_for
 from bnlab.util.io import read_json
 
 # Every test here spawns processes (seconds each): the slow tier.

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from bnlab import cli, runs
+from bnlab import cli
 from bnlab.data import dataset
 from bnlab.experiments.executors import ExecutorError, RayExecutor, make_executor
 from bnlab.experiments.runner import PlannedRun, Variant, execute, is_finished
-from bnlab.train import TrainConfig, start_run
+from bnlab.training import runs
+from bnlab.training.train import TrainConfig, start_run
 
 TIMING = {"seconds", "train_seconds", "eval_seconds", "images_per_s"}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bnlab import cli, runs
+from bnlab import cli
 from bnlab.experiments import (
     EXPERIMENTS,
     depth,
@@ -33,6 +33,7 @@ from bnlab.experiments.analysis import (
     plot_intervals,
     training_lrs,
 )
+from bnlab.experiments.report import build_report
 from bnlab.experiments.runner import (
     QUICK,
     ExpSettings,
@@ -42,8 +43,8 @@ from bnlab.experiments.runner import (
     resolve,
 )
 from bnlab.experiments.stats import ACCURACY, interval, mean_ci, t_quantile_975
-from bnlab.report import build_report
-from bnlab.train import start_run
+from bnlab.training import runs
+from bnlab.training.train import start_run
 from bnlab.util.config import config_to_dict
 
 # Experiments that train and report themselves (Experiment.run: sync's multi-process grid)
@@ -101,7 +102,7 @@ SMALL_GRIDS = {"robustness": ({}, ["--epochs", "2"]), "dropout": ({}, []),
 
 def _count_measurements(monkeypatch) -> list[str]:
     """Make training fail, and record every model reload and gradient measurement."""
-    from bnlab import gradients
+    from bnlab.probes import gradients
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -231,7 +232,7 @@ def _row(tags, final_acc, diverged=False, accs=()):
 
 @pytest.mark.parametrize("settings", [QUICK, ExpSettings()])
 def test_norms_equal_steps_arm_has_equal_step_counts(settings):
-    from bnlab.train import TrainConfig, steps_per_epoch, training_images
+    from bnlab.training.train import TrainConfig, steps_per_epoch, training_images
 
     settings = resolve(settings, norm_choice.EXPERIMENT)
     arm = [v for v in norm_choice.variants(settings) if v.tags["arm"] == norm_choice.STEPS]

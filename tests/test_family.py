@@ -390,7 +390,7 @@ def test_freeze_a_lone_batch_norm_returns_the_frozen_root() -> None:
                                                           ("frozen", 1, None)])
 def test_train_with_the_family_norms(synthetic_fashion, norm, epochs, accuracy) -> None:
     from bnlab.cli import build_parser
-    from bnlab.train import TrainConfig, start_run
+    from bnlab.training.train import TrainConfig, start_run
 
     assert build_parser().parse_args(["train", "--norm", norm]).norm == norm
     config = TrainConfig(norm=norm, epochs=epochs, batch_size=32, lr=0.5, eval_batch_size=100,
@@ -402,7 +402,7 @@ def test_train_with_the_family_norms(synthetic_fashion, norm, epochs, accuracy) 
 
 
 def test_frozen_registry_layers_stay_fixed_through_a_training_step() -> None:
-    from bnlab.models import build_model
+    from bnlab.training.models import build_model
 
     model = build_model("bn-lenet", "frozen").train()
     frozen = [m for m in model.modules() if isinstance(m, FrozenBatchNorm1d | FrozenBatchNorm2d)]

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from bnlab.models import build_model
 from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, convert_batchnorm, to_torch
 from bnlab.nn.batchnorm import _BatchNorm as BnlabBatchNorm
 from bnlab.nn.fold import fold_batch_norm
 from bnlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d
+from bnlab.training.models import build_model
 
 CONVS = {1: (nn.Conv1d, nn.ConvTranspose1d), 2: (nn.Conv2d, nn.ConvTranspose2d),
          3: (nn.Conv3d, nn.ConvTranspose3d)}

@@ -9,14 +9,14 @@ import torch
 from conftest import buffers
 from torch import nn
 
-from bnlab.deep import deep_mlp
-from bnlab.gradients import (
+from bnlab.probes.gradients import (
     activation_stats,
     growth_per_layer,
     layer_gradient_norms,
     mean_field_growth,
 )
-from bnlab.models import build_model
+from bnlab.training.deep import deep_mlp
+from bnlab.training.models import build_model
 
 
 def batch(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab import nn as bnn
-from bnlab import runs
 from bnlab.experiments import probed
-from bnlab.ics import drift, gradient_ics, percentile_record, unit_percentiles
 from bnlab.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d, parse_strength
-from bnlab.norms import create_norm_layer
-from bnlab.runs import CHECKPOINT
-from bnlab.train import TrainConfig, start_run
+from bnlab.probes.ics import drift, gradient_ics, percentile_record, unit_percentiles
+from bnlab.training import runs
+from bnlab.training.norms import create_norm_layer
+from bnlab.training.runs import CHECKPOINT
+from bnlab.training.train import TrainConfig, start_run
 from bnlab.util.scoped import preserved_buffers
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.landscape import probe
-from bnlab.norms import create_norm_layer
+from bnlab.probes.landscape import probe
+from bnlab.training.norms import create_norm_layer
 
 
 class Quadratic(nn.Module):

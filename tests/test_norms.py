@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from _impls import NORM_SKIPS
 from torch import nn
 
-from bnlab.norms import NORM_DESCRIPTIONS, NORM_LAYERS, create_norm_layer, group_count
+from bnlab.training.norms import NORM_DESCRIPTIONS, NORM_LAYERS, create_norm_layer, group_count
 
 SHAPES = {"conv": (8, 6, 5, 5), "fc": (8, 12)}
 PER_SAMPLE = ("layer", "group", "instance")

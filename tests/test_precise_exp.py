@@ -13,8 +13,8 @@ from torch import nn
 from bnlab.experiments import precise
 from bnlab.experiments.probed import replay
 from bnlab.nn.precise import update_bn_stats
-from bnlab.norms import create_norm_layer
-from bnlab.train import TrainConfig, build_loaders, evaluate, start_run
+from bnlab.training.norms import create_norm_layer
+from bnlab.training.train import TrainConfig, build_loaders, evaluate, start_run
 
 
 def _tiny() -> nn.Module:

@@ -12,9 +12,10 @@ import re
 import pytest
 import torch
 
-from bnlab import cli, inspection
+from bnlab import cli
 from bnlab.experiments import executors, runner
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
+from bnlab.training import inspection
 from bnlab.util.errors import ConfigError
 
 TINY = ["--epochs", "1", "--subset", "100", "--batch-size", "50", "--eval-batch-size", "200",

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnlab import cli, runs
+from bnlab import cli
 from bnlab.experiments import get_experiment
 from bnlab.experiments.runner import ExpSettings, plan, resolve
-from bnlab.train import TrainConfig, start_run
+from bnlab.training import runs
+from bnlab.training.train import TrainConfig, start_run
 from bnlab.util import io
 from bnlab.util.config import config_to_dict
 

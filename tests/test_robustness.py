@@ -10,8 +10,7 @@ from conftest import buffers
 from torch import nn
 
 from bnlab.data.loader import Loader
-from bnlab.models import build_model
-from bnlab.robustness import (
+from bnlab.probes.robustness import (
     STATISTICS,
     fgsm_accuracy,
     gaussian_noise,
@@ -21,7 +20,8 @@ from bnlab.robustness import (
     perturbed_accuracy,
     pgd_accuracy,
 )
-from bnlab.train import evaluate, make_step
+from bnlab.training.models import build_model
+from bnlab.training.train import evaluate, make_step
 
 EPSILONS = [0.0, 0.02, 0.05, 0.1]
 

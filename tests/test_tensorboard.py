@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from bnlab import cli, runs
+from bnlab import cli
 from bnlab.data import dataset
 from bnlab.experiments import get_experiment
 from bnlab.experiments.runner import QUICK, plan, resolve
-from bnlab.models import norm_layers
-from bnlab.tensorboard import BN_STATISTICS, EPOCH_SCALARS, optional_logger
-from bnlab.train import TrainConfig, model_for, start_run
+from bnlab.training import runs
+from bnlab.training.models import norm_layers
+from bnlab.training.tensorboard import BN_STATISTICS, EPOCH_SCALARS, optional_logger
+from bnlab.training.train import TrainConfig, model_for, start_run
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

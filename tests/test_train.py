@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from bnlab import runs, train
-from bnlab.models import build_model
-from bnlab.train import TrainConfig, build_loaders, evaluate, start_run
+from bnlab.training import runs, train
+from bnlab.training.models import build_model
+from bnlab.training.train import TrainConfig, build_loaders, evaluate, start_run
 from bnlab.util.config import config_from_dict, config_to_dict
 from bnlab.util.denormals import denormals_flushed, flushing_denormals
 

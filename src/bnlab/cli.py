@@ -175,8 +175,8 @@ def _run_bench_loader(args: argparse.Namespace) -> None:
 
 def _run_bench_step(args: argparse.Namespace) -> None:
     from bnlab.bench import step
-    from bnlab.norms import NORM_LAYERS
-    from bnlab.train import TrainConfig, build_loaders, resolve_device, seeded_steps
+    from bnlab.training.norms import NORM_LAYERS
+    from bnlab.training.train import TrainConfig, build_loaders, resolve_device, seeded_steps
 
     _check_positive(args, "steps")
     norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
@@ -227,9 +227,9 @@ def _run_bench_bn(args: argparse.Namespace) -> None:
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:
-    from bnlab.demo import DemoConfig
-    from bnlab.distributed import DistributedConfig
-    from bnlab.train import TrainConfig
+    from bnlab.experiments.demo import DemoConfig
+    from bnlab.training.distributed import DistributedConfig
+    from bnlab.training.train import TrainConfig
     from bnlab.util.config import add_config_flags
 
     train = sub.add_parser("train", help="train one model on Fashion-MNIST (one run folder)",
@@ -278,9 +278,9 @@ def _config_or_error(cls, args, base=None):
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from bnlab.distributed import DistributedConfig, launched_by_torchrun, train_distributed
-    from bnlab.models import has_norm_layers
-    from bnlab.train import TrainConfig, describe, start_run
+    from bnlab.training.distributed import DistributedConfig, launched_by_torchrun, train_distributed
+    from bnlab.training.models import has_norm_layers
+    from bnlab.training.train import TrainConfig, describe, start_run
 
     if args.norm is None and not has_norm_layers(args.model):
         args.norm = "none"
@@ -296,7 +296,7 @@ def _run_train(args: argparse.Namespace) -> None:
         if summary is None:  # a rank other than 0 under torchrun
             return
     else:
-        from bnlab.tensorboard import optional_logger
+        from bnlab.training.tensorboard import optional_logger
 
         print(f"training {describe(config)} -> {out}")
         with optional_logger(args.tensorboard) as observer:
@@ -325,7 +325,7 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
-    from bnlab.inspection import PARAMS_FIGURE, inspect_run, write_norm_figure
+    from bnlab.training.inspection import PARAMS_FIGURE, inspect_run, write_norm_figure
 
     print(inspect_run(args.run, figure=False), flush=True)  # the numbers first, whatever follows
     if not args.figure:
@@ -341,7 +341,7 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from bnlab.demo import DemoConfig, run_demo
+    from bnlab.experiments.demo import DemoConfig, run_demo
 
     config = _config_or_error(DemoConfig, args)
     print(run_demo(config, args.out, _load_data(args), args.fresh,
@@ -391,7 +391,7 @@ def _run_experiment(args: argparse.Namespace) -> None:
     from bnlab.experiments import get_experiment
     from bnlab.experiments.executors import make_executor
     from bnlab.experiments.runner import FULL, QUICK, ExpSettings, run_experiment
-    from bnlab.tensorboard import summary_writer_class
+    from bnlab.training.tensorboard import summary_writer_class
 
     base = QUICK if args.quick else FULL if args.full else None
     settings = _config_or_error(ExpSettings, args, base)
@@ -407,7 +407,7 @@ def _run_experiment(args: argparse.Namespace) -> None:
 
 def _run_report(args: argparse.Namespace) -> None:
     from bnlab.experiments import EXPERIMENTS
-    from bnlab.report import build_report
+    from bnlab.experiments.report import build_report
 
     if args.runs:  # folders named on the command line must exist; the defaults may not yet
         missing = [r for r in args.runs if not Path(r).is_dir()]

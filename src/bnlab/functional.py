@@ -3,7 +3,7 @@
 Why a functional layer: the modules in ``bnlab.nn`` only decide *which* statistics to
 use and how fast the running averages move; the arithmetic lives here, once, and can be
 called (and tested) on its own, with any of the implementations in ``IMPLEMENTATIONS``,
-the one registry of them (``bnlab.nn``, ``bnlab.norms``, the benchmarks, the CLI and the
+the one registry of them (``bnlab.nn``, ``bnlab.training.norms``, the benchmarks, the CLI and the
 tests read it). Every implementation takes torch's functional argument order
 ``(input, running_mean, running_var, weight, bias, training, momentum, eps)``:
 
@@ -73,7 +73,7 @@ class Implementation:
     name: str          # the ``impl=`` value
     run: BatchNormFn   # unchecked: callers (batch_norm, the modules) check first
     needs: str         # what it needs at run time, for docs and ``--help``
-    norm: str          # its name in ``bnlab.norms`` (``bnlab train --norm``)
+    norm: str          # its name in ``bnlab.training.norms`` (``bnlab train --norm``)
     what: str          # one line for tables
     compiles: str = "no"  # "no", "once" (per machine: the C++ kernel) or "each shape"
 

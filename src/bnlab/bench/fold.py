@@ -19,9 +19,9 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse as torch_fuse
 
 from bnlab.bench.timing import sync, time_interleaved
-from bnlab.models import build_model
 from bnlab.nn import to_torch
 from bnlab.nn.fold import fold_batch_norm
+from bnlab.training.models import build_model
 from bnlab.util.tables import format_table
 
 BATCH_SIZES = (1, 128)

@@ -9,7 +9,7 @@ to the reference norm's, and each model's last loss: with equal weights and equa
 batches, implementations that agree with torch track its loss to many digits.
 
 The benchmark is a leaf: it times the step functions it is given (the CLI builds them
-with ``bnlab.train``) and imports nothing of bnlab's above the timing helpers.
+with ``bnlab.training.train``) and imports nothing of bnlab's above the timing helpers.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from bnlab.util.tables import format_table
 DEFAULT_NORMS = ("bnlab", "torch")
 
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""A training step ``(x, y) -> (loss, logits)`` (``bnlab.train.make_step``)."""
+"""A training step ``(x, y) -> (loss, logits)`` (``bnlab.training.train.make_step``)."""
 
 
 class EpochBatches(Protocol):

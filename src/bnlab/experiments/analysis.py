@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnlab import runs
 from bnlab.experiments.stats import ACCURACY, bounded, interval, mean_ci
+from bnlab.training import runs
 
 CHANCE = 0.1
 FAIL_ACCURACY = 0.2
@@ -59,7 +59,7 @@ class Row:
     @property
     def steps_per_epoch(self) -> int:
         """SGD steps of one of the run's epochs: its training images in batches of its size."""
-        from bnlab.train import steps_per_epoch, training_images
+        from bnlab.training.train import steps_per_epoch, training_images
 
         return steps_per_epoch(training_images(self.config["subset"]), self.config["batch_size"])
 

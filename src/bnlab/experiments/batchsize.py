@@ -44,14 +44,14 @@ from typing import Any
 
 import torch
 
-from bnlab import runs
 from bnlab.data.loader import Loader, stratified_subset
 from bnlab.experiments.analysis import Row, final, finals, plot_intervals, select
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import claim_verdict, format_mean_ci, intervals_apart, mean_ci
 from bnlab.nn.precise import update_bn_stats
-from bnlab.norms import is_batch_norm
+from bnlab.training import runs
+from bnlab.training.norms import is_batch_norm
 from bnlab.util.tables import format_table
 
 SGD_BATCH = 128

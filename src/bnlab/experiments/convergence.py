@@ -44,7 +44,7 @@ from bnlab.experiments import analysis
 from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, Row, finals, mean_final, select
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
 from bnlab.experiments.stats import format_mean_ci
-from bnlab.train import steps_per_epoch, training_images
+from bnlab.training.train import steps_per_epoch, training_images
 from bnlab.util.tables import format_table
 
 LEARNING_RATES = {False: (0.3, 1.0, 3.0), True: (0.1, 0.3, 1.0, 3.0)}

@@ -1,7 +1,7 @@
 """Claim: "batch normalization has enabled practitioners to train networks exceeding 100 layers".
 
 Why: the chapter states it without showing it. This grid trains *plain* MLPs (no residual
-connections, ``bnlab.deep.deep_mlp``, width 64) of depth 5, 10, 20, 50 and 110 weight layers,
+connections, ``bnlab.training.deep.deep_mlp``, width 64) of depth 5, 10, 20, 50 and 110 weight layers,
 with sigmoid, tanh and ReLU, with bnlab's BN after every hidden linear layer and without
 any norm, and measures two things:
 
@@ -14,7 +14,7 @@ any norm, and measures two things:
   deeper, so large rates can fail where small ones train); judging each depth at one
   fixed rate would measure the rate, not the depth.
 * the mechanism: the norm of dL/dW of every weight layer, in depth order
-  (``bnlab.gradients.layer_gradient_norms``, train mode, one fixed class-balanced batch
+  (``bnlab.probes.gradients.layer_gradient_norms``, train mode, one fixed class-balanced batch
   of 256 training images), for seed 0 of every (activation, norm, depth) at
   initialization and after training (the run at that family's best rate), with the ratio
   first layer / last layer as the headline number (vanishing: << 1; exploding: >> 1).
@@ -23,7 +23,7 @@ any norm, and measures two things:
   per layer. The factor is fitted from every seed's profile at initialization (a
   least-squares line through ln ||dL/dW|| against the layer index, hidden layers only)
   and set beside the mean-field prediction sqrt(E[phi'(z)^2] / Var[phi(z)]), z ~ N(0, 1)
-  (``bnlab.gradients.mean_field_growth``; ReLU: sqrt(pi/(pi-1))). The prediction holds
+  (``bnlab.probes.gradients.mean_field_growth``; ReLU: sqrt(pi/(pi-1))). The prediction holds
   for infinite width and batch; a sweep of width and batch at depth 50, BN nets at
   initialization only (no training), shows how far width 64 and batch 256 are from it.
 
@@ -45,12 +45,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bnlab import runs
 from bnlab.experiments import analysis
 from bnlab.experiments.analysis import FAIL_ACCURACY, Row, finals, plot_intervals, select, trains
 from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.training import runs
 from bnlab.util.tables import format_table
 
 DEPTHS = (5, 10, 20, 50, 110)
@@ -153,8 +153,8 @@ def gradient_profile(row: Row, images, labels) -> dict[str, list[float] | None]:
     after training (None when the run diverged), on one batch in train mode."""
     import torch
 
-    from bnlab.gradients import layer_gradient_norms
-    from bnlab.train import TrainConfig, model_for
+    from bnlab.probes.gradients import layer_gradient_norms
+    from bnlab.training.train import TrainConfig, model_for
     from bnlab.util.config import config_from_dict
 
     x = images.unsqueeze(1).float().div(255)  # (256, 1, 28, 28)
@@ -225,9 +225,9 @@ def plot_accuracy_vs_depth(rows: list[Row], path: Path) -> None:
 
 def predicted_growth(activation: str) -> float:
     """Mean-field growth factor of the gradient *norm* per BN layer towards the input:
-    ``sqrt(bnlab.gradients.mean_field_growth(phi))`` (ReLU: sqrt(pi / (pi - 1)) = 1.211)."""
-    from bnlab.deep import ACTIVATIONS as MODULES
-    from bnlab.gradients import mean_field_growth
+    ``sqrt(bnlab.probes.gradients.mean_field_growth(phi))`` (ReLU: sqrt(pi / (pi - 1)) = 1.211)."""
+    from bnlab.probes.gradients import mean_field_growth
+    from bnlab.training.deep import ACTIVATIONS as MODULES
 
     return math.sqrt(mean_field_growth(MODULES[activation]()))
 
@@ -236,7 +236,7 @@ def fitted_growth(norms: list[float]) -> float:
     """The fitted per-layer growth factor (``gradients.growth_per_layer``) of a profile's
     hidden layers: the first weight layer (it sees the image, not a BN'd activation) and the
     head (no BN after it) are left out; nan for a net with fewer than 2 hidden layers."""
-    from bnlab.gradients import growth_per_layer
+    from bnlab.probes.gradients import growth_per_layer
 
     return growth_per_layer(norms[1:-1])
 
@@ -252,8 +252,8 @@ def init_profile(activation: str, depth: int, width: int, seed: int, images, lab
     in train mode."""
     import torch
 
-    from bnlab.deep import deep_mlp
-    from bnlab.gradients import layer_gradient_norms
+    from bnlab.probes.gradients import layer_gradient_norms
+    from bnlab.training.deep import deep_mlp
 
     torch.manual_seed(seed)
     model = deep_mlp(depth, width, activation, "bnlab").train()
@@ -439,7 +439,7 @@ def growth_sections(profiles: dict[tuple, dict[str, Any]], dataset, seeds: list[
             "weight layers (the first layer, which sees the image, and the head are left out), "
             "per seed at initialization, mean ± 95% CI over seeds. Predicted: "
             "sqrt(E[phi'(z)^2] / Var[phi(z)]) for z ~ N(0, 1) "
-            "(`bnlab.gradients.mean_field_growth`); for ReLU that is sqrt(pi/(pi-1)) = 1.2112, "
+            "(`bnlab.probes.gradients.mean_field_growth`); for ReLU that is sqrt(pi/(pi-1)) = 1.2112, "
             "Yang et al. (2019)'s rate pi/(pi-1) = 1.4669 of the squared norm. For tanh and "
             "sigmoid the same mean-field argument is our derivation (it gives 'far less' for "
             "tanh and 'barely' for sigmoid), not a number quoted from the paper. The theory "
@@ -447,7 +447,7 @@ def growth_sections(profiles: dict[tuple, dict[str, Any]], dataset, seeds: list[
             "initialization (independent Gaussian weights); the no-BN rows have no prediction "
             f"here. Ours: width {WIDTH}, a batch of {GRADIENT_BATCH} class-balanced training "
             "images, train mode (batch statistics), the grid's initialization "
-            "(`bnlab.deep`).", "", *growth_findings(growth, sweep), "",
+            "(`bnlab.training.deep`).", "", *growth_findings(growth, sweep), "",
             "## Finite width and batch", "", sweep_table(sweep), "",
             f"Fitted factor at initialization of BN nets of depth {SWEEP_DEPTH} (no training), "
             f"mean ± 95% CI over seeds {seeds}: over widths at batch {GRADIENT_BATCH} and over "

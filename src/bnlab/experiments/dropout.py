@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bnlab import runs
 from bnlab.experiments.analysis import (
     FAIL_ACCURACY,
     Row,
@@ -25,6 +24,7 @@ from bnlab.experiments.analysis import (
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.training import runs
 from bnlab.util.tables import format_table
 
 MODE_EVAL_IMAGES = 10000  # training images used to compare train and eval mode

@@ -1,6 +1,6 @@
 """Where a grid's runs train: in this process, in a local process pool, or as Ray tasks.
 
-Why: a grid is a list of independent runs, each owning one run folder (``bnlab.runs``);
+Why: a grid is a list of independent runs, each owning one run folder (``bnlab.training.runs``);
 training one is always ``start_run(config, dataset, run_dir, resume=True).train()``. That
 protocol (a finished run has ``summary.json``, a cut-off one resumes exactly from its
 ``checkpoint.pt``) is all an executor needs, so the executors differ only in where that
@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from bnlab.train import TrainConfig, bar_disabled, start_run
+from bnlab.training.train import TrainConfig, bar_disabled, start_run
 from bnlab.util.errors import BnlabError
 
 EXECUTORS = ("local", "ray")
@@ -47,7 +47,7 @@ def train_run(config: TrainConfig, dataset, run_dir: str | Path,
               tensorboard: str | Path | None = None) -> dict[str, Any]:
     """Train (or resume, or finish) one run of a grid; with ``tensorboard``, log it into
     ``<tensorboard>/<run folder name>``. Returns the run's summary."""
-    from bnlab.tensorboard import optional_logger
+    from bnlab.training.tensorboard import optional_logger
 
     logdir = None if tensorboard is None else Path(tensorboard) / Path(run_dir).name
     with optional_logger(logdir) as observer:

@@ -14,7 +14,7 @@ motivation without measuring it. This grid trains, with periodic test evaluation
   BN-LeNet with noisy BN at 0.5, 1, 2 (lr 0.1).
 
 Then every finished run is re-played with probes (``experiments.probed``) at 25 steps spread
-over training (fewer for short runs, ``probed.PROBES``), measuring (``bnlab.ics``): the
+over training (fewer for short runs, ``probed.PROBES``), measuring (``bnlab.probes.ics``): the
 15/50/85th percentiles of the input of the last hidden layer's sigmoids on a fixed held-out
 batch (the first 500 test images) in eval mode (Ioffe & Szegedy's measurement) and in train
 mode (batch statistics and, for noisy BN, the noise: what the next layer receives while
@@ -44,7 +44,7 @@ from bnlab.experiments.analysis import (
 from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps, total_steps
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, periodic_eval_every
 from bnlab.experiments.stats import format_mean_ci, mean_ci
-from bnlab.ics import drift, gradient_ics, percentile_record
+from bnlab.probes.ics import drift, gradient_ics, percentile_record
 from bnlab.util.tables import format_table
 
 SETTING_DIFFERS = (
@@ -107,7 +107,7 @@ def measure(row: Row, dataset) -> dict[str, Any]:
 
 
 def drifts(records: list[dict[str, Any]], mode: str) -> dict[str, float]:
-    """Location and scale drift (``bnlab.ics.drift``) of unit 0 and of the median unit."""
+    """Location and scale drift (``bnlab.probes.ics.drift``) of unit 0 and of the median unit."""
     out = {}
     for which in ("unit", "median"):
         d = drift([r[mode][which] for r in records])

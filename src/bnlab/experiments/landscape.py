@@ -5,7 +5,7 @@ Santurkar et al.'s alternative is that it makes the loss and its gradient better
 along the steps SGD takes. This grid trains the chapter's plain LeNet and BN-LeNet at the
 chapter's lr 0.1 and at lr 1 (each model's best rate by default; the report reads a
 finished ``lr`` experiment beside it and says what it found best), and re-plays every run
-(``experiments.probed``) with ``bnlab.landscape.probe`` at 25 steps spread over training:
+(``experiments.probed``) with ``bnlab.probes.landscape.probe`` at 25 steps spread over training:
 on that step's batch, along ``W - eta * g``, the loss range, the gradient predictiveness
 ``||grad L(W - eta g) - g||`` and the effective beta-smoothness, in train mode with BN
 running statistics untouched.
@@ -32,7 +32,7 @@ from bnlab.experiments.analysis import Row, best_lr_per_model, by_label, finals,
 from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps, total_steps
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, periodic_eval_every
 from bnlab.experiments.stats import format_mean_ci, mean_ci
-from bnlab.landscape import probe
+from bnlab.probes.landscape import probe
 from bnlab.util.tables import format_table
 
 ETAS = (0.05, 0.1, 0.2, 0.4)

@@ -3,9 +3,9 @@
 Why: BN normalizes with the statistics of the minibatch while training and with running
 averages at prediction; layer, group and instance norm normalize each sample by itself,
 the same way in both modes. So the question has two parts, both measured here on the
-chapter's BN-LeNet with the norm layer swapped through the registry (``bnlab.norms``):
+chapter's BN-LeNet with the norm layer swapped through the registry (``bnlab.training.norms``):
 bnlab's BN, layer norm, group norm, instance norm (on the conv layers; its FC layers fall
-back to layer norm, see ``bnlab.norms``) and none:
+back to layer norm, see ``bnlab.training.norms``) and none:
 
 * accuracy at training batch sizes 2, 8, 32 and 128, since BN's batch statistics get
   noisy as the batch shrinks (and its running averages are averages of noisy estimates);
@@ -50,11 +50,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bnlab import runs
 from bnlab.experiments.analysis import Row, failed, finals, mean_final, plot_intervals, select
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
 from bnlab.experiments.stats import UNBOUNDED, format_mean_ci, mean_ci
+from bnlab.training import runs
 from bnlab.util.tables import format_table
 
 NORMS = {"bnlab": "BN", "layer": "LayerNorm", "group": "GroupNorm", "instance": "InstanceNorm",
@@ -77,7 +77,7 @@ def lr_for(batch_size: int) -> float:
 def equal_steps_target(settings: ExpSettings) -> int:
     """The equal-steps arm's step count: batch ``EQUAL_STEPS_BATCH``'s steps in the
     equal-epochs arm of (resolved) ``settings``."""
-    from bnlab.train import steps_per_epoch, training_images
+    from bnlab.training.train import steps_per_epoch, training_images
 
     return settings.epochs * steps_per_epoch(training_images(train_subset(settings.subset)),
                                              EQUAL_STEPS_BATCH)
@@ -94,7 +94,7 @@ def equal_steps_budget(steps: int, batch_size: int, max_images: int) -> tuple[in
 
 
 def variants(settings: ExpSettings) -> list[Variant]:
-    from bnlab.train import training_images
+    from bnlab.training.train import training_images
 
     target = equal_steps_target(settings)
     images = training_images(train_subset(settings.subset))
@@ -123,7 +123,7 @@ def mode_accuracies(row: Row, dataset) -> dict[str, float] | None:
     key = {"version": 1, "eval_batch": EVAL_BATCH, "data": fingerprint(images, labels)}
 
     def compute() -> dict[str, float]:
-        from bnlab.train import drops_last_batch
+        from bnlab.training.train import drops_last_batch
 
         model, config = runs.load_trained_model(row.run_dir)
         x, y = images, labels

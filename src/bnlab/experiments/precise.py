@@ -55,7 +55,7 @@ from bnlab.experiments.probed import cached_replay
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import claim_verdict, format_mean_ci, mean_ci
 from bnlab.nn.precise import _batch_norm_layers, update_bn_stats
-from bnlab.train import TrainConfig, build_loaders, evaluate, resolve_device
+from bnlab.training.train import TrainConfig, build_loaders, evaluate, resolve_device
 from bnlab.util.tables import format_table
 
 LEARNING_RATES = (0.1, 3.0)

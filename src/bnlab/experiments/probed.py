@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bnlab import runs
 from bnlab.experiments.measure import fingerprint
-from bnlab.train import (
+from bnlab.training import runs
+from bnlab.training.train import (
     TrainConfig,
     bar_disabled,
     build_loaders,

@@ -2,7 +2,7 @@
 
 Why: robustness is a property of a trained model at prediction time, so this experiment
 trains the chapter's BN-LeNet with bnlab's BN and the same network with no norm layer,
-then measures the test accuracy of every finished model (eval mode, ``bnlab.robustness``)
+then measures the test accuracy of every finished model (eval mode, ``bnlab.probes.robustness``)
 under input perturbations of growing size:
 
 * Gaussian noise, sigma in {0, 0.05, 0.1, 0.2, 0.3, 0.5} (pixels in [0, 1], clamped),
@@ -24,7 +24,7 @@ tenth of the epochs, to compare at (about) matched clean accuracy; and every BN 
 evaluated four ways: with its running averages (eval mode), with population statistics of
 clean training images re-estimated for its final weights, with each noisy batch's own
 statistics, and after re-estimating its statistics on the noisy test images (adaptive BN;
-``bnlab.robustness.noise_accuracy_by_statistics``), cached in the run folder.
+``bnlab.probes.robustness.noise_accuracy_by_statistics``), cached in the run folder.
 
 Default: 10 epochs on all 60000 training images (the chapter's), 3 seeds: 12 runs; see the
 notes for the time it takes.
@@ -36,11 +36,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bnlab import runs
 from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, failed, plot_intervals
 from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import ACCURACY, format_mean_ci, intervals_apart, mean_ci
+from bnlab.training import runs
 from bnlab.util.tables import format_table
 
 MODELS = {
@@ -77,7 +77,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
 def perturbation_curves(model, dataset, seed: int = 0) -> dict[str, list[tuple[float, float]]]:
     """Accuracy of ``model`` under each perturbation kind at each size (see the docstring)."""
     from bnlab.data.loader import Loader
-    from bnlab.robustness import fgsm_accuracy, noise_accuracy, pgd_accuracy
+    from bnlab.probes.robustness import fgsm_accuracy, noise_accuracy, pgd_accuracy
 
     batches = Loader(dataset.test_images, dataset.test_labels, EVAL_BATCH, shuffle=False)
     return {"noise": noise_accuracy(model, batches, SIZES["noise"], seed=seed),
@@ -88,7 +88,7 @@ def perturbation_curves(model, dataset, seed: int = 0) -> dict[str, list[tuple[f
 
 def measurement_key(dataset) -> dict[str, Any]:
     """What the curves of a run depend on besides its model: a change recomputes them."""
-    from bnlab.robustness import PGD_STEP_FACTOR
+    from bnlab.probes.robustness import PGD_STEP_FACTOR
 
     return {"version": 1, "sizes": SIZES, "pgd_steps": PGD_STEPS, "pgd_batches": PGD_BATCHES,
             "pgd_step_factor": PGD_STEP_FACTOR, "eval_batch": EVAL_BATCH, "seed": 0,
@@ -137,10 +137,10 @@ Controls = dict[str, dict[str, dict[float, list[float]]]]  # label -> statistics
 
 
 def measure_statistics(rows: list[Row], dataset) -> Controls:
-    """Per BN variant, statistics (``bnlab.robustness.STATISTICS``) and sigma: the noisy
+    """Per BN variant, statistics (``bnlab.probes.robustness.STATISTICS``) and sigma: the noisy
     test accuracy of each seed that trained; cached per run (``robustness_statistics``)."""
     from bnlab.data.loader import Loader
-    from bnlab.robustness import STATISTICS, noise_accuracy_by_statistics
+    from bnlab.probes.robustness import STATISTICS, noise_accuracy_by_statistics
 
     batches = Loader(dataset.test_images, dataset.test_labels, EVAL_BATCH, shuffle=False)
     clean = Loader(*clean_images(dataset), EVAL_BATCH, shuffle=False)

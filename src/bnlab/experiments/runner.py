@@ -9,7 +9,7 @@ two runs touching the same folder.
 
 Layout of ``<out>/``::
 
-    runs/<model>-<norm>-seed<k>-<hash>/   one run folder per config (bnlab.runs), shared by
+    runs/<model>-<norm>-seed<k>-<hash>/   one run folder per config (bnlab.training.runs), shared by
                     every experiment: a config two experiments have in common trains once;
                     its analysis/ keeps the experiments' measurements of the finished model
     <experiment>/settings.json   the ExpSettings used
@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 
-from bnlab import runs
 from bnlab.data.dataset import FashionMNIST
 from bnlab.experiments.analysis import Row, by_label
 from bnlab.experiments.executors import Executor, GridProgress, LocalExecutor
 from bnlab.experiments.stats import format_mean_ci, to_csv
-from bnlab.train import (
+from bnlab.training import runs
+from bnlab.training.train import (
     TrainConfig,
     build_loaders,
     describe_training_set,
@@ -101,7 +101,7 @@ class Experiment:
     default_epochs: int
     default_subset: int  # -1 = all
     notes: str = ""
-    # An experiment whose runs are not single-process TrainConfigs (e.g. bnlab.distributed)
+    # An experiment whose runs are not single-process TrainConfigs (e.g. bnlab.training.distributed)
     # trains and reports itself: (settings, out, dataset, jobs, progress) -> report text.
     run: Callable[..., str] | None = None
 

@@ -7,7 +7,7 @@ all W * b. GroupNorm does not depend on the batch at all. So at small b local BN
 suffer as BN at batch b does, SyncBN should train like BN at batch W * b, and GroupNorm
 should not care; the price of SyncBN is two all-reduces per BN layer and step.
 
-Grid: BN-LeNet, W = 4 processes on this machine (``bnlab.distributed``), per-process batch
+Grid: BN-LeNet, W = 4 processes on this machine (``bnlab.training.distributed``), per-process batch
 2, 4, 8 and 32 (global 8, 16, 32, 128): local BN, SyncBN, GroupNorm; 3 seeds. Learning
 rate 0.1 at global batch 128, scaled with the square root of the global batch (as the
 ``norms`` experiment). Measured: final validation accuracy (eval mode), the train/val
@@ -59,8 +59,8 @@ def lr_for(global_batch: int) -> float:
 
 def plan(settings: ExpSettings, runs_root: Path) -> list[dict[str, Any]]:
     """Every (variant, per-rank batch, seed) distributed run with its folder."""
-    from bnlab.distributed import DistributedConfig
-    from bnlab.train import TrainConfig
+    from bnlab.training.distributed import DistributedConfig
+    from bnlab.training.train import TrainConfig
 
     planned = []
     for variant, (norm, sync_bn) in VARIANTS.items():
@@ -79,8 +79,8 @@ def plan(settings: ExpSettings, runs_root: Path) -> list[dict[str, Any]]:
 def execute(planned: list[dict[str, Any]], dataset, progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    from bnlab.distributed import launch
-    from bnlab.train import bar_disabled
+    from bnlab.training.distributed import launch
+    from bnlab.training.train import bar_disabled
 
     todo = [p for p in planned if not is_finished(p["run_dir"])]
     with tqdm(total=len(planned), initial=len(planned) - len(todo), unit="run", desc="grid",
@@ -107,7 +107,7 @@ def _cost_rank(batch: int, steps: int) -> dict[str, float] | None:
     from torch import nn
 
     from bnlab.nn.sync import SyncBatchNorm
-    from bnlab.train import TrainConfig, make_step, model_for, optimizer_for
+    from bnlab.training.train import TrainConfig, make_step, model_for, optimizer_for
 
     torch.manual_seed(0)
     config = TrainConfig(model="bn-lenet", norm="bnlab")
@@ -147,7 +147,7 @@ def _cost_world(out: str, batch: int, steps: int) -> None:
 
 def measure_cost(out: Path, steps: int = COST_STEPS) -> list[dict[str, float]]:
     """Per-step ms of local BN and SyncBN at each world size (cached in ``out/cost.json``)."""
-    from bnlab.distributed import spawn
+    from bnlab.training.distributed import spawn
 
     cache = out / "cost.json"
     if cache.exists():

@@ -261,7 +261,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 def load_trained_model(run_dir: str | Path) -> tuple[nn.Module, Any]:
     """The model of a run folder with its last checkpointed weights (on CPU, eval mode), and
     its ``TrainConfig``. A config or checkpoint that does not fit is a ``RunFileError``."""
-    from bnlab.train import TrainConfig, model_for  # train writes run folders: import lazily
+    from bnlab.training.train import TrainConfig, model_for  # train writes run folders: import lazily
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)

@@ -69,7 +69,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.multiprocessing.spawn import ProcessException
 
-from bnlab import runs
+from bnlab.training import runs
 from bnlab.util.errors import BnlabError
 from bnlab.util.io import atomic_write_json, read_json
 
@@ -191,7 +191,7 @@ def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resu
               progress: bool) -> dict[str, Any] | None:
     """Train ``config`` as one rank of the env:// world; rank 0 returns the summary."""
     from bnlab.data.loader import Loader
-    from bnlab.train import TrainingRun, build_loaders, make_step, model_for, resolve_device
+    from bnlab.training.train import TrainingRun, build_loaders, make_step, model_for, resolve_device
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -325,7 +325,7 @@ def launch(config, dconfig: DistributedConfig, dataset, out: str | Path, resume:
 
     Checks the split before anything is written, so a bad request leaves no folder.
     """
-    from bnlab.train import build_loaders
+    from bnlab.training.train import build_loaders
 
     train, _ = build_loaders(config, dataset, "cpu")
     check_split(config.batch_size, len(train.labels), dconfig.nproc,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.gradients import ACTIVATION_LAYERS, WEIGHT_LAYERS
+from bnlab.probes.gradients import ACTIVATION_LAYERS, WEIGHT_LAYERS
 from bnlab.util.scoped import in_mode, preserved_buffers, removing, restored_values
 
 PERCENTILES = (0.15, 0.50, 0.85)

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from bnlab import runs
 from bnlab.data.dataset import TRAIN_SIZE, FashionMNIST
 from bnlab.data.loader import Loader, stratified_subset
-from bnlab.deep import check_architecture
-from bnlab.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
-from bnlab.norms import NORM_LAYERS, check_norm_name, is_batch_norm
+from bnlab.training import runs
+from bnlab.training.deep import check_architecture
+from bnlab.training.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
+from bnlab.training.norms import NORM_LAYERS, check_norm_name, is_batch_norm
 from bnlab.util.config import OMIT_AT_DEFAULT, check, check_at_least, check_finite_at_least, config_to_dict
 from bnlab.util.denormals import denormals_flushed
 from bnlab.util.errors import ConfigError
@@ -68,7 +68,7 @@ class TrainConfig:
 
     model: str = field(default="bn-lenet", metadata={"help": "model", "choices": tuple(MODEL_OPTIONS)})
     norm: str = field(default="bnlab", metadata={
-        "help": f"norm layer (bnlab.norms): one of {', '.join(NORM_LAYERS)}, or ghost:V "
+        "help": f"norm layer (bnlab.training.norms): one of {', '.join(NORM_LAYERS)}, or ghost:V "
                 "(virtual batch V) / noisy-bn:S (strength S); lenet takes only 'none'"})
     norm_slots: str = field(default="all", metadata={
         "help": "where bn-lenet has norm layers: all, none, conv, fc or a comma list of "
@@ -292,8 +292,8 @@ class TrainingRun:
     ``train_loader`` must have ``set_epoch(epoch)`` and ``len()`` (``bnlab.data.loader.Loader``):
     its order depends only on (seed, epoch), which is what makes resume exact. With
     ``run_dir`` every epoch is checkpointed and the run folder files are written
-    (``bnlab.runs``); ``resume=True`` continues from the last checkpoint there.
-    ``observer.epoch_end(run, epoch, step_losses, row)`` (e.g. ``bnlab.tensorboard``) is
+    (``bnlab.training.runs``); ``resume=True`` continues from the last checkpoint there.
+    ``observer.epoch_end(run, epoch, step_losses, row)`` (e.g. ``bnlab.training.tensorboard``) is
     called after each epoch, ``row`` None when it diverged.
     """
 

@@ -1,7 +1,7 @@
 """The chapter's models: LeNet, and LeNet with a normalization layer after every conv/linear.
 
 Why: the chapter compares the *same* LeNet with its scratch BN, with torch's BN and with
-none. Building them from one function with the norm chosen by name (``bnlab.norms``)
+none. Building them from one function with the norm chosen by name (``bnlab.training.norms``)
 guarantees the comparison changes only the normalization.
 
 Layout of BN-LeNet (the chapter's, shapes for a 28x28 input)::
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnlab.norms import create_norm_layer
+from bnlab.training.norms import create_norm_layer
 from bnlab.util.scoped import in_mode
 
 NORM_SLOTS = ("conv1", "conv2", "fc1", "fc2")
@@ -64,7 +64,7 @@ def bn_lenet(
     dropout_order: str = "after",
     num_classes: int = 10,
 ) -> nn.Sequential:
-    """The chapter's BN-LeNet with ``norm`` (a ``bnlab.norms`` name) in ``norm_slots``.
+    """The chapter's BN-LeNet with ``norm`` (a ``bnlab.training.norms`` name) in ``norm_slots``.
 
     ``dropout > 0`` adds dropout with that probability to the two hidden FC blocks, at
     ``dropout_order`` (see :data:`DROPOUT_ORDERS`).
@@ -150,7 +150,7 @@ def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cp
     """A named model of :data:`MODEL_OPTIONS`, initialized and on ``device``.
 
     The LeNets are sized by a dry run and Xavier-initialized (:func:`initialize`); the deep
-    nets (``bnlab.deep``) bring their own per-activation initialization. Initialization
+    nets (``bnlab.training.deep``) bring their own per-activation initialization. Initialization
     draws from torch's global RNG: seed it first for reproducible weights.
     """
     if name not in MODEL_OPTIONS:
@@ -164,7 +164,7 @@ def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cp
     if name == "bn-lenet":
         model = bn_lenet(norm, **options).to(device)
         return initialize(model, torch.zeros(2, *INPUT_SHAPE, device=device))
-    from bnlab import deep
+    from bnlab.training import deep
 
     if name == "deep-mlp":
         return deep.deep_mlp(norm=norm, **options).to(device)

@@ -3,7 +3,7 @@
 Why: the chapter says batch normalization makes networks of over 100 layers trainable.
 Modern very deep nets also have residual connections, which by themselves keep gradients
 alive, so they cannot show what BN alone changes. These networks are deliberately plain:
-a chain of ``weight layer -> norm -> activation`` blocks where the norm (a ``bnlab.norms``
+a chain of ``weight layer -> norm -> activation`` blocks where the norm (a ``bnlab.training.norms``
 name, ``"none"`` included) is the only thing that varies between runs.
 
 Initialization is the standard one for each activation, so the "no norm" baseline is a
@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from bnlab.norms import create_norm_layer
+from bnlab.training.norms import create_norm_layer
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnlab import runs
-from bnlab.models import norm_layers
+from bnlab.training import runs
+from bnlab.training.models import norm_layers
 from bnlab.util.tables import format_table
 
 PARAMS_FIGURE = "norm_params.png"
@@ -62,7 +62,7 @@ def format_norm_table(params: dict[str, dict[str, list[float] | None]]) -> str:
 
 def write_norm_figure(run_dir: str | Path) -> Path | None:
     """Write ``norm_params.png`` into the run folder (None for a model without norm layers)."""
-    from bnlab.train import describe
+    from bnlab.training.train import describe
     from bnlab.util.plots import plot_norm_parameters
 
     model, config = runs.load_trained_model(run_dir)
@@ -74,7 +74,7 @@ def write_norm_figure(run_dir: str | Path) -> Path | None:
 
 def inspect_run(run_dir: str | Path, figure: bool = True) -> str:
     """The text of ``bnlab inspect``; with ``figure``, writes ``norm_params.png`` in the run."""
-    from bnlab.train import describe
+    from bnlab.training.train import describe
 
     model, config = runs.load_trained_model(run_dir)
     run = runs.load_run(run_dir)

@@ -11,6 +11,7 @@ import pytest
 
 from bnlab.functional import IMPLEMENTATIONS
 from bnlab.kernels.cpp import build_requirements_missing, has_cxx_compiler
+from bnlab.training.norms import BNLAB_NORMS
 
 CPP_MISSING = build_requirements_missing()
 CPP_SKIP = pytest.mark.skipif(bool(CPP_MISSING),
@@ -28,5 +29,5 @@ RUNNABLE = [impl.name for impl in _GRID if impl.compiles == "no" or not CPP_MISS
 # Compiling each new shape takes seconds: tests of it are in the slow tier.
 COMPILED_MARKS = [COMPILED_SKIP, pytest.mark.slow]
 # The norm names (bnlab.training.norms) of implementations that need a compiler, with their marks.
-NORM_SKIPS = {impl.norm: CPP_SKIP if impl.compiles == "once" else COMPILED_MARKS
-              for impl in IMPLEMENTATIONS.values() if impl.compiles != "no"}
+NORM_SKIPS = {norm: CPP_SKIP if IMPLEMENTATIONS[impl].compiles == "once" else COMPILED_MARKS
+              for norm, impl in BNLAB_NORMS.items() if IMPLEMENTATIONS[impl].compiles != "no"}

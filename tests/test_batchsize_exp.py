@@ -17,7 +17,7 @@ from bnlab.nn.frozen import _FrozenBatchNorm
 from bnlab.nn.ghost import _GhostBatchNorm
 from bnlab.nn.precise import update_bn_stats
 from bnlab.training import runs
-from bnlab.training.norms import create_norm_layer, is_batch_norm
+from bnlab.training.norms import create_norm_layer, uses_batch_statistics
 from bnlab.training.train import TrainConfig, model_for, start_run
 from bnlab.util.config import config_to_dict
 from bnlab.util.errors import ConfigError
@@ -29,7 +29,7 @@ def test_ghost_v_names_the_virtual_batch_size():
     for bad in ("ghost:1", "ghost:x", "ghost:2.5", "ghost:"):
         with pytest.raises(ValueError, match="ghost:SIZE"):
             create_norm_layer(bad, "fc", 4)
-    assert is_batch_norm("ghost:4") and not is_batch_norm("group")
+    assert uses_batch_statistics("ghost:4") and not uses_batch_statistics("group")
     with pytest.raises(ConfigError, match="batch_size >= 2"):
         TrainConfig(norm="ghost:4", batch_size=1)
 

@@ -10,7 +10,7 @@ from _impls import COMPILED_SKIP, CPP_SKIP, IMPL_PARAMS, RUNNABLE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnlab.functional import batch_norm
+from bnlab.functional import IMPLEMENTATIONS, batch_norm
 
 IMPLS = IMPL_PARAMS
 SHAPES = [(8, 3), (4, 3, 5), (4, 3, 5, 6), (3, 3, 2, 4, 3)]
@@ -378,7 +378,7 @@ def test_cpp_off_the_cpu_needs_no_build(monkeypatch):
 
     monkeypatch.setattr(cpp, "load_extension", refuse)
     x = torch.empty(4, 3, 2, 2, device="meta")
-    y = cpp.cpp_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+    y = IMPLEMENTATIONS["cpp"].run(x, None, None, None, None, True, 0.1, 1e-5)
     assert y.device.type == "meta" and y.shape == x.shape
 
 

@@ -12,10 +12,10 @@ from torch import nn
 
 from bnlab import nn as bnn
 from bnlab.experiments import probed
-from bnlab.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d, parse_strength
+from bnlab.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d
 from bnlab.probes.ics import drift, gradient_ics, percentile_record, unit_percentiles
 from bnlab.training import runs
-from bnlab.training.norms import create_norm_layer
+from bnlab.training.norms import create_norm_layer, parse_strength
 from bnlab.training.runs import CHECKPOINT
 from bnlab.training.train import TrainConfig, start_run
 from bnlab.util.scoped import preserved_buffers

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from _impls import NORM_SKIPS
 from torch import nn
 
-from bnlab.training.norms import NORM_DESCRIPTIONS, NORM_LAYERS, create_norm_layer, group_count
+from bnlab.training.norms import NORMS, create_norm_layer, group_count
 
 SHAPES = {"conv": (8, 6, 5, 5), "fc": (8, 12)}
 PER_SAMPLE = ("layer", "group", "instance")
@@ -24,14 +24,14 @@ def randomize_affine(layer: nn.Module, seed: int = 0) -> None:
 
 @pytest.mark.parametrize("kind", sorted(SHAPES))
 @pytest.mark.parametrize("name", [pytest.param(n, marks=NORM_SKIPS[n]) if n in NORM_SKIPS else n
-                                  for n in sorted(NORM_LAYERS)])
+                                  for n in sorted(NORMS)])
 def test_every_norm_builds_and_preserves_shape(name: str, kind: str) -> None:
     x = torch.randn(SHAPES[kind])
     layer = create_norm_layer(name, kind, SHAPES[kind][1])
     for mode in (True, False):
         layer.train(mode)
         assert layer(x).shape == x.shape
-    assert name in NORM_DESCRIPTIONS
+    assert NORMS[name].description
 
 
 def test_layer_norm_on_conv_is_per_sample_normalization_over_c_h_w() -> None:
@@ -75,7 +75,7 @@ def test_instance_norm_gives_zero_mean_unit_variance_per_sample_and_channel() ->
 
 def test_instance_norm_on_fc_falls_back_to_layer_norm() -> None:
     assert isinstance(create_norm_layer("instance", "fc", 12), nn.LayerNorm)
-    assert "layer norm" in NORM_DESCRIPTIONS["instance"]
+    assert "layer norm" in NORMS["instance"].description
 
 
 def output_of_first_sample(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

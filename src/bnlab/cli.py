@@ -175,14 +175,14 @@ def _run_bench_loader(args: argparse.Namespace) -> None:
 
 def _run_bench_step(args: argparse.Namespace) -> None:
     from bnlab.bench import step
-    from bnlab.training.norms import NORM_LAYERS
+    from bnlab.training.norms import NORMS
     from bnlab.training.train import TrainConfig, build_loaders, resolve_device, seeded_steps
 
     _check_positive(args, "steps")
     norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
-    unknown = [n for n in norms if n not in NORM_LAYERS]
+    unknown = [n for n in norms if n not in NORMS]
     if unknown or "torch" not in norms:
-        raise BnlabError(f"--norms: expected names from {sorted(NORM_LAYERS)}, torch among "
+        raise BnlabError(f"--norms: expected names from {sorted(NORMS)}, torch among "
                          f"them (got {args.norms!r})")
     device, lr = resolve_device(args.device), 0.1
     configs = {n: TrainConfig(model="bn-lenet", norm=n, lr=lr, batch_size=args.batch_size, seed=0)

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bnlab.kernels.cpp import auto_batch_norm, cpp_batch_norm
+from bnlab.kernels.cpp import kernel_batch_norm
 from bnlab.kernels.fused import fused_batch_norm, stat_dtype
 from bnlab.kernels.reference import reference_batch_norm
 
@@ -73,9 +73,35 @@ class Implementation:
     name: str          # the ``impl=`` value
     run: BatchNormFn   # unchecked: callers (batch_norm, the modules) check first
     needs: str         # what it needs at run time, for docs and ``--help``
-    norm: str          # its name in ``bnlab.training.norms`` (``bnlab train --norm``)
     what: str          # one line for tables
     compiles: str = "no"  # "no", "once" (per machine: the C++ kernel) or "each shape"
+
+
+def _kernel_else_fast(build: bool, input, running_mean, running_var, weight, bias, training,
+                      momentum, eps):
+    if running_mean is None or running_var is None:  # half-given: neither is updated
+        running_mean = running_var = None
+    y = kernel_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                          eps, build=build)
+    if y is not None:
+        return y
+    return fused_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps)
+
+
+def auto_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """``impl="auto"``: the C++ kernel where it takes the call and is already built, the fast
+    path everywhere else. Never builds (a forward must not start a compiler); without a
+    build it says once on stderr why, and how to build."""
+    return _kernel_else_fast(False, input, running_mean, running_var, weight, bias, training,
+                             momentum, eps)
+
+
+def cpp_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """``impl="cpp"``: the C++ kernel, built on first use; the fast path for inputs it
+    declines (off the CPU, other dtypes, transforms, tracing)."""
+    return _kernel_else_fast(True, input, running_mean, running_var, weight, bias, training,
+                             momentum, eps)
 
 
 def compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
@@ -92,17 +118,16 @@ def _compiled_reference():
 
 IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in (
     Implementation("auto", auto_batch_norm, "nothing (uses the C++ kernel once built)",
-                   "bnlab", "the C++ kernel where it applies and is built, else fast"),
-    Implementation("fast", fused_batch_norm, "nothing", "bnlab-fast",
+                   "the C++ kernel where it applies and is built, else fast"),
+    Implementation("fast", fused_batch_norm, "nothing",
                    "autograd Function with the hand-derived backward, plain tensor ops"),
-    Implementation("reference", reference_batch_norm, "nothing", "bnlab-ref",
+    Implementation("reference", reference_batch_norm, "nothing",
                    "the chapter's formula, differentiated by autograd"),
     Implementation("cpp", cpp_batch_norm, "a C++ compiler with OpenMP and ninja (builds on first use)",
-                   "bnlab-cpp", "bnlab's C++ kernel, autograd node in C++", compiles="once"),
+                   "bnlab's C++ kernel, autograd node in C++", compiles="once"),
     Implementation("compiled", compiled_batch_norm,
                    "a C++ compiler (CPU) or Triton (CUDA); compiles each shape",
-                   "bnlab-compiled", "the reference formula through torch.compile",
-                   compiles="each shape"),
+                   "the reference formula through torch.compile", compiles="each shape"),
 )}
 DEFAULT_IMPL = "auto"
 

@@ -51,7 +51,7 @@ from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import claim_verdict, format_mean_ci, intervals_apart, mean_ci
 from bnlab.nn.precise import update_bn_stats
 from bnlab.training import runs
-from bnlab.training.norms import is_batch_norm
+from bnlab.training.norms import uses_batch_statistics
 from bnlab.util.tables import format_table
 
 SGD_BATCH = 128
@@ -147,7 +147,7 @@ def measured_ways(rows: list[Row], dataset) -> dict[str, dict[str, float]]:
     for every run with batch norms that trained and is not a remedy run."""
     out = {}
     for r in rows:
-        if r.diverged or r.tags.get("frozen") or not is_batch_norm(r.config["norm"]):
+        if r.diverged or r.tags.get("frozen") or not uses_batch_statistics(r.config["norm"]):
             continue
         out[r.run_dir] = {**measure(r, dataset), "test_ema": final(r)}
     return out

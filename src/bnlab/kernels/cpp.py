@@ -23,6 +23,9 @@ how ``impl="auto"`` can use it on a machine that could not build it.
 * ``impl="auto"`` never builds: it uses the kernel when a build is already there and
   loads, and otherwise the fast path, saying once on stderr why and how to build.
 
+The kernel never falls back by itself: :func:`kernel_batch_norm` returns None where it
+declines, and ``bnlab.functional`` (which holds the ``auto`` rule) runs the fast path then.
+
 Scope: plain CPU tensors in float32/float64, contiguous or channels_last, with parameters
 and running statistics of the input's dtype. Anything else (CUDA, float16/bfloat16, other
 strides, tensors under ``torch.func`` transforms, tensor subclasses that intercept
@@ -49,8 +52,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-
-from bnlab.kernels.fused import fused_batch_norm
 
 _SOURCE = Path(__file__).with_name("csrc") / "batch_norm.cpp"
 _ARCH_FLAGS = {  # what torch's own CPU kernels were picked for on this machine
@@ -239,7 +240,7 @@ def _kernel_may_take(input: torch.Tensor) -> bool:
     return input.is_cpu and input.numel() > 0 and not torch.compiler.is_compiling()
 
 
-def cpp_batch_norm(
+def kernel_batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
@@ -248,39 +249,18 @@ def cpp_batch_norm(
     training: bool,
     momentum: float,
     eps: float,
-) -> torch.Tensor:
-    """``impl="cpp"`` without argument checks (callers have checked); builds if needed."""
-    if running_mean is None or running_var is None:  # half-given: neither is updated
-        running_mean = running_var = None
-    if _kernel_may_take(input):
-        y = load_extension().batch_norm(input, running_mean, running_var, weight, bias,
-                                        training, momentum, eps)
-        if y is not None:
-            return y
-    return fused_batch_norm(input, running_mean, running_var, weight, bias, training,
-                            momentum, eps)
-
-
-def auto_batch_norm(
-    input: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-) -> torch.Tensor:
-    """``impl="auto"`` without argument checks: the built kernel where it takes the call,
-    the fast path everywhere else; never builds."""
-    if running_mean is None or running_var is None:
-        running_mean = running_var = None
-    if _kernel_may_take(input):
-        kernel = cached_extension()
-        if kernel is not None:
-            y = kernel.batch_norm(input, running_mean, running_var, weight, bias, training,
-                                  momentum, eps)
-            if y is not None:
-                return y
-    return fused_batch_norm(input, running_mean, running_var, weight, bias, training,
-                            momentum, eps)
+    *,
+    build: bool,
+) -> torch.Tensor | None:
+    """The C++ kernel's output, or None where it declines the call (arguments already
+    checked): off the CPU, while torch.compile traces, an empty batch, an input outside its
+    scope (module docstring), or, with ``build=False``, where no build is there to load.
+    ``build=True`` builds the kernel on first use (``impl="cpp"``); ``bnlab.functional``
+    decides what runs instead."""
+    if not _kernel_may_take(input):
+        return None
+    kernel = load_extension() if build else cached_extension()
+    if kernel is None:
+        return None
+    return kernel.batch_norm(input, running_mean, running_var, weight, bias, training,
+                             momentum, eps)

@@ -75,23 +75,3 @@ class NoisyBatchNorm1d(_NoisyMixin, BatchNorm1d):
 
 class NoisyBatchNorm2d(_NoisyMixin, BatchNorm2d):
     """bnlab's BatchNorm2d, then Santurkar et al.'s noise (module docstring) while training."""
-
-
-def parse_strength(spec: str) -> float:
-    """``"noisy-bn:1.5"`` -> 1.5; ``"noisy-bn"`` -> the default strength 1."""
-    _, _, value = spec.partition(":")
-    if not value:
-        return 1.0
-    try:
-        strength = float(value)
-    except ValueError:
-        raise ValueError(f"expected noisy-bn:STRENGTH with a number >= 0 (got {spec!r})") from None
-    if not strength >= 0:
-        raise ValueError(f"expected noisy-bn:STRENGTH with a number >= 0 (got {spec!r})")
-    return strength
-
-
-def noisy_batch_norm(kind: str, num_features: int, strength: float = 1.0):
-    """The norm-registry factory: noisy BN for ``"conv"`` (N, C, H, W) or ``"fc"`` (N, C)."""
-    cls = NoisyBatchNorm2d if kind == "conv" else NoisyBatchNorm1d
-    return cls(num_features, strength=strength)

@@ -1,31 +1,41 @@
-"""Normalization layers chosen by name.
+"""Normalization layers chosen by name: the lab's names onto ``bnlab.nn`` and ``torch.nn``.
 
 Why: the chapter's questions ("BN everywhere or in some layers?", "layer norm instead?",
-"bnlab's BN or torch's?") are all the same model with a different norm layer. A small
-registry turns each of them into one string argument, so experiments are data, not
+"bnlab's BN or torch's?") are all the same model with a different norm layer. One table,
+:data:`NORMS`, turns each of them into one string argument, so experiments are data, not
 copies of model code.
 
-A factory takes ``(kind, num_features)``, where ``kind`` is ``"conv"`` for (N, C, H, W)
-activations and ``"fc"`` for (N, C) activations, and returns a module.
+A norm builds a module from ``(kind, num_features)``, where ``kind`` is ``"conv"`` for
+(N, C, H, W) activations and ``"fc"`` for (N, C) activations. Some take a value, written
+``NAME:VALUE`` (``ghost:8``, ``noisy-bn:0.5``).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from bnlab.functional import IMPLEMENTATIONS
-
-NormFactory = Callable[[str, int], nn.Module]
+from bnlab import nn as bnn
+from bnlab.functional import get_implementation
 
 _KINDS = ("conv", "fc")
 
 
-def _bnlab_batch_norm(kind: str, num_features: int, impl: str) -> nn.Module:
-    from bnlab import nn as bnn
+@dataclass(frozen=True)
+class Norm:
+    """One named norm: how to build it, what it is, and whether it uses batch statistics."""
 
+    build: Callable[..., nn.Module]  # (kind, num_features[, value]) -> module
+    description: str
+    batch_statistics: bool  # normalizes over the batch in training: cannot train on batches of one
+    parse_value: Callable[[str], Any] | None = None  # NAME:VALUE -> VALUE; None: takes no value
+
+
+def _bnlab_batch_norm(kind: str, num_features: int, impl: str) -> nn.Module:
     cls = bnn.BatchNorm2d if kind == "conv" else bnn.BatchNorm1d
     return cls(num_features, impl=impl)
 
@@ -77,51 +87,10 @@ def _instance_norm(kind: str, num_features: int) -> nn.Module:
     # Instance norm normalizes each (sample, channel) over its spatial positions. An (N, C)
     # activation has ONE value per sample and channel, whose normalized value is always 0,
     # so instance norm is undefined there; "fc" falls back to layer norm (the per-sample
-    # normalization that is defined), as NORM_DESCRIPTIONS says.
+    # normalization that is defined), as its description says.
     if kind == "conv":
         return nn.InstanceNorm2d(num_features, affine=True, track_running_stats=False)
     return nn.LayerNorm(num_features)
-
-
-# bnlab's batch norm, one entry per implementation (named in bnlab.functional's registry;
-# "bnlab" is the default implementation).
-NORM_LAYERS: dict[str, NormFactory] = {
-    **{impl.norm: functools.partial(_bnlab_batch_norm, impl=impl.name)
-       for impl in IMPLEMENTATIONS.values()},
-    "torch": _torch_batch_norm,
-    "none": _no_norm,
-    "layer": _layer_norm,
-    "group": _group_norm,
-    "instance": _instance_norm,
-    "noisy-bn": lambda kind, num_features: _noisy_batch_norm(kind, num_features, 1.0),
-}
-
-NORM_DESCRIPTIONS: dict[str, str] = {
-    **{impl.norm: f"bnlab's from-scratch batch norm, impl={impl.name!r}: {impl.what}"
-       for impl in IMPLEMENTATIONS.values()},
-    "torch": "torch.nn.BatchNorm1d/2d",
-    "none": "no normalization (identity)",
-    "layer": "layer norm: each sample over all its features; conv: GroupNorm(1, C), i.e. over "
-             "(C, H, W) with a per-channel affine; fc: nn.LayerNorm(C)",
-    "group": "group norm: GroupNorm(G, C), each sample over groups of C/G channels; G = largest "
-             "divisor of C that is <= 4 and leaves >= 2 channels per group (see group_count)",
-    "instance": "instance norm: conv: InstanceNorm2d(C, affine=True), each (sample, channel) over "
-                "(H, W), no running stats; fc: undefined (one value per channel), falls back to "
-                "layer norm nn.LayerNorm(C)",
-    "noisy-bn": "Santurkar et al.'s noisy BN: bnlab's BN, then per-sample, per-activation noise "
-                "y*s+m with a mean and scale re-drawn every step (bnlab.nn.noisy); "
-                "'noisy-bn:S' sets the strength S (default 1; 0 = plain BN)",
-}
-
-PARAMETRIZED_NORMS = ("noisy-bn", "ghost")
-"""Norms that take a parameter as ``NAME:VALUE``: ``noisy-bn:0.5`` (the noise strength),
-``ghost:8`` (the virtual batch size, an integer >= 2)."""
-
-
-def _noisy_batch_norm(kind: str, num_features: int, strength: float) -> nn.Module:
-    from bnlab.nn.noisy import noisy_batch_norm
-
-    return noisy_batch_norm(kind, num_features, strength)
 
 
 GHOST_VIRTUAL_BATCH_SIZE = 32
@@ -139,78 +108,115 @@ def parse_virtual_batch_size(spec: str) -> int:
     return int(value)
 
 
-def _family_layer(kind: str, num_features: int, family: str,
-                  virtual_batch_size: int = GHOST_VIRTUAL_BATCH_SIZE) -> nn.Module:
-    from bnlab.nn import frozen, ghost, renorm
-
-    classes = {"ghost": (ghost.GhostBatchNorm2d, ghost.GhostBatchNorm1d),
-               "renorm": (renorm.BatchRenorm2d, renorm.BatchRenorm1d),
-               "frozen": (frozen.FrozenBatchNorm2d, frozen.FrozenBatchNorm1d)}[family]
-    cls = classes[0] if kind == "conv" else classes[1]
-    if family == "ghost":
-        return cls(num_features, virtual_batch_size)
-    return cls(num_features)
-
-
-# The batch-norm family (bnlab.nn.ghost, bnlab.nn.renorm, bnlab.nn.frozen), with their defaults.
-NORM_LAYERS["ghost"] = functools.partial(_family_layer, family="ghost")
-NORM_LAYERS["renorm"] = functools.partial(_family_layer, family="renorm")
-NORM_LAYERS["frozen"] = functools.partial(_family_layer, family="frozen")
-NORM_DESCRIPTIONS["ghost"] = (
-    f"ghost batch norm: batch norm on each chunk of {GHOST_VIRTUAL_BATCH_SIZE} samples, running "
-    "statistics updated per chunk; prediction as batch norm (bnlab.nn.ghost); 'ghost:V' sets the "
-    "chunk (virtual batch) size V >= 2")
-NORM_DESCRIPTIONS["renorm"] = (
-    "batch renormalization: r_max 3, d_max 5 after 100 steps of plain batch norm; prediction as "
-    "batch norm (bnlab.nn.renorm)")
-NORM_DESCRIPTIONS["frozen"] = (
-    "frozen batch norm: fixed statistics and affine, the same in train and eval; fresh ones are "
-    "(0, 1) statistics and the identity affine, so training with it is training without "
-    "normalization: for inference and as a baseline (bnlab.nn.frozen)")
-
-BATCH_NORMS = frozenset({impl.norm for impl in IMPLEMENTATIONS.values()} | {"torch", "ghost", "renorm"})
-"""The norms of :data:`NORM_LAYERS` that normalize over the batch in training: they cannot
-train on batches of one (an FC layer then has a single value per channel)."""
+def parse_strength(spec: str) -> float:
+    """``"noisy-bn:1.5"`` -> 1.5; ``"noisy-bn"`` -> the default strength 1."""
+    _, _, value = spec.partition(":")
+    if not value:
+        return 1.0
+    try:
+        strength = float(value)
+    except ValueError:
+        raise ValueError(f"expected noisy-bn:STRENGTH with a number >= 0 (got {spec!r})") from None
+    if not strength >= 0:
+        raise ValueError(f"expected noisy-bn:STRENGTH with a number >= 0 (got {spec!r})")
+    return strength
 
 
-def is_batch_norm(name: str) -> bool:
-    """Whether the norm named ``name`` (``NAME`` or ``NAME:VALUE``) is in :data:`BATCH_NORMS`."""
-    return name.partition(":")[0] in BATCH_NORMS
+def _by_kind(conv: type[nn.Module], fc: type[nn.Module]) -> Callable[..., nn.Module]:
+    """A builder of ``conv`` for conv activations and ``fc`` for FC ones (extra args passed on)."""
+    def build(kind: str, num_features: int, *args: Any) -> nn.Module:
+        return (conv if kind == "conv" else fc)(num_features, *args)
+    return build
 
 
-def _parse_norm_name(name: str) -> tuple[str, int | float | None]:
-    """``NAME`` -> (NAME, None); ``NAME:VALUE`` -> (NAME, its parsed value), for a norm of
-    :data:`PARAMETRIZED_NORMS`. ValueError for anything else, saying what was expected."""
+BNLAB_NORMS = {"bnlab": "auto", "bnlab-fast": "fast", "bnlab-ref": "reference",
+                    "bnlab-cpp": "cpp", "bnlab-compiled": "compiled"}
+"""The lab's names of bnlab's batch norm, one per implementation of ``bnlab.functional``
+(``bnlab`` is the default, ``impl="auto"``)."""
+
+
+def _bnlab_norm(impl: str) -> Norm:
+    return Norm(functools.partial(_bnlab_batch_norm, impl=impl),
+                f"bnlab's from-scratch batch norm, impl={impl!r}: {get_implementation(impl).what}",
+                batch_statistics=True)
+
+
+NORMS: dict[str, Norm] = {
+    **{name: _bnlab_norm(impl) for name, impl in BNLAB_NORMS.items()},
+    "torch": Norm(_torch_batch_norm, "torch.nn.BatchNorm1d/2d", batch_statistics=True),
+    "none": Norm(_no_norm, "no normalization (identity)", batch_statistics=False),
+    "layer": Norm(_layer_norm, "layer norm: each sample over all its features; conv: "
+                  "GroupNorm(1, C), i.e. over (C, H, W) with a per-channel affine; fc: "
+                  "nn.LayerNorm(C)", batch_statistics=False),
+    "group": Norm(_group_norm, "group norm: GroupNorm(G, C), each sample over groups of C/G "
+                  "channels; G = largest divisor of C that is <= 4 and leaves >= 2 channels "
+                  "per group (see group_count)", batch_statistics=False),
+    "instance": Norm(_instance_norm, "instance norm: conv: InstanceNorm2d(C, affine=True), each "
+                     "(sample, channel) over (H, W), no running stats; fc: undefined (one value "
+                     "per channel), falls back to layer norm nn.LayerNorm(C)",
+                     batch_statistics=False),
+    "ghost": Norm(_by_kind(bnn.GhostBatchNorm2d, bnn.GhostBatchNorm1d),
+                  f"ghost batch norm: batch norm on each chunk of {GHOST_VIRTUAL_BATCH_SIZE} "
+                  "samples, running statistics updated per chunk; prediction as batch norm "
+                  "(bnlab.nn.ghost); 'ghost:V' sets the chunk (virtual batch) size V >= 2",
+                  batch_statistics=True, parse_value=parse_virtual_batch_size),
+    "renorm": Norm(_by_kind(bnn.BatchRenorm2d, bnn.BatchRenorm1d),
+                   "batch renormalization: r_max 3, d_max 5 after 100 steps of plain batch "
+                   "norm; prediction as batch norm (bnlab.nn.renorm)", batch_statistics=True),
+    "frozen": Norm(_by_kind(bnn.FrozenBatchNorm2d, bnn.FrozenBatchNorm1d),
+                   "frozen batch norm: fixed statistics and affine, the same in train and eval; "
+                   "fresh ones are (0, 1) statistics and the identity affine, so training with "
+                   "it is training without normalization: for inference and as a baseline "
+                   "(bnlab.nn.frozen)", batch_statistics=False),
+    "noisy-bn": Norm(_by_kind(bnn.NoisyBatchNorm2d, bnn.NoisyBatchNorm1d),
+                     "Santurkar et al.'s noisy BN: bnlab's BN, then per-sample, per-activation "
+                     "noise y*s+m with a mean and scale re-drawn every step (bnlab.nn.noisy); "
+                     "'noisy-bn:S' sets the strength S (default 1; 0 = plain BN)",
+                     batch_statistics=True, parse_value=parse_strength),
+}
+"""Every norm the lab knows, by name."""
+
+
+def _parse_norm_name(name: str) -> tuple[Norm, Any]:
+    """``NAME`` -> (its Norm, its default value or None); ``NAME:VALUE`` -> (Norm, parsed
+    VALUE). ValueError for anything else, saying what was expected."""
     base, sep, _ = name.partition(":")
-    if base not in NORM_LAYERS:
-        raise ValueError(f"unknown norm {name!r}; expected one of {sorted(NORM_LAYERS)} (and "
-                         f"NAME:VALUE for {', '.join(PARAMETRIZED_NORMS)})")
-    if not sep:
-        return base, None
-    if base not in PARAMETRIZED_NORMS:
-        raise ValueError(f"norm {base!r} takes no value (got {name!r}); only "
-                         f"{', '.join(PARAMETRIZED_NORMS)} do")
-    if base == "ghost":
-        return base, parse_virtual_batch_size(name)
-    from bnlab.nn.noisy import parse_strength
-
-    return base, parse_strength(name)
+    norm = NORMS.get(base)
+    takes_value = [n for n, spec in NORMS.items() if spec.parse_value is not None]
+    if norm is None:
+        raise ValueError(f"unknown norm {name!r}; expected one of {sorted(NORMS)} (and "
+                         f"NAME:VALUE for {', '.join(takes_value)})")
+    if norm.parse_value is None:
+        if sep:
+            raise ValueError(f"norm {base!r} takes no value (got {name!r}); only "
+                             f"{', '.join(takes_value)} do")
+        return norm, None
+    return norm, norm.parse_value(name)
 
 
 def check_norm_name(name: str) -> None:
-    """ValueError unless ``name`` is a norm of :data:`NORM_LAYERS`, or ``NAME:VALUE`` for a
-    norm of :data:`PARAMETRIZED_NORMS` with a value it accepts."""
+    """ValueError unless ``name`` is a norm of :data:`NORMS`, or ``NAME:VALUE`` for a norm
+    that takes a value, with a value it accepts."""
     _parse_norm_name(name)
 
 
+def uses_batch_statistics(name: str) -> bool:
+    """Whether the norm named ``name`` (``NAME`` or ``NAME:VALUE``) normalizes over the batch
+    in training, so cannot train on batches of one."""
+    return _parse_norm_name(name)[0].batch_statistics
+
+
+def describe_norm(name: str) -> str:
+    """The description of the norm named ``name`` (``NAME`` or ``NAME:VALUE``)."""
+    return _parse_norm_name(name)[0].description
+
+
 def create_norm_layer(name: str, kind: str, num_features: int) -> nn.Module:
-    """The norm layer registered as ``name`` (``NAME`` or ``NAME:VALUE``) for ``kind``
-    activations with ``num_features``."""
+    """The norm layer named ``name`` (``NAME`` or ``NAME:VALUE``) for ``kind`` activations
+    with ``num_features``."""
     if kind not in _KINDS:
         raise ValueError(f"expected kind in {_KINDS} (got {kind!r})")
-    base, value = _parse_norm_name(name)
+    norm, value = _parse_norm_name(name)
     if value is None:
-        return NORM_LAYERS[base](kind, num_features)
-    if base == "ghost":
-        return _family_layer(kind, num_features, "ghost", value)
-    return _noisy_batch_norm(kind, num_features, value)
+        return norm.build(kind, num_features)
+    return norm.build(kind, num_features, value)

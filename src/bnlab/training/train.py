@@ -29,7 +29,7 @@ from bnlab.data.loader import Loader, stratified_subset
 from bnlab.training import runs
 from bnlab.training.deep import check_architecture
 from bnlab.training.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
-from bnlab.training.norms import NORM_LAYERS, check_norm_name, is_batch_norm
+from bnlab.training.norms import NORMS, check_norm_name, uses_batch_statistics
 from bnlab.util.config import OMIT_AT_DEFAULT, check, check_at_least, check_finite_at_least, config_to_dict
 from bnlab.util.denormals import denormals_flushed
 from bnlab.util.errors import ConfigError
@@ -68,7 +68,7 @@ class TrainConfig:
 
     model: str = field(default="bn-lenet", metadata={"help": "model", "choices": tuple(MODEL_OPTIONS)})
     norm: str = field(default="bnlab", metadata={
-        "help": f"norm layer (bnlab.training.norms): one of {', '.join(NORM_LAYERS)}, or ghost:V "
+        "help": f"norm layer (bnlab.training.norms): one of {', '.join(NORMS)}, or ghost:V "
                 "(virtual batch V) / noisy-bn:S (strength S); lenet takes only 'none'"})
     norm_slots: str = field(default="all", metadata={
         "help": "where bn-lenet has norm layers: all, none, conv, fc or a comma list of "
@@ -133,7 +133,7 @@ class TrainConfig:
                 check_architecture(self.depth, self.width, self.activation)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        has_batch_norms = is_batch_norm(self.norm) and has_norm_layers(self.model) and bool(slots)
+        has_batch_norms = uses_batch_statistics(self.norm) and has_norm_layers(self.model) and bool(slots)
         check(not has_batch_norms or self.batch_size >= 2,
               f"batch norm needs batch_size >= 2: a batch of one has one value per channel "
               f"(got {self.batch_size})")

@@ -16,7 +16,7 @@ from bnlab.experiments.runner import QUICK, ExpSettings
 from bnlab.nn.frozen import _FrozenBatchNorm
 from bnlab.nn.ghost import _GhostBatchNorm
 from bnlab.nn.precise import update_bn_stats
-from bnlab.training import runs
+from bnlab.training import restore
 from bnlab.training.norms import create_norm_layer, uses_batch_statistics
 from bnlab.training.train import TrainConfig, model_for, start_run
 from bnlab.util.config import config_to_dict
@@ -173,7 +173,7 @@ def test_batchsize_quick_grid_runs_and_a_rerun_trains_and_measures_nothing(
         raise AssertionError("trained or reloaded again")
 
     monkeypatch.setattr(executors, "start_run", must_not_run)
-    monkeypatch.setattr(runs, "load_trained_model", must_not_run)
+    monkeypatch.setattr(restore, "load_trained_model", must_not_run)
     assert run_experiment(experiment, QUICK, tmp_path, synthetic_fashion, progress=False) == report
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bnlab import cli
-from bnlab.training import runs
+from bnlab.training import restore
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -65,7 +65,7 @@ def test_train_takes_a_parametrized_norm(capsys, fake_dataset, tmp_path):
     code, _, _ = run_cli(capsys, "train", "--norm", "ghost:16", "--epochs", "1", "--out",
                          str(tmp_path / "g"), "--no-progress")
     assert code == 0
-    model, config = runs.load_trained_model(tmp_path / "g")
+    model, config = restore.load_trained_model(tmp_path / "g")
     assert config.norm == "ghost:16"
     assert {m.virtual_batch_size for m in model.modules() if hasattr(m, "virtual_batch_size")} == {16}
 

@@ -43,7 +43,7 @@ from bnlab.experiments.runner import (
     resolve,
 )
 from bnlab.experiments.stats import ACCURACY, interval, mean_ci, t_quantile_975
-from bnlab.training import runs
+from bnlab.training import restore, runs
 from bnlab.training.train import start_run
 from bnlab.util.config import config_to_dict
 
@@ -109,7 +109,7 @@ def _count_measurements(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(executors, "start_run", must_not_train)
     calls: list[str] = []
-    for module, name in ((runs, "load_trained_model"), (gradients, "layer_gradient_norms")):
+    for module, name in ((restore, "load_trained_model"), (gradients, "layer_gradient_norms")):
         original = getattr(module, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):

@@ -50,7 +50,7 @@ from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import claim_verdict, format_mean_ci, intervals_apart, mean_ci
 from bnlab.nn.precise import update_bn_stats
-from bnlab.training import runs
+from bnlab.training import restore, runs
 from bnlab.training.norms import uses_batch_statistics
 from bnlab.util.tables import format_table
 
@@ -132,7 +132,7 @@ def measure(row: Row, dataset) -> dict[str, float]:
     key = {"version": 1, "seed": EVAL_SEED, "batch": config["batch_size"],
            "data": fingerprint(images, labels, dataset.test_images, dataset.test_labels)}
     return runs.cached(row.run_dir, "batchsize-three-ways", key, lambda: three_ways(
-        runs.load_trained_model(row.run_dir)[0], images, labels, dataset.test_images,
+        restore.load_trained_model(row.run_dir)[0], images, labels, dataset.test_images,
         dataset.test_labels, config["batch_size"]))
 
 

@@ -50,7 +50,7 @@ from bnlab.experiments.analysis import FAIL_ACCURACY, Row, finals, plot_interval
 from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
-from bnlab.training import runs
+from bnlab.training import restore, runs
 from bnlab.util.tables import format_table
 
 DEPTHS = (5, 10, 20, 50, 110)
@@ -163,7 +163,7 @@ def gradient_profile(row: Row, images, labels) -> dict[str, list[float] | None]:
     init = [v for _, v in layer_gradient_norms(model_for(config, "cpu").train(), x, labels)]
     trained = None
     if not row.diverged:
-        model, _ = runs.load_trained_model(row.run_dir)
+        model, _ = restore.load_trained_model(row.run_dir)
         trained = [v for _, v in layer_gradient_norms(model.train(), x, labels)]
     return {"init": init, "trained": trained}
 

@@ -24,7 +24,7 @@ from bnlab.experiments.analysis import (
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
-from bnlab.training import runs
+from bnlab.training import restore, runs
 from bnlab.util.tables import format_table
 
 MODE_EVAL_IMAGES = 10000  # training images used to compare train and eval mode
@@ -56,7 +56,7 @@ def mode_accuracies(row: Row, dataset) -> dict[str, float]:
            "data": fingerprint(train_x, train_y, test_x, test_y)}
 
     def compute() -> dict[str, float]:
-        model, _ = runs.load_trained_model(row.run_dir)
+        model, _ = restore.load_trained_model(row.run_dir)
         return {"train_eval": accuracy_in_mode(model, train_x, train_y, False),
                 "val_eval": accuracy_in_mode(model, test_x, test_y, False),
                 "val_train": accuracy_in_mode(model, test_x, test_y, True)}

@@ -54,7 +54,7 @@ from bnlab.experiments.analysis import Row, failed, finals, mean_final, plot_int
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
 from bnlab.experiments.stats import UNBOUNDED, format_mean_ci, mean_ci
-from bnlab.training import runs
+from bnlab.training import restore, runs
 from bnlab.util.tables import format_table
 
 NORMS = {"bnlab": "BN", "layer": "LayerNorm", "group": "GroupNorm", "instance": "InstanceNorm",
@@ -125,7 +125,7 @@ def mode_accuracies(row: Row, dataset) -> dict[str, float] | None:
     def compute() -> dict[str, float]:
         from bnlab.training.train import drops_last_batch
 
-        model, config = runs.load_trained_model(row.run_dir)
+        model, config = restore.load_trained_model(row.run_dir)
         x, y = images, labels
         if drops_last_batch(len(y), config.batch_size):
             x, y = x[:-1], y[:-1]

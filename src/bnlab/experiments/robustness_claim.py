@@ -40,7 +40,7 @@ from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, failed, plo
 from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import ACCURACY, format_mean_ci, intervals_apart, mean_ci
-from bnlab.training import runs
+from bnlab.training import restore, runs
 from bnlab.util.tables import format_table
 
 MODELS = {
@@ -98,7 +98,7 @@ def measurement_key(dataset) -> dict[str, Any]:
 def run_curves(row: Row, dataset, key: dict[str, Any]) -> dict[str, list[list[float]]]:
     """``perturbation_curves`` of a finished run's model, cached in its folder under ``key``."""
     return runs.cached(row.run_dir, "robustness", key, lambda: perturbation_curves(
-        runs.load_trained_model(row.run_dir)[0], dataset))
+        restore.load_trained_model(row.run_dir)[0], dataset))
 
 
 def measure(rows: list[Row], dataset) -> Measured:
@@ -150,7 +150,7 @@ def measure_statistics(rows: list[Row], dataset) -> Controls:
     for row in trained:
         curve = runs.cached(row.run_dir, "robustness_statistics", key,
                             lambda row=row: noise_accuracy_by_statistics(
-                                runs.load_trained_model(row.run_dir)[0], batches, SIZES["noise"], clean))
+                                restore.load_trained_model(row.run_dir)[0], batches, SIZES["noise"], clean))
         for sigma, accuracies in curve:
             for statistics in STATISTICS:  # in this order (the cache's JSON sorts the keys)
                 measured.setdefault(row.label, {}).setdefault(statistics, {}).setdefault(

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnlab.training import runs
+from bnlab.training import restore, runs
 from bnlab.training.models import norm_layers
 from bnlab.util.tables import format_table
 
@@ -65,7 +65,7 @@ def write_norm_figure(run_dir: str | Path) -> Path | None:
     from bnlab.training.train import describe
     from bnlab.util.plots import plot_norm_parameters
 
-    model, config = runs.load_trained_model(run_dir)
+    model, config = restore.load_trained_model(run_dir)
     params = norm_parameters(model)
     if not params:
         return None
@@ -76,7 +76,7 @@ def inspect_run(run_dir: str | Path, figure: bool = True) -> str:
     """The text of ``bnlab inspect``; with ``figure``, writes ``norm_params.png`` in the run."""
     from bnlab.training.train import describe
 
-    model, config = runs.load_trained_model(run_dir)
+    model, config = restore.load_trained_model(run_dir)
     run = runs.load_run(run_dir)
     params = norm_parameters(model)
     done = len(run["metrics"])

@@ -3,7 +3,8 @@
 Why: a run is only useful if a person (or the experiment runner) can read what it did
 after the fact and pick it up where it was killed. Every file is written atomically, so a
 killed run leaves the previous epoch's state, never a torn file.
-``load_trained_model`` turns a finished folder back into the model it trained::
+``bnlab.training.train.load_trained_model`` turns a finished folder back into the model it
+trained::
 
     runs/<name>/
       config.json      the TrainConfig, verbatim
@@ -31,9 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from bnlab.util.config import config_from_dict
 from bnlab.util.errors import BnlabError
 from bnlab.util.io import (
     atomic_write,
@@ -256,30 +255,6 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "summary": (read_object(run_dir / SUMMARY, _rewrite_from_checkpoint(run_dir))
                     if (run_dir / SUMMARY).exists() else None),
     }
-
-
-def load_trained_model(run_dir: str | Path) -> tuple[nn.Module, Any]:
-    """The model of a run folder with its last checkpointed weights (on CPU, eval mode), and
-    its ``TrainConfig``. A config or checkpoint that does not fit is a ``RunFileError``."""
-    from bnlab.training.train import TrainConfig, model_for  # train writes run folders: import lazily
-
-    run_dir = Path(run_dir)
-    run = load_run(run_dir)
-    try:
-        config = config_from_dict(TrainConfig, run["config"])
-    except (TypeError, ValueError) as exc:
-        raise RunFileError(f"{run_dir / CONFIG}: {exc}; delete {run_dir} to train "
-                           "the run again") from None
-    checkpoint = load_checkpoint(run_dir, required=("model",))
-    torch.manual_seed(config.seed)
-    model = model_for(config, "cpu")
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as exc:
-        raise RunFileError(f"{run_dir / CHECKPOINT}: its weights do not fit the model "
-                           f"of {CONFIG} ({str(exc).splitlines()[0]}); delete {run_dir} "
-                           "to train the run again") from None
-    return model.eval(), config
 
 
 def cached(run_dir: str | Path, name: str, key: dict[str, Any], compute: Callable[[], Any]) -> Any:

@@ -30,7 +30,13 @@ from bnlab.training import runs
 from bnlab.training.deep import check_architecture
 from bnlab.training.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
 from bnlab.training.norms import NORMS, check_norm_name, uses_batch_statistics
-from bnlab.util.config import OMIT_AT_DEFAULT, check, check_at_least, check_finite_at_least, config_to_dict
+from bnlab.util.config import (
+    OMIT_AT_DEFAULT,
+    check,
+    check_at_least,
+    check_finite_at_least,
+    config_to_dict,
+)
 from bnlab.util.denormals import denormals_flushed
 from bnlab.util.errors import ConfigError
 from bnlab.util.scoped import in_mode

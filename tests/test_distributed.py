@@ -200,6 +200,7 @@ def test_exp_sync_quick_writes_a_report_from_its_numbers(synthetic_fashion, tmp_
     cost = read_json(out / "sync" / "cost.json")
     assert cost[0]["world"] == 2 and cost[0]["local"] > 0 and cost[0]["sync"] > 0
     assert f"{cost[0]['sync'] - cost[0]['local']:+.2f}" in report
+    assert (out / "sync" / "sync.png").stat().st_size > 0 and "(sync.png)" in report
     sync_acc = next(r for r in rows if r["tags"]["variant"] == "sync")["summary"]["final_val_acc"]
     assert f"{sync_acc:.4f}" in report
     assert "- b=8: SyncBN − local BN" in report

@@ -47,16 +47,15 @@ from bnlab.training import restore, runs
 from bnlab.training.train import start_run
 from bnlab.util.config import config_to_dict
 
-# Experiments that train and report themselves (Experiment.run: sync's multi-process grid)
-# have no TrainConfig variants to count; tests/test_distributed.py runs sync end to end, and
-# tests/test_ics.py, test_landscape.py, test_precise_exp.py and test_batchsize_exp.py run
+# tests/test_distributed.py runs sync's multi-process grid end to end (cut to 2 processes),
+# and tests/test_ics.py, test_landscape.py, test_precise_exp.py and test_batchsize_exp.py run
 # their quick grids (with their caches).
-OWN_QUICK_TESTS = {"ics", "landscape", "precise", "batchsize"}
+OWN_QUICK_TESTS = {"ics", "landscape", "precise", "batchsize", "sync"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(n for n, e in EXPERIMENTS.items()
-                                        if e.run is None and n not in OWN_QUICK_TESTS))
+                                        if n not in OWN_QUICK_TESTS))
 def test_quick_experiment_runs_end_to_end(name, fake_dataset, tmp_path, capsys):
     code = cli.main(["exp", name, "--quick", "--out", str(tmp_path), "--no-progress"])
     assert code == 0

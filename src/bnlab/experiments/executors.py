@@ -28,6 +28,8 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from bnlab.training.distributed import DistributedConfig, launch
+from bnlab.training.tensorboard import optional_logger
 from bnlab.training.train import TrainConfig, bar_disabled, start_run
 from bnlab.util.errors import BnlabError
 
@@ -44,11 +46,13 @@ class ExecutorError(BnlabError):
 
 
 def train_run(config: TrainConfig, dataset, run_dir: str | Path,
-              tensorboard: str | Path | None = None) -> dict[str, Any]:
+              tensorboard: str | Path | None = None,
+              world: DistributedConfig | None = None) -> dict[str, Any]:
     """Train (or resume, or finish) one run of a grid; with ``tensorboard``, log it into
-    ``<tensorboard>/<run folder name>``. Returns the run's summary."""
-    from bnlab.training.tensorboard import optional_logger
-
+    ``<tensorboard>/<run folder name>``; with ``world``, over ``world.nproc`` processes of
+    this machine (not logged to TensorBoard). Returns the run's summary."""
+    if world is not None:
+        return launch(config, world, dataset, run_dir, resume=True, progress=False)
     logdir = None if tensorboard is None else Path(tensorboard) / Path(run_dir).name
     with optional_logger(logdir) as observer:
         return start_run(config, dataset, run_dir, resume=True, progress=False,
@@ -111,7 +115,9 @@ def _pool_task(config: TrainConfig, run_dir: str, tensorboard: str | None) -> di
 
 class LocalExecutor:
     """``jobs == 1``: runs one after another in this process. ``jobs > 1``: a pool of spawned
-    processes, each with ``threads`` torch threads (default ``cpu_count // jobs``)."""
+    processes, each with ``threads`` torch threads (default ``cpu_count // jobs``). A run over
+    several processes (``PlannedRun.world``) starts its own processes and uses the whole
+    machine: those run one after another, before the pool."""
 
     def __init__(self, jobs: int = 1, threads: int | None = None) -> None:
         if jobs < 1:
@@ -121,10 +127,13 @@ class LocalExecutor:
 
     def run(self, todo, dataset, progress: GridProgress, tensorboard=None) -> None:
         tensorboard = None if tensorboard is None else str(tensorboard)
-        if self.jobs == 1:
-            for p in todo:
-                progress.started(p)
-                progress.report(p, lambda p=p: train_run(p.config, dataset, p.run_dir, tensorboard))
+        alone = [p for p in todo if self.jobs == 1 or p.world is not None]
+        for p in alone:
+            progress.started(p)
+            progress.report(p, lambda p=p: train_run(p.config, dataset, p.run_dir, tensorboard,
+                                                     p.world))
+        todo = [p for p in todo if p not in alone]
+        if not todo:
             return
         with ProcessPoolExecutor(max_workers=self.jobs, mp_context=get_context("spawn"),
                                  initializer=_init_worker,
@@ -215,6 +224,9 @@ class RayExecutor:
 
     def run(self, todo, dataset, progress: GridProgress, tensorboard=None) -> None:
         ray = self.ray
+        if any(p.world is not None for p in todo):
+            raise ExecutorError("runs over several processes (this grid's) train with "
+                                "--executor local")
         tensorboard = None if tensorboard is None else str(Path(tensorboard).resolve())
         with self._connected():
             task = ray.remote(num_cpus=self.threads, max_retries=RAY_RETRIES)(_ray_task)

@@ -37,6 +37,7 @@ from bnlab.experiments.analysis import Row, by_label
 from bnlab.experiments.executors import Executor, GridProgress, LocalExecutor
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.training import runs
+from bnlab.training.distributed import DistributedConfig
 from bnlab.training.train import (
     TrainConfig,
     build_loaders,
@@ -82,11 +83,13 @@ class Variant:
     """One point of the grid: a label, the TrainConfig fields it sets, and fields for analysis.
 
     ``epochs`` and ``subset`` come from the grid's settings unless ``params`` sets them (an
-    arm of the grid with a budget of its own, e.g. equal steps at every batch size)."""
+    arm of the grid with a budget of its own, e.g. equal steps at every batch size). With
+    ``world``, each run trains data-parallel over ``world.nproc`` processes."""
 
     label: str
     params: dict[str, Any]
     tags: dict[str, Any] = field(default_factory=dict)
+    world: DistributedConfig | None = None  # trained over several processes (bnlab.training.distributed)
 
 
 @dataclass(frozen=True)
@@ -101,9 +104,6 @@ class Experiment:
     default_epochs: int
     default_subset: int  # -1 = all
     notes: str = ""
-    # An experiment whose runs are not single-process TrainConfigs (e.g. bnlab.training.distributed)
-    # trains and reports itself: (settings, out, dataset, jobs, progress) -> report text.
-    run: Callable[..., str] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,10 @@ class PlannedRun:
     variant: Variant
     config: TrainConfig
     run_dir: Path
+
+    @property
+    def world(self) -> DistributedConfig | None:
+        return self.variant.world
 
 
 def resolve(settings: ExpSettings, experiment: Experiment) -> ExpSettings:
@@ -146,10 +150,14 @@ def config_key(config: TrainConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
-def run_folder_name(config: TrainConfig) -> str:
-    """Readable and unique: ``bn-lenet-bnlab-lr0.1-seed0-<hash>``."""
+def run_folder_name(config: TrainConfig, world: DistributedConfig | None = None) -> str:
+    """Readable and unique: ``bn-lenet-bnlab-lr0.1-seed0-<hash>``, and ``-w4`` (``-w4-sync``
+    with SyncBN) for a run over 4 processes."""
     readable = f"{config.model}-{config.norm}-lr{config.lr:g}-seed{config.seed}"
-    return f"{re.sub(r'[^A-Za-z0-9.]+', '-', readable)}-{config_key(config)}"
+    name = f"{re.sub(r'[^A-Za-z0-9.]+', '-', readable)}-{config_key(config)}"
+    if world is not None:
+        name += f"-w{world.nproc}{'-sync' if world.sync_bn else ''}"
+    return name
 
 
 def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list[PlannedRun]:
@@ -168,7 +176,8 @@ def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list
                                         **variant.params, "seed": seed})
             except ValueError as exc:
                 raise ConfigError(f"{experiment.name}: variant {variant.label!r}: {exc}") from None
-            planned.append(PlannedRun(variant, config, runs_root / run_folder_name(config)))
+            planned.append(PlannedRun(variant, config,
+                                      runs_root / run_folder_name(config, variant.world)))
     return planned
 
 
@@ -284,8 +293,6 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     A second call on a finished grid trains nothing, and the analysis reads the expensive
     measurements back from the run folders (``runs.cached``)."""
     settings = resolve(settings, experiment)
-    if experiment.run is not None:
-        return experiment.run(settings, Path(out), dataset, jobs, progress)
     runs_root = Path(out) / "runs"
     out = Path(out) / experiment.name
     planned = plan(experiment, settings, runs_root)  # validates every config before any trains

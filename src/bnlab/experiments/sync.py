@@ -20,27 +20,24 @@ median difference is the synchronization's cost (cached in ``cost.json``).
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
-from bnlab.experiments.analysis import Row, select, train_val_gap
-from bnlab.experiments.runner import (
-    Experiment,
-    ExpSettings,
-    describe_settings,
-    is_finished,
-    run_folder_name,
-    train_subset,
-    write_results,
-)
+from bnlab.experiments.analysis import Row, plot_intervals, select, train_val_gap
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
-from bnlab.util.config import config_to_dict
-from bnlab.util.io import atomic_write_json, atomic_write_text, read_json
+from bnlab.nn.sync import SyncBatchNorm
+from bnlab.training.distributed import DistributedConfig, spawn
+from bnlab.training.train import TrainConfig, make_step, model_for, optimizer_for
+from bnlab.util.io import atomic_write_json, read_json
+from bnlab.util.plots import plt, save_figure
 from bnlab.util.tables import format_table
 
 WORLD = 4
@@ -57,45 +54,14 @@ def lr_for(global_batch: int) -> float:
     return BASE_LR * math.sqrt(global_batch / BASE_BATCH)
 
 
-def plan(settings: ExpSettings, runs_root: Path) -> list[dict[str, Any]]:
-    """Every (variant, per-rank batch, seed) distributed run with its folder."""
-    from bnlab.training.distributed import DistributedConfig
-    from bnlab.training.train import TrainConfig
-
-    planned = []
-    for variant, (norm, sync_bn) in VARIANTS.items():
-        for b in PER_RANK_BATCHES:
-            for seed in range(settings.seeds):
-                config = TrainConfig(model="bn-lenet", norm=norm, batch_size=WORLD * b,
-                                     lr=lr_for(WORLD * b), seed=seed, epochs=settings.epochs,
-                                     subset=train_subset(settings.subset))
-                tag = f"w{WORLD}{'-sync' if sync_bn else ''}"
-                planned.append({"variant": variant, "b": b, "config": config,
-                                "world": DistributedConfig(nproc=WORLD, sync_bn=sync_bn),
-                                "run_dir": runs_root / f"{run_folder_name(config)}-{tag}"})
-    return planned
-
-
-def execute(planned: list[dict[str, Any]], dataset, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
-    from bnlab.training.distributed import launch
-    from bnlab.training.train import bar_disabled
-
-    todo = [p for p in planned if not is_finished(p["run_dir"])]
-    with tqdm(total=len(planned), initial=len(planned) - len(todo), unit="run", desc="grid",
-              disable=bar_disabled(progress), dynamic_ncols=True) as bar:
-        for p in todo:
-            bar.set_postfix_str(f"{NAMES[p['variant']]} b={p['b']} seed {p['config'].seed}")
-            launch(p["config"], p["world"], dataset, p["run_dir"], resume=True, progress=False)
-            bar.update(1)
-
-
-def collect(planned: list[dict[str, Any]]) -> list[Row]:
-    """One row per finished run, in grid order."""
-    return [Row.from_run(p["run_dir"], f"{NAMES[p['variant']]} b={p['b']}",
-                         {"variant": p["variant"], "per_rank_batch": p["b"]})
-            for p in planned if is_finished(p["run_dir"])]
+def variants(settings: ExpSettings) -> list[Variant]:
+    """Every (norm, per-process batch) point, each run on :data:`WORLD` processes."""
+    return [Variant(f"{NAMES[variant]} b={b}",
+                    {"model": "bn-lenet", "norm": norm, "batch_size": WORLD * b,
+                     "lr": lr_for(WORLD * b)},
+                    {"variant": variant, "per_rank_batch": b},
+                    world=DistributedConfig(nproc=WORLD, sync_bn=sync_bn))
+            for variant, (norm, sync_bn) in VARIANTS.items() for b in PER_RANK_BATCHES]
 
 
 # --------------------------------------------------------------------------- cost
@@ -103,12 +69,6 @@ def collect(planned: list[dict[str, Any]]) -> list[Row]:
 
 def _cost_rank(batch: int, steps: int) -> dict[str, float] | None:
     """In a spawned world: ms per DDP training step with local BN and with SyncBN."""
-    import torch.distributed as dist
-    from torch import nn
-
-    from bnlab.nn.sync import SyncBatchNorm
-    from bnlab.training.train import TrainConfig, make_step, model_for, optimizer_for
-
     torch.manual_seed(0)
     config = TrainConfig(model="bn-lenet", norm="bnlab")
     local = model_for(config)
@@ -132,10 +92,6 @@ def _cost_rank(batch: int, steps: int) -> dict[str, float] | None:
 
 
 def _cost_world(out: str, batch: int, steps: int) -> None:
-    import os
-
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", init_method="env://")
     try:
         medians = _cost_rank(batch, steps)
@@ -147,8 +103,6 @@ def _cost_world(out: str, batch: int, steps: int) -> None:
 
 def measure_cost(out: Path, steps: int = COST_STEPS) -> list[dict[str, float]]:
     """Per-step ms of local BN and SyncBN at each world size (cached in ``out/cost.json``)."""
-    from bnlab.training.distributed import spawn
-
     cache = out / "cost.json"
     if cache.exists():
         return read_json(cache)
@@ -177,7 +131,7 @@ def _select(rows: list[Row], variant: str, b: int) -> list[Row]:
     return select(rows, variant=variant, per_rank_batch=b)
 
 
-def analyze(rows: list[Row], cost: list[dict[str, float]]) -> list[str]:
+def report_sections(rows: list[Row], cost: list[dict[str, float]]) -> list[str]:
     headers = ["norm", *[f"b={b} (global {WORLD * b})" for b in PER_RANK_BATCHES]]
     acc = [[NAMES[v], *[_cell(_select(rows, v, b), _final_val_acc)
                         for b in PER_RANK_BATCHES]] for v in VARIANTS]
@@ -229,22 +183,32 @@ def findings(rows: list[Row], cost: list[dict[str, float]]) -> list[str]:
     return lines
 
 
-def run(settings: ExpSettings, out: Path, dataset, jobs: int, progress: bool) -> str:
-    """Train the grid on 4 processes per run (``jobs`` is not used), measure, report."""
-    runs_root, out = out / "runs", out / EXPERIMENT.name
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "settings.json", config_to_dict(settings))
-    planned = plan(settings, runs_root)
-    execute(planned, dataset, progress)
-    rows = collect(planned)
-    table = write_results(out, rows)
-    cost = measure_cost(out, steps=COST_STEPS if settings.seeds > 1 else 10)  # --quick: 10
-    report = "\n".join([
-        f"# {EXPERIMENT.title}", "", f"**Question.** {EXPERIMENT.question}", "",
-        f"**Settings.** {describe_settings(settings)} {EXPERIMENT.notes}".rstrip(), "",
-        "## Summary", "", table, "", *analyze(rows, cost)]) + "\n"
-    atomic_write_text(out / "report.md", report)
-    return report
+def plot(rows: list[Row], path: Path) -> None:
+    """Final validation accuracy against the per-process batch, one line per norm."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for offset, v in zip((-0.04, 0.0, 0.04), VARIANTS):
+        points = {b * 2 ** offset: [_final_val_acc(r) for r in _select(rows, v, b)
+                                   if not r.diverged]
+                  for b in PER_RANK_BATCHES if any(not r.diverged for r in _select(rows, v, b))}
+        if points:
+            plot_intervals(ax, points, label=NAMES[v])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(PER_RANK_BATCHES), [str(b) for b in PER_RANK_BATCHES])
+    ax.set_xlabel(f"per-process batch ({WORLD} processes)")
+    ax.set_ylabel("final validation accuracy (eval mode)")
+    ax.set_title("Batch norm across processes (mean, 95% CI over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
+def analyze(rows: list[Row], out: Path, dataset) -> list[str]:
+    """The tables, the synchronization's cost per step (measured once, ``cost.json``), the
+    findings and ``sync.png``."""
+    quick = len({r.seed for r in rows}) < 2  # --quick: a shorter cost measurement
+    cost = measure_cost(out, steps=10 if quick else COST_STEPS)
+    plot(rows, out / "sync.png")
+    return [*report_sections(rows, cost), "", "![accuracy by per-process batch](sync.png)"]
 
 
 EXPERIMENT = Experiment(
@@ -253,11 +217,10 @@ EXPERIMENT = Experiment(
     question="With 4 data-parallel processes, how do small per-process batches hurt batch "
              "norm, does synchronizing the statistics (SyncBN) recover it, and what does "
              "synchronizing cost per step?",
-    variants=lambda settings: [],
-    analyze=lambda rows, out, dataset: [],
+    variants=variants,
+    analyze=analyze,
     default_epochs=2,
     default_subset=4000,
     notes=f"Every run: {WORLD} processes on this machine (gloo), global batch = {WORLD} x "
           "per-process batch, lr 0.1 x sqrt(global batch / 128).",
-    run=run,
 )

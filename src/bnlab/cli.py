@@ -271,10 +271,7 @@ def _add_common_run_flags(parser: argparse.ArgumentParser) -> None:
 def _config_or_error(cls, args, base=None):
     from bnlab.util.config import config_from_args
 
-    try:
-        return config_from_args(cls, args, base)
-    except ValueError as exc:
-        raise BnlabError(str(exc)) from None
+    return config_from_args(cls, args, base)  # a bad value is a ConfigError, a BnlabError
 
 
 def _run_train(args: argparse.Namespace) -> None:

@@ -70,6 +70,7 @@ from torch import nn
 from torch.multiprocessing.spawn import ProcessException
 
 from bnlab.training import runs
+from bnlab.util.config import check, check_at_least
 from bnlab.util.errors import BnlabError
 from bnlab.util.io import atomic_write_json, read_json
 
@@ -94,10 +95,8 @@ class DistributedConfig:
         "help": "seconds a collective may wait for the other processes before failing"})
 
     def __post_init__(self) -> None:
-        if self.nproc < 1:
-            raise ValueError(f"expected nproc >= 1 (got {self.nproc})")
-        if not self.dist_timeout > 0:
-            raise ValueError(f"expected dist_timeout > 0 (got {self.dist_timeout})")
+        check_at_least(self, 1, "nproc")
+        check(self.dist_timeout > 0, f"expected dist_timeout > 0 (got {self.dist_timeout})")
 
 
 def check_split(batch_size: int, n_images: int, world_size: int, local_bn: bool) -> None:

@@ -116,14 +116,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         try:
             check_norm_name(self.norm)
+            check_norm(self.model, self.norm)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        check_norm(self.model, self.norm)
         unused = [f.name for f in dataclasses.fields(self) if f.name in _ALL_MODEL_OPTIONS
                   and f.name not in MODEL_OPTIONS[self.model] and getattr(self, f.name) != f.default]
-        if unused:
-            raise ValueError(f"{unused} set, but model {self.model!r} takes only "
-                             f"{list(MODEL_OPTIONS[self.model])}")
+        check(not unused, f"{unused} set, but model {self.model!r} takes only "
+                          f"{list(MODEL_OPTIONS[self.model])}")
         check_at_least(self, 1, "epochs", "batch_size", "eval_batch_size")
         check_at_least(self, 0, "seed", "subset", "eval_every", "freeze_bn_epochs")
         check(self.freeze_bn_epochs < self.epochs or not self.freeze_bn_epochs,

@@ -1,5 +1,7 @@
 """Errors a user can act on. The CLI prints them as one line, without a traceback."""
 
+import errno
+
 
 class BnlabError(Exception):
     """Base class of bnlab's user-facing errors."""
@@ -23,8 +25,6 @@ def describe_os_error(exc: OSError) -> str:
     ``ENOSPC`` is said plainly ("no space left on device"): some writers report a full disk
     in terms of their own state.
     """
-    import errno
-
     cause = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
     paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
     return f"{' -> '.join(paths)}: {cause}" if paths else cause

@@ -29,7 +29,7 @@ def test_shadow_of_momentum_0_1_equals_the_layers_own_running_statistics():
     shadows.attach(model)
     for _ in range(5):
         model(torch.randn(16, 3) * 3 + 1)
-    for name, layer in precise._batch_norm_layers(model):
+    for name, layer in precise.batch_norm_layers(model):
         mean, var = shadows.stats[name][0.1]
         torch.testing.assert_close(mean, layer.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(var, layer.running_var, rtol=1e-5, atol=1e-6)
@@ -86,7 +86,7 @@ def test_the_probe_evaluates_ema_0_1_as_the_model_and_population_as_update_bn_st
     # The largest N is the whole (300-image) training set: exactly update_bn_stats over it.
     train.set_epoch(0)
     exact = update_bn_stats(copy.deepcopy(run.model), train, len(train), progress=False)
-    last = precise._batch_norm_layers(exact)[-1][1]
+    last = precise.batch_norm_layers(exact)[-1][1]
     assert record["channel"]["pop:300"] == [last.running_mean[0].item(), last.running_var[0].item()]
     assert record["error"]["pop:300"] == [0.0, 0.0]
     assert record["acc"]["pop:300"] == evaluate(exact, test)[1]

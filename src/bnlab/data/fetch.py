@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
+from tqdm import tqdm
+
 from bnlab.data import dataset
 from bnlab.data.dataset import (
     APT_PACKAGE,
@@ -54,8 +56,6 @@ class _Unreachable(Exception):
 
 def download_url(url: str, out: IO[bytes]) -> None:
     """Stream ``url`` into ``out`` with a progress bar; a short timeout makes offline fail fast."""
-    from tqdm import tqdm
-
     with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1]) as bar:

@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import MaxNLocator
+
 from bnlab.experiments.stats import ACCURACY, bounded, interval, mean_ci
 from bnlab.training import runs
+from bnlab.training.train import steps_per_epoch, training_images
+from bnlab.util.plots import plt
 
 CHANCE = 0.1
 FAIL_ACCURACY = 0.2
@@ -59,8 +63,6 @@ class Row:
     @property
     def steps_per_epoch(self) -> int:
         """SGD steps of one of the run's epochs: its training images in batches of its size."""
-        from bnlab.training.train import steps_per_epoch, training_images
-
         return steps_per_epoch(training_images(self.config["subset"]), self.config["batch_size"])
 
     @property
@@ -213,10 +215,6 @@ def plot_mean_curves(curves: dict[str, Curve], ax, ylabel: str, cmap: str | None
                      bounds: tuple[float, float] = ACCURACY) -> None:
     """Mean curves with 95% CI bands on ``ax``, each band in its line's color; the bands are
     intersected with ``bounds`` (an accuracy's [0, 1] by default), and so is the y axis."""
-    from matplotlib.ticker import MaxNLocator
-
-    from bnlab.util.plots import plt
-
     colors = plt.get_cmap(cmap)(range(0, 256, max(1, 256 // max(1, len(curves))))) if cmap else None
     for i, (label, (xs, means, halves)) in enumerate(curves.items()):
         (line,) = ax.plot(xs, means, marker="o", markersize=3, label=label,

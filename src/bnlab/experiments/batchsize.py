@@ -38,6 +38,7 @@ per-process batches 2-32.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from bnlab.experiments.stats import claim_verdict, format_mean_ci, intervals_apa
 from bnlab.nn.precise import update_bn_stats
 from bnlab.training import restore, runs
 from bnlab.training.norms import uses_batch_statistics
+from bnlab.util.plots import plt, save_figure
 from bnlab.util.tables import format_table
 
 SGD_BATCH = 128
@@ -107,8 +109,6 @@ def three_ways(model: torch.nn.Module, train_images: torch.Tensor, train_labels:
     """Accuracy of ``model`` (left untouched) with mini-batch statistics on training and on
     test images (train mode, batches of ``batch``), and with population statistics of the
     training images on the test images (eval mode)."""
-    import copy
-
     result = {}
     for name, (images, labels) in {"train_minibatch": (train_images, train_labels),
                                    "test_minibatch": (test_images, test_labels)}.items():
@@ -323,8 +323,6 @@ def _apart(a: list[float], b: list[float]) -> str:
 
 
 def plot(rows: list[Row], ways, path: Path) -> None:
-    from bnlab.util.plots import plt, save_figure
-
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for key, label in (*WAYS.items(), ("test_ema", "test, EMA")):
         points = {v: _values(select(rows, part="ghost", v=v, frozen=False), ways, key)

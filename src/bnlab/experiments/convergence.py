@@ -45,6 +45,7 @@ from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, Row, finals, mean_
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
 from bnlab.experiments.stats import format_mean_ci
 from bnlab.training.train import steps_per_epoch, training_images
+from bnlab.util.plots import plt, save_figure
 from bnlab.util.tables import format_table
 
 LEARNING_RATES = {False: (0.3, 1.0, 3.0), True: (0.1, 0.3, 1.0, 3.0)}
@@ -240,8 +241,6 @@ def findings(rows: list[Row], n_images: int | None = None) -> list[str]:
 
 
 def plot_best_curves(rows: list[Row], out: Path, n_images: int | None) -> None:
-    from bnlab.util.plots import plt, save_figure
-
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for bn in (False, True):
         lr = best_lr(rows, bn)

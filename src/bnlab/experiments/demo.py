@@ -17,9 +17,11 @@ from typing import Any
 
 from bnlab.data.dataset import FashionMNIST
 from bnlab.training import runs
+from bnlab.training.inspection import PARAMS_FIGURE, inspect_run
 from bnlab.training.train import SUBSET_HELP, TrainConfig, describe, describe_training_set, start_run
 from bnlab.util.config import config_to_dict
 from bnlab.util.io import atomic_write_json, atomic_write_text, remove_stray_temps
+from bnlab.util.plots import plot_comparison
 from bnlab.util.tables import format_table
 
 REPORT = "report.md"
@@ -134,9 +136,6 @@ def write_report(config: DemoConfig, out: Path, plan: dict[str, TrainConfig],
                  summaries: dict[str, dict[str, Any]],
                  histories: dict[str, list[dict[str, Any]]]) -> str:
     """Print-ready text; also writes ``report.md``, ``comparison.png`` and norm figures."""
-    from bnlab.training.inspection import PARAMS_FIGURE, inspect_run
-    from bnlab.util.plots import plot_comparison
-
     plot_comparison(histories, out / COMPARISON_FIGURE,
                     title=f"Fashion-MNIST, lr {config.lr:g}, batch {config.batch_size}")
     table = results_table(summaries, histories)

@@ -45,12 +45,21 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from bnlab.data.loader import stratified_subset
 from bnlab.experiments import analysis
 from bnlab.experiments.analysis import FAIL_ACCURACY, Row, finals, plot_intervals, select, trains
 from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.probes.gradients import growth_per_layer, layer_gradient_norms, mean_field_growth
 from bnlab.training import restore, runs
+from bnlab.training.deep import ACTIVATIONS as MODULES
+from bnlab.training.deep import deep_mlp
+from bnlab.training.train import TrainConfig, model_for
+from bnlab.util.config import config_from_dict
+from bnlab.util.plots import plt, save_figure
 from bnlab.util.tables import format_table
 
 DEPTHS = (5, 10, 20, 50, 110)
@@ -142,8 +151,6 @@ def gradient_profiles(rows: list[Row], dataset) -> dict[tuple, dict[str, Any]]:
 def gradient_batch(dataset, size: int):
     """The first ``size`` class-balanced training images (uint8) and labels (fewer when the
     training set is smaller)."""
-    from bnlab.data.loader import stratified_subset
-
     return stratified_subset(dataset.train_images, dataset.train_labels,
                              min(size, len(dataset.train_labels)))
 
@@ -151,12 +158,6 @@ def gradient_batch(dataset, size: int):
 def gradient_profile(row: Row, images, labels) -> dict[str, list[float] | None]:
     """||dL/dW|| per weight layer, in depth order, of the run's model at initialization and
     after training (None when the run diverged), on one batch in train mode."""
-    import torch
-
-    from bnlab.probes.gradients import layer_gradient_norms
-    from bnlab.training.train import TrainConfig, model_for
-    from bnlab.util.config import config_from_dict
-
     x = images.unsqueeze(1).float().div(255)  # (256, 1, 28, 28)
     config = config_from_dict(TrainConfig, row.config)
     torch.manual_seed(config.seed)
@@ -173,8 +174,6 @@ def _fmt_ratio(value: float) -> str:
 
 
 def plot_profiles(profiles: dict[tuple, dict[str, Any]], path: Path) -> None:
-    from bnlab.util.plots import plt, save_figure
-
     fig, axes = plt.subplots(2, len(ACTIVATIONS), figsize=(12, 8), squeeze=False)
     colors = {"bnlab": "tab:blue", "none": "tab:red"}
     styles = dict(zip(PLOTTED_DEPTHS, ("--", "-")))
@@ -202,8 +201,6 @@ def plot_profiles(profiles: dict[tuple, dict[str, Any]], path: Path) -> None:
 
 
 def plot_accuracy_vs_depth(rows: list[Row], path: Path) -> None:
-    from bnlab.util.plots import plt, save_figure
-
     fig, axes = plt.subplots(1, len(ACTIVATIONS), figsize=(12, 4), sharey=True, squeeze=False)
     for ax, act in zip(axes[0], ACTIVATIONS):
         for norm, name in NORMS.items():
@@ -226,9 +223,6 @@ def plot_accuracy_vs_depth(rows: list[Row], path: Path) -> None:
 def predicted_growth(activation: str) -> float:
     """Mean-field growth factor of the gradient *norm* per BN layer towards the input:
     ``sqrt(bnlab.probes.gradients.mean_field_growth(phi))`` (ReLU: sqrt(pi / (pi - 1)) = 1.211)."""
-    from bnlab.probes.gradients import mean_field_growth
-    from bnlab.training.deep import ACTIVATIONS as MODULES
-
     return math.sqrt(mean_field_growth(MODULES[activation]()))
 
 
@@ -236,8 +230,6 @@ def fitted_growth(norms: list[float]) -> float:
     """The fitted per-layer growth factor (``gradients.growth_per_layer``) of a profile's
     hidden layers: the first weight layer (it sees the image, not a BN'd activation) and the
     head (no BN after it) are left out; nan for a net with fewer than 2 hidden layers."""
-    from bnlab.probes.gradients import growth_per_layer
-
     return growth_per_layer(norms[1:-1])
 
 
@@ -250,11 +242,6 @@ def measured_growth(profiles: dict[tuple, dict[str, Any]]) -> dict[tuple, list[f
 def init_profile(activation: str, depth: int, width: int, seed: int, images, labels) -> list[float]:
     """||dL/dW|| per weight layer of a fresh BN ``deep_mlp`` (seed ``seed``) on one batch,
     in train mode."""
-    import torch
-
-    from bnlab.probes.gradients import layer_gradient_norms
-    from bnlab.training.deep import deep_mlp
-
     torch.manual_seed(seed)
     model = deep_mlp(depth, width, activation, "bnlab").train()
     x = images.unsqueeze(1).float().div(255)  # (B, 1, 28, 28)
@@ -368,8 +355,6 @@ def growth_findings(growth: dict[tuple, list[float]], sweep: Sweep | None) -> li
 
 
 def plot_sweep(sweep: Sweep, path: Path) -> None:
-    from bnlab.util.plots import plt, save_figure
-
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False)
     for ax, axis, fixed in zip(axes[0], ("width", "batch"),
                                (f"batch {GRADIENT_BATCH}", f"width {WIDTH}")):

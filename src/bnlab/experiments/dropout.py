@@ -25,6 +25,7 @@ from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.training import restore, runs
+from bnlab.util.plots import plt, save_figure
 from bnlab.util.tables import format_table
 
 MODE_EVAL_IMAGES = 10000  # training images used to compare train and eval mode
@@ -87,8 +88,6 @@ def mode_table(groups: dict[str, list[Row]], dataset) -> tuple[str, dict[str, di
 
 
 def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
-    from bnlab.util.plots import plt, save_figure
-
     groups = by_label(rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     plot_mean_curves({label: mean_curve(g) for label, g in groups.items()}, axes[0],

@@ -147,7 +147,7 @@ class LocalExecutor:
 # --------------------------------------------------------------------------- ray
 
 def import_ray():
-    try:
+    try:  # the optional extra [ray]: imported only for --executor ray
         import ray
     except ImportError as exc:
         raise ExecutorError(f"--executor ray needs the ray package ({exc}); install it with "

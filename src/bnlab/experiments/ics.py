@@ -45,6 +45,7 @@ from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps,
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, periodic_eval_every
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.probes.ics import drift, gradient_ics, percentile_record
+from bnlab.util.plots import plt, save_figure
 from bnlab.util.tables import format_table
 
 SETTING_DIFFERS = (
@@ -244,8 +245,6 @@ def best_lr_note(out: Path) -> list[str]:
 
 
 def plot_fig1(rows: list[Row], probes: dict[str, Any], path: Path) -> None:
-    from bnlab.util.plots import plt, save_figure
-
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
     for row_axes, net in zip(axes, ("mlp", "lenet")):
         for norm, ax in (("none", row_axes[1]), ("bnlab", row_axes[2])):
@@ -273,8 +272,6 @@ def plot_fig1(rows: list[Row], probes: dict[str, Any], path: Path) -> None:
 
 
 def plot_ics(rows: list[Row], probes: dict[str, Any], path: Path) -> None:
-    from bnlab.util.plots import plt, save_figure
-
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), squeeze=False)
     for label, group in by_label(rows).items():
         if "noisy" in label:

@@ -33,6 +33,7 @@ from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps,
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, periodic_eval_every
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.probes.landscape import probe
+from bnlab.util.plots import plt, save_figure
 from bnlab.util.tables import format_table
 
 ETAS = (0.05, 0.1, 0.2, 0.4)
@@ -55,6 +56,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 def measure(row: Row, dataset) -> dict[str, Any]:
     """The run's landscape probes (cached in its folder as ``landscape-probes.json``)."""
+
     def probe_for(config):
         etas = (*ETAS, config.lr)
 
@@ -159,8 +161,6 @@ def _order(ratio: float) -> str:
 
 
 def plot(rows: list[Row], probes: dict[str, Any], path: Path) -> None:
-    from bnlab.util.plots import plt, save_figure
-
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), squeeze=False)
     for label, group in by_label(rows).items():
         per_step: dict[int, list[dict[str, float]]] = {}

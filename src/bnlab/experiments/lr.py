@@ -27,6 +27,7 @@ from bnlab.experiments.analysis import (
 )
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci
+from bnlab.util.plots import plt, save_figure
 from bnlab.util.tables import format_table
 
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -40,8 +41,6 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 
 def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
-    from bnlab.util.plots import plt, save_figure
-
     groups = by_label(rows)
     # Validation accuracy per epoch, one line per learning rate, one panel per model.
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)

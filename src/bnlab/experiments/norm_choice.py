@@ -55,6 +55,8 @@ from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
 from bnlab.experiments.stats import UNBOUNDED, format_mean_ci, mean_ci
 from bnlab.training import restore, runs
+from bnlab.training.train import drops_last_batch, steps_per_epoch, training_images
+from bnlab.util.plots import plt, save_figure
 from bnlab.util.tables import format_table
 
 NORMS = {"bnlab": "BN", "layer": "LayerNorm", "group": "GroupNorm", "instance": "InstanceNorm",
@@ -77,8 +79,6 @@ def lr_for(batch_size: int) -> float:
 def equal_steps_target(settings: ExpSettings) -> int:
     """The equal-steps arm's step count: batch ``EQUAL_STEPS_BATCH``'s steps in the
     equal-epochs arm of (resolved) ``settings``."""
-    from bnlab.training.train import steps_per_epoch, training_images
-
     return settings.epochs * steps_per_epoch(training_images(train_subset(settings.subset)),
                                              EQUAL_STEPS_BATCH)
 
@@ -94,8 +94,6 @@ def equal_steps_budget(steps: int, batch_size: int, max_images: int) -> tuple[in
 
 
 def variants(settings: ExpSettings) -> list[Variant]:
-    from bnlab.training.train import training_images
-
     target = equal_steps_target(settings)
     images = training_images(train_subset(settings.subset))
     out = []
@@ -123,8 +121,6 @@ def mode_accuracies(row: Row, dataset) -> dict[str, float] | None:
     key = {"version": 1, "eval_batch": EVAL_BATCH, "data": fingerprint(images, labels)}
 
     def compute() -> dict[str, float]:
-        from bnlab.training.train import drops_last_batch
-
         model, config = restore.load_trained_model(row.run_dir)
         x, y = images, labels
         if drops_last_batch(len(y), config.batch_size):
@@ -290,8 +286,6 @@ def batch_size_changes(rows: list[Row]) -> list[str]:
 
 
 def plot(rows: list[Row], measured: dict, path: Path) -> None:
-    from bnlab.util.plots import plt, save_figure
-
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
     for norm, name in NORMS.items():
         for ax, arm in zip(axes, ARMS):

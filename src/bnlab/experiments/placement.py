@@ -21,6 +21,7 @@ from bnlab.experiments.analysis import (
 )
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, intervals_apart
+from bnlab.util.plots import plt, save_figure
 from bnlab.util.tables import format_table
 
 PLACEMENTS = {
@@ -40,8 +41,6 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 
 def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
-    from bnlab.util.plots import plt, save_figure
-
     groups = by_label(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plot_mean_curves({label: mean_curve(g) for label, g in groups.items()}, ax,

@@ -50,12 +50,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnlab.experiments.analysis import Row, best_lr_per_model, read_results, select, training_lrs
+from bnlab.experiments.analysis import (
+    Row,
+    best_lr_per_model,
+    plot_mean_curves,
+    read_results,
+    select,
+    training_lrs,
+)
 from bnlab.experiments.probed import cached_replay
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import claim_verdict, format_mean_ci, mean_ci
-from bnlab.nn.precise import _batch_norm_layers, update_bn_stats
+from bnlab.nn.precise import batch_norm_layers, update_bn_stats
 from bnlab.training.train import TrainConfig, build_loaders, evaluate, resolve_device
+from bnlab.util.plots import plt, save_figure
 from bnlab.util.tables import format_table
 
 LEARNING_RATES = (0.1, 3.0)
@@ -101,7 +109,7 @@ class ShadowEMA:
         self.stats: dict[str, dict[float, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def attach(self, model: nn.Module) -> None:
-        for name, layer in _batch_norm_layers(model):
+        for name, layer in batch_norm_layers(model):
             self.stats[name] = {m: (torch.zeros_like(layer.running_mean),
                                     torch.ones_like(layer.running_var)) for m in self.momenta}
             layer.register_forward_pre_hook(partial(self._observe, name))
@@ -120,12 +128,12 @@ class ShadowEMA:
 
 def _statistics(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {name: (layer.running_mean.clone(), layer.running_var.clone())
-            for name, layer in _batch_norm_layers(model)}
+            for name, layer in batch_norm_layers(model)}
 
 
 @torch.no_grad()
 def _load_statistics(model: nn.Module, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for name, layer in _batch_norm_layers(model):
+    for name, layer in batch_norm_layers(model):
         layer.running_mean.copy_(stats[name][0])
         layer.running_var.copy_(stats[name][1])
 
@@ -414,9 +422,6 @@ def _curves(group: list[Row], probes, value) -> dict[str, tuple[list[int], list[
 
 
 def plot_accuracy(rows: list[Row], probes, path: Path) -> None:
-    from bnlab.experiments.analysis import plot_mean_curves
-    from bnlab.util.plots import plt, save_figure
-
     fig, axes = plt.subplots(1, len(LEARNING_RATES), figsize=(6 * len(LEARNING_RATES), 4.5),
                              squeeze=False, sharey=True)
     for ax, lr in zip(axes[0], LEARNING_RATES):
@@ -432,8 +437,6 @@ def plot_accuracy(rows: list[Row], probes, path: Path) -> None:
 
 
 def plot_gap(rows: list[Row], probes, path: Path) -> None:
-    from bnlab.util.plots import plt, save_figure
-
     fig, axes = plt.subplots(2, len(LEARNING_RATES), figsize=(6 * len(LEARNING_RATES), 8),
                              squeeze=False)
     for col, lr in enumerate(LEARNING_RATES):

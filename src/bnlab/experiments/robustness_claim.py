@@ -36,11 +36,21 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bnlab.data.loader import Loader, stratified_subset
 from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, failed, plot_intervals
 from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import ACCURACY, format_mean_ci, intervals_apart, mean_ci
+from bnlab.probes.robustness import (
+    PGD_STEP_FACTOR,
+    STATISTICS,
+    fgsm_accuracy,
+    noise_accuracy,
+    noise_accuracy_by_statistics,
+    pgd_accuracy,
+)
 from bnlab.training import restore, runs
+from bnlab.util.plots import plt, save_figure
 from bnlab.util.tables import format_table
 
 MODELS = {
@@ -76,9 +86,6 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 def perturbation_curves(model, dataset, seed: int = 0) -> dict[str, list[tuple[float, float]]]:
     """Accuracy of ``model`` under each perturbation kind at each size (see the docstring)."""
-    from bnlab.data.loader import Loader
-    from bnlab.probes.robustness import fgsm_accuracy, noise_accuracy, pgd_accuracy
-
     batches = Loader(dataset.test_images, dataset.test_labels, EVAL_BATCH, shuffle=False)
     return {"noise": noise_accuracy(model, batches, SIZES["noise"], seed=seed),
             "fgsm": fgsm_accuracy(model, batches, SIZES["fgsm"]),
@@ -88,8 +95,6 @@ def perturbation_curves(model, dataset, seed: int = 0) -> dict[str, list[tuple[f
 
 def measurement_key(dataset) -> dict[str, Any]:
     """What the curves of a run depend on besides its model: a change recomputes them."""
-    from bnlab.probes.robustness import PGD_STEP_FACTOR
-
     return {"version": 1, "sizes": SIZES, "pgd_steps": PGD_STEPS, "pgd_batches": PGD_BATCHES,
             "pgd_step_factor": PGD_STEP_FACTOR, "eval_batch": EVAL_BATCH, "seed": 0,
             "data": fingerprint(dataset.test_images, dataset.test_labels)}
@@ -121,8 +126,6 @@ CLEAN_IMAGES = 10000
 
 
 def clean_images(dataset):
-    from bnlab.data.loader import stratified_subset
-
     return stratified_subset(dataset.train_images, dataset.train_labels,
                              min(CLEAN_IMAGES, len(dataset.train_labels)))
 
@@ -139,9 +142,6 @@ Controls = dict[str, dict[str, dict[float, list[float]]]]  # label -> statistics
 def measure_statistics(rows: list[Row], dataset) -> Controls:
     """Per BN variant, statistics (``bnlab.probes.robustness.STATISTICS``) and sigma: the noisy
     test accuracy of each seed that trained; cached per run (``robustness_statistics``)."""
-    from bnlab.data.loader import Loader
-    from bnlab.probes.robustness import STATISTICS, noise_accuracy_by_statistics
-
     batches = Loader(dataset.test_images, dataset.test_labels, EVAL_BATCH, shuffle=False)
     clean = Loader(*clean_images(dataset), EVAL_BATCH, shuffle=False)
     measured: Controls = {}
@@ -350,8 +350,6 @@ def _sizes(sizes: list[float]) -> str:
 
 
 def plot(measured: Measured, path: Path) -> None:
-    from bnlab.util.plots import plt, save_figure
-
     fig, axes = plt.subplots(2, len(SIZES), figsize=(15, 8), squeeze=False)
     for col, kind in enumerate(SIZES):
         for label, cells in measured.items():

@@ -73,6 +73,8 @@ def has_cxx_compiler() -> bool:
 
 def build_requirements_missing() -> list[str]:
     """What the build needs and this machine lacks (empty when it can build)."""
+    # torch.utils.cpp_extension loads setuptools (70 ms): only a build or a look at
+    # the build needs it, not every `import bnlab.nn`.
     from torch.utils.cpp_extension import is_ninja_available
 
     missing = []
@@ -106,6 +108,8 @@ def _library_suffix() -> str:
 
 def extensions_root() -> Path:
     """``$TORCH_EXTENSIONS_DIR``, else torch's default extension cache."""
+    # torch.utils.cpp_extension loads setuptools (70 ms): only a build or a look at
+    # the build needs it, not every `import bnlab.nn`.
     from torch.utils.cpp_extension import get_default_build_root
 
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
@@ -139,6 +143,8 @@ def build_extension(quiet: bool = False) -> ModuleType:
     build = kernel_build()
     if missing:
         raise KernelUnavailable("building bnlab's C++ kernel needs " + " and ".join(missing))
+    # torch.utils.cpp_extension loads setuptools (70 ms): only a build or a look at
+    # the build needs it, not every `import bnlab.nn`.
     from torch.utils.cpp_extension import load
 
     if not build.built and not quiet:

@@ -41,10 +41,10 @@ from torch import nn
 
 from bnlab.nn.batchnorm import is_batch_norm
 
-__all__ = ["update_bn_stats"]
+__all__ = ["batch_norm_layers", "update_bn_stats"]
 
 
-def _batch_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def batch_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every batch norm with running statistics, torch's or bnlab's."""
     return [(name, m) for name, m in model.named_modules()
             if is_batch_norm(m) and getattr(m, "running_mean", None) is not None]
@@ -107,7 +107,7 @@ def update_bn_stats(model: nn.Module, batches: Iterable, num_batches: int = 200,
     """
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be an integer >= 1 (got {num_batches!r})")
-    layers = _batch_norm_layers(model)
+    layers = batch_norm_layers(model)
     if not layers:
         raise ValueError("the model has no batch-norm layer with running statistics "
                          "(torch's or bnlab's BatchNorm with track_running_stats=True)")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab.nn.precise import batch_norm_layers, update_bn_stats
 from bnlab.util.scoped import in_mode
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -186,12 +187,11 @@ def noise_accuracy_by_statistics(model: nn.Module, batches: Batches, sigmas: Seq
     every batch of ``clean`` (clean training images). Every evaluation runs on a copy: the
     model, its mode and its buffers are untouched. A model without batch norms has one
     function, so all four are its eval-mode accuracy."""
-    from bnlab.nn.precise import _batch_norm_layers, update_bn_stats
 
     def reestimated(on: list) -> nn.Module:
         return update_bn_stats(copy.deepcopy(model), on, num_batches=len(on), progress=False)
 
-    has_bn = bool(_batch_norm_layers(model))
+    has_bn = bool(batch_norm_layers(model))
     precise = reestimated(list(clean)) if has_bn else model
     out = []
     for sigma in sigmas:
@@ -216,11 +216,9 @@ def _accuracy(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
               batch_statistics: bool) -> float:
     """Accuracy of a copy of ``model`` in eval mode, its batch norms in train mode (each
     batch normalized by its own statistics) when ``batch_statistics``."""
-    from bnlab.nn.precise import _batch_norm_layers
-
     probe = copy.deepcopy(model).eval()
     if batch_statistics:
-        for _, layer in _batch_norm_layers(probe):
+        for _, layer in batch_norm_layers(probe):
             layer.train()
     correct = count = 0
     for x, y in batches:

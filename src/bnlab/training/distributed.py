@@ -69,7 +69,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.multiprocessing.spawn import ProcessException
 
+from bnlab.data.loader import Loader
+from bnlab.nn.sync import SyncBatchNorm
 from bnlab.training import runs
+from bnlab.training.train import TrainingRun, build_loaders, make_step, model_for, resolve_device
 from bnlab.util.config import check, check_at_least
 from bnlab.util.errors import BnlabError
 from bnlab.util.io import atomic_write_json, read_json
@@ -189,9 +192,6 @@ def _check_world_file(run_dir: Path, info: dict, resume: bool) -> None:
 def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resume: bool,
               progress: bool) -> dict[str, Any] | None:
     """Train ``config`` as one rank of the env:// world; rank 0 returns the summary."""
-    from bnlab.data.loader import Loader
-    from bnlab.training.train import TrainingRun, build_loaders, make_step, model_for, resolve_device
-
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -207,8 +207,6 @@ def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resu
         torch.manual_seed(config.seed)
         model = model_for(config, device)
         if dconfig.sync_bn:
-            from bnlab.nn.sync import SyncBatchNorm
-
             model = SyncBatchNorm.convert_sync_batchnorm(model)
         train, test = build_loaders(config, dataset, device)
         if rank != 0:  # only rank 0's evaluation is recorded: the others take one image
@@ -324,8 +322,6 @@ def launch(config, dconfig: DistributedConfig, dataset, out: str | Path, resume:
 
     Checks the split before anything is written, so a bad request leaves no folder.
     """
-    from bnlab.training.train import build_loaders
-
     train, _ = build_loaders(config, dataset, "cpu")
     check_split(config.batch_size, len(train.labels), dconfig.nproc,
                 local_bn=not dconfig.sync_bn)

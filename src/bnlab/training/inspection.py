@@ -14,6 +14,8 @@ from torch import nn
 
 from bnlab.training import restore, runs
 from bnlab.training.models import norm_layers
+from bnlab.training.train import describe
+from bnlab.util.plots import plot_norm_parameters
 from bnlab.util.tables import format_table
 
 PARAMS_FIGURE = "norm_params.png"
@@ -62,9 +64,6 @@ def format_norm_table(params: dict[str, dict[str, list[float] | None]]) -> str:
 
 def write_norm_figure(run_dir: str | Path) -> Path | None:
     """Write ``norm_params.png`` into the run folder (None for a model without norm layers)."""
-    from bnlab.training.train import describe
-    from bnlab.util.plots import plot_norm_parameters
-
     model, config = restore.load_trained_model(run_dir)
     params = norm_parameters(model)
     if not params:
@@ -74,8 +73,6 @@ def write_norm_figure(run_dir: str | Path) -> Path | None:
 
 def inspect_run(run_dir: str | Path, figure: bool = True) -> str:
     """The text of ``bnlab inspect``; with ``figure``, writes ``norm_params.png`` in the run."""
-    from bnlab.training.train import describe
-
     model, config = restore.load_trained_model(run_dir)
     run = runs.load_run(run_dir)
     params = norm_parameters(model)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnlab.nn import is_batch_norm
+from bnlab.training import deep
 from bnlab.training.norms import create_norm_layer
 from bnlab.util.scoped import in_mode
 
@@ -164,7 +166,6 @@ def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cp
     if name == "bn-lenet":
         model = bn_lenet(norm, **options).to(device)
         return initialize(model, torch.zeros(2, *INPUT_SHAPE, device=device))
-    from bnlab.training import deep
 
     if name == "deep-mlp":
         return deep.deep_mlp(norm=norm, **options).to(device)
@@ -176,7 +177,4 @@ def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cp
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every batch-norm layer in ``model``, torch's or bnlab's."""
-    from bnlab.nn.batchnorm import _BatchNorm as BnlabBatchNorm
-
-    kinds = (nn.modules.batchnorm._BatchNorm, BnlabBatchNorm)
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+    return [(name, m) for name, m in model.named_modules() if is_batch_norm(m)]

@@ -48,7 +48,7 @@ _BN_ATTRIBUTES = {"gamma": "weight", "beta": "bias", "running_mean": "running_me
 
 def summary_writer_class():
     """``torch.utils.tensorboard.SummaryWriter``, or a :class:`BnlabError` naming the extra."""
-    try:
+    try:  # the optional extra [tensorboard]: imported only when asked for
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
         raise BnlabError(

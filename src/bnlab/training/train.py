@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from bnlab.data.dataset import TRAIN_SIZE, FashionMNIST
 from bnlab.data.loader import Loader, stratified_subset
+from bnlab.nn.frozen import freeze_batch_norm
+from bnlab.nn.precise import update_bn_stats
 from bnlab.training import runs
 from bnlab.training.deep import check_architecture
 from bnlab.training.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
@@ -39,6 +41,7 @@ from bnlab.util.config import (
 )
 from bnlab.util.denormals import denormals_flushed
 from bnlab.util.errors import ConfigError
+from bnlab.util.plots import plot_curves
 from bnlab.util.scoped import in_mode
 
 SUBSET_HELP = (f"train on a class-balanced subset of N training images (0 = all {TRAIN_SIZE}); "
@@ -389,9 +392,6 @@ class TrainingRun:
         """Replace every batch norm by a frozen one (``bnlab.nn.frozen``); with ``recompute``, its
         statistics are first set to the population statistics of the current weights over one
         pass of the training set (``bnlab.nn.precise.update_bn_stats``, in this epoch's order)."""
-        from bnlab.nn.frozen import freeze_batch_norm
-        from bnlab.nn.precise import update_bn_stats
-
         if recompute:
             with denormals_flushed(self.config.flush_denormal):
                 update_bn_stats(self.model, self.train_loader, len(self.train_loader),
@@ -438,7 +438,6 @@ class TrainingRun:
         summary = summarize(self.history, self.config.epochs, self.diverged)
         if self.run_dir is not None and not (runs.summary_is_current(self.run_dir, summary)
                                              and (self.run_dir / runs.CURVES).exists()):
-            from bnlab.util.plots import plot_curves
 
             plot_curves(self.history, self.run_dir / runs.CURVES, title=describe(self.config),
                         diverged=self.diverged)

@@ -2,7 +2,7 @@
 real one, the CLI reading it instead of the real one, a copy of a model's buffers, and small
 tmpfs / read-only mounts for disk-full and read-only tests (``mounts``, root only).
 
-Helpers that are not fixtures are imported by name (``from conftest import buffers``)."""
+Helpers that are not fixtures are in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from bnlab.data import dataset
 from bnlab.data.dataset import FashionMNIST
+from tests.helpers import DEVICES
 
 # The suite's tensors are tiny: one intra-op thread is faster than two, and keeps the suite's
 # time steady on a loaded machine (OpenMP threads spin-waiting on busy cores are very slow).
@@ -97,13 +97,6 @@ def fake_dataset(monkeypatch, synthetic_fashion) -> FashionMNIST:
     monkeypatch.setattr(dataset, "load_fashion_mnist", lambda root=None, **kw: synthetic_fashion)
     return synthetic_fashion
 
-
-def buffers(model: nn.Module) -> list[torch.Tensor]:
-    """Copies of ``model``'s buffers (running statistics), to check they were left alone."""
-    return [b.clone() for b in model.buffers()]
-# Devices the parity tests run on: CUDA where there is one, reported as skipped elsewhere.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device on this machine"))]
 
 
 @pytest.fixture(params=DEVICES)

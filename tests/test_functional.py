@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _impls import COMPILED_SKIP, CPP_SKIP, IMPL_PARAMS, RUNNABLE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnlab.functional import IMPLEMENTATIONS, batch_norm
+from tests.helpers import COMPILED_SKIP, CPP_SKIP, IMPL_PARAMS, RUNNABLE
 
 IMPLS = IMPL_PARAMS
 SHAPES = [(8, 3), (4, 3, 5), (4, 3, 5, 6), (3, 3, 2, 4, 3)]

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _impls import IMPL_PARAMS
 from torch import nn
 
 import bnlab.nn as bnn
+from tests.helpers import IMPL_PARAMS
 
 PAIRS = {1: (nn.BatchNorm1d, bnn.BatchNorm1d), 2: (nn.BatchNorm2d, bnn.BatchNorm2d),
          3: (nn.BatchNorm3d, bnn.BatchNorm3d)}

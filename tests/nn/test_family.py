@@ -13,9 +13,8 @@ from bnlab.nn import BatchNorm1d, BatchNorm2d
 from bnlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, freeze_batch_norm, unfreeze_batch_norm
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.nn.renorm import PAPER_D_MAX, PAPER_R_MAX, BatchRenorm1d, BatchRenorm2d, Ramp
+from tests.helpers import DEVICES
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))]
 TIGHT = {"rtol": 1e-12, "atol": 1e-12}
 G = torch.Generator().manual_seed(0)
 

@@ -18,12 +18,12 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from _impls import COMPILED_MARKS, COMPILED_SKIP, IMPL_PARAMS
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, stack_module_state, vmap
 
 import bnlab.nn as bnn
 from bnlab.functional import batch_norm
+from tests.helpers import COMPILED_MARKS, COMPILED_SKIP, IMPL_PARAMS
 
 IMPLS = IMPL_PARAMS  # every implementation but the compiled one, which is tried on few cases
 COMPILED = pytest.param("compiled", marks=COMPILED_MARKS)

@@ -1,6 +1,7 @@
-"""The implementations the tests run, read from bnlab.functional's registry.
+"""Helpers the tests share (fixtures are in conftest.py).
 
-One that compiles once (the C++ kernel) runs where a compiler and ninja are present and
+The implementations the tests run are read from bnlab.functional's registry. One that
+compiles once (the C++ kernel) runs where a compiler and ninja are present and
 is reported as skipped, saying what is missing, elsewhere; one that compiles each new
 shape (torch.compile) is left out of the parity grids and tested on its own.
 """
@@ -8,6 +9,8 @@ shape (torch.compile) is left out of the parity grids and tested on its own.
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 from bnlab.functional import IMPLEMENTATIONS
 from bnlab.kernels.cpp import build_requirements_missing, has_cxx_compiler
@@ -31,3 +34,13 @@ COMPILED_MARKS = [COMPILED_SKIP, pytest.mark.slow]
 # The norm names (bnlab.training.norms) of implementations that need a compiler, with their marks.
 NORM_SKIPS = {norm: CPP_SKIP if IMPLEMENTATIONS[impl].compiles == "once" else COMPILED_MARKS
               for norm, impl in BNLAB_NORMS.items() if IMPLEMENTATIONS[impl].compiles != "no"}
+
+
+# Devices the parity tests run on: CUDA where there is one, reported as skipped elsewhere.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine"))]
+
+
+def buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of ``model``'s buffers (running statistics), to check they were left alone."""
+    return [b.clone() for b in model.buffers()]

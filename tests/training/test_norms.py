@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _impls import NORM_SKIPS
 from torch import nn
 
 from bnlab.training.norms import NORMS, create_norm_layer, group_count
+from tests.helpers import NORM_SKIPS
 
 SHAPES = {"conv": (8, 6, 5, 5), "fc": (8, 12)}
 PER_SAMPLE = ("layer", "group", "instance")

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from conftest import buffers
 from torch import nn
 
 from bnlab.data.loader import Loader
@@ -22,6 +21,7 @@ from bnlab.probes.robustness import (
 )
 from bnlab.training.models import build_model
 from bnlab.training.train import evaluate, make_step
+from tests.helpers import buffers
 
 EPSILONS = [0.0, 0.02, 0.05, 0.1]
 

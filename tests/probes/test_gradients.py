@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import buffers
 from torch import nn
 
 from bnlab.probes.gradients import (
@@ -17,6 +16,7 @@ from bnlab.probes.gradients import (
 )
 from bnlab.training.deep import deep_mlp
 from bnlab.training.models import build_model
+from tests.helpers import buffers
 
 
 def batch(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

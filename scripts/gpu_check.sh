@@ -25,7 +25,7 @@ PY
 echo "== 1/3 parity and edge-case tests on CUDA"
 # -k cuda: the CUDA variants of the device-parametrized tests, plus the CUDA-only ones.
 timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m "not slow" \
-  tests/test_nn.py tests/test_functional.py tests/test_edge_cases.py \
+  tests/nn/test_batchnorm.py tests/test_functional.py tests/nn/test_edge_cases.py \
   -k "cuda" 2>&1 | tee "$OUT/tests.txt" | tail -n 25
 
 echo "== 2/3 bnlab bench bn --device cuda"

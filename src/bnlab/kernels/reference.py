@@ -1,5 +1,17 @@
 """The reference batch norm: the chapter's math, line by line, differentiated by autograd.
 
+Per channel c (dim 1; the statistics run over every other dim, m values per channel)::
+
+    mean = sum(x) / m
+    var  = sum((x - mean)^2) / m                      # biased: divides by m
+    y    = (x - mean) / sqrt(var + eps) * gamma + beta
+
+in training; in prediction the running statistics take the place of ``mean`` and ``var``.
+Training also moves the running statistics towards the batch's (the variance unbiased,
+``var * m / (m - 1)``)::
+
+    running = (1 - momentum) * running + momentum * batch
+
 Why keep it next to the fast path: it is the version a reader can check against the
 formula at a glance, and the tests hold the fast path to it (and both to torch). It is
 deliberately plain and stands alone (it imports nothing from the other implementations);

@@ -2,32 +2,20 @@
 
 Why bnlab has its own modules rather than subclasses of torch's: the point of the lab is
 that the batch norm is ours, end to end, and still indistinguishable from torch's to
-the code around it: same constructor (including torch 2.13's keyword-only ``bias``), same parameter and
-buffer names, state_dicts
-that load both ways, same ``repr``. ``convert_batchnorm`` swaps torch's for ours in an
-existing model.
+the code around it: same constructor (including torch 2.13's keyword-only ``bias``), same
+parameter and buffer names, state_dicts that load both ways, same ``repr``.
+``convert_batchnorm`` swaps torch's for ours in an existing model.
 
-What a layer computes, per channel c (dim 1; statistics over all other dims)::
+What a layer computes (the formula, the running-statistics update, torch's momentum
+convention against Keras's and Flax's, the unbiased running variance) is stated once, in
+``bnlab.functional``. A module adds only the choices around it:
 
-    y = (x - mean) / sqrt(var + eps) * gamma + beta        (gamma = weight, beta = bias)
-
-* Training (``module.train()``): ``mean``/``var`` are the batch mean and the biased
-  batch variance, and the running statistics move towards them::
-
-      running = (1 - momentum) * running + momentum * batch
-
-  ``momentum`` is the weight of the NEW batch (torch's convention). Keras and Flax name
-  the weight of the OLD value ``momentum`` (default 0.99): Keras/Flax ``momentum=m``
-  is bnlab/torch ``momentum=1 - m``, so torch's default 0.1 is Keras's 0.9, and
-  Keras's 0.99 is 0.01 here. ``momentum=None`` gives a cumulative moving average
+* Training (``module.train()``): the batch statistics normalize, and the running statistics
+  are updated with factor ``momentum``; ``momentum=None`` gives a cumulative moving average
   (factor ``1 / num_batches_tracked``: the plain mean of all batches seen).
-  The running variance is stored unbiased (batch variance times m / (m - 1), m the
-  number of values per channel), as torch stores it.
 * Prediction (``module.eval()``): the running statistics normalize, unless
   ``track_running_stats=False``, in which case there are none and the batch statistics
   are used in both modes.
-* ``eps`` (default 1e-5) is added to the variance before the square root, so a
-  constant channel does not divide by zero.
 
 The mode follows ``module.training`` only, never ``torch.is_grad_enabled()``. The
 chapter's scratch version picks batch statistics when grad mode is on; that is wrong as

@@ -20,7 +20,7 @@ from tests.helpers import DEVICES
 torch.set_num_threads(1)
 
 
-def make_synthetic_fashion(n_train: int = 1200, n_test: int = 200, seed: int = 0) -> FashionMNIST:
+def make_synthetic_fashion(n_train: int = 2400, n_test: int = 200, seed: int = 0) -> FashionMNIST:
     """Ten classes, each a fixed random 28x28 template plus noise: learnable in a few steps."""
     g = torch.Generator().manual_seed(seed)
     templates = torch.rand(10, 28, 28, generator=g)  # (10, 28, 28)

@@ -29,7 +29,7 @@ def test_help_lists_every_command(capsys):
 def test_train_then_inspect(capsys, fake_dataset, tmp_path):
     out_dir = tmp_path / "run"
     code, out, _ = run_cli(capsys, "train", "--epochs", "2", "--batch-size", "64", "--device",
-                           "cpu", "--out", str(out_dir), "--no-progress")
+                           "cpu", "--val-size", "200", "--out", str(out_dir), "--no-progress")
     assert code == 0 and "finished: final val acc" in out
     assert json.loads((out_dir / "config.json").read_text())["epochs"] == 2
     code, out, _ = run_cli(capsys, "inspect", str(out_dir))
@@ -39,8 +39,8 @@ def test_train_then_inspect(capsys, fake_dataset, tmp_path):
 
 
 def test_train_lenet_defaults_to_no_norm_and_rejects_bn(capsys, fake_dataset, tmp_path):
-    code, out, _ = run_cli(capsys, "train", "--model", "lenet", "--epochs", "1", "--out",
-                           str(tmp_path / "a"), "--no-progress")
+    code, out, _ = run_cli(capsys, "train", "--model", "lenet", "--epochs", "1", "--val-size",
+                           "200", "--out", str(tmp_path / "a"), "--no-progress")
     assert code == 0 and "lenet lr=0.1" in out
     code, _, err = run_cli(capsys, "train", "--model", "lenet", "--norm", "torch", "--out",
                            str(tmp_path / "b"), "--no-progress")
@@ -62,8 +62,8 @@ def test_train_refuses_bad_norm_names_in_one_line(capsys, fake_dataset, tmp_path
 
 
 def test_train_takes_a_parametrized_norm(capsys, fake_dataset, tmp_path):
-    code, _, _ = run_cli(capsys, "train", "--norm", "ghost:16", "--epochs", "1", "--out",
-                         str(tmp_path / "g"), "--no-progress")
+    code, _, _ = run_cli(capsys, "train", "--norm", "ghost:16", "--epochs", "1", "--val-size",
+                         "200", "--out", str(tmp_path / "g"), "--no-progress")
     assert code == 0
     model, config = restore.load_trained_model(tmp_path / "g")
     assert config.norm == "ghost:16"
@@ -71,7 +71,8 @@ def test_train_takes_a_parametrized_norm(capsys, fake_dataset, tmp_path):
 
 
 def test_train_refuses_to_overwrite_and_resumes(capsys, fake_dataset, tmp_path):
-    args = ["train", "--epochs", "1", "--out", str(tmp_path / "r"), "--no-progress"]
+    args = ["train", "--epochs", "1", "--val-size", "200", "--out", str(tmp_path / "r"),
+            "--no-progress"]
     assert run_cli(capsys, *args)[0] == 0
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and "already holds a run; pass --resume" in err

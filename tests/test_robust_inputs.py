@@ -18,8 +18,8 @@ from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.training import inspection
 from bnlab.util.errors import ConfigError
 
-TINY = ["--epochs", "1", "--subset", "100", "--batch-size", "50", "--eval-batch-size", "200",
-        "--device", "cpu", "--no-progress"]
+TINY = ["--epochs", "1", "--subset", "100", "--val-size", "200", "--batch-size", "50",
+        "--eval-batch-size", "200", "--device", "cpu", "--no-progress"]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -49,7 +49,7 @@ TRAIN_ERRORS = {
     "lr nan": (["--lr", "nan"], "expected a finite lr > 0 (got nan)"),
     "eval every": (["--eval-every", "-3"], "expected eval_every >= 0 (got -3)"),
     "subset": (["--subset", "-5"], "expected subset >= 0 (got -5)"),
-    "subset too big": (["--subset", "5000"], "subset size must be in 1..1200"),
+    "subset too big": (["--subset", "5000"], "subset size must be in 1..2200"),
 }
 
 
@@ -72,7 +72,8 @@ def test_cuda_without_a_gpu_is_one_line(fake_dataset, tmp_path, capsys):
 
 def test_batch_size_1_is_fine_without_batch_norm(fake_dataset, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--model", "lenet", "--epochs", "1", "--subset", "10",
-                           "--batch-size", "1", "--device", "cpu", "--no-progress", "--out",
+                           "--val-size", "200", "--batch-size", "1", "--device", "cpu",
+                           "--no-progress", "--out",
                            str(tmp_path / "r"))
     assert code == 0, err
 
@@ -96,7 +97,7 @@ OTHER_ERRORS = {
     "exp jobs": (["exp", "chapter", "--jobs", "0"], "expected --jobs >= 1"),
     "exp subset": (["exp", "chapter", "--subset", "-2"], "expected subset >= -1 (got -2)"),
     "exp dropout": (["exp", "dropout", "--dropout", "2"], "expected dropout in [0, 1) (got 2.0)"),
-    "exp subset too big": (["exp", "chapter", "--subset", "5000"], "subset size must be in 1..1200"),
+    "exp subset too big": (["exp", "chapter", "--subset", "5000"], "subset size must be in 1..2400"),
     "inspect nowhere": (["inspect", "/nonexistent/run"], "/nonexistent/run is not a run folder"),
     "report nowhere": (["report", "--runs", "/nonexistent"], "--runs /nonexistent: no such folder"),
 }

@@ -185,9 +185,10 @@ def _run_bench_step(args: argparse.Namespace) -> None:
         raise BnlabError(f"--norms: expected names from {sorted(NORMS)}, torch among "
                          f"them (got {args.norms!r})")
     device, lr = resolve_device(args.device), 0.1
-    configs = {n: TrainConfig(model="bn-lenet", norm=n, lr=lr, batch_size=args.batch_size, seed=0)
-               for n in norms}
-    batches, _ = build_loaders(configs["torch"], _load_data(args), device)
+    # Training batches only: no validation split is held out (nothing is evaluated).
+    configs = {n: TrainConfig(model="bn-lenet", norm=n, lr=lr, batch_size=args.batch_size, seed=0,
+                              val_size=0) for n in norms}
+    batches = build_loaders(configs["torch"], _load_data(args), device).train
     table = step.run_step_benchmark(seeded_steps(configs, device), batches, steps=args.steps,
                                     setup=f"SGD lr {lr}, batch {args.batch_size}", device=device)
     _publish(args, "step", "BN-LeNet training step (`bench step`)", table)

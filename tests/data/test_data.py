@@ -577,7 +577,7 @@ def test_data_errors_name_the_folder(dataset_dir):
 def test_cli_train_says_where_its_data_came_from(dataset_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BNLAB_DATA", str(dataset_dir))
     assert main(["train", "--model", "lenet", "--epochs", "1", "--batch-size", "25", "--device",
-                 "cpu", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+                 "cpu", "--val-size", "0", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     assert f"data: Fashion-MNIST from {dataset_dir} (via $BNLAB_DATA)" in capsys.readouterr().out
 
 

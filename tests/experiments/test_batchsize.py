@@ -31,14 +31,14 @@ def test_ghost_v_names_the_virtual_batch_size():
             create_norm_layer(bad, "fc", 4)
     assert uses_batch_statistics("ghost:4") and not uses_batch_statistics("group")
     with pytest.raises(ConfigError, match="batch_size >= 2"):
-        TrainConfig(norm="ghost:4", batch_size=1)
+        TrainConfig(val_size=200, norm="ghost:4", batch_size=1)
 
 
 def _models(*norms: str) -> list[torch.nn.Module]:
     out = []
     for norm in norms:
         torch.manual_seed(0)
-        out.append(model_for(TrainConfig(norm=norm)))
+        out.append(model_for(TrainConfig(val_size=200, norm=norm)))
     return out
 
 
@@ -72,27 +72,27 @@ def test_shuffled_keeps_whole_batches_of_a_fixed_shuffle():
 
 def test_freeze_bn_epochs_is_validated():
     with pytest.raises(ConfigError, match="freeze_bn_epochs < epochs"):
-        TrainConfig(epochs=2, freeze_bn_epochs=2)
+        TrainConfig(val_size=200, epochs=2, freeze_bn_epochs=2)
     with pytest.raises(ConfigError, match="needs a model with batch norms"):
-        TrainConfig(model="lenet", norm="none", epochs=3, freeze_bn_epochs=1)
+        TrainConfig(val_size=200, model="lenet", norm="none", epochs=3, freeze_bn_epochs=1)
     with pytest.raises(ConfigError, match="needs a model with batch norms"):
-        TrainConfig(norm="group", epochs=3, freeze_bn_epochs=1)
+        TrainConfig(val_size=200, norm="group", epochs=3, freeze_bn_epochs=1)
     # at its default the field is left out of saved configs, so existing run hashes hold
-    assert "freeze_bn_epochs" not in config_to_dict(TrainConfig())
-    assert config_to_dict(TrainConfig(epochs=3, freeze_bn_epochs=1))["freeze_bn_epochs"] == 1
+    assert "freeze_bn_epochs" not in config_to_dict(TrainConfig(val_size=200))
+    assert config_to_dict(TrainConfig(val_size=200, epochs=3, freeze_bn_epochs=1))["freeze_bn_epochs"] == 1
 
 
 def test_the_frozen_phase_uses_the_population_statistics_of_the_weights_when_it_starts(
         synthetic_fashion, tmp_path):
     ds = synthetic_fashion
-    config = TrainConfig(norm="ghost:4", epochs=2, freeze_bn_epochs=1, subset=300, device="cpu")
+    config = TrainConfig(val_size=200, norm="ghost:4", epochs=2, freeze_bn_epochs=1, subset=300, device="cpu")
     run = start_run(config, ds, tmp_path / "frozen", progress=False)
     run.train()
     frozen = [m for m in run.model.modules() if isinstance(m, _FrozenBatchNorm)]
     assert len(frozen) == 4 and not any(isinstance(m, _GhostBatchNorm) for m in run.model.modules())
     # The same run's first epoch, then update_bn_stats over epoch 2's batches: the statistics
     # the frozen layers hold (they never change while frozen).
-    first = start_run(TrainConfig(norm="ghost:4", epochs=1, subset=300, device="cpu"), ds,
+    first = start_run(TrainConfig(val_size=200, norm="ghost:4", epochs=1, subset=300, device="cpu"), ds,
                       progress=False)
     first.train()
     first.train_loader.set_epoch(2)
@@ -110,7 +110,7 @@ def test_the_frozen_phase_uses_the_population_statistics_of_the_weights_when_it_
 def test_a_run_resumed_in_or_before_its_frozen_phase_ends_as_an_uninterrupted_one(
         synthetic_fashion, tmp_path):
     ds = synthetic_fashion
-    config = TrainConfig(norm="ghost:4", epochs=3, freeze_bn_epochs=2, subset=300, device="cpu")
+    config = TrainConfig(val_size=200, norm="ghost:4", epochs=3, freeze_bn_epochs=2, subset=300, device="cpu")
     whole = start_run(config, ds, tmp_path / "whole", progress=False)
     whole.train()
     for cut in (1, 2):
@@ -181,7 +181,7 @@ def test_freeze_bn_epochs_over_several_processes_is_refused_before_anything_is_w
         synthetic_fashion, tmp_path):
     from bnlab.training.distributed import DistributedConfig, DistributedError, launch
 
-    config = TrainConfig(epochs=2, freeze_bn_epochs=1, subset=200, device="cpu")
+    config = TrainConfig(val_size=200, epochs=2, freeze_bn_epochs=1, subset=200, device="cpu")
     with pytest.raises(DistributedError, match="--freeze-bn-epochs is not supported"):
         launch(config, DistributedConfig(nproc=2), synthetic_fashion, tmp_path / "run")
     assert not (tmp_path / "run").exists()

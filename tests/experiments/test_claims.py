@@ -76,7 +76,7 @@ def test_first_last_ratio_and_its_description():
 
 @pytest.mark.slow
 def test_depth_gradient_profiles_measure_init_and_trained_models(synthetic_fashion, tmp_path):
-    config = TrainConfig(model="deep-mlp", norm="bnlab", depth=10, activation="sigmoid", lr=0.1,
+    config = TrainConfig(val_size=200, model="deep-mlp", norm="bnlab", depth=10, activation="sigmoid", lr=0.1,
                          epochs=1, subset=1000, device="cpu")
     start_run(config, synthetic_fashion, tmp_path / "run", progress=False).train()
     row = Row.from_run(tmp_path / "run",
@@ -106,10 +106,12 @@ def _conv_row(bn, lr, evals, accs, diverged=False, subset=1000, seed=0):
 
 def test_steps_per_epoch_matches_the_training_loader(synthetic_fashion):
     for n, bs in ((1000, 128), (1025, 128), (1000, 8), (129, 128)):
-        loader, _ = build_loaders(TrainConfig(subset=n, batch_size=bs), synthetic_fashion, "cpu")
+        loader = build_loaders(TrainConfig(val_size=200, subset=n, batch_size=bs), synthetic_fashion,
+                               "cpu").train
         assert steps_per_epoch(n, bs) == len(loader)
-    assert convergence.eval_interval(-1, True) == 50 and convergence.eval_interval(-1, False) == 100
-    assert convergence.eval_interval(1000, True) == convergence.eval_interval(1000, False) == 4
+    whole, small = ExpSettings(subset=-1), ExpSettings(subset=1000)
+    assert convergence.eval_interval(whole, True) == 50 and convergence.eval_interval(whole, False) == 100
+    assert convergence.eval_interval(small, True) == convergence.eval_interval(small, False) == 4
 
 
 def test_progress_merges_periodic_and_epoch_end_evaluations():
@@ -125,7 +127,7 @@ def test_progress_merges_periodic_and_epoch_end_evaluations():
 
 
 def test_progress_reads_evals_from_a_real_run_folder(synthetic_fashion, tmp_path):
-    config = TrainConfig(model="lenet", norm="none", lr=1.0, epochs=2, subset=1000,
+    config = TrainConfig(val_size=200, model="lenet", norm="none", lr=1.0, epochs=2, subset=1000,
                          eval_every=3, device="cpu")
     start_run(config, synthetic_fashion, tmp_path, progress=False).train()
     row = Row.from_run(tmp_path)
@@ -205,8 +207,8 @@ def test_mode_gaps_and_mode_independence():
 def test_only_batch_norm_depends_on_the_mode(synthetic_fashion, tmp_path):
     measured = {}
     for norm in ("bnlab", "layer", "instance"):
-        config = TrainConfig(model="bn-lenet", norm=norm, batch_size=2, lr=norm_choice.lr_for(2),
-                             epochs=1, subset=200, device="cpu")
+        config = TrainConfig(val_size=200, model="bn-lenet", norm=norm, batch_size=2,
+                             lr=norm_choice.lr_for(2), epochs=1, subset=200, device="cpu")
         run_dir = tmp_path / norm
         start_run(config, synthetic_fashion, run_dir, progress=False).train()
         measured[norm] = norm_choice.mode_accuracies(Row.from_run(run_dir), synthetic_fashion)
@@ -269,7 +271,7 @@ def test_a_paper_claim_agrees_only_where_the_seeds_intervals_are_apart():
 
 @pytest.mark.slow
 def test_measured_curves_start_at_the_run_s_own_clean_accuracy(synthetic_fashion, tmp_path):
-    config = TrainConfig(model="bn-lenet", norm="bnlab", lr=1.0, epochs=2, subset=1000,
+    config = TrainConfig(val_size=200, model="bn-lenet", norm="bnlab", lr=1.0, epochs=2, subset=1000,
                          device="cpu")
     summary = start_run(config, synthetic_fashion, tmp_path, progress=False).train()
     assert summary["final_val_acc"] > 0.2  # a run that trained, so it is measured
@@ -278,5 +280,5 @@ def test_measured_curves_start_at_the_run_s_own_clean_accuracy(synthetic_fashion
     assert set(measured) == {"noise", "fgsm", "pgd"}
     assert sorted(measured["fgsm"]) == list(robustness_claim.SIZES["fgsm"])
     # size 0 is the clean test accuracy the trainer measured (same images, eval mode)
-    assert measured["noise"][0.0] == measured["fgsm"][0.0] == [summary["final_val_acc"]]
+    assert measured["noise"][0.0] == measured["fgsm"][0.0] == [summary["final_test_acc"]]
     assert measured["fgsm"][0.2][0] < measured["fgsm"][0.0][0]

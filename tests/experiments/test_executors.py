@@ -182,7 +182,7 @@ def ray_task_pids() -> list[int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray's worker in /proc")
 def test_a_killed_ray_worker_is_retried_and_resumes_from_its_checkpoint(local_ray, synthetic_fashion,
                                                                        tmp_path):
-    config = TrainConfig(epochs=5, subset=1000, batch_size=32, eval_batch_size=200)
+    config = TrainConfig(val_size=200, epochs=5, subset=1000, batch_size=32, eval_batch_size=200)
     run = PlannedRun(Variant("bn-lenet", {}), config, tmp_path / "run")
     metrics = run.run_dir / runs.METRICS
     seen: dict = {}

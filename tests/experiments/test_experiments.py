@@ -177,11 +177,11 @@ def test_cached_computes_once_per_key(tmp_path):
 
 @pytest.mark.slow
 def test_runs_shared_between_experiments_train_once(synthetic_fashion, tmp_path, monkeypatch):
-    settings = ExpSettings(seeds=1, epochs=1, subset=1000)
-    chapter = plan(get_experiment("chapter"), settings, tmp_path)
+    settings = ExpSettings(seeds=1, epochs=1, subset=1000, val_size=200)
+    chapter = plan(get_experiment("dropout"), settings, tmp_path)
     placement = plan(get_experiment("placement"), settings, tmp_path)
     shared = {p.run_dir for p in chapter} & {p.run_dir for p in placement}
-    assert len(shared) == 1  # BN-LeNet with bnlab's BN everywhere
+    assert len(shared) == 1  # BN-LeNet with bnlab's BN everywhere, no dropout
     trained = []
 
     def recording(config, dataset, run_dir, **kwargs):
@@ -348,9 +348,10 @@ def test_best_lr_per_model_reads_the_lr_experiment_beside(tmp_path):
 
 
 def test_periodic_evaluations_about_25_a_run_at_most_every_5_steps():
-    # 30000 images / 60 = 500 steps an epoch; all 60000 / 128 = 469 (the last batch partial)
+    # 30000 images / 60 = 500 steps an epoch; all 50000 that the validation split of 10000
+    # leaves / 128 = 391 (the last batch partial)
     assert periodic_eval_every(ExpSettings(epochs=3, subset=30000), 60) == 1500 // 25
-    assert periodic_eval_every(ExpSettings(epochs=5, subset=-1), 128) == 469 * 5 // 25
+    assert periodic_eval_every(ExpSettings(epochs=5, subset=-1), 128) == 391 * 5 // 25
     assert periodic_eval_every(ExpSettings(epochs=1, subset=1000), 128) == 5  # 8 steps
 
 

@@ -71,7 +71,7 @@ def test_statistics_error_is_zero_for_the_population_and_in_units_of_its_sigma()
 
 
 def test_the_probe_evaluates_ema_0_1_as_the_model_and_population_as_update_bn_stats(synthetic_fashion):
-    config = TrainConfig(lr=0.1, epochs=1, subset=300, device="cpu")
+    config = TrainConfig(val_size=200, lr=0.1, epochs=1, subset=300, device="cpu")
     run = start_run(config, synthetic_fashion, progress=False)
     shadows = precise.ShadowEMA()
     shadows.attach(run.model)
@@ -81,7 +81,7 @@ def test_the_probe_evaluates_ema_0_1_as_the_model_and_population_as_update_bn_st
     record = probe(run.model, None, None, 3)
     assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in own.items())  # restored
     assert shadows.active
-    train, test = build_loaders(config, synthetic_fashion, "cpu")
+    train, _, test = build_loaders(config, synthetic_fashion, "cpu")
     assert record["acc"]["ema:0.1"] == evaluate(run.model, test)[1]
     # The largest N is the whole (300-image) training set: exactly update_bn_stats over it.
     train.set_epoch(0)
@@ -95,7 +95,7 @@ def test_the_probe_evaluates_ema_0_1_as_the_model_and_population_as_update_bn_st
 
 def test_a_replay_with_shadows_keeps_the_trajectory_and_probes_the_final_weights(synthetic_fashion,
                                                                               tmp_path):
-    config = TrainConfig(lr=0.1, epochs=2, subset=200, batch_size=64, device="cpu")
+    config = TrainConfig(val_size=200, lr=0.1, epochs=2, subset=200, batch_size=64, device="cpu")
     start_run(config, synthetic_fashion, tmp_path, progress=False).train()
     shadows = precise.ShadowEMA()
     steps = precise.probe_steps(4, 2)  # 200 images at batch 64: 4 steps an epoch

@@ -392,7 +392,7 @@ def test_train_with_the_family_norms(synthetic_fashion, norm, epochs, accuracy) 
     from bnlab.training.train import TrainConfig, start_run
 
     assert build_parser().parse_args(["train", "--norm", norm]).norm == norm
-    config = TrainConfig(norm=norm, epochs=epochs, batch_size=32, lr=0.5, eval_batch_size=100,
+    config = TrainConfig(val_size=200, norm=norm, epochs=epochs, batch_size=32, lr=0.5, eval_batch_size=100,
                          device="cpu", seed=0)
     summary = start_run(config, synthetic_fashion, progress=False).train()
     assert not summary["diverged"]

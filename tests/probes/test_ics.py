@@ -206,7 +206,7 @@ def test_ics_experiment_quick_grid_runs_and_probes_are_cached(synthetic_fashion,
 
 
 def test_a_probed_replay_ends_on_exactly_the_run_s_weights(synthetic_fashion, tmp_path):
-    config = TrainConfig(model="bn-lenet", norm="noisy-bn:1", lr=0.1, batch_size=32, epochs=1,
+    config = TrainConfig(val_size=200, model="bn-lenet", norm="noisy-bn:1", lr=0.1, batch_size=32, epochs=1,
                          subset=200, device="cpu")
     start_run(config, synthetic_fashion, tmp_path, progress=False).train()
     batches = []
@@ -233,7 +233,7 @@ def test_a_cached_replay_trains_with_the_thread_count_each_epoch_recorded(synthe
                                                                           tmp_path):
     """On CPU the thread count changes how reductions round, so a replay run in a process
     with another count (an analysis after a --jobs 2 grid) must use the run's own."""
-    config = TrainConfig(model="bn-lenet", norm="bnlab", lr=0.1, batch_size=32, epochs=2,
+    config = TrainConfig(val_size=200, model="bn-lenet", norm="bnlab", lr=0.1, batch_size=32, epochs=2,
                          subset=100, device="cpu")
     caller = torch.get_num_threads()
     try:

@@ -25,13 +25,12 @@ from bnlab.util.io import read_json
 # Every test here spawns processes (seconds each): the slow tier.
 pytestmark = pytest.mark.slow
 
-CONFIG = TrainConfig(model="bn-lenet", norm="bnlab", batch_size=128, subset=256, epochs=2,
-                     lr=0.5, eval_batch_size=200, device="cpu")
+CONFIG = TrainConfig(val_size=200, model="bn-lenet", norm="bnlab", batch_size=128, subset=256,
+                     epochs=2, lr=0.5, eval_batch_size=200, device="cpu")
 
 
 def _train_in_one_process(model, config, dataset, out):
-    train, test = build_loaders(config, dataset, "cpu")
-    run = TrainingRun(model, train, test, config, out, progress=False)
+    run = TrainingRun(model, build_loaders(config, dataset, "cpu"), config, out, progress=False)
     while not run.done:
         run.train_next_epoch()
     return run.finish()
@@ -164,7 +163,7 @@ def test_bad_requests_fail_before_anything_is_written(synthetic_fashion, tmp_pat
 
 def test_sharded_loader_splits_each_global_batch_disjointly(synthetic_fashion):
     config = dataclasses.replace(CONFIG, subset=290, batch_size=60)
-    train, _ = build_loaders(config, synthetic_fashion, "cpu")
+    train = build_loaders(config, synthetic_fashion, "cpu").train
     train.set_epoch(3)
     whole = list(train)
     shards = [distributed.ShardedLoader(train, rank, 3) for rank in range(3)]
@@ -232,7 +231,8 @@ def test_cli_bad_nproc_is_one_line_and_writes_nothing(synthetic_fashion, tmp_pat
     for flags, message in ((["--nproc", "0"], "expected nproc >= 1 (got 0)"),
                            (["--nproc", "4", "--subset", "3", "--batch-size", "4"],
                             "more processes (4) than training images (3)")):
-        assert cli.main(["train", *flags, "--out", str(out), "--no-progress"]) == 2
+        assert cli.main(["train", *flags, "--val-size", "200", "--out", str(out),
+                         "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert err == f"bnlab: error: {message}\n"
     assert not out.exists()

@@ -28,13 +28,13 @@ from bnlab.util.config import config_to_dict
 
 TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "images_per_s",
                "mean_seconds_per_epoch", "median_seconds_per_epoch", "median_images_per_s"}
-TINY = ["--subset", "100", "--batch-size", "50", "--eval-batch-size", "200", "--device", "cpu",
-        "--no-progress"]
+TINY = ["--subset", "100", "--val-size", "200", "--batch-size", "50", "--eval-batch-size", "200",
+        "--device", "cpu", "--no-progress"]
 
 
 def tiny_config(**changes) -> TrainConfig:
-    values = dict(epochs=2, subset=100, batch_size=50, eval_batch_size=200, device="cpu",
-                  eval_every=2)
+    values = dict(epochs=2, subset=100, val_size=200, batch_size=50, eval_batch_size=200,
+                  device="cpu", eval_every=2)
     return TrainConfig(**{**values, **changes})
 
 

@@ -23,7 +23,7 @@ from bnlab.training.train import TrainConfig, model_for, start_run
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-TINY = ["--subset", "300", "--batch-size", "50", "--eval-batch-size", "100"]
+TINY = ["--subset", "300", "--val-size", "200", "--batch-size", "50", "--eval-batch-size", "100"]
 TIMING = {"seconds", "train_seconds", "eval_seconds", "images_per_s"}
 
 
@@ -91,7 +91,7 @@ def test_event_files_hold_the_run_and_every_bn_layer(fake_dataset, tmp_path, cap
 
 
 def test_logging_changes_no_result(synthetic_fashion, tmp_path):
-    config = TrainConfig(epochs=1, subset=300, batch_size=50, eval_batch_size=100)
+    config = TrainConfig(val_size=200, epochs=1, subset=300, batch_size=50, eval_batch_size=100)
     plain = start_run(config, synthetic_fashion, tmp_path / "plain", progress=False).train()
     with optional_logger(tmp_path / "tb") as observer:
         logged = start_run(config, synthetic_fashion, tmp_path / "logged", progress=False,

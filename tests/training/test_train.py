@@ -18,7 +18,8 @@ TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "images_per_s"}
 
 
 def small_config(**changes) -> TrainConfig:
-    values = dict(epochs=3, batch_size=32, lr=0.5, eval_batch_size=100, device="cpu", seed=0)
+    values = dict(epochs=3, batch_size=32, lr=0.5, eval_batch_size=100, device="cpu", seed=0,
+                  val_size=200)
     values.update(changes)
     return TrainConfig(**values)
 
@@ -38,7 +39,8 @@ def test_loss_falls_within_an_epoch(synthetic_fashion, tmp_path):
     start_run(small_config(epochs=1), synthetic_fashion, tmp_path / "run", progress=False).train()
     (steps,) = runs.read_jsonl(tmp_path / "run" / runs.STEPS)
     losses = steps["loss"]
-    assert len(losses) == math.ceil(len(synthetic_fashion.train_labels) / 32)
+    trained_on = len(synthetic_fashion.train_labels) - small_config().val_size  # the rest of the split
+    assert len(losses) == math.ceil(trained_on / 32)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
@@ -99,7 +101,7 @@ def test_divergence_is_recorded_not_raised(synthetic_fashion, tmp_path):
 def test_evaluate_uses_eval_mode_restores_mode_and_keeps_buffers(synthetic_fashion):
     torch.manual_seed(0)
     model = build_model("bn-lenet", "bnlab", "cpu")
-    _, test = build_loaders(small_config(), synthetic_fashion, torch.device("cpu"))
+    test = build_loaders(small_config(), synthetic_fashion, torch.device("cpu")).test
     model.train()
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     loss, acc = evaluate(model, test)
@@ -114,9 +116,9 @@ def test_evaluate_uses_eval_mode_restores_mode_and_keeps_buffers(synthetic_fashi
 
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="model 'lenet' has no norm layers"):
-        TrainConfig(model="lenet", norm="bnlab")
+        TrainConfig(val_size=200, model="lenet", norm="bnlab")
     with pytest.raises(ValueError, match=r"expected epochs >= 1 \(got 0\)"):
-        TrainConfig(epochs=0)
+        TrainConfig(val_size=200, epochs=0)
 
 
 def test_diverged_step_is_written_as_null(synthetic_fashion, tmp_path):
@@ -129,7 +131,8 @@ def test_diverged_step_is_written_as_null(synthetic_fashion, tmp_path):
 def test_eval_every_records_validation_between_epochs_and_survives_resume(synthetic_fashion,
                                                                            tmp_path):
     config = small_config(epochs=2, eval_every=10)
-    steps_per_epoch = math.ceil(len(synthetic_fashion.train_labels) / config.batch_size)
+    steps_per_epoch = math.ceil((len(synthetic_fashion.train_labels) - config.val_size)
+                                / config.batch_size)
     start_run(config, synthetic_fashion, tmp_path / "whole", progress=False).train()
     cut = start_run(config, synthetic_fashion, tmp_path / "cut", progress=False)
     cut.train_next_epoch()
@@ -147,10 +150,10 @@ def test_eval_every_records_validation_between_epochs_and_survives_resume(synthe
 
 def test_model_options_must_fit_the_model():
     with pytest.raises(ValueError, match=r"\['depth'\] set, but model 'bn-lenet' takes only"):
-        TrainConfig(model="bn-lenet", depth=50)
+        TrainConfig(val_size=200, model="bn-lenet", depth=50)
     with pytest.raises(ValueError, match=r"\['dropout'\] set, but model 'deep-mlp'"):
-        TrainConfig(model="deep-mlp", norm="none", dropout=0.5)
-    TrainConfig(model="deep-mlp", norm="bnlab", depth=50, activation="relu")
+        TrainConfig(val_size=200, model="deep-mlp", norm="none", dropout=0.5)
+    TrainConfig(val_size=200, model="deep-mlp", norm="bnlab", depth=50, activation="relu")
 
 
 needs_flush = pytest.mark.skipif(not torch.set_flush_denormal(False),
@@ -190,14 +193,14 @@ def test_training_and_evaluation_follow_flush_denormal(synthetic_fashion, monkey
     try:
         start_run(small_config(epochs=1, subset=200, flush_denormal=flush), synthetic_fashion,
                   progress=False).train()
-        assert seen == [("train_one_epoch", flush), ("evaluate", flush)]
+        assert seen == [("train_one_epoch", flush), ("evaluate", flush), ("evaluate", flush)]  # val, test
         assert flushing_denormals() is (not flush)  # the caller's mode, untouched
     finally:
         torch.set_flush_denormal(False)
 
 
 def test_flush_denormal_at_its_default_keeps_earlier_saved_configs_valid():
-    saved = config_to_dict(TrainConfig())
+    saved = config_to_dict(TrainConfig(val_size=200))
     assert "flush_denormal" not in saved  # as configs were saved before the field existed
     assert config_to_dict(config_from_dict(TrainConfig, saved)) == saved
-    assert config_to_dict(TrainConfig(flush_denormal=False))["flush_denormal"] is False
+    assert config_to_dict(TrainConfig(val_size=200, flush_denormal=False))["flush_denormal"] is False

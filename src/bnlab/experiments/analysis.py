@@ -63,7 +63,9 @@ class Row:
     @property
     def steps_per_epoch(self) -> int:
         """SGD steps of one of the run's epochs: its training images in batches of its size."""
-        return steps_per_epoch(training_images(self.config["subset"]), self.config["batch_size"])
+        # A config from before the validation split has no val_size: it trained on all images.
+        images = training_images(self.config["subset"], self.config.get("val_size", 0))
+        return steps_per_epoch(images, self.config["batch_size"])
 
     @property
     def planned_steps(self) -> int:

@@ -2,7 +2,9 @@
 
 Why: the demo trains each model once (seed 0). Whether bnlab's BN-LeNet reaches the
 chapter's accuracy, and matches torch's BN, is a claim about a distribution, so this grid
-repeats the chapter's settings (10 epochs, lr 0.1, batch 128, all 60000 images) over seeds.
+repeats the chapter's settings (10 epochs, lr 0.1, batch 128, all 60000 images) over seeds,
+with the chapter's protocol: no validation split, the test set is the "validation" set
+(nothing is chosen here, so nothing is chosen on it).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from bnlab.experiments.stats import mean_ci
 from bnlab.util.tables import format_table
 
 RUNS = {
-    "LeNet (no BN)": {"model": "lenet", "norm": "none"},
-    "BN-LeNet, bnlab BN": {"model": "bn-lenet", "norm": "bnlab"},
-    "BN-LeNet, torch BN": {"model": "bn-lenet", "norm": "torch"},
+    "LeNet (no BN)": {"model": "lenet", "norm": "none", "val_size": 0},
+    "BN-LeNet, bnlab BN": {"model": "bn-lenet", "norm": "bnlab", "val_size": 0},
+    "BN-LeNet, torch BN": {"model": "bn-lenet", "norm": "torch", "val_size": 0},
 }
 TARGET = 0.855  # the issue's bar for BN-LeNet's mean accuracy over seeds
 

@@ -60,15 +60,15 @@ IOFFE_SZEGEDY = "Ioffe & Szegedy (2015): BN-x5 reached Inception's accuracy in 1
 Point = tuple[int, float, float]  # (global step, training seconds so far, val acc)
 
 
-def eval_interval(subset: int, bn: bool) -> int:
+def eval_interval(settings: ExpSettings, bn: bool) -> int:
     """``EVAL_EVERY[bn]``, or fewer steps when an epoch is short (2 evaluations an epoch)."""
-    n = training_images(train_subset(subset))
+    n = training_images(train_subset(settings.subset), settings.val_size)
     return min(EVAL_EVERY[bn], max(1, steps_per_epoch(n, BATCH_SIZE) // 2))
 
 
 def variants(settings: ExpSettings) -> list[Variant]:
     return [Variant(f"{MODELS[bn][0]} lr={lr:g}",
-                    {**MODELS[bn][1], "lr": lr, "eval_every": eval_interval(settings.subset, bn)},
+                    {**MODELS[bn][1], "lr": lr, "eval_every": eval_interval(settings, bn)},
                     {"bn": bn, "lr": lr})
             for bn in (False, True) for lr in LEARNING_RATES[bn]]
 
@@ -78,11 +78,12 @@ def variants(settings: ExpSettings) -> list[Variant]:
 def progress(row: Row, n_images: int | None = None) -> list[Point]:
     """A run's (step, train seconds, val acc) at every periodic and end-of-epoch evaluation.
 
-    ``n_images`` is the training set size when the run did not take a subset (default 60000).
+    ``n_images`` is the size of the dataset's training set (default 60000), of which the run
+    held out its validation split and trained on the rest or on its subset.
     """
     config = row.config
-    per_epoch = steps_per_epoch(training_images(config["subset"], n_images or TRAIN_SIZE),
-                                config["batch_size"])
+    images = training_images(config["subset"], config.get("val_size", 0), n_images or TRAIN_SIZE)
+    per_epoch = steps_per_epoch(images, config["batch_size"])
     points = {e["step"]: (e["step"], e["train_seconds"], e["val_acc"]) for e in row.evals}
     seconds = 0.0
     for m in row.metrics:

@@ -79,8 +79,8 @@ def lr_for(batch_size: int) -> float:
 def equal_steps_target(settings: ExpSettings) -> int:
     """The equal-steps arm's step count: batch ``EQUAL_STEPS_BATCH``'s steps in the
     equal-epochs arm of (resolved) ``settings``."""
-    return settings.epochs * steps_per_epoch(training_images(train_subset(settings.subset)),
-                                             EQUAL_STEPS_BATCH)
+    images = training_images(train_subset(settings.subset), settings.val_size)
+    return settings.epochs * steps_per_epoch(images, EQUAL_STEPS_BATCH)
 
 
 def equal_steps_budget(steps: int, batch_size: int, max_images: int) -> tuple[int, int]:
@@ -95,7 +95,7 @@ def equal_steps_budget(steps: int, batch_size: int, max_images: int) -> tuple[in
 
 def variants(settings: ExpSettings) -> list[Variant]:
     target = equal_steps_target(settings)
-    images = training_images(train_subset(settings.subset))
+    images = training_images(train_subset(settings.subset), settings.val_size)
     out = []
     for arm in ARMS:
         for norm, name in NORMS.items():

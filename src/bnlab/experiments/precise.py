@@ -153,7 +153,7 @@ def make_probe(config: TrainConfig, dataset, shadows: ShadowEMA) -> Callable[...
     """The probe of one run: test accuracy of the current weights with each EMA and each
     population estimate, the fixed channel's statistics, and the errors of every estimate
     against the largest N's; the model's own buffers are restored."""
-    train, test = build_loaders(config, dataset, resolve_device(config.device))
+    train, _, test = build_loaders(config, dataset, resolve_device(config.device))
     population = train  # its epoch 0 order: a fixed shuffle no training epoch uses
     sizes = sample_sizes(len(train.labels))
 
@@ -192,7 +192,7 @@ def measure(row: Row, dataset) -> dict[str, Any]:
     shadows = ShadowEMA()  # one replay per call: its hooks and its probe share it
 
     def steps_for(config: TrainConfig) -> list[int]:
-        train, _ = build_loaders(config, dataset, "cpu")
+        train = build_loaders(config, dataset, "cpu").train
         return probe_steps(len(train), config.epochs)
 
     return cached_replay(row.run_dir, "precise-probes",

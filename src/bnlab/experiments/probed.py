@@ -59,7 +59,7 @@ def default_probe_steps(total: int) -> list[int]:
 
 
 def total_steps(config: TrainConfig, dataset) -> int:
-    train, _ = build_loaders(config, dataset, torch.device("cpu"))
+    train = build_loaders(config, dataset, torch.device("cpu")).train
     return len(train) * config.epochs
 
 
@@ -80,7 +80,7 @@ def replay(config: TrainConfig, dataset, steps: list[int], probe: Probe,
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = model_for(config, device)
-    train, _ = build_loaders(config, dataset, device)
+    train = build_loaders(config, dataset, device).train
     step_fn = step_for(model, optimizer_for(model, config), config)
     if setup is not None:
         setup(model)

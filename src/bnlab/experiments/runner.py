@@ -39,6 +39,7 @@ from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.training import runs
 from bnlab.training.distributed import DistributedConfig
 from bnlab.training.train import (
+    DEFAULT_VAL_SIZE,
     TrainConfig,
     build_loaders,
     describe_training_set,
@@ -59,7 +60,11 @@ class ExpSettings:
     seeds: int = field(default=3, metadata={"help": "seeds per variant (0, 1, ...)"})
     epochs: int = field(default=0, metadata={"help": "epochs per run (0 = experiment default)"})
     subset: int = field(default=0, metadata={
-        "help": "training images per run (0 = experiment default, -1 = all 60000)"})
+        "help": "training images per run (0 = experiment default, -1 = all that the "
+                "validation split leaves)"})
+    val_size: int = field(default=DEFAULT_VAL_SIZE, metadata={
+        "help": "training images held out as the validation split, where every choice is "
+                "made (0 = none; an experiment that keeps the chapter's protocol overrides it)"})
     dropout: float = field(default=0.5, metadata={"help": "dropout probability (dropout experiment)"})
     flush_denormal: bool = field(default=True, metadata={
         "help": "every run flushes denormal floats to zero on CPU (TrainConfig.flush_denormal; "
@@ -70,9 +75,10 @@ class ExpSettings:
             raise ConfigError(f"expected seeds >= 1 (got {self.seeds})")
         check_at_least(self, 0, "epochs")
         check_at_least(self, -1, "subset")
+        check_at_least(self, 0, "val_size")
 
 
-QUICK = ExpSettings(seeds=1, epochs=1, subset=1000)
+QUICK = ExpSettings(seeds=1, epochs=1, subset=1000, val_size=1000)
 """``--quick``: the whole grid, tiny (smoke tests)."""
 FULL = ExpSettings(seeds=3, epochs=10, subset=-1)
 """``--full``: the chapter's settings (10 epochs on all 60000 images)."""
@@ -140,7 +146,8 @@ short run's evaluations of 10000 test images would cost more than its training).
 def periodic_eval_every(settings: ExpSettings, batch_size: int) -> int:
     """``TrainConfig.eval_every`` that evaluates a run of resolved ``settings`` at batch
     ``batch_size`` about :data:`EVALS_PER_RUN` times, at most every :data:`MIN_EVAL_EVERY` steps."""
-    steps = steps_per_epoch(training_images(train_subset(settings.subset)), batch_size) * settings.epochs
+    images = training_images(train_subset(settings.subset), settings.val_size)
+    steps = steps_per_epoch(images, batch_size) * settings.epochs
     return max(MIN_EVAL_EVERY, steps // EVALS_PER_RUN)
 
 
@@ -172,6 +179,7 @@ def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list
         for seed in range(settings.seeds):
             try:
                 config = TrainConfig(**{"epochs": settings.epochs, "subset": subset,
+                                        "val_size": settings.val_size,
                                         "flush_denormal": settings.flush_denormal,
                                         **variant.params, "seed": seed})
             except ValueError as exc:
@@ -264,7 +272,7 @@ def summary_rows(rows: list[Row]) -> list[list[object]]:
 
 
 def describe_settings(settings: ExpSettings) -> str:
-    data = describe_training_set(train_subset(settings.subset))
+    data = describe_training_set(train_subset(settings.subset), settings.val_size)
     return (f"{settings.epochs} epochs on {data}, {settings.seeds} seed(s) per variant; "
             "validation on the full test set (10000 images). Intervals are 95% Student-t "
             "intervals over seeds.")

@@ -72,7 +72,7 @@ from torch.multiprocessing.spawn import ProcessException
 from bnlab.data.loader import Loader
 from bnlab.nn.sync import SyncBatchNorm
 from bnlab.training import runs
-from bnlab.training.train import TrainingRun, build_loaders, make_step, model_for, resolve_device
+from bnlab.training.train import Loaders, TrainingRun, build_loaders, make_step, model_for, resolve_device
 from bnlab.util.config import check, check_at_least
 from bnlab.util.errors import BnlabError
 from bnlab.util.io import atomic_write_json, read_json
@@ -208,9 +208,9 @@ def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resu
         model = model_for(config, device)
         if dconfig.sync_bn:
             model = SyncBatchNorm.convert_sync_batchnorm(model)
-        train, test = build_loaders(config, dataset, device)
-        if rank != 0:  # only rank 0's evaluation is recorded: the others take one image
-            test = Loader(test.images[:1], test.labels[:1], 1, shuffle=False, device=device)
+        train, val, test = build_loaders(config, dataset, device)
+        if rank != 0:  # only rank 0's evaluations are recorded: the others take one image
+            val = test = Loader(test.images[:1], test.labels[:1], 1, shuffle=False, device=device)
         check_split(config.batch_size, len(train.labels), world_size,
                     local_bn=not dconfig.sync_bn)
         shards = ShardedLoader(train, rank, world_size)
@@ -218,7 +218,8 @@ def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resu
         run_dir = Path(out) if out is not None and rank == 0 else None
         if run_dir is not None:
             _check_world_file(run_dir, info, resume)
-        run = TrainingRun(model, shards, test, config, run_dir, resume, progress and rank == 0)
+        run = TrainingRun(model, Loaders(shards, val, test), config, run_dir, resume,
+                          progress and rank == 0)
         if run_dir is not None:
             atomic_write_json(run_dir / DISTRIBUTED, info)
         dist.barrier()  # rank 0 has prepared the folder (and read its checkpoint)
@@ -322,7 +323,7 @@ def launch(config, dconfig: DistributedConfig, dataset, out: str | Path, resume:
 
     Checks the split before anything is written, so a bad request leaves no folder.
     """
-    train, _ = build_loaders(config, dataset, "cpu")
+    train = build_loaders(config, dataset, "cpu").train
     check_split(config.batch_size, len(train.labels), dconfig.nproc,
                 local_bn=not dconfig.sync_bn)
     if config.compile:

@@ -87,13 +87,13 @@ class TensorBoardLogger:
         if row is not None:
             for key in EPOCH_SCALARS:
                 self.writer.add_scalar(f"epoch/{key}", row[key], epoch)
-            self.log_norm_layers(run.model, self.fixed_batch(run.test_loader), epoch)
+            self.log_norm_layers(run.model, self.fixed_batch(run.loaders.test), epoch)
         self.writer.flush()
 
-    def fixed_batch(self, test_loader) -> torch.Tensor:
+    def fixed_batch(self, loader) -> torch.Tensor:
         """The first ``FIXED_BATCH`` test images (the test loader is not shuffled)."""
         if self._fixed_batch is None:
-            x, _ = next(iter(test_loader))  # (B, 1, 28, 28)
+            x, _ = next(iter(loader))  # (B, 1, 28, 28)
             self._fixed_batch = x[:FIXED_BATCH]
         return self._fixed_batch
 

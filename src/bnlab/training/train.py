@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from bnlab.data.dataset import TRAIN_SIZE, FashionMNIST
 from bnlab.data.loader import Loader, stratified_subset
+from bnlab.data.split import validation_split
 from bnlab.nn.frozen import freeze_batch_norm
 from bnlab.nn.precise import update_bn_stats
 from bnlab.training import runs
@@ -44,19 +45,34 @@ from bnlab.util.errors import ConfigError
 from bnlab.util.plots import plot_curves
 from bnlab.util.scoped import in_mode
 
-SUBSET_HELP = (f"train on a class-balanced subset of N training images (0 = all {TRAIN_SIZE}); "
-               "the test set stays whole")
+DEFAULT_VAL_SIZE = 10000
+"""Training images held out as the validation split by default (``TrainConfig.val_size``)."""
+
+SUBSET_HELP = ("train on a class-balanced subset of N training images (0 = all that the "
+               "validation split leaves); the validation split and the test set stay whole")
 
 
-def training_images(subset: int, n_train: int = TRAIN_SIZE) -> int:
-    """How many images an epoch trains on: ``subset``, or the whole training set when it is 0."""
-    return subset or n_train
+def training_images(subset: int, val_size: int = DEFAULT_VAL_SIZE, n_train: int = TRAIN_SIZE) -> int:
+    """How many images an epoch trains on: ``subset``, or all that the validation split of
+    ``val_size`` leaves of the ``n_train`` training images when it is 0."""
+    return subset or n_train - val_size
 
 
-def describe_training_set(subset: int) -> str:
-    """``subset`` in words, e.g. for a report: "all 60000 training images"."""
-    return (f"all {TRAIN_SIZE} training images" if not subset
-            else f"a class-balanced subset of {subset} training images")
+def describe_training_set(subset: int, val_size: int = DEFAULT_VAL_SIZE) -> str:
+    """The training data in words, e.g. for a report: "all 50000 training images that the
+    validation split of 10000 leaves"."""
+    images = (f"all {training_images(0, val_size)} training images" if not subset
+              else f"a class-balanced subset of {subset} training images")
+    return f"{images}, {describe_validation(val_size)}"
+
+
+def describe_validation(val_size: int) -> str:
+    """Where choices are made, in words."""
+    if not val_size:
+        return ("no validation split: the test set is the validation set (the chapter's "
+                "protocol), so val and test numbers are the same")
+    return (f"{val_size} other training images held out as the validation split (choices "
+            "are made on it; the test set is for reporting)")
 
 
 def drops_last_batch(n_images: int, batch_size: int) -> bool:
@@ -98,6 +114,10 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay"})
     seed: int = field(default=0, metadata={"help": "seed of weights, data order and dropout"})
     subset: int = field(default=0, metadata={"help": SUBSET_HELP})
+    val_size: int = field(default=DEFAULT_VAL_SIZE, metadata={
+        "help": "training images held out as the validation split (seeded, class-stratified, "
+                "the same for every run; choices are made on it, the test set is for "
+                "reporting); 0 = none: the test set is the validation set, as in the chapter"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the training step (compiles before epoch 1)"})
@@ -127,7 +147,7 @@ class TrainConfig:
         check(not unused, f"{unused} set, but model {self.model!r} takes only "
                           f"{list(MODEL_OPTIONS[self.model])}")
         check_at_least(self, 1, "epochs", "batch_size", "eval_batch_size")
-        check_at_least(self, 0, "seed", "subset", "eval_every", "freeze_bn_epochs")
+        check_at_least(self, 0, "seed", "subset", "val_size", "eval_every", "freeze_bn_epochs")
         check(self.freeze_bn_epochs < self.epochs or not self.freeze_bn_epochs,
               f"expected freeze_bn_epochs < epochs (got {self.freeze_bn_epochs} of "
               f"{self.epochs}): the statistics are those of a model trained for some epochs")
@@ -190,6 +210,15 @@ def resolve_device(name: str) -> torch.device:
 
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """A training step ``(x, y) -> (loss, logits)``, both detached."""
+
+
+class Loaders(NamedTuple):
+    """A run's data: training batches, the validation split and the test set (``val`` is
+    ``test`` itself when the config holds out no validation split)."""
+
+    train: Loader
+    val: Loader
+    test: Loader
 
 
 @dataclass
@@ -297,21 +326,24 @@ class TrainingRun:
     """A run that advances one epoch at a time: ``train`` runs it to the end, the demo
     interleaves several with ``train_next_epoch``. Make one with :func:`start_run`.
 
-    ``train_loader`` must have ``set_epoch(epoch)`` and ``len()`` (``bnlab.data.loader.Loader``):
-    its order depends only on (seed, epoch), which is what makes resume exact. With
+    ``loaders.train`` must have ``set_epoch(epoch)`` and ``len()`` (``bnlab.data.loader.Loader``):
+    its order depends only on (seed, epoch), which is what makes resume exact. Every epoch
+    ends with an evaluation on ``loaders.val`` (``val_*`` in the metrics) and ``loaders.test``
+    (``test_*``); without a validation split they are the same loader, evaluated once. With
     ``run_dir`` every epoch is checkpointed and the run folder files are written
     (``bnlab.training.runs``); ``resume=True`` continues from the last checkpoint there.
     ``observer.epoch_end(run, epoch, step_losses, row)`` (e.g. ``bnlab.training.tensorboard``) is
     called after each epoch, ``row`` None when it diverged.
     """
 
-    def __init__(self, model: nn.Module, train_loader: Loader, test_loader: Loader,
-                 config: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
+    def __init__(self, model: nn.Module, loaders: Loaders, config: TrainConfig,
+                 run_dir: str | Path | None = None, resume: bool = False,
                  progress: bool = True, label: str = "", observer: Any = None) -> None:
         self.model, self.config, self.progress = model, config, progress
         self.observer = observer
         self.label = label
-        self.train_loader, self.test_loader = train_loader, test_loader
+        self.loaders = loaders
+        self.train_loader = loaders.train
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.optimizer = optimizer_for(model, config)
         self.history: list[dict[str, Any]] = []
@@ -361,7 +393,9 @@ class TrainingRun:
             return None
         eval_start = time.perf_counter()
         with denormals_flushed(self.config.flush_denormal):
-            val_loss, val_acc = evaluate(self.model, self.test_loader)
+            val_loss, val_acc = evaluate(self.model, self.loaders.val)
+            test_loss, test_acc = ((val_loss, val_acc) if self.loaders.val is self.loaders.test
+                                   else evaluate(self.model, self.loaders.test))
         eval_seconds = time.perf_counter() - eval_start
         row = {
             "epoch": epoch,
@@ -369,6 +403,8 @@ class TrainingRun:
             "train_acc": result.accuracy,
             "val_loss": val_loss,
             "val_acc": val_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
             "seconds": result.seconds + eval_seconds,
             "train_seconds": result.seconds,
             "eval_seconds": eval_seconds,
@@ -416,7 +452,7 @@ class TrainingRun:
             if (steps_before + step) % every:
                 return 0.0
             start = time.perf_counter()
-            val_loss, val_acc = evaluate(self.model, self.test_loader)
+            val_loss, val_acc = evaluate(self.model, self.loaders.val)
             self.evals.append({"step": steps_before + step, "epoch": epoch, "val_loss": val_loss,
                                "val_acc": val_acc, "train_seconds": seconds_before + train_seconds})
             return time.perf_counter() - start
@@ -438,7 +474,6 @@ class TrainingRun:
         summary = summarize(self.history, self.config.epochs, self.diverged)
         if self.run_dir is not None and not (runs.summary_is_current(self.run_dir, summary)
                                              and (self.run_dir / runs.CURVES).exists()):
-
             plot_curves(self.history, self.run_dir / runs.CURVES, title=describe(self.config),
                         diverged=self.diverged)
             runs.write_summary(self.run_dir, summary)
@@ -487,22 +522,27 @@ CHECKPOINT_KEYS = ("model", "optimizer", "history", "step_losses", "evals", "div
 def format_epoch(row: dict[str, Any], epochs: int) -> str:
     return (f"epoch {row['epoch']:>2}/{epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f} | val loss {row['val_loss']:.4f} "
-            f"acc {row['val_acc']:.4f} | {row['seconds']:.1f} s "
+            f"acc {row['val_acc']:.4f} | test acc {row['test_acc']:.4f} | {row['seconds']:.1f} s "
             f"({row['images_per_s']:,.0f} img/s)")
 
 
 def summarize(history: list[dict[str, Any]], epochs: int, diverged: dict[str, int] | None) -> dict[str, Any]:
-    """Final and best validation accuracy, time per epoch, and whether the run diverged."""
+    """Final and best validation accuracy (the best epoch chosen on validation, and the test
+    accuracy at it), final test accuracy, time per epoch, and whether the run diverged."""
     seconds = [row["seconds"] for row in history]
     best = max(history, key=lambda row: row["val_acc"], default=None)
+    last = history[-1] if history else {}
     return {
         "epochs": epochs,
         "epochs_completed": len(history),
-        "final_val_acc": history[-1]["val_acc"] if history else None,
-        "final_val_loss": history[-1]["val_loss"] if history else None,
-        "final_train_acc": history[-1]["train_acc"] if history else None,
+        "final_val_acc": last.get("val_acc"),
+        "final_val_loss": last.get("val_loss"),
+        "final_test_acc": last.get("test_acc"),
+        "final_test_loss": last.get("test_loss"),
+        "final_train_acc": last.get("train_acc"),
         "best_val_acc": best["val_acc"] if best else None,
         "best_epoch": best["epoch"] if best else None,
+        "test_acc_at_best_epoch": best["test_acc"] if best else None,
         "mean_seconds_per_epoch": statistics.fmean(seconds) if seconds else None,
         "median_seconds_per_epoch": statistics.median(seconds) if seconds else None,
         "median_images_per_s": statistics.median(r["images_per_s"] for r in history) if history else None,
@@ -521,21 +561,25 @@ def describe(config: TrainConfig) -> str:
 
 
 def build_loaders(config: TrainConfig, dataset: FashionMNIST,
-                  device: torch.device | str) -> tuple[Loader, Loader]:
-    """Training and test loaders of ``dataset`` for ``config``.
+                  device: torch.device | str) -> Loaders:
+    """Training, validation and test loaders of ``dataset`` for ``config``.
 
-    ``config.subset`` takes a class-balanced subset of the training set; the test set is
-    always whole. A final training batch of one image is dropped, since batch norm cannot
-    train on one value per channel.
+    ``config.val_size`` training images are held out as the validation split
+    (``bnlab.data.split``); ``config.subset`` then takes a class-balanced subset of the
+    rest. The validation split and the test set are always whole. A final training batch of
+    one image is dropped, since batch norm cannot train on one value per channel.
     """
-    images, labels = dataset.train_images, dataset.train_labels
+    (images, labels), (val_images, val_labels) = validation_split(
+        dataset.train_images, dataset.train_labels, config.val_size)
     if config.subset:
         images, labels = stratified_subset(images, labels, config.subset)
     train = Loader(images, labels, config.batch_size, shuffle=True, seed=config.seed,
                    drop_last=drops_last_batch(len(labels), config.batch_size), device=device)
     test = Loader(dataset.test_images, dataset.test_labels, config.eval_batch_size,
                   shuffle=False, device=device)
-    return train, test
+    val = test if not config.val_size else Loader(val_images, val_labels, config.eval_batch_size,
+                                                  shuffle=False, device=device)
+    return Loaders(train, val, test)
 
 
 def start_run(config: TrainConfig, dataset: FashionMNIST, run_dir: str | Path | None = None,
@@ -547,5 +591,5 @@ def start_run(config: TrainConfig, dataset: FashionMNIST, run_dir: str | Path | 
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = model_for(config, device)
-    train, test = build_loaders(config, dataset, device)
-    return TrainingRun(model, train, test, config, run_dir, resume, progress, label, observer)
+    loaders = build_loaders(config, dataset, device)
+    return TrainingRun(model, loaders, config, run_dir, resume, progress, label, observer)

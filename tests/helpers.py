@@ -44,3 +44,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 def buffers(model: nn.Module) -> list[torch.Tensor]:
     """Copies of ``model``'s buffers (running statistics), to check they were left alone."""
     return [b.clone() for b in model.buffers()]
+
+
+def without_provenance(report: str) -> str:
+    """A report without its provenance line (the date and command of the analysis), for
+    comparing two analyses of the same runs."""
+    return "\n".join(line for line in report.splitlines() if not line.startswith("**Provenance.**"))

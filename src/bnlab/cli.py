@@ -399,7 +399,8 @@ def _run_experiment(args: argparse.Namespace) -> None:
         summary_writer_class()  # fails now, naming the extra, when tensorboard is missing
     experiment = get_experiment(args.name)
     print(run_experiment(experiment, settings, args.out, _load_data(args),
-                         args.jobs, args.progress, executor, args.tensorboard))
+                         args.jobs, args.progress, executor, args.tensorboard, quick=args.quick,
+                         command=shlex.join(["bnlab", *args.argv])))
     print(f"report: {args.out}/{experiment.name}/report.md")
 
 

@@ -10,7 +10,6 @@ import pytest
 from bnlab.experiments import convergence, depth, norm_choice, robustness_claim
 from bnlab.experiments.analysis import CHANCE, Row
 from bnlab.experiments.runner import ExpSettings, resolve
-from bnlab.experiments.stats import claim_verdict, intervals_apart
 from bnlab.training.runs import CHECKPOINT
 from bnlab.training.train import TrainConfig, build_loaders, start_run, steps_per_epoch
 
@@ -252,21 +251,6 @@ def test_robustness_controls_resolve_each_sigma_by_the_seeds_intervals():
     theirs = {0.0: [0.9, 0.9, 0.91], 0.1: [0.5, 0.51, 0.5], 0.3: [0.6, 0.61, 0.6], 0.5: [0.3, 0.4, 0.2]}
     assert robustness_claim.resolved_by_size(mine, theirs) == {"more": [0.1], "less": [0.3],
                                                               "open": [0.5]}
-
-
-def test_single_seed_intervals_never_count_as_apart():
-    assert not intervals_apart([0.9], [0.1])
-    assert intervals_apart([0.9, 0.91], [0.1, 0.11])
-    assert not intervals_apart([0.5, 0.9], [0.4, 0.8])
-
-
-def test_a_paper_claim_agrees_only_where_the_seeds_intervals_are_apart():
-    worse, level, overlapping = [-10.0, -11.0, -12.0], [0.0, 1.0, -1.0], [-1.0, 2.0, -3.0]
-    assert claim_verdict("claim", worse, level, "what").endswith("**agrees**.")
-    assert claim_verdict("claim", level, worse, "what").endswith("**disagrees**.")
-    assert "not resolved here" in claim_verdict("claim", overlapping, level, "what")
-    assert "not resolved here" in claim_verdict("claim", [-10.0], level, "what")  # one seed
-    assert "not measured" in claim_verdict("claim", [], level, "what")
 
 
 @pytest.mark.slow

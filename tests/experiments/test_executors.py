@@ -46,7 +46,7 @@ def without_timing(row: dict) -> dict:
     """A results.jsonl row without what differs between two trainings of one config: the
     clock and the folder it was written to."""
     return {
-        **{k: v for k, v in row.items() if k != "run_dir"},
+        **{k: v for k, v in row.items() if k not in ("run_dir", "provenance")},
         "metrics": [{k: v for k, v in m.items() if k not in TIMING} for m in row["metrics"]],
         "summary": {k: v for k, v in row["summary"].items()
                     if "seconds" not in k and "images" not in k},

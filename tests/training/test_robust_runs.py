@@ -382,7 +382,7 @@ def test_inspect_of_a_read_only_run_prints_then_says_the_figure_failed(fake_data
 
 def grid_rows(folder: Path) -> list[dict[str, object]]:
     rows = runs.read_jsonl(folder / "chapter" / "results.jsonl")
-    return [{**{k: v for k, v in row.items() if k != "run_dir"},
+    return [{**{k: v for k, v in row.items() if k not in ("run_dir", "provenance")},
              "metrics": [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in row["metrics"]],
              "summary": {k: v for k, v in row["summary"].items() if k not in TIMING_KEYS}}
             for row in rows]

@@ -9,13 +9,11 @@ keeps the others.
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import re
 from pathlib import Path
 
-import torch
+from bnlab.util.provenance import machine_line, utc_now
 
 DEFAULT_PATH = Path("docs/performance.md")
 _HEADER = ("# Performance\n\nMeasured by bnlab's benchmarks and written by them "
@@ -25,29 +23,11 @@ _HEADER = ("# Performance\n\nMeasured by bnlab's benchmarks and written by them 
            "less.\n")
 
 
-def machine_line() -> str:
-    """CPU, cores, threads, OS, Python and torch: what a timing depends on."""
-    cpu = _cpu_model() or platform.processor() or platform.machine()
-    gpu = (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
-    return (f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
-            f"{gpu}; {platform.system()} {platform.release()}, Python "
-            f"{platform.python_version()}, torch {torch.__version__}")
-
-
-def _cpu_model() -> str | None:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return match.group(1).strip() if match else None
-
-
 def write_section(key: str, title: str, command: str, body: str,
                   path: Path | str = DEFAULT_PATH) -> Path:
     """Replace (or add) the section ``key`` of the page at ``path``; atomic write."""
     path = Path(path)
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    now = utc_now()
     begin, end = f"<!-- begin {key} -->", f"<!-- end {key} -->"
     section = (f"{begin}\n## {title}\n\n`{command}`, {now}, on {machine_line()}.\n\n"
                f"{body.strip()}\n{end}")

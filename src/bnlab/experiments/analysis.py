@@ -72,6 +72,11 @@ class Row:
         """SGD steps of the run's whole budget (``config["epochs"]`` epochs)."""
         return self.config["epochs"] * self.steps_per_epoch
 
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> Row:
+        """A row of ``results.jsonl`` (its ``provenance`` is the analysis's, not the run's)."""
+        return cls(**{k: v for k, v in values.items() if k != "provenance"})
+
     def to_json(self) -> dict[str, Any]:
         """The row for ``results.jsonl``: every field but ``evals`` (they stay in the run folder)."""
         return {"label": self.label, "tags": self.tags, "seed": self.seed, "config": self.config,
@@ -137,7 +142,7 @@ def read_results(folder: str | Path) -> list[Row] | None:
     path = Path(folder) / "results.jsonl"
     if not path.exists():
         return None
-    return [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return [Row.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
 def best_lr_per_model(folder: str | Path) -> dict[bool, float] | None:

@@ -47,9 +47,10 @@ import torch
 
 from bnlab.data.loader import Loader, stratified_subset
 from bnlab.experiments.analysis import Row, final, finals, plot_intervals, select
+from bnlab.experiments.findings import Analysis, Verdict, judge_difference
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
-from bnlab.experiments.stats import claim_verdict, format_mean_ci, intervals_apart, mean_ci
+from bnlab.experiments.stats import format_mean_ci, intervals_apart, mean_ci
 from bnlab.nn.precise import update_bn_stats
 from bnlab.training import restore, runs
 from bnlab.training.norms import uses_batch_statistics
@@ -161,12 +162,12 @@ def _gap(rows: list[Row], ways, a: str, b: str) -> list[float]:
     return [ways[r.run_dir][a] - ways[r.run_dir][b] for r in rows if r.run_dir in ways]
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     if dataset is None or not rows:
-        return ["(no dataset or no finished runs: nothing to measure)"]
+        return Analysis(["(no dataset or no finished runs: nothing to measure)"])
     ways = measured_ways(rows, dataset)
     plot(rows, ways, out / "batchsize.png")
-    return ["## Normalization batch at SGD batch 128", "", ghost_table(rows, ways), "",
+    return Analysis(["## Normalization batch at SGD batch 128", "", ghost_table(rows, ways), "",
             "Generalization gap = train minus test accuracy, both with mini-batch statistics; "
             "train-test inconsistency = test accuracy with mini-batch minus with population "
             "statistics (> 0: the population statistics the model predicts with cost accuracy). "
@@ -184,8 +185,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
             "train-test inconsistency the main cost of small normalization batches, closed by "
             "training the last epochs with population statistics; here BN-LeNet on "
             "Fashion-MNIST with plain SGD at a constant rate.", "",
-            *paper_comparison(rows, ways), "",
-            "![batchsize](batchsize.png)"]
+            "![batchsize](batchsize.png)"], verdicts=paper_verdicts(rows, ways))
 
 
 def ghost_table(rows: list[Row], ways) -> str:
@@ -284,13 +284,13 @@ def freeze_loss_jump(row: Row) -> tuple[float, float] | None:
     return row.metrics[first_frozen - 1]["train_loss"], row.metrics[first_frozen]["train_loss"]
 
 
-def paper_comparison(rows: list[Row], ways) -> list[str]:
+def paper_verdicts(rows: list[Row], ways) -> list[Verdict]:
     """The paper's three claims against this grid, each at the smallest and largest
-    normalization batch measured (points; see :func:`claim_verdict`)."""
+    normalization batch measured (points; ``findings.judge_difference``)."""
     sizes = [v for v in GHOST_SIZES if _values(select(rows, part="ghost", v=v, frozen=False),
                                                ways, "test_population")]
     if not sizes:
-        return ["- No ghost runs measured: nothing to compare."]
+        return []
     small, large = sizes[0], sizes[-1]
     plain = {v: select(rows, part="ghost", v=v, frozen=False) for v in (small, large)}
 
@@ -299,20 +299,22 @@ def paper_comparison(rows: list[Row], ways) -> list[str]:
 
     frozen = [100 * a for a in finals(select(rows, part="ghost", v=small, frozen=True))]
     population = [100 * a for a in _values(plain[small], ways, "test_population")]
+    source = "Wu & Johnson 2021"
     return [
-        claim_verdict("the generalization gap grows with the normalization batch",
-                      gap(small, "train_minibatch", "test_minibatch"),
-                      gap(large, "train_minibatch", "test_minibatch"),
-                      f"train minus test accuracy (mini-batch statistics), V = {small} vs {large}"),
-        claim_verdict("small normalization batches suffer train-test inconsistency",
-                      gap(large, "test_minibatch", "test_population"),
-                      gap(small, "test_minibatch", "test_population"),
-                      f"test accuracy with mini-batch minus with population statistics, V = "
-                      f"{large} vs {small}"),
-        claim_verdict("Frozen BN for the last epochs recovers it",
-                      population, frozen,
-                      f"V = {small}, test accuracy (%) with population statistics after plain "
-                      f"training vs after the frozen remedy"),
+        judge_difference("the generalization gap grows with the normalization batch", source,
+                         f"train minus test accuracy (mini-batch statistics, points), V = "
+                         f"{large} minus V = {small}",
+                         gap(small, "train_minibatch", "test_minibatch"),
+                         gap(large, "train_minibatch", "test_minibatch")),
+        judge_difference("small normalization batches suffer train-test inconsistency", source,
+                         f"test accuracy with mini-batch minus with population statistics "
+                         f"(points), V = {small} minus V = {large}",
+                         gap(large, "test_minibatch", "test_population"),
+                         gap(small, "test_minibatch", "test_population")),
+        judge_difference("Frozen BN for the last epochs recovers it", source,
+                         f"V = {small}, test accuracy (%) after the frozen remedy minus with "
+                         f"population statistics after plain training",
+                         population, frozen),
     ]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.experiments.analysis import Row, by_label, final, mean_final
+from bnlab.experiments.findings import Analysis
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import mean_ci
 from bnlab.util.tables import format_table
@@ -29,7 +30,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
     return [Variant(label, params, {"norm": params["norm"]}) for label, params in RUNS.items()]
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     groups = by_label(rows)
     table = format_table(
         ["run", "final val acc per seed", "mean", "best val acc (mean)", "s/epoch (mean)"],
@@ -46,7 +47,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
             verdict = "meets" if mean >= TARGET else "misses"
             lines.append(f"- {label}: mean final validation accuracy {mean:.4f} {verdict} the "
                          f"{TARGET} bar.")
-    return lines
+    return Analysis(lines)
 
 
 EXPERIMENT = Experiment(

@@ -42,6 +42,7 @@ from typing import Any
 from bnlab.data.dataset import TRAIN_SIZE
 from bnlab.experiments import analysis
 from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, Row, finals, mean_final, select
+from bnlab.experiments.findings import Analysis
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
 from bnlab.experiments.stats import format_mean_ci
 from bnlab.training.train import steps_per_epoch, training_images
@@ -167,7 +168,7 @@ def ioffe_comparison(rows: list[Row], n_images: int | None = None) -> dict[str, 
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     n_images = len(dataset.train_labels) if dataset is not None else None
     plot_best_curves(rows, out, n_images)
     headers = ["model", "lr", "final val acc", *[f"to {t:.2f}" for t in THRESHOLDS]]
@@ -179,12 +180,12 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
                 table_rows.append([MODELS[bn][0], f"{lr:g}", format_mean_ci(finals(group)),
                                    *[describe_reach(reach_stats(group, t, n_images))
                                      for t in THRESHOLDS]])
-    return ["## Steps to a validation accuracy, by learning rate", "",
+    return Analysis(["## Steps to a validation accuracy, by learning rate", "",
             format_table(headers, table_rows), "",
             "Steps (and training seconds, evaluation excluded) until validation accuracy first "
             "reaches the threshold: mean over seeds (each seed's step in parentheses), resolved "
             "to the evaluation interval.", "", *findings(rows, n_images), "",
-            "![validation accuracy against steps and seconds](convergence.png)"]
+            "![validation accuracy against steps and seconds](convergence.png)"])
 
 
 def findings(rows: list[Row], n_images: int | None = None) -> list[str]:

@@ -50,6 +50,7 @@ import torch
 from bnlab.data.loader import stratified_subset
 from bnlab.experiments import analysis
 from bnlab.experiments.analysis import FAIL_ACCURACY, Row, finals, plot_intervals, select, trains
+from bnlab.experiments.findings import Analysis
 from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
@@ -374,7 +375,7 @@ def plot_sweep(sweep: Sweep, path: Path) -> None:
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     plot_accuracy_vs_depth(rows, out / "accuracy_vs_depth.png")
     headers = ["activation", "norm", *[f"depth {d}" for d in DEPTHS]]
     table_rows = []
@@ -409,7 +410,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
                      *gradient_findings(profiles), "",
                      "![per-layer gradient norms](gradient_norms.png)", ""]
         sections += growth_sections(profiles, dataset, sorted({r.seed for r in rows}), out)
-    return sections
+    return Analysis(sections)
 
 
 def growth_sections(profiles: dict[tuple, dict[str, Any]], dataset, seeds: list[int],

@@ -21,6 +21,7 @@ from bnlab.experiments.analysis import (
     plot_mean_curves,
     train_val_gap,
 )
+from bnlab.experiments.findings import Analysis
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
@@ -87,7 +88,7 @@ def mode_table(groups: dict[str, list[Row]], dataset) -> tuple[str, dict[str, di
     return format_table(headers, rows), measured
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     groups = by_label(rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     plot_mean_curves({label: mean_curve(g) for label, g in groups.items()}, axes[0],
@@ -113,8 +114,8 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
                      "and the full test set, batches of 1000, on a copy of each model (its BN "
                      "buffers are not touched). 'gap' = train − val accuracy, both in eval mode.",
                      ""]
-    return sections + findings(groups, measured) + [
-        "", "![accuracy per epoch](accuracy_per_epoch.png)"]
+    return Analysis(sections + findings(groups, measured) + [
+        "", "![accuracy per epoch](accuracy_per_epoch.png)"])
 
 
 def findings(groups: dict[str, list[Row]], measured: dict[str, dict]) -> list[str]:

@@ -41,6 +41,7 @@ from bnlab.experiments.analysis import (
     mean_final,
     select,
 )
+from bnlab.experiments.findings import Analysis
 from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps, total_steps
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, periodic_eval_every
 from bnlab.experiments.stats import format_mean_ci, mean_ci
@@ -124,9 +125,9 @@ def mean_ics(records: list[dict[str, Any]], key: str) -> float:
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     if dataset is None or not rows:
-        return ["(no dataset or no finished runs: nothing to measure)"]
+        return Analysis(["(no dataset or no finished runs: nothing to measure)"])
     probes = {r.run_dir: measure(r, dataset) for r in rows}
     plot_fig1(rows, probes, out / "ioffe_fig1.png")
     plot_ics(rows, probes, out / "gradient_ics.png")
@@ -147,7 +148,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
     headers = ["variant", "final test acc", "drift loc (eval)", "drift scale (eval)",
                "drift loc (train)", "drift scale (train)", "grad ICS rel", "grad ICS cos"]
     unreproduced = [r.label for r in rows if probes[r.run_dir]["reproduces_run"] is False]
-    return ["## Drift of the last hidden layer's sigmoid input, and gradient ICS", "",
+    return Analysis(["## Drift of the last hidden layer's sigmoid input, and gradient ICS", "",
             format_table(headers, table), "",
             "Drift (unit 0 of the last hidden layer, on the first 500 test images): *loc* = range "
             "of its median over training / its mean 15-85th percentile width; *scale* = log(max "
@@ -160,7 +161,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
               if unreproduced else ["- Every probed replay ended on exactly its run's weights."]),
             *findings(rows, probes), *best_lr_note(out), "", SETTING_DIFFERS, "",
             "![Ioffe & Szegedy Fig. 1 on Fashion-MNIST](ioffe_fig1.png)", "",
-            "![gradient ICS](gradient_ics.png)"]
+            "![gradient ICS](gradient_ics.png)"])
 
 
 def _mean(values: list[float]) -> float:

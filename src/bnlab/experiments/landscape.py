@@ -29,6 +29,7 @@ from typing import Any
 import torch.nn.functional as F
 
 from bnlab.experiments.analysis import Row, best_lr_per_model, by_label, finals, select
+from bnlab.experiments.findings import Analysis
 from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps, total_steps
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, periodic_eval_every
 from bnlab.experiments.stats import format_mean_ci, mean_ci
@@ -98,9 +99,9 @@ def _median(values: list[float]) -> float:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     if dataset is None or not rows:
-        return ["(no dataset or no finished runs: nothing to probe)"]
+        return Analysis(["(no dataset or no finished runs: nothing to probe)"])
     probes = {r.run_dir: measure(r, dataset)["records"] for r in rows}
     plot(rows, probes, out / "landscape.png")
     keys = ["loss_range", "grad_change", "beta", "grad_change_at_lr"]
@@ -119,7 +120,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
                  if best is None else
                  f"- The `lr` experiment beside this one finds the best rates LeNet "
                  f"{best[False]:g}, BN-LeNet {best[True]:g}; this grid used {list(LEARNING_RATES)}.")
-    return ["## Smoothness along the gradient", "", format_table(headers, table), "",
+    return Analysis(["## Smoothness along the gradient", "", format_table(headers, table), "",
             f"Per run, the median over probe steps (*early*: the first {EARLY:.0%} of them, step 0 "
             f"excluded) of: the loss range over eta in {list(ETAS)} (and 0); the largest "
             "gradient change ||grad L(W - eta g) - g|| over that grid; the effective "
@@ -128,7 +129,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
             "**Beside the paper.** Santurkar et al. probe VGG on CIFAR-10 (and a deep linear net); "
             "here LeNet on Fashion-MNIST with plain SGD. The quantities are absolute gradient "
             "changes, as theirs: a model with smaller gradients shows smaller changes.", "",
-            "![landscape](landscape.png)"]
+            "![landscape](landscape.png)"])
 
 
 def findings(rows: list[Row], probes: dict[str, Any]) -> list[str]:

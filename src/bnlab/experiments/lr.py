@@ -25,6 +25,7 @@ from bnlab.experiments.analysis import (
     select,
     training_lrs,
 )
+from bnlab.experiments.findings import Analysis
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci
 from bnlab.util.plots import plt, save_figure
@@ -40,7 +41,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
             for bn in (False, True) for lr in LEARNING_RATES]
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     groups = by_label(rows)
     # Validation accuracy per epoch, one line per learning rate, one panel per model.
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
@@ -75,9 +76,9 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
         table_rows.append(cells)
     table = format_table(["lr", "LeNet final val acc", "LeNet failed", "BN-LeNet final val acc",
                           "BN-LeNet failed"], table_rows)
-    return ["## Accuracy by learning rate", "", table, "", *findings(rows), "",
+    return Analysis(["## Accuracy by learning rate", "", table, "", *findings(rows), "",
             "![validation accuracy per epoch](val_acc_per_epoch.png)", "",
-            "![final accuracy against learning rate](final_acc_vs_lr.png)"]
+            "![final accuracy against learning rate](final_acc_vs_lr.png)"])
 
 
 def findings(rows: list[Row]) -> list[str]:

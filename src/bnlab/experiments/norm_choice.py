@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.experiments.analysis import Row, failed, finals, mean_final, plot_intervals, select
+from bnlab.experiments.findings import Analysis
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
 from bnlab.experiments.stats import UNBOUNDED, format_mean_ci, mean_ci
@@ -146,7 +147,7 @@ def mode_independent(gaps: dict[tuple[str, int], float], norm: str,
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     measured: dict[tuple[str, int], list[dict[str, float]]] = {}
     if dataset is not None:
         for row in select(rows, arm=EPOCHS):
@@ -176,8 +177,8 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
                      format_table(["norm", *[f"bs {bs}" for bs in BATCH_SIZES]], gap_rows), "",
                      "Each cell: test accuracy in train mode (batches of the training batch size) "
                      "/ in eval mode, and the gap train − eval in points (mean over seeds).", ""]
-    return sections + findings(rows, gaps) + [
-        "", "![accuracy and mode gap by batch size](norms_by_batch_size.png)"]
+    return Analysis(sections + findings(rows, gaps) + [
+        "", "![accuracy and mode gap by batch size](norms_by_batch_size.png)"])
 
 
 ARM_READING = {

@@ -19,6 +19,7 @@ from bnlab.experiments.analysis import (
     mean_final,
     plot_mean_curves,
 )
+from bnlab.experiments.findings import Analysis
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, intervals_apart
 from bnlab.util.plots import plt, save_figure
@@ -40,7 +41,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
                     {"slots": slots}) for label, slots in PLACEMENTS.items()]
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     groups = by_label(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plot_mean_curves({label: mean_curve(g) for label, g in groups.items()}, ax,
@@ -54,9 +55,9 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
         [label, format_mean_ci(finals(g)),
          *[describe_epochs_to_reach(g, t) for t in THRESHOLDS]]
         for label, g in groups.items()])
-    return ["## Accuracy and convergence by placement", "", table, "",
+    return Analysis(["## Accuracy and convergence by placement", "", table, "",
             "Epochs to a threshold: mean over seeds (each seed's epoch in parentheses).", "",
-            *findings(groups), "", "![validation accuracy per epoch](val_acc_per_epoch.png)"]
+            *findings(groups), "", "![validation accuracy per epoch](val_acc_per_epoch.png)"])
 
 
 def findings(groups: dict[str, list[Row]]) -> list[str]:

@@ -58,14 +58,16 @@ from bnlab.experiments.analysis import (
     select,
     training_lrs,
 )
+from bnlab.experiments.findings import Analysis, Verdict, judge_difference
 from bnlab.experiments.probed import cached_replay
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
-from bnlab.experiments.stats import claim_verdict, format_mean_ci, mean_ci
+from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.nn.precise import batch_norm_layers, update_bn_stats
 from bnlab.training.train import TrainConfig, build_loaders, evaluate, resolve_device
 from bnlab.util.plots import plt, save_figure
 from bnlab.util.tables import format_table
 
+SOURCE = "Wu & Johnson 2021"
 LEARNING_RATES = (0.1, 3.0)
 HIGH_LR = LEARNING_RATES[1]
 """The default high rate: BN-LeNet trains at 3 (the ``lr`` grid's largest rates that train
@@ -229,15 +231,15 @@ def phases(row: Row, records: list[dict[str, Any]]) -> dict[str, Callable[[int],
     return {"first epoch": lambda s: 0 < s <= per_epoch, "end": lambda s: s == last}
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     if dataset is None or not rows:
-        return ["(no dataset or no finished runs: nothing to probe)"]
+        return Analysis(["(no dataset or no finished runs: nothing to probe)"])
     measured = {r.run_dir: measure(r, dataset) for r in rows}
     probes = {run: m["records"] for run, m in measured.items()}
     reproduced = sum(m["reproduces_run"] is True for m in measured.values())
     plot_accuracy(rows, probes, out / "precise_accuracy.png")
     plot_gap(rows, probes, out / "precise_gap.png")
-    return ["## EMA vs population statistics", "", *tables(rows, probes), "",
+    return Analysis(["## EMA vs population statistics", "", *tables(rows, probes), "",
             "Accuracy differences are points of test accuracy against the population "
             "statistics of the largest N, per run the mean over the probes of the phase "
             "(*first epoch*: every probe after step 0 up to the end of epoch 1; *end*: the final "
@@ -252,8 +254,9 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
             "large rate, and precise BN accurate with 10^3-10^4 samples; here BN-LeNet on "
             "Fashion-MNIST, plain SGD at a constant rate. Their momentum is the old average's "
             "weight, torch's (ours) the newest batch's: their large momentum 0.99 is our 0.01.",
-            "", *paper_comparison(rows, probes), "",
-            "![accuracy](precise_accuracy.png)", "", "![gap](precise_gap.png)"]
+            "", *samples_needed(rows, probes), "",
+            "![accuracy](precise_accuracy.png)", "", "![gap](precise_gap.png)"],
+                    verdicts=paper_verdicts(rows, probes))
 
 
 def _per_phase(rows: list[Row], probes, name: str, phase: str, value) -> list[float]:
@@ -333,24 +336,30 @@ def _enough(rows: list[Row], probes, phase: str) -> int | None:
                            for r in rows if probes[r.run_dir]])
 
 
-def paper_comparison(rows: list[Row], probes) -> list[str]:
-    """The paper's four claims, each against this grid's numbers (accuracy minus the largest
-    population estimate's, in points; lower is worse)."""
+def paper_verdicts(rows: list[Row], probes) -> list[Verdict]:
+    """The paper's claims about EMA, each against this grid's numbers (accuracy minus the
+    largest population estimate's, in points; lower is worse)."""
     low, high = LEARNING_RATES[0], HIGH_LR
     slow, default = f"ema:{min(MOMENTA)}", "ema:0.1"
-    lines = [
-        claim_verdict("EMA is worse early than late",
-                      _gaps(rows, probes, low, default, "first epoch"),
-                      _gaps(rows, probes, low, default, "end"),
-                      f"lr {low:g}, momentum 0.1, first epoch vs end"),
-        claim_verdict("a large EMA momentum (slow average) is worse",
-                      _gaps(rows, probes, low, slow, "first epoch"),
-                      _gaps(rows, probes, low, default, "first epoch"),
-                      f"lr {low:g}, first epoch, our momentum {min(MOMENTA):g} vs 0.1"),
-        claim_verdict("a large rate makes EMA worse",
-                      _gaps(rows, probes, high, default, "end"),
-                      _gaps(rows, probes, low, default, "end"),
-                      f"momentum 0.1, final weights, lr {high:g} vs {low:g}")]
+    gap = "EMA accuracy minus population accuracy (points)"
+    return [
+        judge_difference("EMA is worse early than late", SOURCE,
+                         f"{gap}, end minus first epoch, lr {low:g}, momentum 0.1",
+                         _gaps(rows, probes, low, default, "first epoch"),
+                         _gaps(rows, probes, low, default, "end")),
+        judge_difference("a large EMA momentum (slow average) is worse", SOURCE,
+                         f"{gap}, momentum 0.1 minus {min(MOMENTA):g}, first epoch, lr {low:g}",
+                         _gaps(rows, probes, low, slow, "first epoch"),
+                         _gaps(rows, probes, low, default, "first epoch")),
+        judge_difference("a large rate makes EMA worse", SOURCE,
+                         f"{gap}, lr {low:g} minus lr {high:g}, final weights, momentum 0.1",
+                         _gaps(rows, probes, high, default, "end"),
+                         _gaps(rows, probes, low, default, "end"))]
+
+
+def samples_needed(rows: list[Row], probes) -> list[str]:
+    """How many samples precise BN needed here, beside the paper's 10^3-10^4."""
+    lines = []
     needed = [n for lr in LEARNING_RATES for phase in ("first epoch", "end")
               if (n := _enough(select(rows, lr=lr), probes, phase)) is not None]
     if needed:

@@ -38,6 +38,7 @@ from typing import Any
 
 from bnlab.data.loader import Loader, stratified_subset
 from bnlab.experiments.analysis import FAIL_ACCURACY, Row, by_label, failed, plot_intervals
+from bnlab.experiments.findings import Analysis
 from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import ACCURACY, format_mean_ci, intervals_apart, mean_ci
@@ -185,9 +186,9 @@ def compare(measured: Measured, kind: str, label: str,
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     if dataset is None or not rows:
-        return ["(no dataset or no finished runs: nothing to perturb)"]
+        return Analysis(["(no dataset or no finished runs: nothing to perturb)"])
     measured = measure(rows, dataset)
     plot(measured, out / "robustness.png")
     sections = []
@@ -209,7 +210,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> list[str]:
         f"{PGD_BATCHES * EVAL_BATCH}. Runs that failed (diverged, or final validation accuracy "
         f"at most {FAIL_ACCURACY}) are not measured.", "", *skipped(rows), *findings(measured), "",
         "![accuracy under perturbations](robustness.png)", ""]
-    return sections + control_sections(measured, measure_statistics(rows, dataset))
+    return Analysis(sections + control_sections(measured, measure_statistics(rows, dataset)))
 
 
 STATISTICS_NAMES = {"running": "the running averages of training (eval mode)",

@@ -13,8 +13,12 @@ Layout of ``<out>/``::
                     every experiment: a config two experiments have in common trains once;
                     its analysis/ keeps the experiments' measurements of the finished model
     <experiment>/settings.json   the ExpSettings used
-    <experiment>/results.jsonl   one row per run: variant, config, per-epoch metrics, summary
-    <experiment>/summary.md, summary.csv   mean ± 95% CI over seeds per variant
+    <experiment>/results.jsonl   one row per run: variant, config, per-epoch metrics, summary,
+                    and the provenance of this analysis
+    <experiment>/summary.md, summary.csv   mean ± 95% CI over seeds per variant (the CSV in
+                    numeric columns: mean, low, high, n, diverged)
+    <experiment>/findings.json   the analysis's verdicts, findings, calibrations, provenance
+                    and whether the grid was a smoke test (what pages are built from)
     <experiment>/*.png, report.md   the experiment's own plots and computed conclusions
 """
 
@@ -35,7 +39,8 @@ import torch
 from bnlab.data.dataset import FashionMNIST
 from bnlab.experiments.analysis import Row, by_label
 from bnlab.experiments.executors import Executor, GridProgress, LocalExecutor
-from bnlab.experiments.stats import format_mean_ci, to_csv
+from bnlab.experiments.findings import Analysis, calibration_table, verdict_table
+from bnlab.experiments.stats import Estimate, estimate, to_csv
 from bnlab.training import runs
 from bnlab.training.distributed import DistributedConfig
 from bnlab.training.train import (
@@ -49,6 +54,7 @@ from bnlab.training.train import (
 from bnlab.util.config import check_at_least, config_to_dict
 from bnlab.util.errors import BnlabError, ConfigError
 from bnlab.util.io import atomic_write_json, atomic_write_text, remove_stray_temps
+from bnlab.util.provenance import provenance, provenance_line
 from bnlab.util.tables import format_table
 
 
@@ -106,7 +112,7 @@ class Experiment:
     title: str
     question: str
     variants: Callable[[ExpSettings], list[Variant]]
-    analyze: Callable[[list[Row], Path, Any], list[str]]  # (rows, out, dataset)
+    analyze: Callable[[list[Row], Path, Any], Analysis]  # (rows, out, dataset)
     default_epochs: int
     default_subset: int  # -1 = all
     notes: str = ""
@@ -251,52 +257,86 @@ def collect(planned: list[PlannedRun], bad: list[BadRun] | None = None) -> list[
     return rows
 
 
-SUMMARY_HEADERS = ["variant", "seeds", "final val acc", "best val acc", "final train acc",
-                   "diverged", "s/epoch"]
+SUMMARY_COLUMNS = {"final val acc": "final_val_acc", "final test acc": "final_test_acc",
+                   "best val acc": "best_val_acc", "final train acc": "final_train_acc",
+                   "s/epoch": "median_seconds_per_epoch"}
+"""The summary's columns: summary.json keys of every run, over the seeds that did not diverge."""
 
 
-def summary_rows(rows: list[Row]) -> list[list[object]]:
-    """Per variant: mean ± 95% CI over seeds of the headline numbers (diverged runs excluded)."""
-    out = []
+def _summary_cells(rows: list[Row]) -> dict[str, list[tuple[str, int, Estimate]]]:
+    """Per variant: (column, diverged runs, estimate) of every summary column."""
+    cells = {}
     for label, group in by_label(rows).items():
         ok = [r.summary for r in group if not r.diverged]
-        out.append([
-            label, len(group),
-            format_mean_ci([s["final_val_acc"] for s in ok]),
-            format_mean_ci([s["best_val_acc"] for s in ok]),
-            format_mean_ci([s["final_train_acc"] for s in ok]),
-            f"{len(group) - len(ok)}/{len(group)}",
-            format_mean_ci([s["median_seconds_per_epoch"] for s in ok], ".2f"),
-        ])
-    return out
+        cells[label] = [(column, len(group) - len(ok), estimate([s.get(key) for s in ok]))
+                        for column, key in SUMMARY_COLUMNS.items()]
+    return cells
 
 
-def describe_settings(settings: ExpSettings) -> str:
-    data = describe_training_set(train_subset(settings.subset), settings.val_size)
-    return (f"{settings.epochs} epochs on {data}, {settings.seeds} seed(s) per variant; "
-            "validation on the full test set (10000 images). Intervals are 95% Student-t "
-            "intervals over seeds.")
+def summary_table(rows: list[Row]) -> str:
+    """Per variant: mean ± 95% CI over seeds of the headline numbers (diverged runs counted
+    and left out), with n in every cell."""
+    cells = _summary_cells(rows)
+    return format_table(
+        ["variant", "runs", "diverged", *SUMMARY_COLUMNS],
+        [[label, len(by_label(rows)[label]), f"{c[0][1]}/{len(by_label(rows)[label])}",
+          *(e.format(".2f" if column == "s/epoch" else ".4f") for column, _, e in c)]
+         for label, c in cells.items()])
 
 
-def write_results(out: Path, rows: list[Row]) -> str:
-    """Write a grid's ``results.jsonl`` and its ``summary.csv``/``summary.md`` (mean ± 95% CI
-    over seeds per variant) into ``out``; return the summary table."""
-    atomic_write_text(out / "results.jsonl",
-                      "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rows))
-    table_rows = summary_rows(rows)
-    atomic_write_text(out / "summary.csv", to_csv(SUMMARY_HEADERS, table_rows))
-    table = format_table(SUMMARY_HEADERS, table_rows)
+def summary_csv(rows: list[Row]) -> str:
+    """The summary in numbers: per variant and column, mean, low, high, n and diverged."""
+    lines = []
+    for label, cells in _summary_cells(rows).items():
+        for column, diverged, e in cells:
+            lines.append([label, SUMMARY_COLUMNS[column], e.mean, e.low, e.high, e.n, diverged])
+    return to_csv(["variant", "measure", "mean", "low", "high", "n", "diverged"], lines)
+
+
+def describe_settings(settings: ExpSettings, planned: list[PlannedRun]) -> str:
+    """The grid that ran, in words: its size, budget and data."""
+    variants = len({p.variant.label for p in planned})
+    budgets = sorted({(p.config.epochs, p.config.subset, p.config.val_size) for p in planned})
+    data = "; ".join(f"{epochs} epoch{'s' if epochs != 1 else ''} on "
+                     f"{describe_training_set(subset, val_size)}"
+                     for epochs, subset, val_size in budgets)
+    return (f"{variants} variant{'s' if variants != 1 else ''} x {settings.seeds} "
+            f"seed{'s' if settings.seeds != 1 else ''} = {len(planned)} runs; {data}. Test "
+            "accuracy is on the full test set (10000 images). Intervals are 95% Student-t "
+            "intervals over seeds; n is the number of seeds in a cell.")
+
+
+def write_results(out: Path, rows: list[Row], facts: dict[str, Any]) -> str:
+    """Write a grid's ``results.jsonl`` (each row with the analysis's provenance) and its
+    ``summary.csv``/``summary.md`` into ``out``; return the summary table."""
+    atomic_write_text(out / "results.jsonl", "".join(
+        json.dumps({**r.to_json(), "provenance": facts}, sort_keys=True) + "\n" for r in rows))
+    atomic_write_text(out / "summary.csv", summary_csv(rows))
+    table = summary_table(rows)
     atomic_write_text(out / "summary.md", table + "\n")
     return table
+
+
+def is_smoke_test(settings: ExpSettings, quick: bool) -> bool:
+    """Whether a grid is too small for verdicts: ``--quick``, or one seed per variant."""
+    return quick or settings.seeds < 2
+
+
+SMOKE_BANNER = ("> **Smoke test.** This grid ({why}) checks that the experiment runs end to end; "
+                "it is too small for conclusions, so this report states no verdicts and no "
+                "findings. Run it at its defaults for those.")
 
 
 def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Path,
                    dataset: FashionMNIST, jobs: int = 1, progress: bool = True,
                    executor: Executor | None = None,
-                   tensorboard: str | Path | None = None) -> str:
+                   tensorboard: str | Path | None = None, quick: bool = False,
+                   command: str | None = None) -> str:
     """Plan and validate every run, train (skipping finished runs), collect and analyze; return
     ``report.md``'s text. Runs that cannot be used are left out of the report, which says so,
-    and end in ``GridIncomplete`` once everything else is written.
+    and end in ``GridIncomplete`` once everything else is written. ``quick``: the grid is a
+    smoke test (so is any grid of one seed): no verdicts or findings are stated. ``command``:
+    the command line recorded as provenance.
 
     A second call on a finished grid trains nothing, and the analysis reads the expensive
     measurements back from the run folders (``runs.cached``)."""
@@ -312,18 +352,49 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     bad: list[BadRun] = []
     execute(planned, dataset, jobs, progress, executor, tensorboard, bad)
     rows = collect(planned, bad)
-    table = write_results(out, rows)
-    sections = experiment.analyze(rows, out, dataset)
-    report = "\n".join([
-        f"# {experiment.title}", "", f"**Question.** {experiment.question}", "",
-        f"**Settings.** {describe_settings(settings)} {experiment.notes}".rstrip(), "",
-        "## Summary", "", table, "", *sections, *_left_out_section(bad, len(planned)),
-    ]) + "\n"
+    facts = provenance(command or f"run_experiment({experiment.name!r})", quick)
+    table = write_results(out, rows, facts)
+    smoke = is_smoke_test(settings, quick)
+    analysis = experiment.analyze(rows, out, dataset)
+    if smoke:
+        analysis = analysis.as_smoke_test()
+    atomic_write_json(out / "findings.json", {
+        "experiment": experiment.name, "title": experiment.title, "question": experiment.question,
+        "smoke_test": smoke, "provenance": facts, "settings": config_to_dict(settings),
+        "verdicts": [v.to_json() for v in analysis.verdicts], "findings": analysis.findings,
+        "calibration": [c.to_json() for c in analysis.calibration]})
+    report = "\n".join(_report_lines(experiment, settings, planned, smoke, facts, table,
+                                      analysis, bad)) + "\n"
     atomic_write_text(out / "report.md", report)
     if bad:
         raise GridIncomplete(f"{len(bad)} of {len(planned)} runs could not be used (see above); "
                              f"{out / 'report.md'} covers the others")
     return report
+
+
+def _report_lines(experiment: Experiment, settings: ExpSettings, planned: list[PlannedRun],
+                  smoke: bool, facts: dict[str, Any], table: str, analysis: Analysis,
+                  bad: list[BadRun]) -> list[str]:
+    why = "--quick" if facts["quick"] else f"{settings.seeds} seed"
+    lines = [f"# {experiment.title}", ""]
+    if smoke:
+        lines += [SMOKE_BANNER.format(why=why), ""]
+    lines += [f"**Question.** {experiment.question}", "",
+              f"**Settings.** {describe_settings(settings, planned)} {experiment.notes}".rstrip(), "",
+              f"**Provenance.** {provenance_line(facts)}", ""]
+    if analysis.verdicts:
+        lines += ["## Verdicts", "",
+                  "Each from the shared rule (bnlab.experiments.findings): supported or "
+                  "contradicted only where the 95% interval of the effect excludes the other "
+                  "side, unresolved otherwise.", "", verdict_table(analysis.verdicts), ""]
+    lines += ["## Summary", "", table, "", *analysis.sections]
+    if analysis.findings:
+        lines += ["", "## Findings (computed from the numbers above)", "", *analysis.findings]
+    if analysis.calibration:
+        lines += ["", "## Calibration", "",
+                  "Each measure behind a verdict, read on synthetic inputs with a known answer.",
+                  "", calibration_table(analysis.calibration)]
+    return lines + _left_out_section(bad, len(planned))
 
 
 def _left_out_section(bad: list[BadRun], total: int) -> list[str]:

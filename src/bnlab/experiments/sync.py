@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bnlab.experiments.analysis import Row, plot_intervals, select, train_val_gap
+from bnlab.experiments.findings import Analysis
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.nn.sync import SyncBatchNorm
@@ -202,13 +203,13 @@ def plot(rows: list[Row], path: Path) -> None:
     save_figure(fig, path)
 
 
-def analyze(rows: list[Row], out: Path, dataset) -> list[str]:
+def analyze(rows: list[Row], out: Path, dataset) -> Analysis:
     """The tables, the synchronization's cost per step (measured once, ``cost.json``), the
     findings and ``sync.png``."""
     quick = len({r.seed for r in rows}) < 2  # --quick: a shorter cost measurement
     cost = measure_cost(out, steps=10 if quick else COST_STEPS)
     plot(rows, out / "sync.png")
-    return [*report_sections(rows, cost), "", "![accuracy by per-process batch](sync.png)"]
+    return Analysis([*report_sections(rows, cost), "", "![accuracy by per-process batch](sync.png)"])
 
 
 EXPERIMENT = Experiment(

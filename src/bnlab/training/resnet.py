@@ -96,7 +96,7 @@ def check_resnet(shortcut: str, residual: str, norm: str) -> None:
         raise ValueError(f"unknown residual variant {residual!r}; expected one of {list(RESIDUALS)}")
     if residual == "fixup" and norm != "none":
         raise ValueError(f"Fixup replaces normalization: residual 'fixup' takes only norm 'none' "
-                         f"(got norm {norm!r})")
+                         f"(got norm {norm!r}); use --norm none")
 
 
 class Scale(nn.Module):

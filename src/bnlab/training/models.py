@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bnlab.nn import is_batch_norm
-from bnlab.training import deep
+from bnlab.training import deep, resnet
 from bnlab.training.norms import create_norm_layer
 from bnlab.util.scoped import in_mode
 
@@ -131,6 +131,7 @@ MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "deep-mlp": ("depth", "width", "activation"),
     "deep-cnn": ("depth", "width", "activation"),
     "ioffe-mlp": (),
+    **{f"resnet{depth}": ("shortcut", "residual") for depth in resnet.DEPTHS},
 }
 """The options (``TrainConfig`` fields) each model takes beyond its norm."""
 
@@ -152,7 +153,8 @@ def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cp
     """A named model of :data:`MODEL_OPTIONS`, initialized and on ``device``.
 
     The LeNets are sized by a dry run and Xavier-initialized (:func:`initialize`); the deep
-    nets (``bnlab.training.deep``) bring their own per-activation initialization. Initialization
+    nets (``bnlab.training.deep``) and the ResNets (``bnlab.training.resnet``) bring their own
+    initialization. Initialization
     draws from torch's global RNG: seed it first for reproducible weights.
     """
     if name not in MODEL_OPTIONS:
@@ -171,6 +173,8 @@ def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cp
         return deep.deep_mlp(norm=norm, **options).to(device)
     if name == "ioffe-mlp":
         return deep.ioffe_mlp(norm=norm).to(device)
+    if name.startswith("resnet"):
+        return resnet.cifar_resnet(int(name.removeprefix("resnet")), norm=norm, **options).to(device)
     width = options.pop("width", 16)
     return deep.deep_cnn(norm=norm, channels=width, **options).to(device)
 

@@ -33,6 +33,8 @@ from bnlab.training import runs
 from bnlab.training.deep import check_architecture
 from bnlab.training.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
 from bnlab.training.norms import NORMS, check_norm_name, uses_batch_statistics
+from bnlab.training.resnet import RESIDUALS, SHORTCUTS, check_resnet
+from bnlab.training.trainable import TRAIN_ONLY, restrict_training, trainable_masks
 from bnlab.util.config import (
     OMIT_AT_DEFAULT,
     check,
@@ -107,6 +109,20 @@ class TrainConfig:
     width: int = field(default=64, metadata={"help": "deep-mlp: hidden width; deep-cnn: channels"})
     activation: str = field(default="sigmoid", metadata={
         "help": "deep-mlp/deep-cnn: activation", "choices": ("sigmoid", "tanh", "relu")})
+    shortcut: str = field(default="identity", metadata={
+        "help": "resnet*: shortcut where a block changes shape: identity (He et al.'s option A: "
+                "subsample, zero-pad the new channels) or projection (option B: 1x1 conv, norm)",
+        "choices": SHORTCUTS, OMIT_AT_DEFAULT: True})
+    residual: str = field(default="standard", metadata={
+        "help": "resnet*: residual branch: standard (conv-norm-relu-conv-norm), skipinit (times "
+                "a scalar initialized at 0; De & Smith use it with --norm none) or fixup (Zhang "
+                "et al.'s scalar biases, multiplier and initialization; --norm none only)",
+        "choices": RESIDUALS, OMIT_AT_DEFAULT: True})
+    train_only: str = field(default="all", metadata={
+        "help": "which parameters train: all; bn (only every batch norm's gamma/beta, all else "
+                "frozen at its initialization); random (as many randomly chosen other entries, "
+                "drawn with --seed, all else frozen) (bnlab.training.trainable)",
+        "choices": TRAIN_ONLY, OMIT_AT_DEFAULT: True})
     epochs: int = field(default=10, metadata={"help": "training epochs"})
     lr: float = field(default=0.1, metadata={"help": "SGD learning rate"})
     batch_size: int = field(default=128, metadata={"help": "training minibatch size"})
@@ -159,6 +175,8 @@ class TrainConfig:
             slots = parse_norm_slots(self.norm_slots) if "norm_slots" in options else ("all",)
             if "depth" in options:
                 check_architecture(self.depth, self.width, self.activation)
+            if "residual" in options:
+                check_resnet(self.shortcut, self.residual, self.norm)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         has_batch_norms = uses_batch_statistics(self.norm) and has_norm_layers(self.model) and bool(slots)
@@ -168,9 +186,18 @@ class TrainConfig:
         check(not self.freeze_bn_epochs or has_batch_norms,
               f"freeze_bn_epochs needs a model with batch norms (got model {self.model!r}, "
               f"norm {self.norm!r}, norm_slots {self.norm_slots!r})")
+        check(self.train_only in TRAIN_ONLY,
+              f"expected train_only in {list(TRAIN_ONLY)} (got {self.train_only!r})")
+        check(self.train_only == "all" or has_batch_norms,
+              f"train_only {self.train_only!r} needs a model with batch norms (got model "
+              f"{self.model!r}, norm {self.norm!r})")
+        check(self.train_only == "all" or not self.freeze_bn_epochs,
+              "train_only and freeze_bn_epochs do not go together: freezing makes batch norm's "
+              "gamma and beta buffers")
         check_device_name(self.device)
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _ALL_MODEL_OPTIONS = {option for options in MODEL_OPTIONS.values() for option in options}
 
 
@@ -271,9 +298,14 @@ def train_one_epoch(
 
 
 def optimizer_for(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """The optimizer ``config`` trains ``model`` with: SGD with its lr, momentum and weight decay."""
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+    """The optimizer ``config`` trains ``model`` with: SGD with its lr, momentum and weight decay.
+
+    With ``config.train_only`` other than ``all``, the entries it does not train are frozen in
+    ``model`` first, in place (``bnlab.training.trainable``; the choice depends on ``config.seed``).
+    """
+    masks = trainable_masks(model, config.train_only, config.seed)
+    return torch.optim.SGD(restrict_training(model, masks, config.weight_decay), lr=config.lr,
+                           momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def seeded_steps(configs: dict[str, TrainConfig], device: torch.device | str) -> dict[str, Step]:
@@ -552,12 +584,16 @@ def summarize(history: list[dict[str, Any]], epochs: int, diverged: dict[str, in
 
 
 def describe(config: TrainConfig) -> str:
-    """A short human label, e.g. ``bn-lenet (bnlab) lr=0.1 bs=128 seed=0``."""
+    """A short human label, e.g. ``bn-lenet (bnlab) lr=0.1 bs=128 seed=0``; the ResNet options and
+    ``train_only`` are named where they are not the default (``residual=fixup``)."""
     norm = ""
     if has_norm_layers(config.model):
         slots = "" if config.norm_slots == "all" else f" @ {config.norm_slots}"
         norm = f" ({config.norm}{slots})"
-    return f"{config.model}{norm} lr={config.lr:g} bs={config.batch_size} seed={config.seed}"
+    changed = {name: getattr(config, name) for name in ("shortcut", "residual", "train_only")
+               if getattr(config, name) != _DEFAULTS[name]}
+    extra = "".join(f" {name}={value}" for name, value in changed.items())
+    return f"{config.model}{norm}{extra} lr={config.lr:g} bs={config.batch_size} seed={config.seed}"
 
 
 def build_loaders(config: TrainConfig, dataset: FashionMNIST,

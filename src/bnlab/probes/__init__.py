@@ -1,4 +1,5 @@
 """Measurements of a model, independent of how it was trained: gradient norms per layer
 (``gradients``), internal covariate shift (``ics``), the loss landscape along the gradient
-(``landscape``) and accuracy under perturbations (``robustness``). They import the library
+(``landscape``), accuracy under perturbations (``robustness``) and under test-time
+adaptation through batch norm (``adaptation``: source, BN-adapt, TENT). They import the library
 (``bnlab.nn``) and ``bnlab.util``, never the training lab or the experiments."""

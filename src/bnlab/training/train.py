@@ -32,6 +32,7 @@ from bnlab.training import runs
 from bnlab.training.deep import check_architecture
 from bnlab.training.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
 from bnlab.training.norms import NORMS, check_norm_name, uses_batch_statistics
+from bnlab.training.weight_decay import decay_groups
 from bnlab.util.config import (
     OMIT_AT_DEFAULT,
     check,
@@ -110,6 +111,12 @@ class TrainConfig:
                 "over one pass of the training set, then bnlab.nn.frozen.freeze_batch_norm; "
                 "Wu & Johnson 2021's remedy for train-test inconsistency); 0 = never",
         OMIT_AT_DEFAULT: True})
+    norm_weight_decay: bool = field(default=True, metadata={
+        "help": "apply weight_decay to the norm layers' gamma/beta (--no-norm-weight-decay: "
+                "not; bnlab.training.weight_decay)", OMIT_AT_DEFAULT: True})
+    invariant_weight_decay: bool = field(default=True, metadata={
+        "help": "apply weight_decay to the scale-invariant weights, those feeding a batch norm "
+                "(--no-invariant-weight-decay: not; bnlab.probes.spherical)", OMIT_AT_DEFAULT: True})
     flush_denormal: bool = field(default=True, metadata={
         "help": "flush denormal floats to zero on CPU while training and evaluating "
                 "(bnlab.util.denormals: where the CPU is slow at them, a saturated net otherwise "
@@ -242,9 +249,11 @@ def train_one_epoch(
 
 
 def optimizer_for(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """The optimizer ``config`` trains ``model`` with: SGD with its lr, momentum and weight decay."""
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+    """The optimizer ``config`` trains ``model`` with: SGD with its lr, momentum and weight decay
+    (on the parameter groups of ``bnlab.training.weight_decay.decay_groups``)."""
+    groups = decay_groups(model, config.weight_decay, config.norm_weight_decay,
+                          config.invariant_weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
 
 
 def seeded_steps(configs: dict[str, TrainConfig], device: torch.device | str) -> dict[str, Step]:

@@ -41,12 +41,12 @@ Why no library. Checked: ``imagecorruptions`` (bethgelab, Apache-2.0; last relea
 2020) and its 2026 fork ``imagecorruptions-imaug`` carry ImageNet's parameters (blur sigma
 up to 6 pixels, meant for 224x224: it erases a 28x28 image), draw from numpy's global
 random state (no seed per call), and pull in opencv-python, scikit-image and scipy (the
-fork numba too); 1.1.2 also uses ``np.float_`` and ``multichannel=``, gone from numpy 2 and
-scikit-image >= 0.21. ``imgaug`` (0.4.0, 2020, unmaintained) wraps ``imagecorruptions``.
-``albumentations`` (MIT) is no longer maintained since June 2025; its successor
-AlbumentationsX is AGPL-3.0; its transforms sample their strength from ranges rather
-than taking H&D's severities, and it pulls in opencv-python-headless, pydantic and
-albucore. The corruptions themselves are a few lines of numpy each, so they are written
+fork numba too); 1.1.2 also calls ``np.float_`` (gone in numpy 2) and scikit-image's
+deprecated ``multichannel=``. ``imgaug`` (0.4.0, 2020, unmaintained) wraps
+``imagecorruptions``. ``albumentations`` (MIT) is no longer maintained since June 2025 and
+its successor AlbumentationsX is AGPL-3.0; its transforms take ranges of strengths, not
+H&D's severities (each would be pinned by hand), and it pulls in opencv-python-headless,
+pydantic and albucore. The corruptions themselves are a few lines of numpy each, so they are written
 here with the 32x32 parameters, a seed per call, and Pillow (already a dependency of
 matplotlib) for the JPEG codec and the box resize.
 

@@ -12,9 +12,9 @@ those statistics no longer fit, and two cheap remedies work on unlabeled test ba
       mean = N / (N + n) * mean_source + n / (N + n) * mean_batch
       var  = N / (N + n) * var_source  + n / (N + n) * var_batch
 
-  The variances mix linearly like the means (no between-means term), as in the paper's
-  formula and the authors' code (``BayesianBatchNorm`` in bethgelab/robustness,
-  ``robusta/batchnorm/bn.py``, with ``prior = N / (N + n)``). N = 0 is pure test-batch
+  The variances mix linearly like the means (no between-means term), as the authors'
+  code does (``BayesianBatchNorm`` in bethgelab/robustness, ``robusta/batchnorm/bn.py``,
+  whose ``prior`` is the weight ``N / (N + n)``). N = 0 is pure test-batch
   statistics (TENT's "norm" baseline); N = inf is the source model. ``var_source`` is the
   running variance (stored unbiased, as batch norm uses it in prediction), ``var_batch``
   the biased batch variance (as batch norm normalizes a training batch; the authors' code

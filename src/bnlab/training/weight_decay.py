@@ -10,7 +10,8 @@ know to improve batch normalization"). So the trainer can leave either out
 :func:`decay_groups`, and the equivalence itself is spelled out here.
 
 Li & Arora (ICLR 2020, "An exponential learning rate schedule for deep learning",
-arXiv:1910.07454), main theorem: on a loss for which every trained parameter is
+arXiv:1910.07454), main theorem, written here in torch's SGD form and derived again
+below: on a loss for which every trained parameter is
 scale-invariant, SGD with learning rate eta, weight decay lambda and momentum mu (torch's
 SGD: ``v_{t+1} = mu v_t + g_t + lambda w_t``, ``w_{t+1} = w_t - eta v_{t+1}``, ``v_0 = 0``)
 and SGD with the same momentum, NO weight decay and the learning rate

@@ -21,7 +21,7 @@ from bnlab.training.trainable import (
 from bnlab.util.config import config_to_dict
 from bnlab.util.errors import ConfigError
 
-CONFIG = TrainConfig(model="resnet20", norm="bnlab", subset=96, batch_size=32, epochs=2, lr=0.1,
+CONFIG = TrainConfig(val_size=200, model="resnet20", norm="bnlab", subset=96, batch_size=32, epochs=2, lr=0.1,
                      momentum=0.9, weight_decay=5e-3, eval_batch_size=200, device="cpu")
 RESNET20_BN_ENTRIES = 2 * (16 + 3 * 2 * (16 + 32 + 64))  # gamma and beta of its 19 BNs: 1376
 
@@ -102,8 +102,8 @@ def test_masked_update_is_sgd_on_the_trainable_entries() -> None:
     reference.load_state_dict(layer.state_dict())
     mask = torch.rand(3, 4) < 0.5
     masks = {"weight": mask, "bias": torch.zeros(3, dtype=torch.bool)}
-    opt = torch.optim.SGD(restrict_training(layer, masks, 0.1), lr=0.05, momentum=0.9,
-                          weight_decay=0.1)
+    groups = [{"params": list(layer.parameters()), "weight_decay": 0.1}]
+    opt = torch.optim.SGD(restrict_training(layer, groups, masks), lr=0.05, momentum=0.9)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=0.1)
     start = {n: p.detach().clone() for n, p in layer.named_parameters()}
     assert not layer.bias.requires_grad and layer.weight.requires_grad
@@ -139,7 +139,8 @@ def test_resume_stays_exact(synthetic_fashion, tmp_path) -> None:
     resumed = torch.load(tmp_path / "cut" / runs.CHECKPOINT, weights_only=False)
     for key, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
-    assert len(resumed["optimizer"]["param_groups"]) == 2
+    # every chosen entry lies in a partly trained parameter: one group, its decay in the hooks
+    assert [g["weight_decay"] for g in resumed["optimizer"]["param_groups"]] == [0.0]
 
 
 def test_config_rejects_train_only_where_it_cannot_apply() -> None:

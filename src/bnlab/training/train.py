@@ -35,6 +35,7 @@ from bnlab.training.models import MODEL_OPTIONS, build_model, check_norm, has_no
 from bnlab.training.norms import NORMS, check_norm_name, uses_batch_statistics
 from bnlab.training.resnet import RESIDUALS, SHORTCUTS, check_resnet
 from bnlab.training.trainable import TRAIN_ONLY, restrict_training, trainable_masks
+from bnlab.training.weight_decay import decay_groups
 from bnlab.util.config import (
     OMIT_AT_DEFAULT,
     check,
@@ -146,6 +147,12 @@ class TrainConfig:
                 "over one pass of the training set, then bnlab.nn.frozen.freeze_batch_norm; "
                 "Wu & Johnson 2021's remedy for train-test inconsistency); 0 = never",
         OMIT_AT_DEFAULT: True})
+    norm_weight_decay: bool = field(default=True, metadata={
+        "help": "apply weight_decay to the norm layers' gamma/beta (--no-norm-weight-decay: "
+                "not; bnlab.training.weight_decay)", OMIT_AT_DEFAULT: True})
+    invariant_weight_decay: bool = field(default=True, metadata={
+        "help": "apply weight_decay to the scale-invariant weights, those feeding a batch norm "
+                "(--no-invariant-weight-decay: not; bnlab.probes.spherical)", OMIT_AT_DEFAULT: True})
     flush_denormal: bool = field(default=True, metadata={
         "help": "flush denormal floats to zero on CPU while training and evaluating "
                 "(bnlab.util.denormals: where the CPU is slow at them, a saturated net otherwise "
@@ -298,14 +305,17 @@ def train_one_epoch(
 
 
 def optimizer_for(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """The optimizer ``config`` trains ``model`` with: SGD with its lr, momentum and weight decay.
+    """The optimizer ``config`` trains ``model`` with: SGD with its lr, momentum and weight decay
+    (on the parameter groups of ``bnlab.training.weight_decay.decay_groups``).
 
     With ``config.train_only`` other than ``all``, the entries it does not train are frozen in
     ``model`` first, in place (``bnlab.training.trainable``; the choice depends on ``config.seed``).
     """
+    groups = decay_groups(model, config.weight_decay, config.norm_weight_decay,
+                          config.invariant_weight_decay)
     masks = trainable_masks(model, config.train_only, config.seed)
-    return torch.optim.SGD(restrict_training(model, masks, config.weight_decay), lr=config.lr,
-                           momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.SGD(restrict_training(model, groups, masks), lr=config.lr,
+                           momentum=config.momentum)
 
 
 def seeded_steps(configs: dict[str, TrainConfig], device: torch.device | str) -> dict[str, Step]:

@@ -70,30 +70,34 @@ def trainable_masks(model: nn.Module, train_only: str, seed: int = 0) -> dict[st
     return masks
 
 
-def restrict_training(model: nn.Module, masks: dict[str, torch.Tensor],
-                      weight_decay: float) -> list[dict[str, Any]]:
-    """Freeze the entries of ``model`` that ``masks`` marks False (in place) and return the SGD
-    parameter groups to train it with (see the module docstring).
+def restrict_training(model: nn.Module, groups: list[dict[str, Any]],
+                      masks: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Freeze the entries of ``model`` that ``masks`` marks False (in place) and return
+    ``groups`` (SGD parameter groups, each with its ``weight_decay``) restricted to them.
 
-    Parameters wholly trainable form the first group (the optimizer's weight decay applies);
-    partly trainable ones the second, with ``weight_decay`` 0 (their hook applies
-    ``weight_decay``). With every entry trainable, nothing is changed and the one group holds
-    every parameter, as ``model.parameters()`` would.
+    A wholly trainable parameter stays in its group; a partly trainable one moves to a group of
+    its own with ``weight_decay`` 0 (its hook applies its old group's decay); a parameter with
+    nothing to train leaves the groups. With every entry trainable, ``groups`` come back as
+    they were.
     """
-    whole, partial = [], []
-    for name, param in model.named_parameters():
-        mask = masks[name]
-        if bool(mask.all()):
-            whole.append(param)
-        elif not bool(mask.any()):
-            param.requires_grad_(False)
-        else:
-            param.register_hook(_masked_gradient(param, mask, weight_decay))
-            partial.append(param)
-    groups: list[dict[str, Any]] = [{"params": whole}]
-    if partial:
-        groups.append({"params": partial, "weight_decay": 0.0})
-    return groups
+    names = {id(param): name for name, param in model.named_parameters()}
+    restricted = []
+    for group in groups:
+        whole, partial = [], []
+        for param in group["params"]:
+            mask = masks[names[id(param)]]
+            if bool(mask.all()):
+                whole.append(param)
+            elif not bool(mask.any()):
+                param.requires_grad_(False)
+            else:
+                param.register_hook(_masked_gradient(param, mask, group["weight_decay"]))
+                partial.append(param)
+        if whole:
+            restricted.append({**group, "params": whole})
+        if partial:
+            restricted.append({**group, "params": partial, "weight_decay": 0.0})
+    return restricted
 
 
 def _masked_gradient(param: nn.Parameter, mask: torch.Tensor, weight_decay: float):

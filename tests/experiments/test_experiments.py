@@ -350,7 +350,7 @@ def test_best_lr_per_model_reads_the_lr_experiment_beside(tmp_path):
 def test_periodic_evaluations_about_25_a_run_at_most_every_5_steps():
     # 30000 images / 60 = 500 steps an epoch; all 60000 / 128 = 469 (the last batch partial)
     assert periodic_eval_every(ExpSettings(epochs=3, subset=30000), 60) == 1500 // 25
-    assert periodic_eval_every(ExpSettings(epochs=5, subset=-1), 128) == 469 * 5 // 25
+    assert periodic_eval_every(ExpSettings(epochs=5, subset=0), 128) == 469 * 5 // 25
     assert periodic_eval_every(ExpSettings(epochs=1, subset=1000), 128) == 5  # 8 steps
 
 

@@ -42,7 +42,7 @@ from typing import Any
 from bnlab.data.dataset import TRAIN_SIZE
 from bnlab.experiments import analysis
 from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, Row, finals, mean_final, select
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci
 from bnlab.training.train import steps_per_epoch, training_images
 from bnlab.util.plots import plt, save_figure
@@ -62,7 +62,7 @@ Point = tuple[int, float, float]  # (global step, training seconds so far, val a
 
 def eval_interval(subset: int, bn: bool) -> int:
     """``EVAL_EVERY[bn]``, or fewer steps when an epoch is short (2 evaluations an epoch)."""
-    n = training_images(train_subset(subset))
+    n = training_images(subset)
     return min(EVAL_EVERY[bn], max(1, steps_per_epoch(n, BATCH_SIZE) // 2))
 
 
@@ -270,7 +270,7 @@ EXPERIMENT = Experiment(
     variants=variants,
     analyze=analyze,
     default_epochs=5,
-    default_subset=-1,
+    default_subset=0,
     notes=f"Learning rates: LeNet {list(LEARNING_RATES[False])}, BN-LeNet "
           f"{list(LEARNING_RATES[True])}; validation every {EVAL_EVERY[False]} steps for LeNet and "
           f"{EVAL_EVERY[True]} for BN-LeNet (every half epoch at most, for small subsets). "

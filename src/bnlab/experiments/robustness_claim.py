@@ -379,7 +379,7 @@ EXPERIMENT = Experiment(
     variants=variants,
     analyze=analyze,
     default_epochs=10,
-    default_subset=-1,
+    default_subset=0,
     notes="Models: BN-LeNet (BN) at lr 0.1 and 1, and the same network without norm layers at "
           "lr 1 (at 0.1 it does not leave chance level in a few epochs), and BN-LeNet at lr 0.1 "
           "for a tenth of the epochs (the matched-clean-accuracy control); batch 128, no "

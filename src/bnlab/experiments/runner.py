@@ -32,20 +32,22 @@ from typing import Any
 
 import torch
 
-from bnlab.data.dataset import FashionMNIST
+from bnlab.data.dataset import TRAIN_SIZE, FashionMNIST
 from bnlab.experiments.analysis import Row, by_label
 from bnlab.experiments.executors import Executor, GridProgress, LocalExecutor
 from bnlab.experiments.stats import format_mean_ci, to_csv
 from bnlab.training import runs
 from bnlab.training.distributed import DistributedConfig
+from bnlab.training.norms import check_norm_name
 from bnlab.training.train import (
+    SUBSET_HELP,
     TrainConfig,
     build_loaders,
     describe_training_set,
     steps_per_epoch,
     training_images,
 )
-from bnlab.util.config import check_at_least, config_to_dict
+from bnlab.util.config import check, check_at_least, config_to_dict
 from bnlab.util.errors import BnlabError, ConfigError
 from bnlab.util.io import atomic_write_json, atomic_write_text, remove_stray_temps
 from bnlab.util.tables import format_table
@@ -53,14 +55,19 @@ from bnlab.util.tables import format_table
 
 @dataclass
 class ExpSettings:
-    """How big an experiment's grid is. ``0`` for epochs/subset means the experiment's default;
-    ``subset=-1`` means the whole training set."""
+    """How big an experiment's grid is. ``epochs=0`` and ``subset=None`` (its flag not given)
+    mean the experiment's default; ``subset=0`` means all 60000 training images, as for
+    ``bnlab train``."""
 
     seeds: int = field(default=3, metadata={"help": "seeds per variant (0, 1, ...)"})
     epochs: int = field(default=0, metadata={"help": "epochs per run (0 = experiment default)"})
-    subset: int = field(default=0, metadata={
-        "help": "training images per run (0 = experiment default, -1 = all 60000)"})
+    subset: int | None = field(default=None, metadata={
+        "help": f"{SUBSET_HELP}; not given: the experiment's default"})
     dropout: float = field(default=0.5, metadata={"help": "dropout probability (dropout experiment)"})
+    norms: str | None = field(default=None, metadata={
+        "help": "comma list of norms (names as for train --norm, plug-ins included) for the "
+                "experiments whose variants are norms (norms; batchsize's small-batch part); "
+                "not given: the experiment's own list"})
     flush_denormal: bool = field(default=True, metadata={
         "help": "every run flushes denormal floats to zero on CPU (TrainConfig.flush_denormal; "
                 "off: the IEEE arithmetic of runs from before the flush, to time the difference)"})
@@ -69,12 +76,31 @@ class ExpSettings:
         if self.seeds < 1:
             raise ConfigError(f"expected seeds >= 1 (got {self.seeds})")
         check_at_least(self, 0, "epochs")
-        check_at_least(self, -1, "subset")
+        check(self.subset is None or self.subset >= 0,
+              f"expected subset >= 0 (got {self.subset}): 0 = all {TRAIN_SIZE} training images; "
+              "leave --subset out for the experiment's default")
+        if self.norms is not None:
+            norm_list(self)  # every name resolves (plug-ins are imported and checked now)
+
+
+def norm_list(settings: ExpSettings) -> tuple[str, ...]:
+    """The norms of ``settings.norms`` (a comma list), each checked; ConfigError for a bad
+    name, a repeated one or an empty list."""
+    names = tuple(n.strip() for n in (settings.norms or "").split(",") if n.strip())
+    check(bool(names), f"expected --norms as a comma list of norm names (got {settings.norms!r})")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    check(not repeated, f"--norms names {repeated} more than once")
+    for name in names:
+        try:
+            check_norm_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"--norms: {exc}") from None
+    return names
 
 
 QUICK = ExpSettings(seeds=1, epochs=1, subset=1000)
 """``--quick``: the whole grid, tiny (smoke tests)."""
-FULL = ExpSettings(seeds=3, epochs=10, subset=-1)
+FULL = ExpSettings(seeds=3, epochs=10, subset=0)
 """``--full``: the chapter's settings (10 epochs on all 60000 images)."""
 
 
@@ -102,8 +128,10 @@ class Experiment:
     variants: Callable[[ExpSettings], list[Variant]]
     analyze: Callable[[list[Row], Path, Any], list[str]]  # (rows, out, dataset)
     default_epochs: int
-    default_subset: int  # -1 = all
+    default_subset: int  # 0 = all, as TrainConfig.subset
     notes: str = ""
+    norms: tuple[str, ...] = ()  # the norms its variants compare (``--norms`` replaces them);
+    # () = its variants are not a list of norms, and it takes no --norms
 
 
 @dataclass(frozen=True)
@@ -119,16 +147,14 @@ class PlannedRun:
 
 def resolve(settings: ExpSettings, experiment: Experiment) -> ExpSettings:
     """Settings with the experiment's defaults filled in."""
+    check(settings.norms is None or bool(experiment.norms),
+          f"experiment {experiment.name!r} takes no --norms: its variants are not a list of norms")
     return dataclasses.replace(
         settings,
         epochs=settings.epochs or experiment.default_epochs,
-        subset=settings.subset or experiment.default_subset,
+        subset=experiment.default_subset if settings.subset is None else settings.subset,
+        norms=settings.norms or (",".join(experiment.norms) if experiment.norms else None),
     )
-
-
-def train_subset(subset: int) -> int:
-    """``TrainConfig.subset`` for a resolved ``ExpSettings.subset``: -1 (all images) is 0 there."""
-    return 0 if subset == -1 else subset
 
 
 EVALS_PER_RUN = 25
@@ -140,7 +166,7 @@ short run's evaluations of 10000 test images would cost more than its training).
 def periodic_eval_every(settings: ExpSettings, batch_size: int) -> int:
     """``TrainConfig.eval_every`` that evaluates a run of resolved ``settings`` at batch
     ``batch_size`` about :data:`EVALS_PER_RUN` times, at most every :data:`MIN_EVAL_EVERY` steps."""
-    steps = steps_per_epoch(training_images(train_subset(settings.subset)), batch_size) * settings.epochs
+    steps = steps_per_epoch(training_images(settings.subset), batch_size) * settings.epochs
     return max(MIN_EVAL_EVERY, steps // EVALS_PER_RUN)
 
 
@@ -166,12 +192,11 @@ def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list
     Every config is built (so validated) here, before anything trains; a bad one is a
     ``ConfigError`` naming its variant.
     """
-    subset = train_subset(settings.subset)
     planned = []
     for variant in experiment.variants(settings):
         for seed in range(settings.seeds):
             try:
-                config = TrainConfig(**{"epochs": settings.epochs, "subset": subset,
+                config = TrainConfig(**{"epochs": settings.epochs, "subset": settings.subset,
                                         "flush_denormal": settings.flush_denormal,
                                         **variant.params, "seed": seed})
             except ValueError as exc:
@@ -264,7 +289,7 @@ def summary_rows(rows: list[Row]) -> list[list[object]]:
 
 
 def describe_settings(settings: ExpSettings) -> str:
-    data = describe_training_set(train_subset(settings.subset))
+    data = describe_training_set(settings.subset)
     return (f"{settings.epochs} epochs on {data}, {settings.seeds} seed(s) per variant; "
             "validation on the full test set (10000 images). Intervals are 95% Student-t "
             "intervals over seeds.")

@@ -34,7 +34,7 @@ def test_train_then_inspect(capsys, fake_dataset, tmp_path):
     assert json.loads((out_dir / "config.json").read_text())["epochs"] == 2
     code, out, _ = run_cli(capsys, "inspect", str(out_dir))
     assert code == 0
-    assert "first norm layer (1), 6 channels" in out and "gamma = [" in out
+    assert "first norm layer (conv1), 6 channels" in out and "gamma = [" in out
     assert "running_var" in out and (out_dir / "norm_params.png").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -23,6 +24,29 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("data", "bench", "train", "inspect", "demo", "exp", "report"):
         assert command in out
+    description = out.split("\n\n")[1]  # the first paragraph after the usage lines
+    assert description.startswith("Start here: `bnlab demo`")
+
+
+def _options(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command path, parser, option action) of every flag of every (sub)command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, (*path, name))
+        elif action.option_strings and action.dest not in ("help", "version"):
+            yield path, parser, action
+
+
+def test_every_flag_says_its_default_and_every_command_what_it_does():
+    options = list(_options(cli.build_parser()))
+    assert len(options) > 80  # every command's flags were walked
+    for path, _, action in options:
+        assert "default" in (action.help or ""), (path, action.option_strings, action.help)
+        if action.default not in (None, False, True):  # a value: the help names it
+            assert str(action.default) in action.help, (path, action.option_strings)
+    for path, parser, _ in options:
+        assert parser.description, path  # CMD --help says what CMD does, not only its flags
 
 
 @pytest.mark.slow

@@ -55,7 +55,7 @@ from bnlab.nn.precise import update_bn_stats
 from bnlab.training import restore, runs
 from bnlab.training.norms import uses_batch_statistics
 from bnlab.util.plots import plt, save_figure
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 SGD_BATCH = 128
 BASE_LR = 0.1
@@ -273,7 +273,8 @@ def findings(rows: list[Row], ways) -> list[str]:
             before, after = (mean_ci([j[i] for j in jumps])[0] for i in (0, 1))
             lines.append(f"- Training loss of the remedy runs, last epoch with batch statistics vs "
                          f"first frozen epoch: {before:.3f} vs {after:.3f} (mean over "
-                         f"{len(jumps)} runs, every V), at the same constant rate {BASE_LR:g}.")
+                         f"{counted(len(jumps), 'run')}, every V), at the same constant rate "
+                         f"{BASE_LR:g}.")
     for b in SMALL_BATCHES:
         scores = {label: finals(select(rows, part="small", b=b, norm=label))
                   for label in small_labels(rows)}

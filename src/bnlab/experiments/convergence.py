@@ -46,7 +46,7 @@ from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci
 from bnlab.training.train import steps_per_epoch, training_images
 from bnlab.util.plots import plt, save_figure
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 LEARNING_RATES = {False: (0.3, 1.0, 3.0), True: (0.1, 0.3, 1.0, 3.0)}
 MODELS = {False: ("LeNet", {"model": "lenet", "norm": "none"}),
@@ -140,7 +140,8 @@ def describe_reach(stats: dict[str, Any]) -> str:
     if stats["seeds"] == 0:
         return "-"
     if stats["reached"] < stats["seeds"]:
-        return f"not reached by {stats['seeds'] - stats['reached']}/{stats['seeds']} seeds"
+        return (f"not reached by {stats['seeds'] - stats['reached']}/"
+                f"{counted(stats['seeds'], 'seed')}")
     return (f"{stats['mean_steps']:.0f} steps, {stats['mean_seconds']:.1f} s "
             f"({', '.join(map(str, stats['steps']))})")
 

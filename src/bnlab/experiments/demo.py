@@ -24,7 +24,7 @@ from bnlab.training.train import SUBSET_HELP, TrainConfig, describe, describe_tr
 from bnlab.util.config import config_to_dict
 from bnlab.util.io import atomic_write_json, atomic_write_text, remove_stray_temps
 from bnlab.util.plots import plot_comparison
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 REPORT = "report.md"
 COMPARISON_FIGURE = "comparison.png"
@@ -184,7 +184,7 @@ def write_report(config: DemoConfig, out: Path, plan: dict[str, TrainConfig],
     lines = [
         "# bnlab demo: LeNet with and without batch norm on Fashion-MNIST",
         "",
-        f"{config.epochs} epochs on {scope}, evaluated on the full test set (10000 images); "
+        f"{counted(config.epochs, 'epoch')} on {scope}, evaluated on the full test set (10000 images); "
         f"SGD lr {config.lr:g}, batch {config.batch_size}, seed {config.seed}.",
         "",
         table,

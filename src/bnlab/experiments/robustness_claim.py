@@ -51,7 +51,7 @@ from bnlab.probes.robustness import (
 )
 from bnlab.training import restore, runs
 from bnlab.util.plots import plt, save_figure
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 MODELS = {
     "BN (lr 0.1)": ({"model": "bn-lenet", "norm": "bnlab", "lr": 0.1}, True),
@@ -310,7 +310,8 @@ def control_findings(measured: Measured, controls: Controls) -> list[str]:
 
 def skipped(rows: list[Row]) -> list[str]:
     """A line per variant with failed seeds."""
-    return [f"- {label}: {sum(map(failed, g))}/{len(g)} seeds failed and are not measured."
+    return [f"- {label}: {sum(map(failed, g))}/{counted(len(g), 'seed')} failed and are not "
+            "measured."
             for label, g in by_label(rows).items() if any(map(failed, g))]
 
 

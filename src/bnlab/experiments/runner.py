@@ -50,7 +50,7 @@ from bnlab.training.train import (
 from bnlab.util.config import check, check_at_least, config_to_dict
 from bnlab.util.errors import BnlabError, ConfigError
 from bnlab.util.io import atomic_write_json, atomic_write_text, remove_stray_temps
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 
 @dataclass
@@ -62,12 +62,12 @@ class ExpSettings:
     seeds: int = field(default=3, metadata={"help": "seeds per variant (0, 1, ...)"})
     epochs: int = field(default=0, metadata={"help": "epochs per run (0 = experiment default)"})
     subset: int | None = field(default=None, metadata={
-        "help": f"{SUBSET_HELP}; not given: the experiment's default"})
+        "help": f"{SUBSET_HELP} (default: the experiment's own)"})
     dropout: float = field(default=0.5, metadata={"help": "dropout probability (dropout experiment)"})
     norms: str | None = field(default=None, metadata={
         "help": "comma list of norms (names as for train --norm, plug-ins included) for the "
-                "experiments whose variants are norms (norms; batchsize's small-batch part); "
-                "not given: the experiment's own list"})
+                "experiments whose variants are norms (norms; batchsize's small-batch part) "
+                "(default: the experiment's own list)"})
     flush_denormal: bool = field(default=True, metadata={
         "help": "every run flushes denormal floats to zero on CPU (TrainConfig.flush_denormal; "
                 "off: the IEEE arithmetic of runs from before the flush, to time the difference)"})
@@ -290,7 +290,8 @@ def summary_rows(rows: list[Row]) -> list[list[object]]:
 
 def describe_settings(settings: ExpSettings) -> str:
     data = describe_training_set(settings.subset)
-    return (f"{settings.epochs} epochs on {data}, {settings.seeds} seed(s) per variant; "
+    return (f"{counted(settings.epochs, 'epoch')} on {data}, {counted(settings.seeds, 'seed')} "
+            "per variant; "
             "validation on the full test set (10000 images). Intervals are 95% Student-t "
             "intervals over seeds.")
 

@@ -394,6 +394,10 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--full", action="store_true",
                       help="the chapter's settings: 3 seeds, 10 epochs, all 60000 images "
                            "(default: the experiment's grid)")
+    exp.add_argument("--dry-run", action="store_true",
+                     help="print the grid (variants x seeds, finished runs, steps to train) and "
+                          "an estimate of its training time from steps timed now; train and "
+                          "write nothing (default: off)")
     exp.add_argument("--jobs", type=int, default=1,
                      help="runs in parallel processes; threads are split between them "
                           "(default: 1)")
@@ -422,20 +426,27 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_experiment(args: argparse.Namespace) -> None:
-    from bnlab.experiments import get_experiment
+    from bnlab.experiments import get_experiment, sizing
     from bnlab.experiments.executors import make_executor
-    from bnlab.experiments.runner import FULL, QUICK, ExpSettings, run_experiment
+    from bnlab.experiments.runner import FULL, QUICK, ExpSettings, check_data, run_experiment
     from bnlab.training.tensorboard import summary_writer_class
 
     base = QUICK if args.quick else FULL if args.full else None
     settings = _config_or_error(ExpSettings, args, base)
     _check_positive(args, "jobs")
     executor = make_executor(args.executor, args.jobs, args.address, args.threads)
+    experiment = get_experiment(args.name)
+    if args.dry_run:
+        print(sizing.dry_run(experiment, settings, args.out, args.jobs, args.threads))
+        return
     if args.tensorboard:
         summary_writer_class()  # fails now, naming the extra, when tensorboard is missing
-    experiment = get_experiment(args.name)
-    print(run_experiment(experiment, settings, args.out, _load_data(args),
-                         args.jobs, args.progress, executor, args.tensorboard))
+    planned = sizing.planned_runs(experiment, settings, args.out)  # validates every config
+    dataset = _load_data(args)
+    check_data(planned, dataset)  # before the grid's size is said
+    with sizing.grid_progress(planned, args.progress):
+        print(run_experiment(experiment, settings, args.out, dataset,
+                             args.jobs, args.progress, executor, args.tensorboard))
     print(f"report: {args.out}/{experiment.name}/report.md")
 
 

@@ -206,6 +206,13 @@ def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list
     return planned
 
 
+def check_data(planned: list[PlannedRun], dataset: FashionMNIST) -> None:
+    """DatasetError unless the grid's subset fits ``dataset`` (one rule, ``build_loaders``';
+    all runs share the subset)."""
+    if planned:
+        build_loaders(planned[0].config, dataset, torch.device("cpu"))
+
+
 def is_finished(run_dir: Path) -> bool:
     return (run_dir / runs.SUMMARY).exists()
 
@@ -322,8 +329,7 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     runs_root = Path(out) / "runs"
     out = Path(out) / experiment.name
     planned = plan(experiment, settings, runs_root)  # validates every config before any trains
-    if planned:  # the subset must fit the data (one rule, build_loaders'); all runs share it
-        build_loaders(planned[0].config, dataset, torch.device("cpu"))
+    check_data(planned, dataset)
     out.mkdir(parents=True, exist_ok=True)
     remove_stray_temps(out)
     atomic_write_json(out / "settings.json", config_to_dict(settings))

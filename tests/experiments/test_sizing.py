@@ -81,12 +81,13 @@ def test_the_estimate_sums_timed_steps_and_schedules_them_as_the_executor(tmp_pa
         timed.append((config.norm_slots, nproc, threads))
         return sizing.StepTiming(step=0.5, eval_batch=0.1)
 
-    one = sizing.estimate(planned, jobs=1, time_fn=fake_time)
+    overheads = sizing.Overheads(run=1.0, start=3.0)
+    one = sizing.estimate(planned, jobs=1, time_fn=fake_time, overheads=overheads)
     per_run = 8 * 0.5 + 1 * 10 * 0.1  # 8 steps; one evaluation of 10 batches of 1000
     assert one.seconds == {p.run_dir.name: pytest.approx(per_run) for p in planned}
-    assert one.wall == pytest.approx(6 * per_run) and one.timed_configs == len(timed) == 6
-    two = sizing.estimate(planned, jobs=2, time_fn=fake_time)
-    assert two.wall == pytest.approx(3 * per_run)  # two workers, three runs each
+    assert one.wall == pytest.approx(6 * (per_run + 1)) and one.timed_configs == len(timed) == 6
+    two = sizing.estimate(planned, jobs=2, time_fn=fake_time, overheads=overheads)
+    assert two.wall == pytest.approx(3 * (per_run + 1) + 3)  # two workers started, 3 runs each
     assert sizing.format_duration(40) == "40 s" and sizing.format_duration(600) == "10 min"
 
 
@@ -99,6 +100,16 @@ def test_runs_over_processes_run_alone_before_the_pool():
     seconds = [(alone, 10.0), (pooled[0], 3.0), (pooled[1], 1.0), (pooled[2], 1.0)]
     assert sizing.wall_seconds(seconds, jobs=2) == 10.0 + 3.0  # 3 | 1 + 1 on two workers
     assert sizing.wall_seconds(seconds, jobs=1) == 15.0
+    overheads = sizing.Overheads(run=0.5, start=2.0)
+    # the multi-process run starts its processes; the pool starts its workers once
+    assert sizing.wall_seconds(seconds, 2, overheads) == (10.0 + 0.5 + 2.0) + (3.5 + 2.0)
+    assert sizing.wall_seconds(seconds, 1, overheads) == 15.0 + 4 * 0.5 + 2.0
+
+
+def test_the_overheads_are_measured_by_a_tiny_run_and_a_started_python():
+    overheads = sizing.measure_overheads(starts_processes=True)
+    assert 0 < overheads.run < 60 and 0 < overheads.start < 120
+    assert sizing.measure_overheads(starts_processes=False).start == 0.0
 
 
 def test_timing_a_config_draws_no_random_numbers_and_restores_threads():

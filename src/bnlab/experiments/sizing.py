@@ -24,7 +24,9 @@ import dataclasses
 import math
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bnlab.data.dataset import TEST_SIZE
+from bnlab.data.dataset import TEST_SIZE, FashionMNIST
 from bnlab.experiments.runner import (
     Experiment,
     ExpSettings,
@@ -51,6 +53,7 @@ from bnlab.training.train import (
     model_for,
     optimizer_for,
     resolve_device,
+    start_run,
     steps_per_epoch,
     training_images,
 )
@@ -149,22 +152,54 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+@dataclass(frozen=True)
+class Overheads:
+    """Seconds a grid costs besides steps and evaluations, measured on this machine."""
+
+    run: float  # per run: building the model, checkpoints, history files, curves.png
+    start: float  # per process started to train (an exp --jobs worker, a rank of a run)
+
+
+def measure_overheads(starts_processes: bool) -> Overheads:
+    """:class:`Overheads` now: a tiny run trained to the end in a temporary folder (two steps
+    and an evaluation of 20 images, so nearly all of its time is the rest), and, where the
+    grid starts processes, a Python started to import what a worker imports."""
+    images = torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8, generator=torch.Generator())
+    labels = torch.arange(20) % 10
+    tiny = FashionMNIST(images, labels, images, labels, root=Path("synthetic"))
+    config = TrainConfig(epochs=1, subset=20, batch_size=10, eval_batch_size=20, device="cpu")
+    with tempfile.TemporaryDirectory() as folder, torch.random.fork_rng(devices=[]):
+        start = time.perf_counter()
+        start_run(config, tiny, Path(folder) / "run", progress=False).train()
+        run = time.perf_counter() - start
+    if not starts_processes:
+        return Overheads(run, 0.0)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import bnlab.experiments.executors"], check=True,
+                   capture_output=True)
+    return Overheads(run, time.perf_counter() - start)
+
+
 def run_seconds(size: RunSize, timing: StepTiming) -> float:
     """Estimated seconds of what is left of a run: its steps and its evaluations."""
     eval_batches = math.ceil(TEST_SIZE / size.run.config.eval_batch_size)
     return size.steps * timing.step + size.evaluations * eval_batches * timing.eval_batch
 
 
-def wall_seconds(seconds: list[tuple[PlannedRun, float]], jobs: int) -> float:
+def wall_seconds(seconds: list[tuple[PlannedRun, float]], jobs: int,
+                 overheads: Overheads = Overheads(0.0, 0.0)) -> float:
     """The grid's wall time as ``LocalExecutor(jobs)`` runs it: runs over several processes
-    (and every run when ``jobs == 1``) one after another, then the others on ``jobs``
-    workers, each run to the worker free first, in grid order."""
-    alone = sum(s for p, s in seconds if jobs == 1 or p.world is not None)
+    (and every run when ``jobs == 1``) one after another, each starting its processes, then
+    the others on ``jobs`` workers started together, each run to the worker free first, in
+    grid order; every run with its overhead."""
+    alone = sum(s + overheads.run + (overheads.start if p.world is not None else 0.0)
+                for p, s in seconds if jobs == 1 or p.world is not None)
     workers = [0.0] * jobs
     for p, s in seconds:
         if jobs > 1 and p.world is None:
-            workers[workers.index(min(workers))] += s
-    return alone + max(workers)
+            workers[workers.index(min(workers))] += s + overheads.run
+    pool = max(workers) + overheads.start if max(workers) else 0.0
+    return alone + pool
 
 
 # --------------------------------------------------------------------------- the dry run
@@ -179,6 +214,7 @@ class GridEstimate:
     wall: float  # estimated wall time of the training left
     timed_configs: int  # distinct (model, norm, batch size, ...) configurations timed
     jobs: int
+    overheads: Overheads
 
     @property
     def finished(self) -> int:
@@ -190,9 +226,10 @@ class GridEstimate:
 
 
 def estimate(planned: list[PlannedRun], jobs: int = 1, threads: int | None = None,
-             time_fn=time_config) -> GridEstimate:
+             time_fn=time_config, overheads: Overheads | None = None) -> GridEstimate:
     """Size every run of ``planned`` and estimate the grid's training time on this machine,
-    timing each distinct configuration of the runs left once (``time_fn``)."""
+    timing each distinct configuration of the runs left once (``time_fn``), with the
+    ``overheads`` of runs and processes (measured now when not given)."""
     sizes = [run_size(p) for p in planned]
     timings: dict[tuple[str, int], StepTiming] = {}  # (config_key, processes) -> timing
     seconds = {}
@@ -205,8 +242,12 @@ def estimate(planned: list[PlannedRun], jobs: int = 1, threads: int | None = Non
         if key not in timings:
             timings[key] = time_fn(config, nproc, threads_per_run(jobs, nproc, threads))
         seconds[size.run.run_dir.name] = run_seconds(size, timings[key])
-    wall = wall_seconds([(p, seconds[p.run_dir.name]) for p in planned], jobs)
-    return GridEstimate(planned, sizes, seconds, wall, len(timings), jobs)
+    todo = [(size.run, seconds[size.run.run_dir.name]) for size in sizes if size.steps]
+    if overheads is None:
+        overheads = measure_overheads(any(jobs > 1 or p.world is not None for p, _ in todo)) \
+            if todo else Overheads(0.0, 0.0)
+    return GridEstimate(planned, sizes, seconds, wall_seconds(todo, jobs, overheads),
+                        len(timings), jobs, overheads)
 
 
 def format_duration(seconds: float) -> str:
@@ -244,13 +285,17 @@ def describe_grid(experiment: Experiment, settings: ExpSettings, grid: GridEstim
         "",
     ]
     if runs_left:
+        starts = (f", {grid.overheads.start:.1f} s to start a process" if grid.overheads.start
+                  else "")
         lines.append(
             f"Estimated training time: about {format_duration(grid.wall)} with --jobs "
-            f"{grid.jobs} ({per_run}). An estimate: {TIMED_STEPS} training steps and one "
-            f"evaluation batch of each of the grid's {counted(grid.timed_configs, 'distinct configuration')} "
-            "were timed now on this machine (random images); runs that diverge stop early, "
-            "the machine's load changes it, and runs over several processes were timed as "
-            "one process with its share of the batch (communication left out).")
+            f"{grid.jobs} ({per_run}). An estimate, from this machine now: {TIMED_STEPS} "
+            f"training steps and one evaluation batch of each of the grid's "
+            f"{counted(grid.timed_configs, 'distinct configuration')} timed on random "
+            f"images, plus {grid.overheads.run:.1f} s a run for the rest (model, checkpoints, "
+            f"curves){starts}. Runs that diverge stop early, the machine's load changes it, "
+            "and runs over several processes were timed as one process with its share of "
+            "the batch (communication left out).")
     else:
         lines.append("Nothing to train: every run is finished.")
     lines.append("Then the analysis measures the finished runs (not in this estimate; a "

@@ -438,6 +438,9 @@ def _run_experiment(args: argparse.Namespace) -> None:
     experiment = get_experiment(args.name)
     if args.dry_run:
         print(sizing.dry_run(experiment, settings, args.out, args.jobs, args.threads))
+        if args.executor == "ray":
+            print("With --executor ray the runs spread over the cluster's CPUs: the estimate "
+                  "is for this machine, one run at a time.")
         return
     if args.tensorboard:
         summary_writer_class()  # fails now, naming the extra, when tensorboard is missing

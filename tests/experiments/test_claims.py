@@ -108,7 +108,7 @@ def test_steps_per_epoch_matches_the_training_loader(synthetic_fashion):
     for n, bs in ((1000, 128), (1025, 128), (1000, 8), (129, 128)):
         loader, _ = build_loaders(TrainConfig(subset=n, batch_size=bs), synthetic_fashion, "cpu")
         assert steps_per_epoch(n, bs) == len(loader)
-    assert convergence.eval_interval(-1, True) == 50 and convergence.eval_interval(-1, False) == 100
+    assert convergence.eval_interval(0, True) == 50 and convergence.eval_interval(0, False) == 100
     assert convergence.eval_interval(1000, True) == convergence.eval_interval(1000, False) == 4
 
 

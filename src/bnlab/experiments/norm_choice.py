@@ -254,7 +254,8 @@ def findings(rows: list[Row], gaps: dict[tuple[str, int], float]) -> list[str]:
         lines.append(f"- {norm_label(n)} is at least as accurate as BN (equal epochs) at batch sizes: "
                      + (", ".join(map(str, better)) if better else "none of the grid") + ".")
     if gaps:
-        for norm, name in norms_of(rows).items():
+        for norm in dict.fromkeys([*norms_of(rows), *(n for n, _ in gaps)]):
+            name = norm_label(norm)
             verdict = mode_independent(gaps, norm)
             if verdict is None:
                 continue

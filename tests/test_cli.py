@@ -210,3 +210,25 @@ def test_every_bench_module_imports(module):
     import importlib
 
     importlib.import_module(f"bnlab.bench.{module}")
+
+
+def test_subset_means_the_same_for_every_command():
+    from bnlab.data.dataset import TRAIN_SIZE
+    from bnlab.experiments import get_experiment
+    from bnlab.experiments.runner import QUICK, ExpSettings, resolve
+    from bnlab.training.train import TrainConfig, training_images
+    from bnlab.util.config import config_from_args
+
+    parser = cli.build_parser()
+    norms = get_experiment("norms")
+
+    def exp_subset(*flags: str, base=None) -> int:
+        args = parser.parse_args(["exp", "norms", *flags])
+        return resolve(config_from_args(ExpSettings, args, base), norms).subset
+
+    assert exp_subset() == norms.default_subset == 10000  # not given: the experiment's own
+    assert exp_subset(base=QUICK) == 1000
+    for base in (None, QUICK):  # 0 is all the images, as for train and demo
+        assert training_images(exp_subset("--subset", "0", base=base)) == TRAIN_SIZE
+    train = config_from_args(TrainConfig, parser.parse_args(["train", "--subset", "0"]))
+    assert training_images(train.subset) == TRAIN_SIZE

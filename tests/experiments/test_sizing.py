@@ -146,3 +146,18 @@ def test_the_analysis_bar_counts_measurements_left_per_name():
     bar.observe("robustness", True)
     assert (bar.bar.n, bar.bar.total) == (1, 4) and "analysis: robustness" in bar.bar.desc
     bar.close()
+
+
+def test_a_cut_off_run_is_sized_by_what_its_resume_then_trains(synthetic_fashion, tmp_path):
+    from bnlab.experiments.runner import PlannedRun, Variant
+    from bnlab.training.train import TrainConfig, start_run
+
+    config = TrainConfig(epochs=3, subset=1000, eval_every=3, eval_batch_size=100)  # 8 steps/epoch
+    p = PlannedRun(Variant("v", {}), config, tmp_path / "run")
+    start_run(config, synthetic_fashion, p.run_dir, progress=False).train_next_epoch()  # cut off
+    size = sizing.run_size(p)
+    before = len(runs.read_jsonl(p.run_dir / runs.EVALS))
+    start_run(config, synthetic_fashion, p.run_dir, resume=True, progress=False).train()
+    steps = [len(row["loss"]) for row in runs.read_jsonl(p.run_dir / runs.STEPS)]
+    evals = len(runs.read_jsonl(p.run_dir / runs.EVALS)) - before
+    assert (size.epochs, size.steps, size.evaluations) == (2, sum(steps[1:]), 2 + evals)

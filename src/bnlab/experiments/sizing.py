@@ -76,7 +76,7 @@ class RunSize:
     evaluations: int  # full test-set evaluations left: one per epoch, plus periodic ones
 
 
-def epochs_done(run_dir) -> int:
+def epochs_done(run_dir: Path) -> int:
     """Finished epochs of a cut-off run, as its ``metrics.jsonl`` says (0 when unreadable)."""
     try:
         return len(runs.read_jsonl(run_dir / runs.METRICS))
@@ -88,9 +88,11 @@ def run_size(p: PlannedRun) -> RunSize:
     """What training ``p`` still takes (nothing for a finished run)."""
     config = p.config
     left = 0 if is_finished(p.run_dir) else max(0, config.epochs - epochs_done(p.run_dir))
-    steps = left * steps_per_epoch(training_images(config.subset), config.batch_size)
-    periodic = steps // config.eval_every if config.eval_every else 0
-    return RunSize(p, left, steps, left + periodic)
+    per_epoch = steps_per_epoch(training_images(config.subset), config.batch_size)
+    total, done = config.epochs * per_epoch, (config.epochs - left) * per_epoch
+    every = config.eval_every
+    periodic = total // every - done // every if every else 0  # at multiples of every steps
+    return RunSize(p, left, total - done, left + periodic)
 
 
 # --------------------------------------------------------------------------- timing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -23,6 +24,29 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("data", "bench", "train", "inspect", "demo", "exp", "report"):
         assert command in out
+    description = out.split("\n\n")[1]  # the first paragraph after the usage lines
+    assert description.startswith("Start here: `bnlab demo`")
+
+
+def _options(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command path, parser, option action) of every flag of every (sub)command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, (*path, name))
+        elif action.option_strings and action.dest not in ("help", "version"):
+            yield path, parser, action
+
+
+def test_every_flag_says_its_default_and_every_command_what_it_does():
+    options = list(_options(cli.build_parser()))
+    assert len(options) > 80  # every command's flags were walked
+    for path, _, action in options:
+        assert "default" in (action.help or ""), (path, action.option_strings, action.help)
+        if action.default not in (None, False, True):  # a value: the help names it
+            assert str(action.default) in action.help, (path, action.option_strings)
+    for path, parser, _ in options:
+        assert parser.description, path  # CMD --help says what CMD does, not only its flags
 
 
 @pytest.mark.slow
@@ -34,7 +58,7 @@ def test_train_then_inspect(capsys, fake_dataset, tmp_path):
     assert json.loads((out_dir / "config.json").read_text())["epochs"] == 2
     code, out, _ = run_cli(capsys, "inspect", str(out_dir))
     assert code == 0
-    assert "first norm layer (1), 6 channels" in out and "gamma = [" in out
+    assert "first norm layer (conv1), 6 channels" in out and "gamma = [" in out
     assert "running_var" in out and (out_dir / "norm_params.png").exists()
 
 
@@ -128,9 +152,10 @@ def test_bench_step_tracks_torch_and_refuses_bad_norms(capsys, fake_dataset):
     losses = {n: float(cells[2]) for n, cells in rows.items()}
     assert losses["bnlab"] == pytest.approx(losses["torch"], abs=1e-5)
     assert losses["bnlab-ref"] == pytest.approx(losses["torch"], abs=1e-5)
-    for bad in ("bnlab,nope,torch", "bnlab"):
+    for bad, message in (("bnlab,nope,torch", "--norms: unknown norm 'nope'"),
+                         ("bnlab", "--norms: expected torch among the norms")):
         code, _, err = run_cli(capsys, "bench", "step", "--norms", bad, "--steps", "2")
-        assert code == 2 and "--norms: expected names from" in err
+        assert code == 2 and message in err, err
 
 
 def test_kernel_build_without_compiler_fails_in_one_line(capsys, monkeypatch, tmp_path):
@@ -186,3 +211,27 @@ def test_every_bench_module_imports(module):
     import importlib
 
     importlib.import_module(f"bnlab.bench.{module}")
+
+
+def test_subset_means_the_same_for_every_command():
+    from bnlab.data.dataset import TRAIN_SIZE
+    from bnlab.experiments import get_experiment
+    from bnlab.experiments.runner import QUICK, ExpSettings, resolve
+    from bnlab.training.train import TrainConfig, training_images
+    from bnlab.util.config import config_from_args
+
+    parser = cli.build_parser()
+    norms = get_experiment("norms")
+
+    def exp_subset(*flags: str, base=None) -> int:
+        args = parser.parse_args(["exp", "norms", *flags])
+        return resolve(config_from_args(ExpSettings, args, base), norms).subset
+
+    assert exp_subset() == norms.default_subset == 10000  # not given: the experiment's own
+    assert exp_subset(base=QUICK) == 1000
+    for base in (None, QUICK):  # 0 is all the images, as for train and demo
+        assert exp_subset("--subset", "0", base=base) == 0
+    train = config_from_args(TrainConfig, parser.parse_args(["train", "--subset", "0"]))
+    assert train.subset == 0
+    # all of them: every training image the validation split leaves
+    assert training_images(0, train.val_size) == TRAIN_SIZE - train.val_size

@@ -45,7 +45,7 @@ def test_the_notebook_runs_top_to_bottom_in_quick_mode(tmp_path, monkeypatch):
     outputs = [output for cell in code_cells(notebook) for output in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "quick mode: 1 epoch(s), 1000 training images" in text
+    assert "quick mode: 1 epoch, 1000 training images" in text
     assert "outputs, input gradients and running statistics agree" in text
     assert "first norm layer" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the curves, inline

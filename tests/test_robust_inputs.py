@@ -95,7 +95,7 @@ OTHER_ERRORS = {
     "bench step steps": (["bench", "step", "--steps", "0"], "expected --steps >= 1"),
     "bench step batch": (["bench", "step", "--batch-size", "1"], "batch norm needs batch_size >= 2"),
     "exp jobs": (["exp", "chapter", "--jobs", "0"], "expected --jobs >= 1"),
-    "exp subset": (["exp", "chapter", "--subset", "-2"], "expected subset >= -1 (got -2)"),
+    "exp subset": (["exp", "chapter", "--subset", "-1"], "expected subset >= 0 (got -1)"),
     "exp dropout": (["exp", "dropout", "--dropout", "2"], "expected dropout in [0, 1) (got 2.0)"),
     "exp subset too big": (["exp", "chapter", "--subset", "5000"], "subset size must be in 1..2400"),
     "inspect nowhere": (["inspect", "/nonexistent/run"], "/nonexistent/run is not a run folder"),

@@ -18,6 +18,9 @@ from bnlab.util.errors import BnlabError, describe_os_error
 
 Handler = Callable[[argparse.Namespace], int | None]
 
+DATA_DIR_DEFAULT = ("(default: $BNLAB_DATA, else ~/.cache/bnlab/fashion-mnist, then "
+                    "/usr/share/datasets/fashion-mnist)")
+
 DEFAULT_REPORT_RUNS = ("runs/demo", "runs/exp")
 
 
@@ -27,11 +30,12 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
     fetch = data_sub.add_parser(
         "fetch", help="make Fashion-MNIST available (no-op when already found and verified)")
-    fetch.add_argument("--data-dir", help="where to look first and where to download to")
+    fetch.add_argument("--data-dir", help="where to look first and where to download to "
+                       + DATA_DIR_DEFAULT)
     fetch.set_defaults(handler=_run_data_fetch)
 
     info = data_sub.add_parser("info", help="where the data was found, verification, sizes, classes")
-    info.add_argument("--data-dir", help="look here first")
+    info.add_argument("--data-dir", help="look here first " + DATA_DIR_DEFAULT)
     info.set_defaults(handler=_run_data_info)
 
 
@@ -88,9 +92,9 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
 
     loader = bench_sub.add_parser(
         "loader", help="bnlab's in-memory loader vs a per-sample torch DataLoader, one epoch")
-    loader.add_argument("--data-dir", help="look here first for Fashion-MNIST")
-    loader.add_argument("--batch-size", type=int, default=128)
-    loader.add_argument("--repeats", type=int, default=3, help="epochs timed per loader")
+    _add_data_dir_flag(loader)
+    loader.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    loader.add_argument("--repeats", type=int, default=3, help="epochs timed per loader (default: 3)")
     loader.set_defaults(handler=_run_bench_loader)
 
     from bnlab.bench.bn import DEFAULT_IMPLS
@@ -98,16 +102,17 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
 
     bn = bench_sub.add_parser(
         "bn", help="bnlab's batch norm implementations vs torch's native kernel")
-    bn.add_argument("--repeats", type=int, default=100, help="interleaved repeats per shape")
+    bn.add_argument("--repeats", type=int, default=100,
+                    help="interleaved repeats per shape (default: 100)")
     bn.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
                     help="comma-separated implementations from "
                          f"{', '.join(IMPLEMENTATIONS)}; cpp builds bnlab's kernel first if "
                          "needed, compiled compiles each shape first (both excluded from the "
-                         "timings)")
+                         f"timings) (default: {','.join(DEFAULT_IMPLS)})")
     bn.add_argument("--floor", action="store_true",
                     help="also time a do-nothing Python autograd.Function: the overhead any "
-                         "plain-tensor-op implementation pays before its math")
-    bn.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+                         "plain-tensor-op implementation pays before its math (default: off)")
+    _add_device_flag(bn)
     _add_write_docs_flag(bn)
     bn.set_defaults(handler=_run_bench_bn)
 
@@ -116,27 +121,40 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
                      "Fashion-MNIST batches")
     step.add_argument("--norms", default="bnlab,torch",
                       help="comma-separated norm names (see `bnlab train --help`), e.g. "
-                           "bnlab,bnlab-fast,torch; ratios are to torch's")
-    step.add_argument("--steps", type=int, default=300, help="timed steps per norm")
-    step.add_argument("--batch-size", type=int, default=128)
-    step.add_argument("--data-dir", help="look here first for Fashion-MNIST")
-    step.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+                           "bnlab,bnlab-fast,torch; ratios are to torch's (default: bnlab,torch)")
+    step.add_argument("--steps", type=int, default=300, help="timed steps per norm (default: 300)")
+    step.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    _add_data_dir_flag(step)
+    _add_device_flag(step)
     _add_write_docs_flag(step)
     step.set_defaults(handler=_run_bench_step)
 
     fold = bench_sub.add_parser(
         "fold", help="BN-LeNet eval latency at batch 1 and 128: unfolded, folded "
                      "(bnlab.nn.fold) and torch's conv-BN fusion, interleaved")
-    fold.add_argument("--repeats", type=int, default=200, help="interleaved calls per model")
-    fold.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    fold.add_argument("--repeats", type=int, default=200,
+                      help="interleaved calls per model (default: 200)")
+    _add_device_flag(fold)
     fold.set_defaults(handler=_run_bench_fold)
     grid = bench_sub.add_parser(
         "grid", help="a small grid's wall time: local process pool vs Ray (overhead per task)")
-    grid.add_argument("--seeds", type=int, default=2, help="seeds of the 3-variant chapter grid")
-    grid.add_argument("--workers", type=int, default=2, help="runs at a time (1 thread each)")
-    grid.add_argument("--repeats", type=int, default=2, help="rounds, executors alternating")
-    grid.add_argument("--data-dir", help="look here first for Fashion-MNIST")
+    grid.add_argument("--seeds", type=int, default=2,
+                      help="seeds of the 3-variant chapter grid (default: 2)")
+    grid.add_argument("--workers", type=int, default=2,
+                      help="runs at a time, 1 thread each (default: 2)")
+    grid.add_argument("--repeats", type=int, default=2,
+                      help="rounds, executors alternating (default: 2)")
+    _add_data_dir_flag(grid)
     grid.set_defaults(handler=_run_bench_grid)
+
+
+def _add_data_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="look here first for Fashion-MNIST " + DATA_DIR_DEFAULT)
+
+
+def _add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when available, else the CPU (default: auto)")
 
 
 def _add_write_docs_flag(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +162,8 @@ def _add_write_docs_flag(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--write-docs", nargs="?", const=str(DEFAULT_PATH), default=None,
                         metavar="PATH", help="also write the table, with machine, torch "
-                        f"version and date, into its section of PATH (default {DEFAULT_PATH})")
+                        f"version and date, into its section of PATH (default: off; PATH "
+                        f"defaults to {DEFAULT_PATH})")
 
 
 def _publish(args: argparse.Namespace, key: str, title: str, table: str) -> None:
@@ -175,15 +194,19 @@ def _run_bench_loader(args: argparse.Namespace) -> None:
 
 def _run_bench_step(args: argparse.Namespace) -> None:
     from bnlab.bench import step
-    from bnlab.training.norms import NORMS
+    from bnlab.training.norms import check_norm_name
     from bnlab.training.train import TrainConfig, build_loaders, resolve_device, seeded_steps
 
     _check_positive(args, "steps")
     norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
-    unknown = [n for n in norms if n not in NORMS]
-    if unknown or "torch" not in norms:
-        raise BnlabError(f"--norms: expected names from {sorted(NORMS)}, torch among "
-                         f"them (got {args.norms!r})")
+    if "torch" not in norms:
+        raise BnlabError(f"--norms: expected torch among the norms, the ratios' reference "
+                         f"(got {args.norms!r})")
+    for name in norms:
+        try:
+            check_norm_name(name)
+        except ValueError as exc:
+            raise BnlabError(f"--norms: {exc}") from None
     device, lr = resolve_device(args.device), 0.1
     # Training batches only: no validation split is held out (nothing is evaluated).
     configs = {n: TrainConfig(model="bn-lenet", norm=n, lr=lr, batch_size=args.batch_size, seed=0,
@@ -239,16 +262,19 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     add_config_flags(train, TrainConfig)
     add_config_flags(train, DistributedConfig)
     train.add_argument("--out", help="run folder (default: runs/<model>-<norm>-lr<lr>-seed<seed>)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (default: off: a folder with a finished "
+                            "epoch is refused)")
     train.add_argument("--tensorboard", metavar="DIR",
-                       help="also log losses, accuracies and BN histograms to TensorBoard in DIR")
+                       help="also log losses, accuracies and BN histograms to TensorBoard in DIR "
+                            "(default: no logging)")
     _add_common_run_flags(train)
     train.set_defaults(handler=_run_train)
 
     inspect = sub.add_parser("inspect", help="gamma/beta and running stats of a run's norm layers")
     inspect.add_argument("run", help="a run folder (from bnlab train or bnlab demo)")
     inspect.add_argument("--no-figure", dest="figure", action="store_false",
-                         help="do not write norm_params.png")
+                         help="do not write norm_params.png (default: write it into the run)")
     inspect.set_defaults(handler=_run_inspect)
 
     demo = sub.add_parser("demo", help="the chapter's demo: LeNet vs BN-LeNet (bnlab, torch)",
@@ -258,15 +284,16 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     add_config_flags(demo, DemoConfig)
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.add_argument("--fresh", action="store_true",
-                      help="delete the demo's earlier runs in --out and start over")
+                      help="delete the demo's earlier runs in --out and start over (default: "
+                           "off: finished runs are reused, cut-off ones resumed)")
     _add_common_run_flags(demo)
     demo.set_defaults(handler=_run_demo)
 
 
 def _add_common_run_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", help="look here first for Fashion-MNIST")
+    _add_data_dir_flag(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bars or per-epoch lines")
+                        help="no progress bars or per-epoch lines (default: shown)")
 
 
 def _config_or_error(cls, args, base=None):
@@ -279,6 +306,7 @@ def _run_train(args: argparse.Namespace) -> None:
     from bnlab.training.distributed import DistributedConfig, launched_by_torchrun, train_distributed
     from bnlab.training.models import has_norm_layers
     from bnlab.training.train import TrainConfig, describe, start_run
+    from bnlab.util.tables import counted
 
     if args.norm is None and not has_norm_layers(args.model):
         args.norm = "none"
@@ -288,7 +316,8 @@ def _run_train(args: argparse.Namespace) -> None:
     if world.nproc > 1 or launched_by_torchrun():
         if args.tensorboard:
             raise BnlabError("--tensorboard logs one process's run; it does not go with --nproc > 1")
-        print(f"training {describe(config)} on {world.nproc} processes -> {out}")
+        print(f"training {describe(config)} on {counted(world.nproc, 'process', 'processes')} "
+              f"-> {out}")
         summary = train_distributed(config, world, _load_data(args), out, args.resume,
                                     args.progress)
         if summary is None:  # a rank other than 0 under torchrun
@@ -361,11 +390,18 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     add_config_flags(exp, ExpSettings)
     size = exp.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="smoke test: 1 seed, 1 epoch, 1000 training images")
+                      help="smoke test: 1 seed, 1 epoch, 1000 training images (default: the "
+                           "experiment's grid)")
     size.add_argument("--full", action="store_true",
-                      help="the chapter's settings: 3 seeds, 10 epochs, all 60000 images")
+                      help="the chapter's settings: 3 seeds, 10 epochs, all 60000 images "
+                           "(default: the experiment's grid)")
+    exp.add_argument("--dry-run", action="store_true",
+                     help="print the grid (variants x seeds, finished runs, steps to train) and "
+                          "an estimate of its training time from steps timed now; train and "
+                          "write nothing (default: off)")
     exp.add_argument("--jobs", type=int, default=1,
-                     help="runs in parallel processes; threads are split between them")
+                     help="runs in parallel processes; threads are split between them "
+                          "(default: 1)")
     exp.add_argument("--out", default="runs/exp", help="output folder (default: runs/exp)")
     exp.add_argument("--executor", choices=EXECUTORS, default="local",
                      help="where runs train: local processes (default) or Ray tasks")
@@ -374,11 +410,16 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--threads", type=int, help="threads per run (default: local cpu_count "
                      "// jobs, ray 1); a Ray task reserves that many CPUs")
     exp.add_argument("--tensorboard", metavar="DIR",
-                     help="also log each run trained to TensorBoard, in DIR/<run folder name>")
+                     help="also log each run trained to TensorBoard, in DIR/<run folder name> "
+                          "(default: no logging)")
     _add_common_run_flags(exp)
     exp.set_defaults(handler=_run_experiment)
 
-    report = sub.add_parser("report", help="gather the demo and all experiment reports into one")
+    report = sub.add_parser(
+        "report", help="gather the demo and all experiment reports into one",
+        description="Gather the demo's report.md and each experiment's report.md found under "
+                    "the --runs folders into one Markdown file (--out), the experiments in "
+                    "bnlab's order, figure links rewritten to work from there.")
     report.add_argument("--runs", nargs="+",
                         help=f"folders to gather from (default: {' '.join(DEFAULT_REPORT_RUNS)})")
     report.add_argument("--out", default="runs/report.md", help="(default: runs/report.md)")
@@ -386,27 +427,38 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_experiment(args: argparse.Namespace) -> None:
-    from bnlab.experiments import get_experiment
+    from bnlab.experiments import get_experiment, sizing
     from bnlab.experiments.executors import make_executor
-    from bnlab.experiments.runner import FULL, QUICK, ExpSettings, run_experiment
+    from bnlab.experiments.runner import FULL, QUICK, ExpSettings, check_data, run_experiment
     from bnlab.training.tensorboard import summary_writer_class
 
     base = QUICK if args.quick else FULL if args.full else None
     settings = _config_or_error(ExpSettings, args, base)
     _check_positive(args, "jobs")
     executor = make_executor(args.executor, args.jobs, args.address, args.threads)
+    experiment = get_experiment(args.name)
+    if args.dry_run:
+        print(sizing.dry_run(experiment, settings, args.out, args.jobs, args.threads))
+        if args.executor == "ray":
+            print("With --executor ray the runs spread over the cluster's CPUs: the estimate "
+                  "is for this machine, one run at a time.")
+        return
     if args.tensorboard:
         summary_writer_class()  # fails now, naming the extra, when tensorboard is missing
-    experiment = get_experiment(args.name)
-    print(run_experiment(experiment, settings, args.out, _load_data(args),
-                         args.jobs, args.progress, executor, args.tensorboard, quick=args.quick,
-                         command=shlex.join(["bnlab", *args.argv])))
+    planned = sizing.planned_runs(experiment, settings, args.out)  # validates every config
+    dataset = _load_data(args)
+    check_data(planned, dataset)  # before the grid's size is said
+    with sizing.grid_progress(planned, args.progress):
+        print(run_experiment(experiment, settings, args.out, dataset,
+                             args.jobs, args.progress, executor, args.tensorboard,
+                             quick=args.quick, command=shlex.join(["bnlab", *args.argv])))
     print(f"report: {args.out}/{experiment.name}/report.md")
 
 
 def _run_report(args: argparse.Namespace) -> None:
     from bnlab.experiments import EXPERIMENTS
     from bnlab.experiments.report import build_report
+    from bnlab.util.tables import counted
 
     if args.runs:  # folders named on the command line must exist; the defaults may not yet
         missing = [r for r in args.runs if not Path(r).is_dir()]
@@ -414,7 +466,7 @@ def _run_report(args: argparse.Namespace) -> None:
             raise BnlabError(f"--runs {' '.join(missing)}: no such folder")
     path, gathered = build_report(args.runs or list(DEFAULT_REPORT_RUNS), args.out,
                                   order=tuple(EXPERIMENTS))
-    print(f"gathered {len(gathered)} report(s) into {path}")
+    print(f"gathered {counted(len(gathered), 'report')} into {path}")
 
 
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -429,7 +481,11 @@ COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnlab",
-        description="A laboratory for batch normalization (D2L's chapter, reproduced).",
+        description="Start here: `bnlab demo` trains the chapter's LeNet with and without batch "
+                    "norm and writes runs/demo/report.md (`bnlab data info` first checks that "
+                    "Fashion-MNIST is found). A laboratory for batch normalization (D2L's "
+                    "chapter, reproduced): then `bnlab exp NAME --dry-run` sizes an experiment "
+                    "and `bnlab exp NAME` runs it.",
     )
     from bnlab import __version__
 
@@ -437,7 +493,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add_group in COMMAND_GROUPS:
         add_group(sub)
+    _describe_commands(parser)
     return parser
+
+
+def _describe_commands(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command without a description its one-line help as one, so that
+    ``bnlab CMD --help`` says what CMD does, not only its flags."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                if sub.description is None and helps.get(name):
+                    sub.description = helps[name][0].upper() + helps[name][1:] + "."
+                _describe_commands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

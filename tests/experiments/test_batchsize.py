@@ -13,7 +13,7 @@ import torch
 from bnlab.data.loader import Loader
 from bnlab.experiments import batchsize
 from bnlab.experiments.measure import accuracy_in_mode
-from bnlab.experiments.runner import QUICK, ExpSettings
+from bnlab.experiments.runner import QUICK, ExpSettings, resolve
 from bnlab.nn.frozen import _FrozenBatchNorm
 from bnlab.nn.ghost import _GhostBatchNorm
 from bnlab.nn.precise import update_bn_stats
@@ -129,14 +129,15 @@ def test_a_run_resumed_in_or_before_its_frozen_phase_ends_as_an_uninterrupted_on
 
 
 def test_variants_remedy_small_batch_rates_and_quick_grid():
-    full = batchsize.variants(ExpSettings(epochs=10))
+    full = batchsize.variants(resolve(ExpSettings(epochs=10), batchsize.EXPERIMENT))
     remedy = [v for v in full if v.tags.get("frozen")]
     assert len(remedy) == len(batchsize.GHOST_SIZES)
     assert {v.params["freeze_bn_epochs"] for v in remedy} == {2}
     small = [v for v in full if v.tags["part"] == "small"]
     assert {(v.params["batch_size"], v.params["lr"]) for v in small} == {
         (2, 0.1 / 64), (4, 0.1 / 32), (8, 0.1 / 16)}
-    assert not [v for v in batchsize.variants(QUICK) if v.tags.get("frozen")]
+    assert not [v for v in batchsize.variants(resolve(QUICK, batchsize.EXPERIMENT))
+                if v.tags.get("frozen")]
     assert batchsize.frozen_epochs(1) == 0 and batchsize.frozen_epochs(3) == 1
 
 

@@ -108,7 +108,7 @@ def test_steps_per_epoch_matches_the_training_loader(synthetic_fashion):
         loader = build_loaders(TrainConfig(val_size=200, subset=n, batch_size=bs), synthetic_fashion,
                                "cpu").train
         assert steps_per_epoch(n, bs) == len(loader)
-    whole, small = ExpSettings(subset=-1), ExpSettings(subset=1000)
+    whole, small = ExpSettings(subset=0), ExpSettings(subset=1000)
     assert convergence.eval_interval(whole, True) == 50 and convergence.eval_interval(whole, False) == 100
     assert convergence.eval_interval(small, True) == convergence.eval_interval(small, False) == 4
 

@@ -349,7 +349,7 @@ def test_periodic_evaluations_about_25_a_run_at_most_every_5_steps():
     # 30000 images / 60 = 500 steps an epoch; all 50000 that the validation split of 10000
     # leaves / 128 = 391 (the last batch partial)
     assert periodic_eval_every(ExpSettings(epochs=3, subset=30000), 60) == 1500 // 25
-    assert periodic_eval_every(ExpSettings(epochs=5, subset=-1), 128) == 391 * 5 // 25
+    assert periodic_eval_every(ExpSettings(epochs=5, subset=0), 128) == 391 * 5 // 25
     assert periodic_eval_every(ExpSettings(epochs=1, subset=1000), 128) == 5  # 8 steps
 
 

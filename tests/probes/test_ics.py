@@ -99,9 +99,9 @@ def test_noise_only_in_training_and_strength_parsing():
     x = torch.randn(4, 3, 2, 2)
     assert torch.equal(layer(x), layer(x))
     with pytest.raises(ValueError, match="noisy-bn:STRENGTH"):
-        parse_strength("noisy-bn:-1")
+        parse_strength("-1")
     with pytest.raises(ValueError, match="noisy-bn:STRENGTH"):
-        parse_strength("noisy-bn:abc")
+        parse_strength("abc")
 
 
 # --------------------------------------------------------------------------- percentiles

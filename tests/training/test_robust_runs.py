@@ -374,7 +374,7 @@ def test_inspect_of_a_read_only_run_prints_then_says_the_figure_failed(fake_data
     finished_run(capsys, out)
     mounts.read_only(out)
     code, text, err = run_cli(capsys, "inspect", str(out))
-    assert code == 0 and "first norm layer (1), 6 channels" in text and "running_var" in text
+    assert code == 0 and "first norm layer (conv1), 6 channels" in text and "running_var" in text
     assert "norm_params.png" in err and "could not write" in err and "Read-only file system" in err
     assert "Traceback" not in err and not (out / "norm_params.png").exists()
 

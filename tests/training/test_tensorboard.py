@@ -16,7 +16,7 @@ from bnlab.data import dataset
 from bnlab.experiments import get_experiment
 from bnlab.experiments.runner import QUICK, plan, resolve
 from bnlab.training import runs
-from bnlab.training.models import norm_layers
+from bnlab.training.models import NORM_SLOTS, norm_layers
 from bnlab.training.tensorboard import BN_STATISTICS, EPOCH_SCALARS, optional_logger
 from bnlab.training.train import TrainConfig, model_for, start_run
 
@@ -62,8 +62,10 @@ def test_event_files_hold_the_run_and_every_bn_layer(fake_dataset, tmp_path, cap
     assert [e.value for e in logged] == as_float32(steps)
 
     config = TrainConfig(**json.loads((out / runs.CONFIG).read_text()))
-    layers = [name for name, _ in norm_layers(model_for(config))]
-    assert len(layers) == 4  # BN-LeNet: two conv and two FC BN layers
+    model = model_for(config)
+    layers = [name for name, _ in norm_layers(model)]
+    assert layers == list(NORM_SLOTS)  # tagged as BN-LeNet names its slots, not by index
+    index = {module: name for name, module in model.named_modules()}  # Sequential index
     histograms = set(events.Tags()["histograms"])
     assert histograms == {f"bn/{layer}/{key}" for layer in layers
                           for key in (*BN_STATISTICS, "input")}
@@ -71,15 +73,14 @@ def test_event_files_hold_the_run_and_every_bn_layer(fake_dataset, tmp_path, cap
         assert [e.step for e in events.Histograms(tag)] == [1, 2], tag
     # The last epoch's histograms describe the checkpointed model.
     state = torch.load(out / runs.CHECKPOINT, weights_only=False)["model"]
-    for layer in layers:
+    for layer, module in norm_layers(model):
         for key, attribute in [("gamma", "weight"), ("running_var", "running_var")]:
-            value = state[f"{layer}.{attribute}"]
+            value = state[f"{index[module]}.{attribute}"]
             histogram = events.Histograms(f"bn/{layer}/{key}")[-1].histogram_value
             assert histogram.num == value.numel()
             assert histogram.min == pytest.approx(value.min().item())
             assert histogram.max == pytest.approx(value.max().item())
     # conv1's BN sees conv1's output on the fixed batch: the first eval batch (100 test images).
-    model = model_for(config)
     model.load_state_dict(state)
     x = fake_dataset.test_images[:100].unsqueeze(1).float() / 255  # (100, 1, 28, 28)
     with torch.no_grad():

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from bnlab.bench.timing import time_interleaved
 from bnlab.functional import IMPLEMENTATIONS, batch_norm, get_implementation
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 SHAPES: list[tuple[int, ...]] = [
     (128, 6, 24, 24),   # BN-LeNet: after conv1
@@ -225,7 +225,7 @@ def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3,
     note = (f"device: {dev}, torch {torch.__version__}, {threads} threads, float32, affine, "
             "running stats tracked. fwd and fwd+bwd: training mode; eval fwd: eval mode "
             f"under torch.no_grad(). Each measurement is its own interleaved pair with "
-            f"native (alternating which runs first), median of {repeats} repeats; native's "
+            f"native (alternating which runs first), median of {counted(repeats, 'repeat')}; native's "
             "row is the median over its pairs.")
     if first_call:
         note += " First calls (build, load or compile; excluded above): " + ", ".join(

@@ -19,7 +19,7 @@ from pathlib import Path
 from bnlab.experiments import get_experiment
 from bnlab.experiments.executors import LocalExecutor, RayExecutor, import_ray
 from bnlab.experiments.runner import ExpSettings, execute, plan
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 
 def run_grid_benchmark(dataset, seeds: int = 2, workers: int = 2, repeats: int = 2,
@@ -54,6 +54,6 @@ def run_grid_benchmark(dataset, seeds: int = 2, workers: int = 2, repeats: int =
              f"{(m - medians['local pool']) / n_runs:+.2f}"] for name, m in medians.items()]
     rows.append(["ray: starting the local instance", f"{ray_start:.1f}", "", ""])
     header = (f"grid `chapter`, {n_runs} runs of 1 epoch on {subset} images, {workers} at a "
-              f"time with 1 thread each; median of {repeats} round(s), fresh run folders")
+              f"time with 1 thread each; median of {counted(repeats, 'round')}, fresh run folders")
     table = format_table(["executor", "wall s (grid)", "s / run", "overhead s / run vs pool"], rows)
     return f"{header}\n\n{table}"

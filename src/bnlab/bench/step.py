@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from bnlab.bench.timing import sync
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 DEFAULT_NORMS = ("bnlab", "torch")
 
@@ -76,7 +76,7 @@ def run_step_benchmark(step_fns: dict[str, Step], batches: EpochBatches, *, setu
              f"{losses[n]:.6f}"] for n in norms]
     note = (f"BN-LeNet training steps (forward, cross-entropy, backward, {setup}), "
             f"device {device}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; {steps} steps per norm after {warmup} "
-            "warm-up steps, the models stepped in turn on the same batches.")
+            f"{torch.get_num_threads()} threads; {counted(steps, 'step')} per norm after "
+            f"{counted(warmup, 'warm-up step')}, the models stepped in turn on the same batches.")
     headers = ["norm", "ms/step (median)", f"vs {reference}", "last loss"]
     return note + "\n\n" + format_table(headers, rows)

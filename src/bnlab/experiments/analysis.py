@@ -23,6 +23,7 @@ from bnlab.experiments.stats import ACCURACY, bounded, interval, mean_ci
 from bnlab.training import runs
 from bnlab.training.train import steps_per_epoch, training_images
 from bnlab.util.plots import plt
+from bnlab.util.tables import counted
 
 CHANCE = 0.1
 FAIL_ACCURACY = 0.2
@@ -193,7 +194,7 @@ def describe_epochs_to_reach(rows: list[Row], threshold: float) -> str:
     reached = [epochs_to_reach(r, threshold) for r in rows]
     hits = [e for e in reached if e is not None]
     if len(hits) < len(reached):
-        return f"not reached by {len(reached) - len(hits)}/{len(reached)} seeds"
+        return f"not reached by {len(reached) - len(hits)}/{counted(len(reached), 'seed')}"
     return f"{statistics.fmean(hits):.1f} ({', '.join(map(str, hits))})"
 
 

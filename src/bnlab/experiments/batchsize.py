@@ -33,7 +33,8 @@ norms is b), beside Part 1's Ghost BN of V = b at SGD batch 128. The rate follow
 linear scaling rule, ``0.1 * b / 128`` (Goyal et al. 2017), and every run trains the same
 epochs, so each sees the same images with the same rate per image. SyncBN is not in this
 grid: one process here; ``bnlab exp sync`` compares it with local BN and GroupNorm at
-per-process batches 2-32.
+per-process batches 2-32. ``--norms`` replaces part 2's four norms with a list of one's own
+(plug-ins included, see ``bnlab.training.norms``).
 """
 
 from __future__ import annotations
@@ -49,19 +50,21 @@ from bnlab.data.loader import Loader, stratified_subset
 from bnlab.experiments.analysis import Row, final, finals, plot_intervals, select
 from bnlab.experiments.findings import Analysis, Verdict, judge_difference
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant, norm_list
 from bnlab.experiments.stats import format_mean_ci, intervals_apart, mean_ci
 from bnlab.nn.precise import update_bn_stats
 from bnlab.training import restore, runs
 from bnlab.training.norms import uses_batch_statistics
 from bnlab.util.plots import plt, save_figure
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 SGD_BATCH = 128
 BASE_LR = 0.1
 GHOST_SIZES = (2, 4, 8, 16, 32, 128)
 SMALL_BATCHES = (2, 4, 8)
 SMALL_NORMS = {"BN": "bnlab", "Batch Renorm": "renorm", "GroupNorm": "group", "LayerNorm": "layer"}
+"""Part 2's norms by their names in the report; ``--norms`` gives another list (names not
+here are shown as given)."""
 FROZEN_FRACTION = 0.2
 """The remedy freezes batch norm for the last 20% of the epochs (2 of 10, as the paper)."""
 EVAL_SEED = 0
@@ -92,8 +95,19 @@ def variants(settings: ExpSettings) -> list[Variant]:
     small = [Variant(f"{label} batch {b}", {"model": "bn-lenet", "norm": norm,
                                             "lr": small_batch_lr(b), "batch_size": b},
                      {"part": "small", "b": b, "norm": label})
-             for b in SMALL_BATCHES for label, norm in SMALL_NORMS.items()]
+             for b in SMALL_BATCHES for label, norm in small_norms(settings).items()]
     return ghost + remedy + small
+
+
+def small_norms(settings: ExpSettings) -> dict[str, str]:
+    """Part 2's norms (resolved ``settings.norms``) by their names in the report."""
+    labels = {norm: label for label, norm in SMALL_NORMS.items()}
+    return {labels.get(norm, norm): norm for norm in norm_list(settings)}
+
+
+def small_labels(rows: list[Row]) -> list[str]:
+    """The names of part 2's norms in ``rows``, in grid order."""
+    return list(dict.fromkeys(r.tags["norm"] for r in select(rows, part="small")))
 
 
 # --------------------------------------------------------------------------- measurement
@@ -211,11 +225,12 @@ def ghost_table(rows: list[Row], ways) -> str:
 
 
 def small_table(rows: list[Row]) -> str:
-    headers = ["b", *SMALL_NORMS, f"Ghost BN (SGD {SGD_BATCH})"]
+    labels = small_labels(rows)
+    headers = ["b", *labels, f"Ghost BN (SGD {SGD_BATCH})"]
     table = []
     for b in SMALL_BATCHES:
         cells = [format_mean_ci(finals(select(rows, part="small", b=b, norm=label)))
-                 for label in SMALL_NORMS]
+                 for label in labels]
         cells.append(format_mean_ci(finals(select(rows, part="ghost", v=b, frozen=False))))
         table.append([str(b), *cells])
     return format_table(headers, table)
@@ -258,9 +273,11 @@ def findings(rows: list[Row], ways) -> list[str]:
             before, after = (mean_ci([j[i] for j in jumps])[0] for i in (0, 1))
             lines.append(f"- Training loss of the remedy runs, last epoch with batch statistics vs "
                          f"first frozen epoch: {before:.3f} vs {after:.3f} (mean over "
-                         f"{len(jumps)} runs, every V), at the same constant rate {BASE_LR:g}.")
+                         f"{counted(len(jumps), 'run')}, every V), at the same constant rate "
+                         f"{BASE_LR:g}.")
     for b in SMALL_BATCHES:
-        scores = {label: finals(select(rows, part="small", b=b, norm=label)) for label in SMALL_NORMS}
+        scores = {label: finals(select(rows, part="small", b=b, norm=label))
+                  for label in small_labels(rows)}
         scores["Ghost BN"] = finals(select(rows, part="ghost", v=b, frozen=False))
         scores = {k: s for k, s in scores.items() if s}
         if not scores:
@@ -344,7 +361,7 @@ def plot(rows: list[Row], ways, path: Path) -> None:
     axes[1].axhline(0, color="gray", linewidth=0.8)
     axes[1].set_ylabel("accuracy difference")
     axes[1].set_title("the paper's two gaps", fontsize=9)
-    for label in SMALL_NORMS:
+    for label in small_labels(rows):
         points = {b: finals(select(rows, part="small", b=b, norm=label)) for b in SMALL_BATCHES}
         plot_intervals(axes[2], {b: p for b, p in points.items() if p}, label=f"{label} (SGD b)")
     ghost = {b: finals(select(rows, part="ghost", v=b, frozen=False)) for b in SMALL_BATCHES}
@@ -371,6 +388,7 @@ EXPERIMENT = Experiment(
     analyze=analyze,
     default_epochs=10,
     default_subset=4000,
+    norms=tuple(SMALL_NORMS.values()),
     notes=f"Ghost BN V in {list(GHOST_SIZES)} at SGD batch {SGD_BATCH}, lr {BASE_LR:g}, with and "
           "without the frozen remedy (last 20% of the epochs); BN, Batch Renorm, GroupNorm, "
           f"LayerNorm at SGD batch {list(SMALL_BATCHES)} with linearly scaled rates. Default: 10 "

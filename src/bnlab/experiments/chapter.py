@@ -58,5 +58,5 @@ EXPERIMENT = Experiment(
     variants=variants,
     analyze=analyze,
     default_epochs=10,
-    default_subset=-1,
+    default_subset=0,
 )

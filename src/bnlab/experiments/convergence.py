@@ -43,11 +43,11 @@ from bnlab.data.dataset import TRAIN_SIZE
 from bnlab.experiments import analysis
 from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, Row, finals, mean_final, select
 from bnlab.experiments.findings import Analysis
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci
 from bnlab.training.train import steps_per_epoch, training_images
 from bnlab.util.plots import plt, save_figure
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 LEARNING_RATES = {False: (0.3, 1.0, 3.0), True: (0.1, 0.3, 1.0, 3.0)}
 MODELS = {False: ("LeNet", {"model": "lenet", "norm": "none"}),
@@ -63,7 +63,7 @@ Point = tuple[int, float, float]  # (global step, training seconds so far, val a
 
 def eval_interval(settings: ExpSettings, bn: bool) -> int:
     """``EVAL_EVERY[bn]``, or fewer steps when an epoch is short (2 evaluations an epoch)."""
-    n = training_images(train_subset(settings.subset), settings.val_size)
+    n = training_images(settings.subset, settings.val_size)
     return min(EVAL_EVERY[bn], max(1, steps_per_epoch(n, BATCH_SIZE) // 2))
 
 
@@ -142,7 +142,8 @@ def describe_reach(stats: dict[str, Any]) -> str:
     if stats["seeds"] == 0:
         return "-"
     if stats["reached"] < stats["seeds"]:
-        return f"not reached by {stats['seeds'] - stats['reached']}/{stats['seeds']} seeds"
+        return (f"not reached by {stats['seeds'] - stats['reached']}/"
+                f"{counted(stats['seeds'], 'seed')}")
     return (f"{stats['mean_steps']:.0f} steps, {stats['mean_seconds']:.1f} s "
             f"({', '.join(map(str, stats['steps']))})")
 
@@ -272,7 +273,7 @@ EXPERIMENT = Experiment(
     variants=variants,
     analyze=analyze,
     default_epochs=5,
-    default_subset=-1,
+    default_subset=0,
     notes=f"Learning rates: LeNet {list(LEARNING_RATES[False])}, BN-LeNet "
           f"{list(LEARNING_RATES[True])}; validation every {EVAL_EVERY[False]} steps for LeNet and "
           f"{EVAL_EVERY[True]} for BN-LeNet (every half epoch at most, for small subsets). "

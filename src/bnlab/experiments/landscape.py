@@ -194,7 +194,7 @@ EXPERIMENT = Experiment(
     variants=variants,
     analyze=analyze,
     default_epochs=5,
-    default_subset=-1,
+    default_subset=0,
     notes=f"LeNet and BN-LeNet at lr {', '.join(f'{lr:g}' for lr in LEARNING_RATES)}, batch 128, "
           f"plain SGD; 25 probe steps per run, eta in {list(ETAS)} and the run's lr.",
 )

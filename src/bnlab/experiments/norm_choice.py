@@ -42,6 +42,8 @@ measured on the equal-epochs arm only, once per finished run, and cached in its 
 
 Default: 3 epochs on a class-balanced subset of 10000 training images, 3 seeds: 60 runs in
 the equal-epochs arm and 60 in the equal-steps arm; see the notes for the time it takes.
+``--norms`` replaces the five norms with a list of one's own (plug-ins included, see
+``bnlab.training.norms``); the comparisons with BN are made where ``bnlab`` is in it.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from typing import Any
 from bnlab.experiments.analysis import Row, failed, finals, mean_final, plot_intervals, select
 from bnlab.experiments.findings import Analysis
 from bnlab.experiments.measure import accuracy_in_mode, fingerprint
-from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
+from bnlab.experiments.runner import Experiment, ExpSettings, Variant, norm_list
 from bnlab.experiments.stats import UNBOUNDED, format_mean_ci, mean_ci
 from bnlab.training import restore, runs
 from bnlab.training.train import drops_last_batch, steps_per_epoch, training_images
@@ -62,6 +64,8 @@ from bnlab.util.tables import format_table
 
 NORMS = {"bnlab": "BN", "layer": "LayerNorm", "group": "GroupNorm", "instance": "InstanceNorm",
          "none": "none"}
+"""The default grid's norms and their names in the report; ``--norms`` gives another list
+(names it does not know are shown as given)."""
 BATCH_SIZES = (2, 8, 32, 128)
 BASE_LR = 0.1
 BASE_BATCH = 128
@@ -80,7 +84,7 @@ def lr_for(batch_size: int) -> float:
 def equal_steps_target(settings: ExpSettings) -> int:
     """The equal-steps arm's step count: batch ``EQUAL_STEPS_BATCH``'s steps in the
     equal-epochs arm of (resolved) ``settings``."""
-    images = training_images(train_subset(settings.subset), settings.val_size)
+    images = training_images(settings.subset, settings.val_size)
     return settings.epochs * steps_per_epoch(images, EQUAL_STEPS_BATCH)
 
 
@@ -94,12 +98,23 @@ def equal_steps_budget(steps: int, batch_size: int, max_images: int) -> tuple[in
     raise ValueError(f"no budget of {steps} steps at batch {batch_size} fits {max_images} images")
 
 
+def norm_label(norm: str) -> str:
+    """How the report names ``norm``: :data:`NORMS`'s name, or the norm's own."""
+    return NORMS.get(norm, norm)
+
+
+def norms_of(rows: list[Row]) -> dict[str, str]:
+    """The norms of ``rows`` in grid order, with their names in the report."""
+    return {norm: norm_label(norm) for norm in dict.fromkeys(r.tags["norm"] for r in rows)}
+
+
 def variants(settings: ExpSettings) -> list[Variant]:
     target = equal_steps_target(settings)
-    images = training_images(train_subset(settings.subset), settings.val_size)
+    images = training_images(settings.subset, settings.val_size)
     out = []
     for arm in ARMS:
-        for norm, name in NORMS.items():
+        for norm in norm_list(settings):
+            name = norm_label(norm)
             for bs in BATCH_SIZES:
                 params = {"model": "bn-lenet", "norm": norm, "batch_size": bs, "lr": lr_for(bs)}
                 label = f"{name} bs={bs}"
@@ -155,6 +170,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
             if result is not None:
                 measured.setdefault((row.tags["norm"], row.tags["batch_size"]), []).append(result)
     gaps = mode_gaps(measured)
+    names = norms_of(rows)
     plot(rows, measured, out / "norms_by_batch_size.png")
 
     sections = []
@@ -165,14 +181,14 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
         budget = {bs: _budget(select(arm_rows, batch_size=bs)) for bs in BATCH_SIZES}
         headers = ["norm", *[f"bs {bs} (lr {lr_for(bs):.4g}; {budget[bs]})" for bs in BATCH_SIZES]]
         acc_rows = [[name, *[_cell(select(arm_rows, norm=norm, batch_size=bs))
-                             for bs in BATCH_SIZES]] for norm, name in NORMS.items()]
+                             for bs in BATCH_SIZES]] for norm, name in names.items()]
         sections += [f"## Final validation accuracy (eval mode) by batch size: {arm}", "",
                      format_table(headers, acc_rows), "",
                      "Mean ± 95% CI over seeds; 'failed k/n' = seeds that diverged or ended at "
                      "chance level. " + ARM_READING[arm], ""]
     if measured:
         gap_rows = [[name, *[_gap_cell(measured.get((norm, bs), [])) for bs in BATCH_SIZES]]
-                    for norm, name in NORMS.items()]
+                    for norm, name in names.items()]
         sections += ["## Train mode vs eval mode (equal epochs)", "",
                      format_table(["norm", *[f"bs {bs}" for bs in BATCH_SIZES]], gap_rows), "",
                      "Each cell: test accuracy in train mode (batches of the training batch size) "
@@ -214,7 +230,7 @@ def _gap_cell(values: list[dict[str, float]]) -> str:
 
 
 def _means(rows: list[Row], arm: str) -> dict[tuple[str, int], float]:
-    return {(n, bs): mean_final(g) for n in NORMS for bs in BATCH_SIZES
+    return {(n, bs): mean_final(g) for n in norms_of(rows) for bs in BATCH_SIZES
             if (g := select(rows, arm=arm, norm=n, batch_size=bs))}
 
 
@@ -229,17 +245,18 @@ def findings(rows: list[Row], gaps: dict[tuple[str, int], float]) -> list[str]:
         if at:
             ranked = sorted(at, key=at.get, reverse=True)
             lines.append(f"- Batch {bs} (norms compared, equal epochs): "
-                         + ", ".join(f"{NORMS[n]} {at[n]:.4f}" for n in ranked)
-                         + f" (best: **{NORMS[ranked[0]]}**).")
+                         + ", ".join(f"{norm_label(n)} {at[n]:.4f}" for n in ranked)
+                         + f" (best: **{norm_label(ranked[0])}**).")
     lines += batch_size_changes(rows)
-    alternatives = [n for n in ("layer", "group", "instance")
-                    if all((n, bs) in means and ("bnlab", bs) in means for bs in BATCH_SIZES)]
+    alternatives = [n for n in norms_of(rows) if n not in ("bnlab", "none")
+                    and all((n, bs) in means and ("bnlab", bs) in means for bs in BATCH_SIZES)]
     for n in alternatives:
         better = [bs for bs in BATCH_SIZES if means[(n, bs)] >= means[("bnlab", bs)]]
-        lines.append(f"- {NORMS[n]} is at least as accurate as BN (equal epochs) at batch sizes: "
+        lines.append(f"- {norm_label(n)} is at least as accurate as BN (equal epochs) at batch sizes: "
                      + (", ".join(map(str, better)) if better else "none of the grid") + ".")
     if gaps:
-        for norm, name in NORMS.items():
+        for norm in dict.fromkeys([*norms_of(rows), *(n for n, _ in gaps)]):
+            name = norm_label(norm)
             verdict = mode_independent(gaps, norm)
             if verdict is None:
                 continue
@@ -256,11 +273,12 @@ def batch_size_changes(rows: list[Row]) -> list[str]:
     """Per norm: accuracy at the smallest minus the largest batch in each arm, whether the
     sign survives the change of budget, and BN's change minus each other norm's."""
     small, large = min(BATCH_SIZES), max(BATCH_SIZES)
-    change = {arm: {n: m[(n, small)] - m[(n, large)] for n in NORMS
+    norms = norms_of(rows)
+    change = {arm: {n: m[(n, small)] - m[(n, large)] for n in norms
                     if (n, small) in (m := _means(rows, arm)) and (n, large) in m}
               for arm in ARMS}
     lines = []
-    for norm, name in NORMS.items():
+    for norm, name in norms.items():
         cells = {arm: change[arm][norm] for arm in ARMS if norm in change[arm]}
         if not cells:
             continue
@@ -277,18 +295,18 @@ def batch_size_changes(rows: list[Row]) -> list[str]:
     for arm in ARMS:
         if "bnlab" not in change[arm]:
             continue
-        others = [n for n in NORMS if n != "bnlab" and n in change[arm]]
+        others = [n for n in norms if n != "bnlab" and n in change[arm]]
         if others:
             lines.append(f"- BN's change from batch {large} to {small} minus each other norm's "
                          f"({arm}; the budget's effect common to both cancels): " + ", ".join(
-                             f"vs {NORMS[n]} {100 * (change[arm]['bnlab'] - change[arm][n]):+.2f}"
+                             f"vs {norm_label(n)} {100 * (change[arm]['bnlab'] - change[arm][n]):+.2f}"
                              for n in others) + " points.")
     return lines
 
 
 def plot(rows: list[Row], measured: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
-    for norm, name in NORMS.items():
+    for norm, name in norms_of(rows).items():
         for ax, arm in zip(axes, ARMS):
             plot_intervals(ax, {bs: finals(group) for bs in BATCH_SIZES
                                 if (group := select(rows, arm=arm, norm=norm, batch_size=bs))},
@@ -321,6 +339,7 @@ EXPERIMENT = Experiment(
     analyze=analyze,
     default_epochs=3,
     default_subset=10000,
+    norms=tuple(NORMS),
     notes="Learning rate 0.1·sqrt(batch/128), the same for every norm at a batch size. Two "
           "arms: equal epochs (3 epochs on 10000 images: 15000 steps at batch 2, 237 at batch "
           "128) and equal steps (batch 16's 1875 at every batch size). Default grid: 120 "

@@ -90,5 +90,5 @@ EXPERIMENT = Experiment(
     variants=variants,
     analyze=analyze,
     default_epochs=10,
-    default_subset=-1,
+    default_subset=0,
 )

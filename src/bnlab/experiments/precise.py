@@ -481,7 +481,7 @@ EXPERIMENT = Experiment(
     variants=variants,
     analyze=analyze,
     default_epochs=3,
-    default_subset=-1,
+    default_subset=0,
     notes=f"BN-LeNet at lr {', '.join(f'{lr:g}' for lr in LEARNING_RATES)}, batch 128, plain SGD; "
           f"probes every {FIRST_EPOCH_EVERY} steps in epoch 1 and after every epoch, EMA momentum "
           f"{', '.join(map(str, MOMENTA))} (shadow EMAs of one training), population over N in "

@@ -52,7 +52,7 @@ from bnlab.probes.robustness import (
 )
 from bnlab.training import restore, runs
 from bnlab.util.plots import plt, save_figure
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 MODELS = {
     "BN (lr 0.1)": ({"model": "bn-lenet", "norm": "bnlab", "lr": 0.1}, True),
@@ -311,7 +311,8 @@ def control_findings(measured: Measured, controls: Controls) -> list[str]:
 
 def skipped(rows: list[Row]) -> list[str]:
     """A line per variant with failed seeds."""
-    return [f"- {label}: {sum(map(failed, g))}/{len(g)} seeds failed and are not measured."
+    return [f"- {label}: {sum(map(failed, g))}/{counted(len(g), 'seed')} failed and are not "
+            "measured."
             for label, g in by_label(rows).items() if any(map(failed, g))]
 
 
@@ -380,7 +381,7 @@ EXPERIMENT = Experiment(
     variants=variants,
     analyze=analyze,
     default_epochs=10,
-    default_subset=-1,
+    default_subset=0,
     notes="Models: BN-LeNet (BN) at lr 0.1 and 1, and the same network without norm layers at "
           "lr 1 (at 0.1 it does not leave chance level in a few epochs), and BN-LeNet at lr 0.1 "
           "for a tenth of the epochs (the matched-clean-accuracy control); batch 128, no "

@@ -43,35 +43,41 @@ from bnlab.experiments.findings import Analysis, calibration_table, verdict_tabl
 from bnlab.experiments.stats import Estimate, estimate, to_csv
 from bnlab.training import runs
 from bnlab.training.distributed import DistributedConfig
+from bnlab.training.norms import check_norm_name
 from bnlab.training.train import (
     DEFAULT_VAL_SIZE,
+    SUBSET_HELP,
     TrainConfig,
     build_loaders,
     describe_training_set,
     steps_per_epoch,
     training_images,
 )
-from bnlab.util.config import check_at_least, config_to_dict
+from bnlab.util.config import check, check_at_least, config_to_dict
 from bnlab.util.errors import BnlabError, ConfigError
 from bnlab.util.io import atomic_write_json, atomic_write_text, remove_stray_temps
 from bnlab.util.provenance import provenance, provenance_line
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 
 @dataclass
 class ExpSettings:
-    """How big an experiment's grid is. ``0`` for epochs/subset means the experiment's default;
-    ``subset=-1`` means the whole training set."""
+    """How big an experiment's grid is. ``epochs=0`` and ``subset=None`` (its flag not given)
+    mean the experiment's default; ``subset=0`` means all 60000 training images, as for
+    ``bnlab train``."""
 
     seeds: int = field(default=3, metadata={"help": "seeds per variant (0, 1, ...)"})
     epochs: int = field(default=0, metadata={"help": "epochs per run (0 = experiment default)"})
-    subset: int = field(default=0, metadata={
-        "help": "training images per run (0 = experiment default, -1 = all that the "
-                "validation split leaves)"})
+    subset: int | None = field(default=None, metadata={
+        "help": f"{SUBSET_HELP} (default: the experiment's own)"})
     val_size: int = field(default=DEFAULT_VAL_SIZE, metadata={
         "help": "training images held out as the validation split, where every choice is "
                 "made (0 = none; an experiment that keeps the chapter's protocol overrides it)"})
     dropout: float = field(default=0.5, metadata={"help": "dropout probability (dropout experiment)"})
+    norms: str | None = field(default=None, metadata={
+        "help": "comma list of norms (names as for train --norm, plug-ins included) for the "
+                "experiments whose variants are norms (norms; batchsize's small-batch part) "
+                "(default: the experiment's own list)"})
     flush_denormal: bool = field(default=True, metadata={
         "help": "every run flushes denormal floats to zero on CPU (TrainConfig.flush_denormal; "
                 "off: the IEEE arithmetic of runs from before the flush, to time the difference)"})
@@ -80,13 +86,32 @@ class ExpSettings:
         if self.seeds < 1:
             raise ConfigError(f"expected seeds >= 1 (got {self.seeds})")
         check_at_least(self, 0, "epochs")
-        check_at_least(self, -1, "subset")
         check_at_least(self, 0, "val_size")
+        check(self.subset is None or self.subset >= 0,
+              f"expected subset >= 0 (got {self.subset}): 0 = all that the validation split leaves; "
+              "leave --subset out for the experiment's default")
+        if self.norms is not None:
+            norm_list(self)  # every name resolves (plug-ins are imported and checked now)
+
+
+def norm_list(settings: ExpSettings) -> tuple[str, ...]:
+    """The norms of ``settings.norms`` (a comma list), each checked; ConfigError for a bad
+    name, a repeated one or an empty list."""
+    names = tuple(n.strip() for n in (settings.norms or "").split(",") if n.strip())
+    check(bool(names), f"expected --norms as a comma list of norm names (got {settings.norms!r})")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    check(not repeated, f"--norms names {repeated} more than once")
+    for name in names:
+        try:
+            check_norm_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"--norms: {exc}") from None
+    return names
 
 
 QUICK = ExpSettings(seeds=1, epochs=1, subset=1000, val_size=1000)
 """``--quick``: the whole grid, tiny (smoke tests)."""
-FULL = ExpSettings(seeds=3, epochs=10, subset=-1)
+FULL = ExpSettings(seeds=3, epochs=10, subset=0)
 """``--full``: the chapter's settings (10 epochs on all 60000 images)."""
 
 
@@ -114,8 +139,10 @@ class Experiment:
     variants: Callable[[ExpSettings], list[Variant]]
     analyze: Callable[[list[Row], Path, Any], Analysis]  # (rows, out, dataset)
     default_epochs: int
-    default_subset: int  # -1 = all
+    default_subset: int  # 0 = all, as TrainConfig.subset
     notes: str = ""
+    norms: tuple[str, ...] = ()  # the norms its variants compare (``--norms`` replaces them);
+    # () = its variants are not a list of norms, and it takes no --norms
 
 
 @dataclass(frozen=True)
@@ -131,16 +158,14 @@ class PlannedRun:
 
 def resolve(settings: ExpSettings, experiment: Experiment) -> ExpSettings:
     """Settings with the experiment's defaults filled in."""
+    check(settings.norms is None or bool(experiment.norms),
+          f"experiment {experiment.name!r} takes no --norms: its variants are not a list of norms")
     return dataclasses.replace(
         settings,
         epochs=settings.epochs or experiment.default_epochs,
-        subset=settings.subset or experiment.default_subset,
+        subset=experiment.default_subset if settings.subset is None else settings.subset,
+        norms=settings.norms or (",".join(experiment.norms) if experiment.norms else None),
     )
-
-
-def train_subset(subset: int) -> int:
-    """``TrainConfig.subset`` for a resolved ``ExpSettings.subset``: -1 (all images) is 0 there."""
-    return 0 if subset == -1 else subset
 
 
 EVALS_PER_RUN = 25
@@ -152,7 +177,7 @@ short run's evaluations of 10000 test images would cost more than its training).
 def periodic_eval_every(settings: ExpSettings, batch_size: int) -> int:
     """``TrainConfig.eval_every`` that evaluates a run of resolved ``settings`` at batch
     ``batch_size`` about :data:`EVALS_PER_RUN` times, at most every :data:`MIN_EVAL_EVERY` steps."""
-    images = training_images(train_subset(settings.subset), settings.val_size)
+    images = training_images(settings.subset, settings.val_size)
     steps = steps_per_epoch(images, batch_size) * settings.epochs
     return max(MIN_EVAL_EVERY, steps // EVALS_PER_RUN)
 
@@ -179,12 +204,11 @@ def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list
     Every config is built (so validated) here, before anything trains; a bad one is a
     ``ConfigError`` naming its variant.
     """
-    subset = train_subset(settings.subset)
     planned = []
     for variant in experiment.variants(settings):
         for seed in range(settings.seeds):
             try:
-                config = TrainConfig(**{"epochs": settings.epochs, "subset": subset,
+                config = TrainConfig(**{"epochs": settings.epochs, "subset": settings.subset,
                                         "val_size": settings.val_size,
                                         "flush_denormal": settings.flush_denormal,
                                         **variant.params, "seed": seed})
@@ -193,6 +217,13 @@ def plan(experiment: Experiment, settings: ExpSettings, runs_root: Path) -> list
             planned.append(PlannedRun(variant, config,
                                       runs_root / run_folder_name(config, variant.world)))
     return planned
+
+
+def check_data(planned: list[PlannedRun], dataset: FashionMNIST) -> None:
+    """DatasetError unless the grid's subset fits ``dataset`` (one rule, ``build_loaders``';
+    all runs share the subset)."""
+    if planned:
+        build_loaders(planned[0].config, dataset, torch.device("cpu"))
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -297,11 +328,10 @@ def describe_settings(settings: ExpSettings, planned: list[PlannedRun]) -> str:
     """The grid that ran, in words: its size, budget and data."""
     variants = len({p.variant.label for p in planned})
     budgets = sorted({(p.config.epochs, p.config.subset, p.config.val_size) for p in planned})
-    data = "; ".join(f"{epochs} epoch{'s' if epochs != 1 else ''} on "
-                     f"{describe_training_set(subset, val_size)}"
+    data = "; ".join(f"{counted(epochs, 'epoch')} on {describe_training_set(subset, val_size)}"
                      for epochs, subset, val_size in budgets)
-    return (f"{variants} variant{'s' if variants != 1 else ''} x {settings.seeds} "
-            f"seed{'s' if settings.seeds != 1 else ''} = {len(planned)} runs; {data}. Test "
+    return (f"{counted(variants, 'variant')} x {counted(settings.seeds, 'seed')} = "
+            f"{counted(len(planned), 'run')}; {data}. Test "
             "accuracy is on the full test set (10000 images). Intervals are 95% Student-t "
             "intervals over seeds; n is the number of seeds in a cell.")
 
@@ -344,8 +374,7 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     runs_root = Path(out) / "runs"
     out = Path(out) / experiment.name
     planned = plan(experiment, settings, runs_root)  # validates every config before any trains
-    if planned:  # the subset must fit the data (one rule, build_loaders'); all runs share it
-        build_loaders(planned[0].config, dataset, torch.device("cpu"))
+    check_data(planned, dataset)
     out.mkdir(parents=True, exist_ok=True)
     remove_stray_temps(out)
     atomic_write_json(out / "settings.json", config_to_dict(settings))

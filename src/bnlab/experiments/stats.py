@@ -203,3 +203,26 @@ def to_csv(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     writer.writerow(headers)
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def median_interval(values: Sequence[float], level: float = 0.95
+                    ) -> tuple[float, float, float] | None:
+    """(low, high, coverage): a distribution-free interval for the median of ``values``.
+
+    For n independent values of a continuous distribution, the order statistics
+    ``[x_(k), x_(n+1-k)]`` contain the distribution's median with probability
+    ``1 - 2 P(B <= k - 1)``, B ~ Binomial(n, 1/2), whatever the distribution (timings are
+    skewed, so a t interval would not fit). The narrowest such interval covering at least
+    ``level`` is returned; below 6 values none does, and the range (k = 1) is returned with
+    the coverage it has (50% for 2 values, 75% for 3). None for fewer than 2 values.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    if n < 2:
+        return None
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+
+    k = max((k for k in range(1, n // 2 + 1) if coverage(k) >= level), default=1)
+    return ordered[k - 1], ordered[n - k], coverage(k)

@@ -16,7 +16,7 @@ from bnlab.training import restore, runs
 from bnlab.training.models import norm_layers
 from bnlab.training.train import describe
 from bnlab.util.plots import plot_norm_parameters
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 PARAMS_FIGURE = "norm_params.png"
 
@@ -78,7 +78,7 @@ def inspect_run(run_dir: str | Path, figure: bool = True) -> str:
     params = norm_parameters(model)
     done = len(run["metrics"])
     last = run["metrics"][-1]["val_acc"] if run["metrics"] else None
-    lines = [f"run {run_dir}: {describe(config)}, {done}/{config.epochs} epochs"
+    lines = [f"run {run_dir}: {describe(config)}, {done}/{counted(config.epochs, 'epoch')}"
              + (f", val acc {last:.4f}" if last is not None else "")]
     if not params:
         lines.append("this model has no normalization layers")

@@ -77,15 +77,19 @@ def bn_lenet(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"expected 0 <= dropout < 1 (got {dropout})")
 
+    slot_layers: dict[str, nn.Module] = {}  # each slot's layer (a norm or an identity)
+
     def norm_or_identity(slot: str, kind: str, features: int) -> nn.Module:
-        return create_norm_layer(norm, kind, features) if slot in slots else nn.Identity()
+        layer = create_norm_layer(norm, kind, features) if slot in slots else nn.Identity()
+        slot_layers[slot] = layer
+        return layer
 
     def fc_block(slot: str, features: int) -> list[nn.Module]:
         drop = [nn.Dropout(dropout)] if dropout > 0 else []
         core = [norm_or_identity(slot, "fc", features), nn.Sigmoid()]
         return [nn.LazyLinear(features), *(drop + core if dropout_order == "before" else core + drop)]
 
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.LazyConv2d(6, kernel_size=5), norm_or_identity("conv1", "conv", 6),
         nn.Sigmoid(), nn.AvgPool2d(kernel_size=2, stride=2),
         nn.LazyConv2d(16, kernel_size=5), norm_or_identity("conv2", "conv", 16),
@@ -95,6 +99,9 @@ def bn_lenet(
         *fc_block("fc2", 84),
         nn.LazyLinear(num_classes),
     )
+    # Named by slot, kept at its index: the state_dict keys stay a plain Sequential's.
+    return name_slots(model, {index: slot for index, child in model.named_children()
+                              for slot, layer in slot_layers.items() if child is layer})
 
 
 def lenet(num_classes: int = 10) -> nn.Sequential:
@@ -179,6 +186,39 @@ def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cp
     return deep.deep_cnn(norm=norm, channels=width, **options).to(device)
 
 
+SLOT_NAMES = "slot_names"
+"""Attribute of a container module: its children's names (attribute names, e.g. Sequential
+indices) -> the names of the slots they fill, for people (see :func:`layer_name`)."""
+
+
+def name_slots(container: nn.Module, names: dict[str, str]) -> nn.Module:
+    """Give ``container``'s children (by attribute name, e.g. a Sequential index ``"1"``) the
+    names of the slots they fill (e.g. ``"conv1"``); returns ``container``.
+
+    The names live on the container, not on the layers: the module tree and state_dict keys
+    stay as they are, and a layer swapped in place (``freeze_batch_norm``,
+    ``SyncBatchNorm.convert_sync_batchnorm``) is still named after its slot.
+    """
+    unknown = sorted(set(names) - set(dict(container.named_children())))
+    if unknown:
+        raise ValueError(f"no children {unknown} to name in {type(container).__name__}")
+    setattr(container, SLOT_NAMES, dict(names))
+    return container
+
+
+def layer_name(model: nn.Module, qualified: str) -> str:
+    """The name people see for ``model``'s sub-module ``qualified`` (as ``named_modules``
+    gives it): each part a slot name where its container names it (:func:`name_slots`),
+    else the attribute name itself. BN-LeNet's ``"1"`` is ``"conv1"``; a deep net's
+    ``"block3.norm"`` stays ``"block3.norm"``; any model's named modules name themselves."""
+    parts, module = [], model
+    for part in qualified.split("."):
+        parts.append(getattr(module, SLOT_NAMES, {}).get(part, part))
+        module = module.get_submodule(part)
+    return ".".join(parts)
+
+
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every batch-norm layer in ``model``, torch's or bnlab's."""
-    return [(name, m) for name, m in model.named_modules() if is_batch_norm(m)]
+    """(name, module) of every batch-norm layer in ``model``, torch's or bnlab's, in module
+    order, each named by :func:`layer_name` (BN-LeNet: conv1, conv2, fc1, fc2)."""
+    return [(layer_name(model, name), m) for name, m in model.named_modules() if is_batch_norm(m)]

@@ -23,11 +23,13 @@ file that cannot be read is an error naming it, what is wrong and what to do.
 
 from __future__ import annotations
 
+import contextlib
 import io as io_module
 import json
 import math
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -268,10 +270,31 @@ def cached(run_dir: str | Path, name: str, key: dict[str, Any], compute: Callabl
     """
     path = Path(run_dir) / ANALYSIS / f"{name}.json"
     key = json.loads(json.dumps(key))
+    observer = _measurement_observer.get()
     if path.exists():
         stored = read_json(path)
         if stored["key"] == key:
+            if observer is not None:
+                observer(name, False)
             return stored["value"]
     value = json.loads(json.dumps(compute()))
     atomic_write_json(path, {"key": key, "value": value})
+    if observer is not None:
+        observer(name, True)
     return value
+
+
+_measurement_observer: ContextVar[Callable[[str, bool], None] | None] = ContextVar(
+    "bnlab_measurement_observer", default=None)
+
+
+@contextlib.contextmanager
+def observing_measurements(observer: Callable[[str, bool], None]) -> Iterator[None]:
+    """Within the block, every :func:`cached` call ends with ``observer(name, computed)``
+    (``computed`` False when the stored value was used): how a progress bar follows an
+    experiment's analysis without the analysis knowing about it."""
+    token = _measurement_observer.set(observer)
+    try:
+        yield
+    finally:
+        _measurement_observer.reset(token)

@@ -9,7 +9,8 @@ run calls ``epoch_end`` once per epoch and the logger writes, with
 - ``train/loss`` every step (x = global step), written when its epoch ends;
 - ``epoch/train_loss``, ``epoch/train_acc``, ``epoch/val_loss``, ``epoch/val_acc``
   (x = epoch), the numbers of ``metrics.jsonl``;
-- per epoch, for every batch-norm layer ``L`` (``bnlab.training.models.norm_layers``), histograms
+- per epoch, for every batch-norm layer ``L`` (``bnlab.training.models.norm_layers``: named as
+  the model names its slot, ``conv1`` .. ``fc2`` in BN-LeNet, ``block3.norm`` in a deep net), histograms
   ``bn/L/gamma``, ``bn/L/beta``, ``bn/L/running_mean``, ``bn/L/running_var`` and
   ``bn/L/input``: the layer's input activations on one fixed batch (the first
   ``FIXED_BATCH`` test images), computed in eval mode under ``no_grad`` so that neither the

@@ -97,7 +97,9 @@ class TrainConfig:
     model: str = field(default="bn-lenet", metadata={"help": "model", "choices": tuple(MODEL_OPTIONS)})
     norm: str = field(default="bnlab", metadata={
         "help": f"norm layer (bnlab.training.norms): one of {', '.join(NORMS)}, or ghost:V "
-                "(virtual batch V) / noisy-bn:S (strength S); lenet takes only 'none'"})
+                "(virtual batch V) / noisy-bn:S (strength S), or a plug-in: MODULE:ATTR[:VALUE] "
+                "or an entry point of bnlab.norms (README: Add your own norm); lenet takes "
+                "only 'none'"})
     norm_slots: str = field(default="all", metadata={
         "help": "where bn-lenet has norm layers: all, none, conv, fc or a comma list of "
                 "conv1,conv2,fc1,fc2"})

@@ -82,7 +82,8 @@ def _flag_type(annotation: Any) -> tuple[Any, bool]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add ``--field-name`` for each field of ``cls`` (help from ``metadata['help']``).
+    """Add ``--field-name`` for each field of ``cls`` (help from ``metadata['help']``, then
+    the default; a field whose default is None says in its help what not giving it means).
 
     Flags default to ``None`` (unset) so :func:`config_from_args` keeps the dataclass
     default, or a base config's value, for anything not given on the command line.
@@ -94,7 +95,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str
         flag = "--" + field.name.replace("_", "-")
         kind, is_bool = _flag_type(hints[field.name])
         default = field.default if field.default is not dataclasses.MISSING else None
-        help_text = f"{field.metadata.get('help', '')} (default: {default})".strip()
+        help_text = field.metadata.get("help", "")
+        if default is not None:  # a None default is "not given", which the help says in words
+            help_text = f"{help_text} (default: {default})".strip()
         if is_bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)

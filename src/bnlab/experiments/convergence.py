@@ -45,7 +45,7 @@ from bnlab.experiments.analysis import CHANCE, FAIL_ACCURACY, Row, finals, mean_
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, train_subset
 from bnlab.experiments.stats import format_mean_ci
 from bnlab.training.train import steps_per_epoch, training_images
-from bnlab.util.plots import plt, save_figure
+from bnlab.util.plots import count_axis, legend, plt, reference_line, save_figure
 from bnlab.util.tables import format_table
 
 LEARNING_RATES = {False: (0.3, 1.0, 3.0), True: (0.1, 0.3, 1.0, 3.0)}
@@ -248,14 +248,14 @@ def plot_best_curves(rows: list[Row], out: Path, n_images: int | None) -> None:
             continue
         curve = mean_progress(select(rows, bn=bn, lr=lr), n_images)
         name = f"{MODELS[bn][0]} (lr {lr:g})"
-        axes[0].plot([p[0] for p in curve], [p[2] for p in curve], marker=".", label=name)
-        axes[1].plot([p[1] for p in curve], [p[2] for p in curve], marker=".", label=name)
-    for ax, xlabel in zip(axes, ("SGD step", "training seconds (evaluation excluded)")):
+        axes[0].plot([p[0] for p in curve], [p[2] for p in curve], label=name)
+        axes[1].plot([p[1] for p in curve], [p[2] for p in curve], label=name)
+    for ax in axes:
         for t in THRESHOLDS:
-            ax.axhline(t, color="gray", lw=0.8, ls="--")
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            reference_line(ax, t)
+        legend(ax)
+    count_axis(axes[0], "SGD step")
+    axes[1].set_xlabel("training time (s, evaluation excluded)")
     axes[0].set_ylabel("validation accuracy (seed mean)")
     fig.suptitle("Each model at its best learning rate")
     save_figure(fig, out / "convergence.png")

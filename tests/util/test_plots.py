@@ -162,6 +162,15 @@ def history(epochs: int) -> list[dict]:
              "val_acc": 0.48 + e / 30} for e in range(1, epochs + 1)]
 
 
+def test_curves_of_a_run_that_diverged_in_its_first_epoch_say_so(tmp_path, monkeypatch):
+    seen = check_saved_figures(monkeypatch)
+    plots.plot_curves([], tmp_path / "run" / "curves.png", diverged={"epoch": 1, "step": 5})
+    assert seen.failing == {}
+    for ax in seen.figures["run/curves.png"].axes:
+        assert [t.get_text() for t in ax.texts] == ["no epoch finished (diverged at epoch 1, "
+                                                    "step 5)"]
+
+
 @pytest.mark.parametrize("epochs", [1, 10])
 def test_curves_give_loss_and_accuracy_their_own_labelled_axes(epochs, tmp_path, monkeypatch):
     seen = check_saved_figures(monkeypatch)

@@ -59,7 +59,17 @@ from bnlab.training.deep import ACTIVATIONS as MODULES
 from bnlab.training.deep import deep_mlp
 from bnlab.training.train import TrainConfig, model_for
 from bnlab.util.config import config_from_dict
-from bnlab.util.plots import PALETTE, count_axis, legend, log_axis, plt, reference_line, save_figure, style
+from bnlab.util.plots import (
+    PALETTE,
+    count_axis,
+    legend,
+    log_axis,
+    note_empty,
+    plt,
+    reference_line,
+    save_figure,
+    style,
+)
 from bnlab.util.tables import format_table
 
 DEPTHS = (5, 10, 20, 50, 110)
@@ -191,6 +201,8 @@ def plot_profiles(profiles: dict[tuple, dict[str, Any]], path: Path) -> None:
             count_axis(ax, "weight layer (1 = input side)")
             title = "at initialization" if when == "init" else "after training (best lr)"
             ax.set_title(f"{act}: {title}")
+            if not ax.lines:
+                note_empty(ax, "no run of depth " + " or ".join(map(str, PLOTTED_DEPTHS)))
             legend(ax)
     fig.suptitle(f"Per-layer gradient norms, plain MLP width {WIDTH}, batch of "
                  f"{GRADIENT_BATCH} training images, seed 0")

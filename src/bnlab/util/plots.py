@@ -346,9 +346,13 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str 
         legend(ax)
     loss_ax.set_ylabel(LOSS_LABEL)
     acc_ax.set_ylabel(ACCURACY_LABEL)
-    if diverged:
-        loss_ax.set_title(f"diverged at epoch {diverged['epoch']}, step {diverged['step']}",
-                          color="crimson")
+    stopped = (f"diverged at epoch {diverged['epoch']}, step {diverged['step']}" if diverged
+               else "")
+    if not history:  # diverged in its first epoch
+        for ax in (loss_ax, acc_ax):
+            note_empty(ax, f"no epoch finished ({stopped})" if stopped else "no epoch finished")
+    elif stopped:
+        loss_ax.set_title(stopped, color="crimson")
     fig.suptitle(title)
     return save_figure(fig, path)
 

@@ -250,9 +250,10 @@ def plot_best_curves(rows: list[Row], out: Path, n_images: int | None) -> None:
         name = f"{MODELS[bn][0]} (lr {lr:g})"
         axes[0].plot([p[0] for p in curve], [p[2] for p in curve], label=name)
         axes[1].plot([p[1] for p in curve], [p[2] for p in curve], label=name)
+    named = "thresholds " + ", ".join(f"{t:.2f}" for t in THRESHOLDS)
     for ax in axes:
-        for t in THRESHOLDS:
-            reference_line(ax, t)
+        for i, t in enumerate(THRESHOLDS):
+            reference_line(ax, t, label=named if i == 0 else None)  # one legend entry for all
         legend(ax)
     count_axis(axes[0], "SGD step")
     axes[1].set_xlabel("training time (s, evaluation excluded)")

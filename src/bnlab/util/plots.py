@@ -30,7 +30,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from cycler import cycler  # noqa: E402
+from matplotlib import cycler  # noqa: E402  (matplotlib's, no undeclared dependency)
 from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import (  # noqa: E402
     FixedLocator,

@@ -9,6 +9,7 @@ import pytest
 
 from bnlab import cli
 from bnlab.training import restore
+from tests.util.figure_checks import check_saved_figures
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -50,7 +51,8 @@ def test_every_flag_says_its_default_and_every_command_what_it_does():
 
 
 @pytest.mark.slow
-def test_train_then_inspect(capsys, fake_dataset, tmp_path):
+def test_train_then_inspect(capsys, fake_dataset, tmp_path, monkeypatch):
+    figures = check_saved_figures(monkeypatch)
     out_dir = tmp_path / "run"
     code, out, _ = run_cli(capsys, "train", "--epochs", "2", "--batch-size", "64", "--device",
                            "cpu", "--val-size", "200", "--out", str(out_dir), "--no-progress")
@@ -60,6 +62,8 @@ def test_train_then_inspect(capsys, fake_dataset, tmp_path):
     assert code == 0
     assert "first norm layer (conv1), 6 channels" in out and "gamma = [" in out
     assert "running_var" in out and (out_dir / "norm_params.png").exists()
+    assert set(figures.problems) == {"run/curves.png", "run/norm_params.png"}
+    assert figures.failing == {}
 
 
 def test_train_lenet_defaults_to_no_norm_and_rejects_bn(capsys, fake_dataset, tmp_path):
@@ -104,7 +108,8 @@ def test_train_refuses_to_overwrite_and_resumes(capsys, fake_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_writes_table_report_and_figures(capsys, fake_dataset, tmp_path):
+def test_demo_writes_table_report_and_figures(capsys, fake_dataset, tmp_path, monkeypatch):
+    figures = check_saved_figures(monkeypatch)
     code, out, _ = run_cli(capsys, "demo", "--epochs", "2", "--device", "cpu", "--out",
                            str(tmp_path), "--no-progress")
     assert code == 0
@@ -115,6 +120,9 @@ def test_demo_writes_table_report_and_figures(capsys, fake_dataset, tmp_path):
     for path in ("report.md", "comparison.png", "results.json",
                  "bn-lenet-bnlab/norm_params.png"):
         assert (tmp_path / path).exists(), path
+    assert {f"{tmp_path.name}/comparison.png", "lenet/curves.png",
+            "bn-lenet-bnlab/norm_params.png"} <= set(figures.problems)
+    assert figures.failing == {}
     # A second demo reuses the finished runs instead of training again.
     code, again, _ = run_cli(capsys, "demo", "--epochs", "2", "--device", "cpu", "--out",
                              str(tmp_path), "--no-progress")

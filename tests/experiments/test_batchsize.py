@@ -23,6 +23,7 @@ from bnlab.training.train import TrainConfig, model_for, start_run
 from bnlab.util.config import config_to_dict
 from bnlab.util.errors import ConfigError
 from tests.helpers import without_provenance
+from tests.util.figure_checks import check_saved_figures
 
 
 def test_ghost_v_names_the_virtual_batch_size():
@@ -160,6 +161,7 @@ def test_batchsize_quick_grid_runs_and_a_rerun_trains_and_measures_nothing(
     from bnlab.experiments.runner import run_experiment
 
     experiment = get_experiment("batchsize")
+    figures = check_saved_figures(monkeypatch)
     report = run_experiment(experiment, QUICK, tmp_path, synthetic_fashion, progress=False)
     for section in ("## Normalization batch at SGD batch 128", "## Small normalization batches",
                     "## Findings", "The generalization gap is", "train-test inconsistency is",
@@ -176,6 +178,7 @@ def test_batchsize_quick_grid_runs_and_a_rerun_trains_and_measures_nothing(
     # every batch-norm run: 6 ghost sizes, BN and Batch Renorm at 3 small batches
     assert len(caches) == len(batchsize.GHOST_SIZES) + 2 * len(batchsize.SMALL_BATCHES)
     assert (tmp_path / "batchsize" / "batchsize.png").stat().st_size > 0
+    assert "batchsize/batchsize.png" in figures.problems and figures.failing == {}
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("trained or reloaded again")

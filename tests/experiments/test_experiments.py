@@ -48,17 +48,20 @@ from bnlab.training import restore, runs
 from bnlab.training.train import start_run
 from bnlab.util.config import config_to_dict
 from tests.helpers import without_provenance
+from tests.util.figure_checks import check_saved_figures
 
-# tests/test_distributed.py runs sync's multi-process grid end to end (cut to 2 processes),
-# and tests/test_ics.py, test_landscape.py, test_precise_exp.py and test_batchsize_exp.py run
-# their quick grids (with their caches).
+# tests/training/test_distributed.py runs sync's multi-process grid end to end (cut to 2
+# processes), and tests/probes/test_ics.py, test_landscape.py, tests/experiments/test_precise.py
+# and test_batchsize.py run their quick grids (with their caches); each checks its figures
+# (tests/util/figure_checks.py) as these do.
 OWN_QUICK_TESTS = {"ics", "landscape", "precise", "batchsize", "sync"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(n for n, e in EXPERIMENTS.items()
                                         if n not in OWN_QUICK_TESTS))
-def test_quick_experiment_runs_end_to_end(name, fake_dataset, tmp_path, capsys):
+def test_quick_experiment_runs_end_to_end(name, fake_dataset, tmp_path, capsys, monkeypatch):
+    figures = check_saved_figures(monkeypatch)
     code = cli.main(["exp", name, "--quick", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
     folder = tmp_path / name
@@ -80,6 +83,10 @@ def test_quick_experiment_runs_end_to_end(name, fake_dataset, tmp_path, capsys):
     for figure in [line.split("](")[1].rstrip(")") for line in report.splitlines()
                    if line.startswith("![")]:
         assert (folder / figure).exists(), figure
+        assert f"{name}/{figure}" in figures.problems, figure  # checked as it was saved
+    trained = {r["run_dir"] for r in rows}  # variants may share a run
+    assert sum(f.endswith("/curves.png") for f in figures.problems) == len(trained)
+    assert figures.failing == {}
 
 
 @pytest.mark.slow
@@ -132,8 +139,10 @@ def test_a_finished_grid_is_reanalysed_from_the_run_folders(name, fake_dataset, 
     constants, flags = SMALL_GRIDS[name]
     for constant, value in constants.items():
         monkeypatch.setattr(module, constant, value)
+    figures = check_saved_figures(monkeypatch)  # here robustness's has models to draw
     argv = ["exp", name, "--quick", *flags, "--out", str(tmp_path), "--no-progress"]
     assert cli.main(argv) == 0
+    assert figures.problems and figures.failing == {}
     first = (tmp_path / name / "report.md").read_text()
     assert list(tmp_path.glob("runs/*/analysis/*.json"))  # measurements were cached
     calls = _count_measurements(monkeypatch)

@@ -16,6 +16,7 @@ from bnlab.nn.precise import update_bn_stats
 from bnlab.training.norms import create_norm_layer
 from bnlab.training.train import TrainConfig, build_loaders, evaluate, start_run
 from tests.helpers import without_provenance
+from tests.util.figure_checks import check_saved_figures
 
 
 def _tiny() -> nn.Module:
@@ -131,6 +132,7 @@ def test_precise_quick_grid_runs_and_a_rerun_trains_and_replays_nothing(syntheti
     from bnlab.experiments.runner import QUICK, run_experiment
 
     experiment = get_experiment("precise")
+    figures = check_saved_figures(monkeypatch)
     report = run_experiment(experiment, QUICK, tmp_path, synthetic_fashion, progress=False)
     for section in ("## EMA vs population statistics", "## Findings", "EMA momentum 0.9",
                     "population, N = 1000", "smallest N within 0.5 points",
@@ -141,6 +143,8 @@ def test_precise_quick_grid_runs_and_a_rerun_trains_and_replays_nothing(syntheti
     assert len(caches) == len(precise.LEARNING_RATES)
     for figure in ("precise_accuracy.png", "precise_gap.png"):
         assert (tmp_path / "precise" / figure).stat().st_size > 0
+        assert f"precise/{figure}" in figures.problems
+    assert figures.failing == {}
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("trained or replayed again")

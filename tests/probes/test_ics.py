@@ -19,6 +19,7 @@ from bnlab.training.norms import create_norm_layer, parse_strength
 from bnlab.training.runs import CHECKPOINT
 from bnlab.training.train import TrainConfig, start_run
 from bnlab.util.scoped import preserved_buffers
+from tests.util.figure_checks import check_saved_figures
 
 
 def tiny_net(norm: str = "bnlab", seed: int = 0) -> nn.Sequential:
@@ -190,16 +191,20 @@ def test_gradient_ics_leaves_parameters_grads_buffers_and_rng_alone():
 
 
 @pytest.mark.slow
-def test_ics_experiment_quick_grid_runs_and_probes_are_cached(synthetic_fashion, tmp_path):
+def test_ics_experiment_quick_grid_runs_and_probes_are_cached(synthetic_fashion, tmp_path,
+                                                             monkeypatch):
     from bnlab.experiments import get_experiment
     from bnlab.experiments.runner import QUICK, run_experiment
 
+    figures = check_saved_figures(monkeypatch)
     report = run_experiment(get_experiment("ics"), QUICK, tmp_path, synthetic_fashion,
                             progress=False)
     assert "Every probed replay ended on exactly its run's weights." in report
     assert "noisy BN 1" in report and "Gradient ICS, LeNet vs BN-LeNet at lr 0.1" in report
     caches = sorted(tmp_path.glob("runs/*/analysis/ics-probes.json"))
     assert len(caches) == len(get_experiment("ics").variants(QUICK))
+    assert {"ics/ioffe_fig1.png", "ics/gradient_ics.png"} <= set(figures.problems)
+    assert figures.failing == {}
     stamp = [c.stat().st_mtime_ns for c in caches]
     run_experiment(get_experiment("ics"), QUICK, tmp_path, synthetic_fashion, progress=False)
     assert [c.stat().st_mtime_ns for c in caches] == stamp  # nothing measured again

@@ -11,6 +11,7 @@ from torch import nn
 
 from bnlab.probes.landscape import probe
 from bnlab.training.norms import create_norm_layer
+from tests.util.figure_checks import check_saved_figures
 
 
 class Quadratic(nn.Module):
@@ -70,12 +71,14 @@ def test_probe_leaves_parameters_grads_buffers_and_mode_alone():
 
 
 @pytest.mark.slow
-def test_landscape_experiment_quick_grid_runs(synthetic_fashion, tmp_path):
+def test_landscape_experiment_quick_grid_runs(synthetic_fashion, tmp_path, monkeypatch):
     from bnlab.experiments import get_experiment
     from bnlab.experiments.runner import QUICK, run_experiment
 
+    figures = check_saved_figures(monkeypatch)
     report = run_experiment(get_experiment("landscape"), QUICK, tmp_path, synthetic_fashion,
                             progress=False)
     assert "## Smoothness along the gradient" in report and "lr 0.1, early steps" in report
     assert len(sorted(tmp_path.glob("runs/*/analysis/landscape-probes.json"))) == 4
     assert (tmp_path / "landscape" / "landscape.png").exists()
+    assert "landscape/landscape.png" in figures.problems and figures.failing == {}

@@ -21,6 +21,7 @@ from bnlab.training import distributed, runs
 from bnlab.training.distributed import DistributedConfig, DistributedError, launch, spawn
 from bnlab.training.train import TrainConfig, TrainingRun, build_loaders, model_for
 from bnlab.util.io import read_json
+from tests.util.figure_checks import check_saved_figures
 
 # Every test here spawns processes (seconds each): the slow tier.
 pytestmark = pytest.mark.slow
@@ -188,6 +189,7 @@ def test_exp_sync_quick_writes_a_report_from_its_numbers(synthetic_fashion, tmp_
     monkeypatch.setattr(sync, "PER_RANK_BATCHES", (8,))
     monkeypatch.setattr(sync, "COST_WORLDS", (2,))
     monkeypatch.setattr("bnlab.data.dataset.load_fashion_mnist", lambda *a: synthetic_fashion)
+    figures = check_saved_figures(monkeypatch)
     out = tmp_path / "exp"
     assert cli.main(["exp", "sync", "--quick", "--subset", "200", "--out", str(out),
                      "--no-progress"]) == 0
@@ -200,6 +202,7 @@ def test_exp_sync_quick_writes_a_report_from_its_numbers(synthetic_fashion, tmp_
     assert cost[0]["world"] == 2 and cost[0]["local"] > 0 and cost[0]["sync"] > 0
     assert f"{cost[0]['sync'] - cost[0]['local']:+.2f}" in report
     assert (out / "sync" / "sync.png").stat().st_size > 0 and "(sync.png)" in report
+    assert "sync/sync.png" in figures.problems and figures.failing == {}
     sync_acc = next(r for r in rows if r["tags"]["variant"] == "sync")["summary"]["final_val_acc"]
     assert f"{sync_acc:.4f}" in report
     assert "- b=8: SyncBN − local BN" in report

@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matplotlib.ticker import MaxNLocator
-
 from bnlab.experiments.stats import ACCURACY, bounded, interval, mean_ci
 from bnlab.training import runs
 from bnlab.training.train import steps_per_epoch, training_images
-from bnlab.util.plots import plt
+from bnlab.util.plots import epoch_axis
 from bnlab.util.tables import counted
 
 CHANCE = 0.1
@@ -211,28 +209,27 @@ def train_val_gap(row: Row) -> float:
 def plot_intervals(ax, points: dict[float, Sequence[float]],
                    bounds: tuple[float, float] = ACCURACY, **kwargs: Any) -> None:
     """Mean and 95% interval (``stats.interval``, intersected with ``bounds``) of each x's
-    values, as markers with whiskers on ``ax``; ``kwargs`` go to ``ax.errorbar``."""
+    values, as markers with whiskers on ``ax`` (the look is the next of ``plots.CYCLE``
+    unless ``kwargs`` set it); ``kwargs`` go to ``ax.errorbar``."""
     xs = list(points)
     stats = [interval(points[x], bounds) for x in xs]
     means = [m for m, _, _ in stats]
     yerr = [[m - low for m, low, _ in stats], [high - m for m, _, high in stats]]
-    ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, **kwargs)
+    ax.errorbar(xs, means, yerr=yerr, **kwargs)
 
 
-def plot_mean_curves(curves: dict[str, Curve], ax, ylabel: str, cmap: str | None = None,
-                     bounds: tuple[float, float] = ACCURACY) -> None:
+def plot_mean_curves(curves: dict[str, Curve], ax, ylabel: str,
+                     bounds: tuple[float, float] = ACCURACY, epochs: bool = True) -> None:
     """Mean curves with 95% CI bands on ``ax``, each band in its line's color; the bands are
-    intersected with ``bounds`` (an accuracy's [0, 1] by default), and so is the y axis."""
-    colors = plt.get_cmap(cmap)(range(0, 256, max(1, 256 // max(1, len(curves))))) if cmap else None
-    for i, (label, (xs, means, halves)) in enumerate(curves.items()):
-        (line,) = ax.plot(xs, means, marker="o", markersize=3, label=label,
-                          color=colors[i] if colors is not None else None)
+    intersected with ``bounds`` (an accuracy's [0, 1] by default), and so is the y axis. With
+    ``epochs``, x is an epoch axis (``plots.epoch_axis``); otherwise the caller labels it."""
+    for label, (xs, means, halves) in curves.items():
+        (line,) = ax.plot(xs, means, label=label)
         bands = [bounded(m, h, bounds) for m, h in zip(means, halves)]
         ax.fill_between(xs, [low for low, _ in bands], [high for _, high in bands], alpha=0.12,
                         color=line.get_color(), linewidth=0)
     if all(map(math.isfinite, bounds)):
         ax.set_ylim(*bounds)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
+    if epochs:
+        epoch_axis(ax)
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)

@@ -55,7 +55,7 @@ from bnlab.experiments.stats import format_mean_ci, intervals_apart, mean_ci
 from bnlab.nn.precise import update_bn_stats
 from bnlab.training import restore, runs
 from bnlab.training.norms import uses_batch_statistics
-from bnlab.util.plots import plt, save_figure
+from bnlab.util.plots import legend, log_axis, plt, reference_line, save_figure
 from bnlab.util.tables import counted, format_table
 
 SGD_BATCH = 128
@@ -351,16 +351,16 @@ def plot(rows: list[Row], ways, path: Path) -> None:
     if any(frozen.values()):
         plot_intervals(axes[0], {v: p for v, p in frozen.items() if p}, label="frozen remedy: test")
     axes[0].set_ylabel("accuracy")
-    axes[0].set_title(f"Ghost BN at SGD batch {SGD_BATCH}", fontsize=9)
+    axes[0].set_title(f"Ghost BN at SGD batch {SGD_BATCH}")
     for name, pair in (("generalization gap", ("train_minibatch", "test_minibatch")),
                        ("train-test inconsistency", ("test_minibatch", "test_population"))):
         points = {v: _gap(select(rows, part="ghost", v=v, frozen=False), ways, *pair)
                   for v in GHOST_SIZES}
         plot_intervals(axes[1], {v: p for v, p in points.items() if p},
                        bounds=(-math.inf, math.inf), label=name)
-    axes[1].axhline(0, color="gray", linewidth=0.8)
-    axes[1].set_ylabel("accuracy difference")
-    axes[1].set_title("the paper's two gaps", fontsize=9)
+    reference_line(axes[1], 0.0)
+    axes[1].set_ylabel("accuracy difference (fraction)")
+    axes[1].set_title("the paper's two gaps")
     for label in small_labels(rows):
         points = {b: finals(select(rows, part="small", b=b, norm=label)) for b in SMALL_BATCHES}
         plot_intervals(axes[2], {b: p for b, p in points.items() if p}, label=f"{label} (SGD b)")
@@ -368,13 +368,10 @@ def plot(rows: list[Row], ways, path: Path) -> None:
     plot_intervals(axes[2], {b: p for b, p in ghost.items() if p},
                    label=f"Ghost BN (SGD {SGD_BATCH})")
     axes[2].set_ylabel("test accuracy (eval mode)")
-    axes[2].set_title("small normalization batches", fontsize=9)
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("normalization batch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    axes[2].set_title("small normalization batches")
+    for ax, sizes in zip(axes, (GHOST_SIZES, GHOST_SIZES, SMALL_BATCHES)):
+        log_axis(ax, "x", base=2, ticks=sizes, label="normalization batch (examples)")
+        legend(ax)
     save_figure(fig, path)
 
 

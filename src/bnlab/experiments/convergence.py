@@ -46,7 +46,7 @@ from bnlab.experiments.findings import Analysis
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci
 from bnlab.training.train import steps_per_epoch, training_images
-from bnlab.util.plots import plt, save_figure
+from bnlab.util.plots import count_axis, legend, plt, reference_line, save_figure
 from bnlab.util.tables import counted, format_table
 
 LEARNING_RATES = {False: (0.3, 1.0, 3.0), True: (0.1, 0.3, 1.0, 3.0)}
@@ -251,14 +251,15 @@ def plot_best_curves(rows: list[Row], out: Path, n_images: int | None) -> None:
             continue
         curve = mean_progress(select(rows, bn=bn, lr=lr), n_images)
         name = f"{MODELS[bn][0]} (lr {lr:g})"
-        axes[0].plot([p[0] for p in curve], [p[2] for p in curve], marker=".", label=name)
-        axes[1].plot([p[1] for p in curve], [p[2] for p in curve], marker=".", label=name)
-    for ax, xlabel in zip(axes, ("SGD step", "training seconds (evaluation excluded)")):
-        for t in THRESHOLDS:
-            ax.axhline(t, color="gray", lw=0.8, ls="--")
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        axes[0].plot([p[0] for p in curve], [p[2] for p in curve], label=name)
+        axes[1].plot([p[1] for p in curve], [p[2] for p in curve], label=name)
+    named = "thresholds " + ", ".join(f"{t:.2f}" for t in THRESHOLDS)
+    for ax in axes:
+        for i, t in enumerate(THRESHOLDS):
+            reference_line(ax, t, label=named if i == 0 else None)  # one legend entry for all
+        legend(ax)
+    count_axis(axes[0], "SGD step")
+    axes[1].set_xlabel("training time (s, evaluation excluded)")
     axes[0].set_ylabel("validation accuracy (seed mean)")
     fig.suptitle("Each model at its best learning rate")
     save_figure(fig, out / "convergence.png")

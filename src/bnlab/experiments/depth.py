@@ -60,7 +60,17 @@ from bnlab.training.deep import ACTIVATIONS as MODULES
 from bnlab.training.deep import deep_mlp
 from bnlab.training.train import TrainConfig, model_for
 from bnlab.util.config import config_from_dict
-from bnlab.util.plots import plt, save_figure
+from bnlab.util.plots import (
+    PALETTE,
+    count_axis,
+    legend,
+    log_axis,
+    note_empty,
+    plt,
+    reference_line,
+    save_figure,
+    style,
+)
 from bnlab.util.tables import format_table
 
 DEPTHS = (5, 10, 20, 50, 110)
@@ -176,8 +186,8 @@ def _fmt_ratio(value: float) -> str:
 
 def plot_profiles(profiles: dict[tuple, dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(2, len(ACTIVATIONS), figsize=(12, 8), squeeze=False)
-    colors = {"bnlab": "tab:blue", "none": "tab:red"}
-    styles = dict(zip(PLOTTED_DEPTHS, ("--", "-")))
+    colors = dict(zip(NORMS, PALETTE))
+    styles = dict(zip(PLOTTED_DEPTHS, (("--", "^"), ("-", "o"))))
     for row_axes, when in zip(axes, ("init", "trained")):
         for ax, act in zip(row_axes, ACTIVATIONS):
             for (a, norm, depth), p in profiles.items():
@@ -185,19 +195,18 @@ def plot_profiles(profiles: dict[tuple, dict[str, Any]], path: Path) -> None:
                 if a != act or depth not in styles or values is None:
                     continue
                 ys = [v if v > 0 and math.isfinite(v) else math.nan for v in values]
-                ax.plot(range(1, len(ys) + 1), ys, styles[depth], color=colors[norm],
-                        label=f"{NORMS[norm]}, depth {depth}")
-            ax.set_yscale("log")
-            ax.set_xlabel("weight layer (1 = input side)")
-            ax.set_ylabel("||dL/dW||")
+                line, marker = styles[depth]
+                ax.plot(range(1, len(ys) + 1), ys, linestyle=line, marker=marker, markevery=5,
+                        color=colors[norm], label=f"{NORMS[norm]}, depth {depth}")
+            log_axis(ax, "y", label="||dL/dW|| (gradient norm)")
+            count_axis(ax, "weight layer (1 = input side)")
             title = "at initialization" if when == "init" else "after training (best lr)"
-            ax.set_title(f"{act}: {title}", fontsize=10)
-            ax.grid(alpha=0.3, which="both")
-            if ax.lines:
-                ax.legend(fontsize=8)
+            ax.set_title(f"{act}: {title}")
+            if not ax.lines:
+                note_empty(ax, "no run of depth " + " or ".join(map(str, PLOTTED_DEPTHS)))
+            legend(ax)
     fig.suptitle(f"Per-layer gradient norms, plain MLP width {WIDTH}, batch of "
                  f"{GRADIENT_BATCH} training images, seed 0")
-    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -208,14 +217,11 @@ def plot_accuracy_vs_depth(rows: list[Row], path: Path) -> None:
             at_best = {depth: finals(select(rows, activation=act, norm=norm, depth=depth, lr=lr))
                        for depth in DEPTHS if (lr := best_lr(rows, act, norm, depth)) is not None}
             plot_intervals(ax, at_best, label=name)
-        ax.axhline(FAIL_ACCURACY, color="crimson", lw=0.8, ls="--", label="fails at or below")
-        ax.set_xscale("log")
-        ax.set_xticks(DEPTHS, [str(d) for d in DEPTHS])
-        ax.set_xlabel("depth (weight layers)")
-        ax.set_ylabel("final val acc at the best lr")
+        reference_line(ax, FAIL_ACCURACY, label="fails at or below")
+        log_axis(ax, "x", ticks=DEPTHS, label="depth (weight layers)")
+        ax.set_ylabel("final validation accuracy at the best lr")
         ax.set_title(act)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        legend(ax)
     save_figure(fig, path)
 
 
@@ -359,17 +365,15 @@ def plot_sweep(sweep: Sweep, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False)
     for ax, axis, fixed in zip(axes[0], ("width", "batch"),
                                (f"batch {GRADIENT_BATCH}", f"width {WIDTH}")):
-        for act, axes_of in sweep.items():
-            (line,) = ax.plot([], [])
-            color = line.get_color()
-            plot_intervals(ax, axes_of[axis], (0.0, math.inf), color=color, label=f"{act} measured")
-            ax.axhline(predicted_growth(act), color=color, ls="--", lw=0.9,
+        for i, (act, axes_of) in enumerate(sweep.items()):
+            look = style(i)
+            plot_intervals(ax, axes_of[axis], (0.0, math.inf), label=f"{act} measured", **look)
+            ax.axhline(predicted_growth(act), color=look["color"], ls=":", lw=0.9,
                        label=f"{act} mean field")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"{axis} ({fixed}, depth {SWEEP_DEPTH}, BN)")
-        ax.set_ylabel("fitted growth of ||dL/dW|| per layer")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        log_axis(ax, "x", base=2, ticks=sorted({x for a in sweep.values() for x in a[axis]}),
+                 label=f"{axis} ({fixed}, depth {SWEEP_DEPTH}, BN)")
+        ax.set_ylabel("fitted growth of ||dL/dW|| per layer (ratio)")
+        legend(ax)
     save_figure(fig, path)
 
 

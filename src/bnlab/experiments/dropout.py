@@ -26,7 +26,7 @@ from bnlab.experiments.measure import accuracy_in_mode, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.training import restore, runs
-from bnlab.util.plots import plt, save_figure
+from bnlab.util.plots import legend, plt, save_figure
 from bnlab.util.tables import format_table
 
 MODE_EVAL_IMAGES = 10000  # training images used to compare train and eval mode
@@ -95,7 +95,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
                      "validation accuracy")
     plot_mean_curves({label: mean_curve(g, "train_acc") for label, g in groups.items()},
                      axes[1], "training accuracy (train mode)")
-    axes[0].legend(fontsize=8)
+    legend(axes[0])
     save_figure(fig, out / "accuracy_per_epoch.png")
 
     table = format_table(["variant", "final val acc", "final train acc (train mode)",

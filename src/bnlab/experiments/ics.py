@@ -46,7 +46,7 @@ from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps,
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, periodic_eval_every
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.probes.ics import drift, gradient_ics, percentile_record
-from bnlab.util.plots import plt, save_figure
+from bnlab.util.plots import count_axis, legend, log_axis, plt, save_figure, style
 from bnlab.util.tables import format_table
 
 SETTING_DIFFERS = (
@@ -257,18 +257,20 @@ def plot_fig1(rows: list[Row], probes: dict[str, Any], path: Path) -> None:
                                  label=f"{norm_label(norm)} lr={lr:g} (seed 0)")
                 records = probes[group[0].run_dir]["records"]
                 steps = [r["step"] for r in records]
-                for i, style in enumerate(("--", "-", "--")):
-                    ax.plot(steps, [r["eval"]["unit"][i] for r in records], style, color="C0",
-                            label=f"unit 0 p{(15, 50, 85)[i]}")
-                    ax.plot(steps, [r["eval"]["median"][i] for r in records], style, color="C1",
-                            label=f"median unit p{(15, 50, 85)[i]}")
+                for i, (which, name) in enumerate((("unit", "unit 0"), ("median", "median unit"))):
+                    look = style(i)  # p50 as the line, p15 to p85 as its band
+                    low, mid, high = zip(*(r["eval"][which] for r in records))
+                    ax.plot(steps, mid, label=f"{name}: p50, band p15-p85", **look)
+                    ax.fill_between(steps, low, high, color=look["color"], alpha=0.15,
+                                    linewidth=0)
                 ax.set_title(f"{net.upper()} {norm_label(norm)}: last hidden sigmoid input (eval)")
-                ax.set_xlabel("step")
-                ax.legend(fontsize=7)
+                ax.set_ylabel("sigmoid input (pre-activation)")
+                count_axis(ax, "step")
+                legend(ax)
         row_axes[0].set_title(f"{net.upper()}: test accuracy")
-        row_axes[0].set_xlabel("step")
-        row_axes[0].legend(fontsize=8)
-    fig.tight_layout()
+        row_axes[0].set_ylabel("test accuracy")
+        count_axis(row_axes[0], "step")
+        legend(row_axes[0])
     save_figure(fig, path)
 
 
@@ -283,11 +285,13 @@ def plot_ics(rows: list[Row], probes: dict[str, Any], path: Path) -> None:
             ax.plot(steps, [sum(layer[key] for layer in r["ics"]) / len(r["ics"]) for r in records],
                     label=label)
     for ax, key in zip(axes[0], ("||G - G'|| / ||G||", "cos(G, G')")):
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"{key}, mean over layers (seed 0)")
-        ax.set_yscale("log" if "||" in key else "linear")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        label = f"{key}, mean over layers (seed 0)"
+        if "||" in key:
+            log_axis(ax, "y", label=label)
+        else:
+            ax.set_ylabel(label)
+        count_axis(ax, "step")
+        legend(ax)
     save_figure(fig, path)
 
 

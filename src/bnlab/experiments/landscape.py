@@ -34,7 +34,7 @@ from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps,
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, periodic_eval_every
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.probes.landscape import probe
-from bnlab.util.plots import plt, save_figure
+from bnlab.util.plots import count_axis, legend, log_axis, plt, save_figure
 from bnlab.util.tables import format_table
 
 ETAS = (0.05, 0.1, 0.2, 0.4)
@@ -161,6 +161,12 @@ def _order(ratio: float) -> str:
     return "BN smoother, but far less than 100x" if ratio > 1 else "BN not smoother"
 
 
+PANELS = {"loss_range": ("loss range", "nats"),
+          "grad_change": ("gradient predictiveness max ||dg||", "gradient norm"),
+          "beta": ("effective beta-smoothness", "||dg|| per unit of ||eta g||")}
+"""The figure's panels: a key of ``summarize_probe``, its name and its unit."""
+
+
 def plot(rows: list[Row], probes: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), squeeze=False)
     for label, group in by_label(rows).items():
@@ -169,19 +175,17 @@ def plot(rows: list[Row], probes: dict[str, Any], path: Path) -> None:
             for rec in probes[r.run_dir]:
                 per_step.setdefault(rec["step"], []).append(summarize_probe(rec))
         steps = sorted(per_step)
-        for ax, key in zip(axes[0], ("loss_range", "grad_change", "beta")):
+        for ax, key in zip(axes[0], PANELS):
             lo = [min(s[key] for s in per_step[t]) for t in steps]
             hi = [max(s[key] for s in per_step[t]) for t in steps]
             mid = [_median([s[key] for s in per_step[t]]) for t in steps]
             (line,) = ax.plot(steps, mid, label=label)
             ax.fill_between(steps, lo, hi, alpha=0.2, color=line.get_color())
-    for ax, name in zip(axes[0], ("loss range", "gradient predictiveness max ||dg||",
-                                  "effective beta-smoothness")):
-        ax.set_xlabel("step")
-        ax.set_title(f"{name} (median and range over seeds)", fontsize=9)
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    for ax, (name, unit) in zip(axes[0], PANELS.values()):
+        ax.set_title(f"{name} (median and range over seeds)")
+        log_axis(ax, "y", label=f"{name} ({unit})")
+        count_axis(ax, "step")
+        legend(ax)
     save_figure(fig, path)
 
 

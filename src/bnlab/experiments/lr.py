@@ -28,7 +28,7 @@ from bnlab.experiments.analysis import (
 from bnlab.experiments.findings import Analysis
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci
-from bnlab.util.plots import plt, save_figure
+from bnlab.util.plots import legend, log_axis, plt, reference_line, save_figure
 from bnlab.util.tables import format_table
 
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -48,9 +48,9 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     for ax, bn in zip(axes, (False, True)):
         curves = {f"lr={r[0].tags['lr']:g}": mean_curve(r) for r in groups.values()
                   if r[0].tags["bn"] == bn}
-        plot_mean_curves(curves, ax, "validation accuracy", cmap="viridis")
+        plot_mean_curves(curves, ax, "validation accuracy")
         ax.set_title(MODELS[bn][0])
-        ax.legend(fontsize=7, ncol=2)
+        legend(ax)
     save_figure(fig, out / "val_acc_per_epoch.png")
 
     # Final validation accuracy against learning rate (intervals held to [0, 1]).
@@ -58,12 +58,10 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     for bn in (False, True):
         plot_intervals(ax, {lr: finals(group) for lr in LEARNING_RATES
                             if (group := select(rows, bn=bn, lr=lr))}, label=MODELS[bn][0])
-    ax.axhline(FAIL_ACCURACY, color="crimson", lw=0.8, ls="--", label="fails at or below")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
+    reference_line(ax, FAIL_ACCURACY, label="fails at or below")
+    log_axis(ax, "x", label="learning rate")
     ax.set_ylabel("final validation accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    legend(ax)
     save_figure(fig, out / "final_acc_vs_lr.png")
 
     table_rows = []

@@ -59,7 +59,7 @@ from bnlab.experiments.runner import Experiment, ExpSettings, Variant, norm_list
 from bnlab.experiments.stats import UNBOUNDED, format_mean_ci, mean_ci
 from bnlab.training import restore, runs
 from bnlab.training.train import drops_last_batch, steps_per_epoch, training_images
-from bnlab.util.plots import plt, save_figure
+from bnlab.util.plots import legend, log_axis, plt, reference_line, save_figure
 from bnlab.util.tables import format_table
 
 NORMS = {"bnlab": "BN", "layer": "LayerNorm", "group": "GroupNorm", "instance": "InstanceNorm",
@@ -315,17 +315,14 @@ def plot(rows: list[Row], measured: dict, path: Path) -> None:
                                  for bs in BATCH_SIZES if (values := measured.get((norm, bs)))},
                        UNBOUNDED, label=name)
     for ax, arm in zip(axes, ARMS):
-        ax.set_ylabel("final val acc (eval mode)")
+        ax.set_ylabel("final validation accuracy (eval mode)")
         ax.set_title(arm)
-    axes[2].set_ylabel("train mode − eval mode (points)")
+    axes[2].set_ylabel("train mode − eval mode (percentage points)")
     axes[2].set_title(EPOCHS)
-    axes[2].axhline(0.0, color="gray", lw=0.8)
+    reference_line(axes[2], 0.0)
     for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(BATCH_SIZES, [str(b) for b in BATCH_SIZES])
-        ax.set_xlabel("training batch size")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        log_axis(ax, "x", base=2, ticks=BATCH_SIZES, label="training batch size")
+        legend(ax)
     save_figure(fig, path)
 
 

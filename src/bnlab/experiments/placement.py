@@ -22,7 +22,7 @@ from bnlab.experiments.analysis import (
 from bnlab.experiments.findings import Analysis
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, intervals_apart
-from bnlab.util.plots import plt, save_figure
+from bnlab.util.plots import legend, plt, save_figure
 from bnlab.util.tables import format_table
 
 PLACEMENTS = {
@@ -46,8 +46,8 @@ def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plot_mean_curves({label: mean_curve(g) for label, g in groups.items()}, ax,
                      "validation accuracy")
-    ax.legend(fontsize=8)
     ax.set_title("BN placement in LeNet (mean, 95% CI over seeds)")
+    legend(ax)
     save_figure(fig, out / "val_acc_per_epoch.png")
 
     headers = ["placement", "final val acc", *[f"epochs to {t:.2f}" for t in THRESHOLDS]]

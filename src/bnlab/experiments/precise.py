@@ -64,7 +64,7 @@ from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.nn.precise import batch_norm_layers, update_bn_stats
 from bnlab.training.train import TrainConfig, build_loaders, evaluate, resolve_device
-from bnlab.util.plots import plt, save_figure
+from bnlab.util.plots import legend, log_axis, plt, save_figure
 from bnlab.util.tables import format_table
 
 SOURCE = "Wu & Johnson 2021"
@@ -430,18 +430,19 @@ def _curves(group: list[Row], probes, value) -> dict[str, tuple[list[int], list[
     return curves
 
 
+STEP_AXIS = f"training step (symlog: linear up to {FIRST_EPOCH_EVERY})"
+
+
 def plot_accuracy(rows: list[Row], probes, path: Path) -> None:
     fig, axes = plt.subplots(1, len(LEARNING_RATES), figsize=(6 * len(LEARNING_RATES), 4.5),
                              squeeze=False, sharey=True)
     for ax, lr in zip(axes[0], LEARNING_RATES):
         curves = _curves(select(rows, lr=lr), probes, lambda rec, n: rec["acc"][n])
         if curves:
-            plot_mean_curves(curves, ax, "test accuracy", cmap="viridis")
-        ax.set_xscale("symlog", linthresh=FIRST_EPOCH_EVERY)
-        ax.set_xlabel("training step (symlog)")
-        ax.set_title(f"BN-LeNet lr={lr:g}: the same weights with each estimate (mean, 95% CI)",
-                     fontsize=8)
-        ax.legend(fontsize=7)
+            plot_mean_curves(curves, ax, "test accuracy", epochs=False)
+        log_axis(ax, "x", linthresh=FIRST_EPOCH_EVERY, label=STEP_AXIS)
+        ax.set_title(f"BN-LeNet lr={lr:g}: the same weights with each estimate (mean, 95% CI)")
+        legend(ax)
     save_figure(fig, path)
 
 
@@ -459,16 +460,12 @@ def plot_gap(rows: list[Row], probes, path: Path) -> None:
 
             for label, (xs, means, _) in _curves(group, probes, gap).items():
                 if label.startswith("EMA") or label.endswith(f"N = {SAMPLES[0]}"):
-                    ax.plot(xs, [max(m, 1e-12) for m in means], marker="o", markersize=3,
-                            label=label, linestyle="-" if label.startswith("EMA") else ":")
-            ax.set_xscale("symlog", linthresh=FIRST_EPOCH_EVERY)
-            ax.set_yscale("log")
-            ax.set_xlabel("training step (symlog)")
-            ax.set_ylabel(f"|estimate - population| of the {what}")
-            ax.set_title(f"lr={lr:g}: channel 0 of the last batch norm (mean over seeds)", fontsize=8)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+                    ax.plot(xs, [max(m, 1e-12) for m in means], label=label)
+            log_axis(ax, "x", linthresh=FIRST_EPOCH_EVERY, label=STEP_AXIS)
+            unit = "activation units" + ("" if what == "mean" else " squared")
+            log_axis(ax, "y", label=f"|estimate - population| of the {what} ({unit})")
+            ax.set_title(f"lr={lr:g}: channel 0 of the last batch norm (mean over seeds)")
+            legend(ax)
     save_figure(fig, path)
 
 

@@ -51,7 +51,7 @@ from bnlab.probes.robustness import (
     pgd_accuracy,
 )
 from bnlab.training import restore, runs
-from bnlab.util.plots import plt, save_figure
+from bnlab.util.plots import legend, note_empty, plt, save_figure
 from bnlab.util.tables import counted, format_table
 
 MODELS = {
@@ -363,13 +363,13 @@ def plot(measured: Measured, path: Path) -> None:
                                label=label)
         axes[0][col].set_title(KIND_NAMES[kind])
         axes[0][col].set_ylabel("test accuracy")
-        axes[1][col].set_ylabel("accuracy / clean accuracy")
+        axes[1][col].set_ylabel("accuracy / clean accuracy (ratio)")
         for ax in axes[:, col]:
-            ax.set_xlabel(KIND_NAMES[kind].split("(")[1].rstrip(")"))
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=8)
-    fig.tight_layout()
+            size = KIND_NAMES[kind].split("(")[1].rstrip(")")
+            ax.set_xlabel(f"{size} (on pixels in [0, 1])")
+            if not ax.lines:
+                note_empty(ax, f"no model above {FAIL_ACCURACY} accuracy: nothing measured")
+            legend(ax)
     save_figure(fig, path)
 
 

@@ -38,7 +38,7 @@ from bnlab.nn.sync import SyncBatchNorm
 from bnlab.training.distributed import DistributedConfig, spawn
 from bnlab.training.train import TrainConfig, make_step, model_for, optimizer_for
 from bnlab.util.io import atomic_write_json, read_json
-from bnlab.util.plots import plt, save_figure
+from bnlab.util.plots import legend, log_axis, plt, save_figure
 from bnlab.util.tables import format_table
 
 WORLD = 4
@@ -193,13 +193,11 @@ def plot(rows: list[Row], path: Path) -> None:
                   for b in PER_RANK_BATCHES if any(not r.diverged for r in _select(rows, v, b))}
         if points:
             plot_intervals(ax, points, label=NAMES[v])
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(PER_RANK_BATCHES), [str(b) for b in PER_RANK_BATCHES])
-    ax.set_xlabel(f"per-process batch ({WORLD} processes)")
+    log_axis(ax, "x", base=2, ticks=PER_RANK_BATCHES,
+             label=f"per-process batch ({WORLD} processes)")
     ax.set_ylabel("final validation accuracy (eval mode)")
     ax.set_title("Batch norm across processes (mean, 95% CI over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    legend(ax)
     save_figure(fig, path)
 
 

@@ -387,7 +387,7 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
         "exp", help="run an experiment (a grid of training runs) and write its report",
         description=f"Experiments: {listing}. Finished runs are skipped, cut-off runs resumed.")
     exp.add_argument("name", choices=sorted(EXPERIMENTS), help="which experiment")
-    add_config_flags(exp, ExpSettings)
+    add_config_flags(exp, ExpSettings, skip=("quick",))  # --quick below sets it
     size = exp.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="smoke test: 1 seed, 1 epoch, 1000 training images (default: the "
@@ -451,7 +451,7 @@ def _run_experiment(args: argparse.Namespace) -> None:
     with sizing.grid_progress(planned, args.progress):
         print(run_experiment(experiment, settings, args.out, dataset,
                              args.jobs, args.progress, executor, args.tensorboard,
-                             quick=args.quick, command=shlex.join(["bnlab", *args.argv])))
+                             command=shlex.join(["bnlab", *args.argv])))
     print(f"report: {args.out}/{experiment.name}/report.md")
 
 

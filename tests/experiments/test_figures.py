@@ -10,7 +10,7 @@ import pytest
 
 from bnlab.experiments import dropout, lr, placement
 from bnlab.experiments.analysis import Row
-from bnlab.experiments.runner import ExpSettings
+from bnlab.experiments.runner import ExpSettings, resolve
 from tests.util.figure_checks import check_saved_figures, data_lines
 
 EPOCHS = 10
@@ -57,7 +57,7 @@ def test_full_size_epoch_curves_pass_every_figure_rule(module, rows, figures, tm
     seen = check_saved_figures(monkeypatch)
     out = tmp_path / module.EXPERIMENT.name
     out.mkdir()
-    module.EXPERIMENT.analyze(rows(), out, None)
+    module.EXPERIMENT.analyze(rows(), out, None, resolve(ExpSettings(), module.EXPERIMENT))
     assert sorted(seen.problems) == sorted(f"{out.name}/{f}" for f in figures)
     assert seen.failing == {}
     for name, fig in seen.figures.items():
@@ -67,7 +67,7 @@ def test_full_size_epoch_curves_pass_every_figure_rule(module, rows, figures, tm
 
 def test_eleven_learning_rates_are_labelled_at_their_ends_not_in_a_legend(tmp_path, monkeypatch):
     seen = check_saved_figures(monkeypatch)
-    lr.analyze(lr_rows(), tmp_path, None)
+    lr.analyze(lr_rows(), tmp_path, None, resolve(ExpSettings(), lr.EXPERIMENT))
     for ax in seen.figures[f"{tmp_path.name}/val_acc_per_epoch.png"].axes:
         assert ax.get_legend() is None
         assert sorted(t.get_text() for t in ax.texts) == sorted(

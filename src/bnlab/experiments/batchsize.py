@@ -176,7 +176,7 @@ def _gap(rows: list[Row], ways, a: str, b: str) -> list[float]:
     return [ways[r.run_dir][a] - ways[r.run_dir][b] for r in rows if r.run_dir in ways]
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
+def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     if dataset is None or not rows:
         return Analysis(["(no dataset or no finished runs: nothing to measure)"])
     ways = measured_ways(rows, dataset)

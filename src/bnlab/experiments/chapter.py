@@ -30,7 +30,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
     return [Variant(label, params, {"norm": params["norm"]}) for label, params in RUNS.items()]
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
+def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     groups = by_label(rows)
     table = format_table(
         ["run", "final val acc per seed", "mean", "best val acc (mean)", "s/epoch (mean)"],

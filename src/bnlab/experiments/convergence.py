@@ -169,7 +169,7 @@ def ioffe_comparison(rows: list[Row], n_images: int | None = None) -> dict[str, 
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
+def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     n_images = len(dataset.train_labels) if dataset is not None else None
     plot_best_curves(rows, out, n_images)
     headers = ["model", "lr", "final val acc", *[f"to {t:.2f}" for t in THRESHOLDS]]

@@ -379,7 +379,7 @@ def plot_sweep(sweep: Sweep, path: Path) -> None:
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
+def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     plot_accuracy_vs_depth(rows, out / "accuracy_vs_depth.png")
     headers = ["activation", "norm", *[f"depth {d}" for d in DEPTHS]]
     table_rows = []

@@ -88,7 +88,7 @@ def mode_table(groups: dict[str, list[Row]], dataset) -> tuple[str, dict[str, di
     return format_table(headers, rows), measured
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
+def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     groups = by_label(rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     plot_mean_curves({label: mean_curve(g) for label, g in groups.items()}, axes[0],

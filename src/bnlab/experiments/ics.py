@@ -125,7 +125,7 @@ def mean_ics(records: list[dict[str, Any]], key: str) -> float:
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
+def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     if dataset is None or not rows:
         return Analysis(["(no dataset or no finished runs: nothing to measure)"])
     probes = {r.run_dir: measure(r, dataset) for r in rows}

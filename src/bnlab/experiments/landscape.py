@@ -99,7 +99,7 @@ def _median(values: list[float]) -> float:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
+def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     if dataset is None or not rows:
         return Analysis(["(no dataset or no finished runs: nothing to probe)"])
     probes = {r.run_dir: measure(r, dataset)["records"] for r in rows}

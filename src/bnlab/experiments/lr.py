@@ -41,7 +41,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
             for bn in (False, True) for lr in LEARNING_RATES]
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
+def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     groups = by_label(rows)
     # Validation accuracy per epoch, one line per learning rate, one panel per model.
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)

@@ -162,7 +162,7 @@ def mode_independent(gaps: dict[tuple[str, int], float], norm: str,
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
+def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     measured: dict[tuple[str, int], list[dict[str, float]]] = {}
     if dataset is not None:
         for row in select(rows, arm=EPOCHS):

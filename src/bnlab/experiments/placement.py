@@ -41,7 +41,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
                     {"slots": slots}) for label, slots in PLACEMENTS.items()]
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
+def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     groups = by_label(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plot_mean_curves({label: mean_curve(g) for label, g in groups.items()}, ax,

@@ -231,7 +231,7 @@ def phases(row: Row, records: list[dict[str, Any]]) -> dict[str, Callable[[int],
     return {"first epoch": lambda s: 0 < s <= per_epoch, "end": lambda s: s == last}
 
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
+def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     if dataset is None or not rows:
         return Analysis(["(no dataset or no finished runs: nothing to probe)"])
     measured = {r.run_dir: measure(r, dataset) for r in rows}

@@ -186,7 +186,7 @@ def compare(measured: Measured, kind: str, label: str,
 
 # --------------------------------------------------------------------------- report
 
-def analyze(rows: list[Row], out: Path, dataset: Any = None) -> Analysis:
+def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     if dataset is None or not rows:
         return Analysis(["(no dataset or no finished runs: nothing to perturb)"])
     measured = measure(rows, dataset)

@@ -81,6 +81,9 @@ class ExpSettings:
     flush_denormal: bool = field(default=True, metadata={
         "help": "every run flushes denormal floats to zero on CPU (TrainConfig.flush_denormal; "
                 "off: the IEEE arithmetic of runs from before the flush, to time the difference)"})
+    quick: bool = field(default=False, metadata={
+        "help": "a smoke test (set by --quick): analyses are scaled down with the grid, and no "
+                "verdict is stated"})
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
@@ -109,7 +112,7 @@ def norm_list(settings: ExpSettings) -> tuple[str, ...]:
     return names
 
 
-QUICK = ExpSettings(seeds=1, epochs=1, subset=1000, val_size=1000)
+QUICK = ExpSettings(seeds=1, epochs=1, subset=1000, val_size=1000, quick=True)
 """``--quick``: the whole grid, tiny (smoke tests)."""
 FULL = ExpSettings(seeds=3, epochs=10, subset=0)
 """``--full``: the chapter's settings (10 epochs on all 60000 images)."""
@@ -137,7 +140,7 @@ class Experiment:
     title: str
     question: str
     variants: Callable[[ExpSettings], list[Variant]]
-    analyze: Callable[[list[Row], Path, Any], Analysis]  # (rows, out, dataset)
+    analyze: Callable[[list[Row], Path, Any, ExpSettings], Analysis]  # (rows, out, dataset, settings)
     default_epochs: int
     default_subset: int  # 0 = all, as TrainConfig.subset
     notes: str = ""
@@ -347,9 +350,9 @@ def write_results(out: Path, rows: list[Row], facts: dict[str, Any]) -> str:
     return table
 
 
-def is_smoke_test(settings: ExpSettings, quick: bool) -> bool:
+def is_smoke_test(settings: ExpSettings) -> bool:
     """Whether a grid is too small for verdicts: ``--quick``, or one seed per variant."""
-    return quick or settings.seeds < 2
+    return settings.quick or settings.seeds < 2
 
 
 SMOKE_BANNER = ("> **Smoke test.** This grid ({why}) checks that the experiment runs end to end; "
@@ -360,13 +363,12 @@ SMOKE_BANNER = ("> **Smoke test.** This grid ({why}) checks that the experiment 
 def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Path,
                    dataset: FashionMNIST, jobs: int = 1, progress: bool = True,
                    executor: Executor | None = None,
-                   tensorboard: str | Path | None = None, quick: bool = False,
-                   command: str | None = None) -> str:
+                   tensorboard: str | Path | None = None, command: str | None = None) -> str:
     """Plan and validate every run, train (skipping finished runs), collect and analyze; return
     ``report.md``'s text. Runs that cannot be used are left out of the report, which says so,
-    and end in ``GridIncomplete`` once everything else is written. ``quick``: the grid is a
-    smoke test (so is any grid of one seed): no verdicts or findings are stated. ``command``:
-    the command line recorded as provenance.
+    and end in ``GridIncomplete`` once everything else is written. A smoke test
+    (``settings.quick``, or one seed) states no verdicts or findings. ``command``: the command
+    line recorded as provenance.
 
     A second call on a finished grid trains nothing, and the analysis reads the expensive
     measurements back from the run folders (``runs.cached``)."""
@@ -381,10 +383,10 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     bad: list[BadRun] = []
     execute(planned, dataset, jobs, progress, executor, tensorboard, bad)
     rows = collect(planned, bad)
-    facts = provenance(command or f"run_experiment({experiment.name!r})", quick)
+    facts = provenance(command or f"run_experiment({experiment.name!r})", settings.quick)
     table = write_results(out, rows, facts)
-    smoke = is_smoke_test(settings, quick)
-    analysis = experiment.analyze(rows, out, dataset)
+    smoke = is_smoke_test(settings)
+    analysis = experiment.analyze(rows, out, dataset, settings)
     if smoke:
         analysis = analysis.as_smoke_test()
     atomic_write_json(out / "findings.json", {

@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -201,11 +202,10 @@ def plot(rows: list[Row], path: Path) -> None:
     save_figure(fig, path)
 
 
-def analyze(rows: list[Row], out: Path, dataset) -> Analysis:
+def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     """The tables, the synchronization's cost per step (measured once, ``cost.json``), the
     findings and ``sync.png``."""
-    quick = len({r.seed for r in rows}) < 2  # --quick: a shorter cost measurement
-    cost = measure_cost(out, steps=10 if quick else COST_STEPS)
+    cost = measure_cost(out, steps=10 if settings.quick else COST_STEPS)
     plot(rows, out / "sync.png")
     return Analysis([*report_sections(rows, cost), "", "![accuracy by per-process batch](sync.png)"])
 

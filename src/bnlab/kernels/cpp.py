@@ -72,8 +72,6 @@ from types import ModuleType
 import torch
 from torch.onnx import symbolic_helper, symbolic_opset9, symbolic_opset14
 
-from bnlab.util.io import atomic_write_text
-
 _SOURCE = Path(__file__).with_name("csrc") / "batch_norm.cpp"
 _ARCH_FLAGS = {  # what torch's own CPU kernels were picked for on this machine
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
@@ -145,7 +143,11 @@ class KernelBuild:
         return None
 
     def write_record(self) -> None:
-        atomic_write_text(self.record, _fingerprint(self.library) + "\n")
+        # Whole or absent (a temp file renamed over it); not bnlab.util.io, which the
+        # library (bnlab.nn and below) does not load.
+        temp = self.record.with_name(f".{self.record.name}.{os.getpid()}.tmp")
+        temp.write_text(_fingerprint(self.library) + "\n")
+        os.replace(temp, self.record)
 
 
 def _fingerprint(path: Path) -> str:

@@ -179,7 +179,11 @@ def kernel_build() -> KernelBuild:
     # thread pool and torch.set_num_threads.
     # CPU_CAPABILITY selects ATen's Vectorized implementation for that instruction set (the
     # one torch's own kernels of this machine use): the fused activations call its exp.
-    flags = ("-O3", "-fopenmp", *_ARCH_FLAGS.get(capability, []), f"-DCPU_CAPABILITY={capability}",
+    # -ffp-contract=off: no a * b + c fused into one rounding, so the scalar loops and the
+    # vector code compute the same bits (what the fused activations' equality with torch's
+    # rests on), whichever compiler's default.
+    flags = ("-O3", "-fopenmp", "-ffp-contract=off", *_ARCH_FLAGS.get(capability, []),
+             f"-DCPU_CAPABILITY={capability}",
              *([f"-DCPU_CAPABILITY_{capability}"] if capability in _ARCH_FLAGS else []))
     digest = hashlib.sha256()
     python = f"{sys.implementation.cache_tag} {sys.platform}"  # the extension's ABI

@@ -136,46 +136,117 @@ inline Vec<scalar_t> activation_grad(Vec<scalar_t> dy, Vec<scalar_t> y) {
   }
 }
 
-// y[i] = act(y[i]) in place over n contiguous values (the last vector partial).
+// The same, one value at a time, as torch's scalar code computes them.
 template <Act A, typename scalar_t>
-void activate_span(scalar_t* y, int64_t n) {
-  if constexpr (A != Act::Identity) {
-    constexpr int64_t width = Vec<scalar_t>::size();
-    int64_t i = 0;
-    for (; i + width <= n; i += width) activate<A>(Vec<scalar_t>::loadu(y + i)).store(y + i);
-    if (i < n) activate<A>(Vec<scalar_t>::loadu(y + i, n - i)).store(y + i, n - i);
+inline scalar_t activate_one(scalar_t z) {
+  if constexpr (A == Act::ReLU) {
+    return z < scalar_t(0) ? scalar_t(0) : z;  // std::max(z, 0): NaN stays NaN
+  } else if constexpr (A == Act::Sigmoid) {
+    return scalar_t(1) / (scalar_t(1) + std::exp(-z));
+  } else {
+    return z;
   }
 }
 
-// dz = dy * act'(z) over n contiguous values of one channel, z recomputed from x as the
-// forward computed it: z = (x - center) * alpha + beta.
 template <Act A, typename scalar_t>
-void activation_grad_span(const scalar_t* dy, const scalar_t* x, scalar_t* dz, int64_t n,
-                          scalar_t center, scalar_t alpha, scalar_t beta) {
+inline scalar_t activation_grad_one(scalar_t dy, scalar_t y) {
+  if constexpr (A == Act::ReLU) {
+    return y <= scalar_t(0) ? scalar_t(0) : dy;
+  } else if constexpr (A == Act::Sigmoid) {
+    return dy * (scalar_t(1) - y) * y;
+  } else {
+    return dy;
+  }
+}
+
+// Where torch computes an elementwise op with scalar code. Its CPU loops (TensorIterator's
+// for_each, then cpu_kernel_vec) split a contiguous tensor of n values into parallel chunks
+// (one when n <= at::internal::GRAIN_SIZE or on one thread, else min(threads, n / GRAIN_SIZE
+// rounded up) chunks of equal size, as at::parallel_for does) and compute the last
+// (chunk length mod two vectors) values of each chunk with scalar code: for sigmoid,
+// std::exp instead of the vectorized exp, which can differ in the last ulp. The fused
+// sigmoid computes those values (by offset in memory, the order torch iterates in) the
+// scalar way too, so that it stays bit-identical to batch norm then torch.sigmoid. (relu's
+// scalar and vector forms agree: it needs none.) Only bit-identity depends on this rule,
+// not correctness; the tests compare fused and unfused bit for bit on shapes that have runs.
+struct ScalarRuns {
+  std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) offsets
+
+  // f(i) for each offset i of [first, first + n) that torch computes with scalar code.
+  template <typename F>
+  void for_each_in(int64_t first, int64_t n, F f) const {
+    for (const auto& [begin, end] : runs)
+      for (int64_t i = std::max(begin, first); i < std::min(end, first + n); ++i) f(i);
+  }
+};
+
+template <Act A, typename scalar_t>
+ScalarRuns torch_scalar_runs(int64_t n, int64_t threads) {
+  ScalarRuns out;
+  if constexpr (A == Act::Sigmoid) {
+    const int64_t grain = at::internal::GRAIN_SIZE, step = 2 * Vec<scalar_t>::size();
+    const int64_t chunks = (n <= grain || threads <= 1) ? 1 : std::min(threads, (n + grain - 1) / grain);
+    const int64_t size = (n + chunks - 1) / chunks;
+    for (int64_t begin = 0; begin < n; begin += size) {
+      const int64_t end = std::min(n, begin + size), tail = (end - begin) % step;
+      if (tail) out.runs.emplace_back(end - tail, end);
+    }
+  }
+  return out;
+}
+
+// y[i] = act(y[i]) in place for i in [first, first + n) (the last vector partial); values
+// torch computes with scalar code are redone the scalar way from z_at(i), their input.
+template <Act A, typename scalar_t, typename Z>
+void activate_span(scalar_t* y, int64_t first, int64_t n, const ScalarRuns& runs, Z z_at) {
+  if constexpr (A != Act::Identity) {
+    constexpr int64_t width = Vec<scalar_t>::size();
+    scalar_t* p = y + first;
+    int64_t i = 0;
+    for (; i + width <= n; i += width) activate<A>(Vec<scalar_t>::loadu(p + i)).store(p + i);
+    if (i < n) activate<A>(Vec<scalar_t>::loadu(p + i, n - i)).store(p + i, n - i);
+    runs.for_each_in(first, n, [&](int64_t j) { y[j] = activate_one<A>(z_at(j)); });
+  }
+}
+
+// dz = dy * act'(z) for the values [first, first + n) of one channel, z recomputed from x
+// as the forward computed it: z = (x - center) * alpha + beta (scalar runs as above).
+template <Act A, typename scalar_t>
+void activation_grad_span(const scalar_t* dy, const scalar_t* x, scalar_t* dz, int64_t first, int64_t n,
+                          scalar_t center, scalar_t alpha, scalar_t beta, const ScalarRuns& runs) {
   constexpr int64_t width = Vec<scalar_t>::size();
   const Vec<scalar_t> m(center), a(alpha), k(beta);
   const auto one = [&](int64_t i, int64_t count) {
     const Vec<scalar_t> z = (Vec<scalar_t>::loadu(x + i, count) - m) * a + k;
     activation_grad<A>(Vec<scalar_t>::loadu(dy + i, count), activate<A>(z)).store(dz + i, count);
   };
-  int64_t i = 0;
-  for (; i + width <= n; i += width) one(i, width);
-  if (i < n) one(i, n - i);
+  int64_t i = first;
+  for (; i + width <= first + n; i += width) one(i, width);
+  if (i < first + n) one(i, first + n - i);
+  runs.for_each_in(first, n, [&](int64_t j) {
+    dz[j] = activation_grad_one<A>(dy[j], activate_one<A>((x[j] - center) * alpha + beta));
+  });
 }
 
-// The same over one row of C channels (rows layout), with per-channel constants.
+// The same over the row of C channels at offset `first` (rows layout), with per-channel
+// constants.
 template <Act A, typename scalar_t>
-void activation_grad_row(const scalar_t* dy, const scalar_t* x, scalar_t* dz, int64_t C,
-                         const scalar_t* center, const scalar_t* alpha, const scalar_t* beta) {
+void activation_grad_row(const scalar_t* dy, const scalar_t* x, scalar_t* dz, int64_t first, int64_t C,
+                         const scalar_t* center, const scalar_t* alpha, const scalar_t* beta,
+                         const ScalarRuns& runs) {
   constexpr int64_t width = Vec<scalar_t>::size();
   const auto one = [&](int64_t c, int64_t count) {
-    const auto load = [&](const scalar_t* p) { return Vec<scalar_t>::loadu(p + c, count); };
-    const Vec<scalar_t> z = (load(x) - load(center)) * load(alpha) + load(beta);
-    activation_grad<A>(load(dy), activate<A>(z)).store(dz + c, count);
+    const auto load = [&](const scalar_t* p) { return Vec<scalar_t>::loadu(p, count); };
+    const Vec<scalar_t> z = (load(x + first + c) - load(center + c)) * load(alpha + c) + load(beta + c);
+    activation_grad<A>(load(dy + first + c), activate<A>(z)).store(dz + first + c, count);
   };
   int64_t c = 0;
   for (; c + width <= C; c += width) one(c, width);
   if (c < C) one(c, C - c);
+  runs.for_each_in(first, C, [&](int64_t j) {
+    const int64_t ch = j - first;
+    dz[j] = activation_grad_one<A>(dy[j], activate_one<A>((x[j] - center[ch]) * alpha[ch] + beta[ch]));
+  });
 }
 
 // Per-channel constants of y = (x - center) * alpha + beta: center = mean rounded to
@@ -423,7 +494,8 @@ void update_running(const Tensor& running_mean, const Tensor& running_var,
 }
 
 // y = act((x - center) * alpha + beta) per channel (Affine); writes the batch (or running)
-// mean and invstd to mean_out / invstd_out when given (backward needs them).
+// mean and invstd to mean_out / invstd_out when given (backward needs them). `threads`:
+// torch's thread count, which says where torch's own activation uses scalar code (ScalarRuns).
 //
 // Training on a layout of planes (inner > 1) goes one channel at a time: the channel's
 // statistics, then its output while its planes are still in cache, so x comes from
@@ -433,10 +505,11 @@ void update_running(const Tensor& running_mean, const Tensor& running_var,
 template <typename scalar_t, Act A>
 void forward_kernel(const Tensor& x, const Tensor& y, const Tensor& weight, const Tensor& bias,
                     const Tensor& running_mean, const Tensor& running_var, bool training,
-                    double momentum, double eps, double* mean_out, double* invstd_out) {
+                    double momentum, double eps, double* mean_out, double* invstd_out, int64_t threads) {
   const Layout s = layout_of(x);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const ScalarRuns runs = torch_scalar_runs<A, scalar_t>(x.numel(), threads);
   const int64_t count = s.outer * s.inner, C = s.channels;
   const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
@@ -453,7 +526,7 @@ void forward_kernel(const Tensor& x, const Tensor& y, const Tensor& weight, cons
     scalar_t* __restrict yr = yp + base;
 #pragma omp simd
     for (int64_t l = 0; l < s.inner; ++l) yr[l] = (xr[l] - m) * a + k;
-    activate_span<A>(yr, s.inner);
+    activate_span<A>(yp, base, s.inner, runs, [&](int64_t i) { return (xp[i] - m) * a + k; });
   };
   if (training && s.inner > 1) {
     at::parallel_for(0, C, plane_grain(s), [&](int64_t lo, int64_t hi) {
@@ -476,7 +549,12 @@ void forward_kernel(const Tensor& x, const Tensor& y, const Tensor& weight, cons
     const scalar_t *al = alpha.data(), *be = beta.data(), *ce = center.data();
     for_each_element(
         s, [&](int64_t i, int64_t c) { yp[i] = (xp[i] - ce[c]) * al[c] + be[c]; }, plane,
-        [&](int64_t first, int64_t n) { activate_span<A>(yp + first, n); });
+        [&](int64_t first, int64_t n) {
+          activate_span<A>(yp, first, n, runs, [&](int64_t i) {
+            const int64_t c = i % C;
+            return (xp[i] - ce[c]) * al[c] + be[c];
+          });
+        });
   }
   if (training && running_mean.defined())
     update_running<scalar_t>(running_mean, running_var, mean, var, momentum, count);
@@ -491,11 +569,13 @@ void forward_kernel(const Tensor& x, const Tensor& y, const Tensor& weight, cons
 // from x and the saved statistics (and weight and bias): on planes it is written plane by
 // plane just before that plane is summed, elsewhere in one pass first. dz goes where dx will
 // be (dx is then computed from it in place), or into a scratch tensor when dx is not wanted.
+// `threads`: the forward's (ScalarRuns).
 template <typename scalar_t, Act A>
 void backward_kernel(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& bias,
                      const Tensor& mean_t, const Tensor& invstd_t, bool training, const Tensor& dx,
-                     const Tensor& dweight, const Tensor& dbias) {
+                     const Tensor& dweight, const Tensor& dbias, int64_t threads) {
   const Layout s = layout_of(x);
+  const ScalarRuns runs = torch_scalar_runs<A, scalar_t>(x.numel(), threads);
   const int64_t C = s.channels;
   const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -520,7 +600,7 @@ void backward_kernel(const Tensor& dy, const Tensor& x, const Tensor& weight, co
   const scalar_t* g = A == Act::Identity ? dyp : dz;  // batch norm's incoming gradient
   const auto activation_grad_plane = [&](int64_t base, int64_t c) {
     if constexpr (A != Act::Identity)
-      activation_grad_span<A>(dyp + base, xp + base, dz + base, s.inner, z_center[c], z_alpha[c], z_beta[c]);
+      activation_grad_span<A>(dyp, xp, dz, base, s.inner, z_center[c], z_alpha[c], z_beta[c], runs);
   };
   const double count = double(s.outer * s.inner);
   std::vector<scalar_t> center(C), a(C), b(C), k(C);
@@ -564,8 +644,7 @@ void backward_kernel(const Tensor& dy, const Tensor& x, const Tensor& weight, co
     if (s.inner == 1) {
       at::parallel_for(0, s.outer, std::max<int64_t>(1, kGrain / C), [&](int64_t lo, int64_t hi) {
         for (int64_t n = lo; n < hi; ++n)
-          activation_grad_row<A>(dyp + n * C, xp + n * C, dz + n * C, C, z_center.data(), z_alpha.data(),
-                                 z_beta.data());
+          activation_grad_row<A>(dyp, xp, dz, n * C, C, z_center.data(), z_alpha.data(), z_beta.data(), runs);
       });
     } else {
       at::parallel_for(0, s.outer * C, std::max<int64_t>(1, kGrain / s.inner), [&](int64_t lo, int64_t hi) {
@@ -656,13 +735,14 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     const Tensor weight = weight_opt.value_or(Tensor()), bias = bias_opt.value_or(Tensor());
     const Tensor running_mean = mean_opt.value_or(Tensor()), running_var = var_opt.value_or(Tensor());
     auto y = at::empty_like(x);
+    const int64_t threads = at::get_num_threads();
     auto opts = x.options().dtype(at::kDouble);
     auto mean = at::empty({x.size(1)}, opts), invstd = at::empty({x.size(1)}, opts);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_batch_norm_forward", [&] {
       with_activation(activation, [&](auto act) {
         forward_kernel<scalar_t, decltype(act)::value>(x, y, weight, bias, running_mean, running_var, training,
                                                        momentum, eps, mean.mutable_data_ptr<double>(),
-                                                       invstd.mutable_data_ptr<double>());
+                                                       invstd.mutable_data_ptr<double>(), threads);
       });
     });
     // Saved: x and per-channel vectors, whatever the activation (weight and bias are
@@ -671,6 +751,7 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["activation"] = activation;
+    ctx->saved_data["threads"] = threads;
     ctx->saved_data["stats"] = int64_t(running_mean.defined()) + int64_t(running_var.defined());
     ctx->saved_data["has_weight"] = weight.defined();
     ctx->saved_data["has_bias"] = bias.defined();
@@ -707,7 +788,7 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_batch_norm_backward", [&] {
         with_activation(activation, [&](auto act) {
           backward_kernel<scalar_t, decltype(act)::value>(dy, x, weight, bias, mean, invstd, training, dx,
-                                                          dweight, dbias);
+                                                          dweight, dbias, ctx->saved_data["threads"].toInt());
         });
       });
     }
@@ -726,7 +807,8 @@ Tensor forward_only(const Tensor& x, const std::optional<Tensor>& running_mean,
     with_activation(activation, [&](auto act) {
       forward_kernel<scalar_t, decltype(act)::value>(x, y, weight.value_or(none), bias.value_or(none),
                                                      running_mean.value_or(none), running_var.value_or(none),
-                                                     training, momentum, eps, nullptr, nullptr);
+                                                     training, momentum, eps, nullptr, nullptr,
+                                                     at::get_num_threads());
     });
   });
   return y;

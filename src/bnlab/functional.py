@@ -33,8 +33,10 @@ Measured speeds are in docs/performance.md (written by ``bnlab bench bn --write-
 ``batch_norm_act(..., activation=)``: ``activation(batch_norm(...))`` for an activation of
 :data:`ACTIVATIONS`. An implementation with a fused form (``Implementation.run_act``:
 ``auto`` and ``cpp``, through the C++ kernel) computes both in one pass and saves for
-backward only what batch norm saves; where its kernel declines (other activations,
-devices, dtypes, transforms) and for the others, batch norm then torch's activation.
+backward only what batch norm saves; for an activation the kernel does not fuse (tanh),
+the kernel's batch norm then torch's activation; where the kernel declines (devices,
+dtypes, transforms) and for the other implementations, their batch norm then torch's
+activation.
 Either way the result is batch norm then torch's activation (the kernel's is the same
 bits, bar the last ulp of a few elements: ``bnlab.kernels.cpp``).
 
@@ -63,7 +65,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bnlab.kernels.cpp import kernel_batch_norm
+from bnlab.kernels.cpp import KERNEL_ACTIVATIONS, kernel_batch_norm
 from bnlab.kernels.fused import fused_batch_norm, stat_dtype
 from bnlab.kernels.reference import reference_batch_norm
 
@@ -106,15 +108,17 @@ class Implementation:
 
 def _kernel_else_fast(build: bool, input, running_mean, running_var, weight, bias, training,
                       momentum, eps, activation="identity"):
-    """The kernel's ``activation(batch_norm(...))``, else the fast path then the activation."""
+    """The kernel's ``activation(batch_norm(...))``; for an activation it does not fuse, its
+    batch norm then the activation; where it declines, the fast path then the activation."""
     if running_mean is None or running_var is None:  # half-given: neither is updated
         running_mean = running_var = None
+    fused = activation if activation in KERNEL_ACTIVATIONS else "identity"
     y = kernel_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                          eps, build=build, activation=activation)
-    if y is not None:
-        return y
-    return ACTIVATIONS[activation](fast_batch_norm(input, running_mean, running_var, weight,
-                                                   bias, training, momentum, eps))
+                          eps, build=build, activation=fused)
+    if y is None:
+        y, fused = fast_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                   momentum, eps), "identity"
+    return y if fused == activation else ACTIVATIONS[activation](y)
 
 
 def auto_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnlab.functional import IMPLEMENTATIONS, batch_norm
-from tests.helpers import COMPILED_SKIP, CPP_SKIP, IMPL_PARAMS, RUNNABLE
+from tests.helpers import COMPILED_MARKS, COMPILED_SKIP, CPP_SKIP, IMPL_PARAMS, RUNNABLE
 
 IMPLS = IMPL_PARAMS
 SHAPES = [(8, 3), (4, 3, 5), (4, 3, 5, 6), (3, 3, 2, 4, 3)]
@@ -284,11 +284,39 @@ def test_bn_benchmark_reports_every_shape_and_impl(impls, floor):
         assert sum(f"| {name} " in r for r in rows) == len(SHAPES)
     assert sum("| floor " in r for r in rows) == (len(SHAPES) if floor else 0)
     assert sum("| native " in r for r in rows) == len(SHAPES)
-    # The largest shape: the copy, then three directions per implementation and native.
+    assert all(r.count("| - ") == 2 for r in rows if "| floor " in r)  # the floor has no module
+    # The largest shape: the copy, then four measurements per implementation and native.
     bw_rows = [line for line in bandwidth.splitlines() if line.startswith("| ")][1:]
-    assert "x.clone()" in bw_rows[0] and len(bw_rows) == 1 + 3 * (len(impls) + 1)
+    assert "x.clone()" in bw_rows[0] and len(bw_rows) == 1 + 4 * (len(impls) + 1)
+    assert sum("module fwd+bwd" in r for r in bw_rows) == len(impls) + 1
     size = 2 * torch.Size(SHAPES[-1]).numel() * 4 / 2**20
     assert f"| {size:.0f} " in bw_rows[0] and f"| {2.5 * size:.0f} " in bw_rows[3]
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=COMPILED_MARKS)])
+def test_bn_act_benchmark_reports_every_candidate_and_what_each_saves(compile):
+    """Rows for each activation, shape and candidate; the fused module saves what batch norm
+    alone saves (one input-sized tensor), the two-step ones an output more."""
+    from bnlab.bench.bn_act import COMPILED, EAGER, FLOOR, FUSED, UNFUSED, run_bn_act_benchmark
+
+    shapes = ((16, 3), (8, 4, 6, 6))
+    text = run_bn_act_benchmark(repeats=2, warmup=1, compile=compile, shapes=shapes)
+    main, bandwidth = text.split("Bytes at")
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in main.splitlines()
+            if line.startswith("| ") and "module" not in line]
+    names = [FUSED, UNFUSED, EAGER, *([COMPILED] if compile else []), FLOOR]
+    assert [r[2] for r in rows] == names * 4
+    assert [(r[0], r[1]) for r in rows[::len(names)]] == [
+        ("16x3", "relu"), ("8x4x6x6", "relu"), ("16x3", "sigmoid"), ("8x4x6x6", "sigmoid")]
+    size = 8 * 4 * 6 * 6 * 4 / 2**20
+    for row in rows[len(names)::2 * len(names)]:  # the 4D shape's fused row, each activation
+        saved = {r[2]: float(r[5]) for r in rows if r[:2] == row[:2]}
+        assert saved[FUSED] == pytest.approx(size, abs=0.01)
+        assert saved[EAGER] == pytest.approx(saved[UNFUSED]) == pytest.approx(2 * size, abs=0.01)
+        assert saved[FLOOR] == 0
+    assert all(r[4] == "1.00" for r in rows if r[2] == EAGER)
+    bw_rows = [line for line in bandwidth.splitlines() if line.startswith("| ")][1:]
+    assert len(bw_rows) == 2 * (1 + len(names)) and "x.clone()" in bw_rows[0]
 
 
 # impl="cpp": the C++ kernel runs where it can, the fast path takes the rest ------------

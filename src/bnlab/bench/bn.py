@@ -190,44 +190,42 @@ def _peak_bytes(step: Callable[[], None], device: torch.device) -> int:
 
 
 def _time_pairs(case: _Case, native: _Case, repeats: int, warmup: int,
-                device: torch.device) -> dict[str, tuple[float, float]]:
-    """(ours, native) median seconds per measurement, each measured as its own pair."""
+                device: torch.device, copy: Callable[[], object] | None = None
+                ) -> dict[str, tuple[float, ...]]:
+    """(ours, native) median seconds per measurement, each measured as its own pair; with
+    ``copy``, (ours, native, copy): ``copy`` timed in the same loop, the yardstick of
+    what the machine moves under the same conditions."""
     ours_calls, native_calls = case.calls(), native.calls()
     out = {}
-    for what in ours_calls:  # (the floor has no module)
+    for what in ours_calls:  # the floor has no module call
         # Two candidates: time_interleaved's rotation alternates which one runs first.
-        times = time_interleaved({"ours": ours_calls[what], NATIVE: native_calls[what]},
-                                 repeats=repeats, warmup=warmup, device=device)
-        out[what] = (times["ours"], times[NATIVE])
+        candidates = {"ours": ours_calls[what], NATIVE: native_calls[what]}
+        if copy is not None:
+            candidates["copy"] = copy
+        times = time_interleaved(candidates, repeats=repeats, warmup=warmup, device=device)
+        out[what] = tuple(times[name] for name in candidates)
     return out
 
 
-def _bandwidth_rows(shape, cases: dict[str, _Case], repeats: int, warmup: int,
-                    device: torch.device) -> list[list[str]]:
-    """Bytes each direction must move, achieved GB/s and the ratio to the copy bound."""
-    x = cases[NATIVE].x.detach()
-    size = x.numel() * x.element_size()
-    copy_times = []
-    per_impl: dict[str, dict[str, float]] = {}
-    for name, case in cases.items():
-        times = time_interleaved({"copy": x.clone, "fwd": case.eval_forward,
-                                  "train fwd": case.forward, "fwd+bwd": case.step,
-                                  "module fwd+bwd": case.module_step},
-                                 repeats=repeats, warmup=warmup, device=device)
-        copy_times.append(times["copy"])
-        per_impl[name] = times
-    copy = statistics.median(copy_times)
-    bound = 2 * size / copy  # bytes per second of a plain copy: read S, write S
+_MOVED = {"eval fwd": (2, "eval fwd (2 S)"), "fwd": (2, "train fwd (2 S)"),
+          "fwd+bwd": (5, "kernel fwd+bwd (2 S + 3 S)"),
+          "module fwd+bwd": (5, "module fwd+bwd (2 S + 3 S)")}
+"""What each measurement must move, in multiples of S (the input's bytes), and its label."""
+
+
+def _bandwidth_rows(shape, times: dict[str, dict[str, tuple[float, ...]]]) -> list[list[str]]:
+    """Bytes each measurement must move, achieved GB/s and the ratio to the copy bound, from
+    the main table's measurements (``times[impl][what] = (seconds, copy seconds)``)."""
+    size = torch.Size(shape).numel() * 4  # float32
+    copy = statistics.median(c for per_impl in times.values() for _, c in per_impl.values())
     rows = [copy_row(shape, size, copy)]
-    moved = {"fwd": 2 * size, "train fwd": 2 * size, "fwd+bwd": 5 * size,
-             "module fwd+bwd": 5 * size}
-    label = {"fwd": "eval fwd (2 S)", "train fwd": "train fwd (2 S)",
-             "fwd+bwd": "kernel fwd+bwd (2 S + 3 S)", "module fwd+bwd": "module fwd+bwd (2 S + 3 S)"}
-    for name, times in per_impl.items():
-        for what, nbytes in moved.items():
-            seconds = times[what]
-            rows.append(["", name, label[what], f"{nbytes / 2**20:.0f}", f"{seconds * 1e3:.3f}",
-                         f"{nbytes / seconds / 1e9:.1f}", f"{seconds / (nbytes / bound):.2f}"])
+    for name, per_impl in times.items():
+        for what, (multiple, label) in _MOVED.items():
+            seconds, copy_here = per_impl[what]
+            nbytes = multiple * size
+            rows.append(["", name, label, f"{nbytes / 2**20:.0f}", f"{seconds * 1e3:.3f}",
+                         f"{nbytes / seconds / 1e9:.1f}",
+                         f"{seconds / (multiple / 2 * copy_here):.2f}"])
     return rows
 
 
@@ -266,17 +264,24 @@ def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3,
             if compiles == "each shape" or (compiles == "once" and shape == SHAPES[0]):
                 first_call[f"{name} {'x'.join(map(str, shape))}"] = time.perf_counter() - start
         native = cases[NATIVE]
-        native_times: dict[str, list[float]] = {what: [] for what in native.calls()}
+        largest = shape == SHAPES[-1]
+        copy = native.x.detach().clone if largest else None
+        native_times: dict[str, list[tuple[float, ...]]] = {what: [] for what in native.calls()}
+        moved: dict[str, dict[str, tuple[float, ...]]] = {}
         for name in names:
-            times = _time_pairs(cases[name], native, repeats, warmup, dev)
-            for what, (_, theirs) in times.items():
+            times = _time_pairs(cases[name], native, repeats, warmup, dev, copy)
+            for what, (_, *theirs) in times.items():
                 native_times[what].append(theirs)
             rows.append(_row(shape, name, times, cases[name], dev))
-        medians = {what: statistics.median(t) for what, t in native_times.items()}
-        rows.append(_row(shape, NATIVE, {w: (t, t) for w, t in medians.items()}, native, dev))
-        if shape == SHAPES[-1]:
-            bandwidth = _bandwidth_rows(shape, {n: cases[n] for n in [*names, NATIVE]
-                                                if n != FLOOR}, repeats, warmup, dev)
+            if largest and name != FLOOR:
+                moved[name] = {what: (t[0], t[2]) for what, t in times.items()}
+        medians = {what: tuple(statistics.median(col) for col in zip(*t, strict=True))
+                   for what, t in native_times.items()}
+        rows.append(_row(shape, NATIVE, {w: (t[0], t[0]) for w, t in medians.items()}, native,
+                         dev))
+        if largest:
+            moved[NATIVE] = medians
+            bandwidth = _bandwidth_rows(shape, moved)
     headers = ["shape", "impl", "fwd ms", "fwd / native", "fwd+bwd ms", "fwd+bwd / native",
                "module fwd+bwd ms", "module / native", "eval fwd ms", "eval fwd / native",
                mem_label]
@@ -296,9 +301,10 @@ def run_bn_benchmark(repeats: int = 100, device: str = "auto", warmup: int = 3,
             f"{what} {sec:.1f} s" for what, sec in first_call.items()) + "."
     bw_note = (f"Bytes moved at {'x'.join(map(str, SHAPES[-1]))} (S = the input's bytes; "
                "a direction must read its inputs and write its output once) and achieved "
-               "GB/s = minimum bytes / median time; 'x bound' = time / the time a plain "
-               "copy takes to move as many bytes. Timed in one interleaved loop per "
-               "implementation, beside x.clone().")
+               "GB/s = minimum bytes / median time, for the measurements of the table above "
+               "(the same times: x.clone() ran in each of their loops); 'x bound' = time / "
+               "the time x.clone() took, in the same loop, to move as many bytes. The copy "
+               "row is the median over those loops.")
     bw_headers = ["shape", "impl", "direction", "MiB moved", "ms", "GB/s", "x bound"]
     return (note + "\n\n" + format_table(headers, rows) + "\n\n" + bw_note + "\n\n"
             + format_table(bw_headers, bandwidth))
@@ -311,6 +317,6 @@ def _row(shape, name, times, case: _Case, dev) -> list[str]:
         if what not in times:  # the floor has no module
             cells += ["-", "-"]
             continue
-        ours, theirs = times[what]
+        ours, theirs = times[what][:2]
         cells += [f"{ours * 1e3:.3f}", f"{ours / theirs:.2f}"]
     return [*cells, f"{mem / 2**20:.2f}"]

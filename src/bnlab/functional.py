@@ -36,9 +36,8 @@ Measured speeds are in docs/performance.md (written by ``bnlab bench bn --write-
 backward only what batch norm saves; for an activation the kernel does not fuse (tanh),
 the kernel's batch norm then torch's activation; where the kernel declines (devices,
 dtypes, transforms) and for the other implementations, their batch norm then torch's
-activation.
-Either way the result is batch norm then torch's activation (the kernel's is the same
-bits, bar the last ulp of a few elements: ``bnlab.kernels.cpp``).
+activation. Either way the result is batch norm then torch's activation, bit for bit
+(``bnlab.kernels.cpp``).
 
 Formula, per channel c (statistics over every dim but dim 1)::
 

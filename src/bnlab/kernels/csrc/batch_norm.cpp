@@ -32,10 +32,9 @@
 // it recomputes z = BN(x) per element from x and the saved statistics, the activation's
 // derivative from z (relu: y > 0; sigmoid: y (1 - y)), and dz = dy * act'(z), which then
 // takes batch norm's backward. Both use ATen's Vectorized ops exactly as torch's own relu
-// and sigmoid kernels do (sigmoid = 1 / (1 + exp(-z)) with the same vectorized exp), so the
-// fused result equals batch norm followed by torch's activation bit for bit, except for
-// elements torch computes with its scalar fallback (the last few of a thread's chunk when
-// that chunk is not a multiple of two vectors), which may differ by an ulp.
+// and sigmoid kernels do (sigmoid = 1 / (1 + exp(-z)) with the same vectorized exp), and the
+// scalar formula where torch's loop uses scalar code (ScalarRuns), so the fused result is
+// batch norm followed by torch's activation bit for bit.
 //
 // Operator: the same computation is registered as the torch.library op
 // <this build's name>::batch_norm, so that torch.jit.trace records one op (any input size

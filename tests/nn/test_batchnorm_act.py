@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnlab.nn as bnn
+from bnlab.bench.bn import saved_bytes
 from bnlab.functional import ACTIVATIONS, batch_norm, batch_norm_act
 from bnlab.kernels.cpp import KERNEL_ACTIVATIONS, kernel_batch_norm
 from bnlab.nn.batchnorm_act import ACTIVATION_MODULES
@@ -194,18 +195,6 @@ def test_fused_kernel_is_batch_norm_then_torch_activation_bit_for_bit(threads, s
         torch.set_num_threads(before)
 
 
-def _saved_bytes(fn) -> int:
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @CPP_SKIP
 @pytest.mark.parametrize("activation", ["relu", "sigmoid"])
 def test_fused_saves_no_more_than_batch_norm_alone(activation):
@@ -213,10 +202,10 @@ def test_fused_saves_no_more_than_batch_norm_alone(activation):
     activation keeps its output besides."""
     x = torch.randn(8, 4, 16, 16, requires_grad=True)
     w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
-    alone = _saved_bytes(lambda: batch_norm(x, None, None, w, b, True, impl="cpp"))
-    fused = _saved_bytes(lambda: batch_norm_act(x, None, None, w, b, True, activation=activation,
+    alone = saved_bytes(lambda: batch_norm(x, None, None, w, b, True, impl="cpp"))
+    fused = saved_bytes(lambda: batch_norm_act(x, None, None, w, b, True, activation=activation,
                                                 impl="cpp"))
-    unfused = _saved_bytes(lambda: ACTIVATIONS[activation](
+    unfused = saved_bytes(lambda: ACTIVATIONS[activation](
         batch_norm(x, None, None, w, b, True, impl="cpp")))
     assert fused == alone
     assert unfused >= alone + x.numel() * x.element_size()

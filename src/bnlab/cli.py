@@ -111,10 +111,10 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     bn.add_argument("--acts", default="relu,sigmoid",
                     help="activations of the batch norm + activation table (bnlab.nn.BatchNormAct "
                          "fused, the same unfused, torch eager and torch.compile, module level); "
-                         "'none' leaves it out")
+                         "'none' leaves it out (default: relu,sigmoid)")
     bn.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
                     help="time torch.compile of torch's batch norm + activation too (compiles "
-                         "each shape first, excluded from the timings)")
+                         "each shape first, excluded from the timings; default: on)")
     _add_write_docs_flag(bn)
     bn.set_defaults(handler=_run_bench_bn)
 
@@ -130,7 +130,7 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     step.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
                       help="also step torch.compile'd torch BN-LeNet (same weights and batches; "
-                           "its compilation is reported apart)")
+                           "its compilation is reported apart; default: on)")
     _add_write_docs_flag(step)
     step.set_defaults(handler=_run_bench_step)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 
 from bnlab import cli
 from bnlab.training import restore
+from tests.helpers import COMPILED_SKIP
 from tests.util.figure_checks import check_saved_figures
 
 
@@ -148,7 +150,8 @@ def test_unknown_config_key_is_an_error():
 
 def test_bench_step_tracks_torch_and_refuses_bad_norms(capsys, fake_dataset):
     code, out, _ = run_cli(capsys, "bench", "step", "--norms", "bnlab,bnlab-ref,torch",
-                           "--steps", "6", "--batch-size", "64", "--device", "cpu")
+                           "--steps", "6", "--batch-size", "64", "--device", "cpu",
+                           "--no-compiled")
     assert code == 0
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines()
             if line.startswith("| ") and "norm" not in line}
@@ -201,18 +204,18 @@ def test_bench_bn_rejects_unknown_impls(capsys):
 def test_bench_writes_its_section_of_the_performance_page(capsys, fake_dataset, tmp_path):
     page = tmp_path / "docs" / "performance.md"
     code, out, _ = run_cli(capsys, "bench", "step", "--norms", "bnlab,torch", "--steps", "2",
-                           "--device", "cpu", "--write-docs", str(page))
+                           "--device", "cpu", "--no-compiled", "--write-docs", str(page))
     assert code == 0 and f"wrote {page}" in out
     first = page.read_text()
     assert "<!-- begin step -->" in first and "torch " in first and "UTC" in first
-    assert "`bnlab bench step --norms bnlab,torch --steps 2" in first
+    assert "`bnlab bench step --norms bnlab,torch --steps 2 --device cpu --no-compiled" in first
     # A second write replaces the section and keeps one copy of it.
     assert run_cli(capsys, "bench", "step", "--norms", "bnlab,torch", "--steps", "2",
-                   "--device", "cpu", "--write-docs", str(page))[0] == 0
+                   "--device", "cpu", "--no-compiled", "--write-docs", str(page))[0] == 0
     assert page.read_text().count("<!-- begin step -->") == 1
 
 
-@pytest.mark.parametrize("module", ["bn", "fold", "grid", "loader", "step"])
+@pytest.mark.parametrize("module", ["bn", "bn_act", "fold", "grid", "loader", "step"])
 def test_every_bench_module_imports(module):
     """The CLI imports a benchmark's module only when it runs; a broken import would only show
     then, so each is imported here."""
@@ -243,3 +246,20 @@ def test_subset_means_the_same_for_every_command():
     assert train.subset == 0
     # all of them: every training image the validation split leaves
     assert training_images(0, train.val_size) == TRAIN_SIZE - train.val_size
+
+
+@pytest.mark.slow
+@COMPILED_SKIP
+def test_bench_step_steps_torch_compiled_bn_lenet_beside(capsys, fake_dataset):
+    """The compiled peer starts from the same weights and takes the same batches (its loss
+    tracks torch's); its first step, which compiles, is reported apart and not timed."""
+    code, out, _ = run_cli(capsys, "bench", "step", "--norms", "bnlab,torch", "--steps", "4",
+                           "--batch-size", "64", "--device", "cpu")
+    assert code == 0
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ") and "norm" not in line}
+    assert set(rows) == {"bnlab", "torch", "torch.compile"}
+    assert "| vs torch | vs torch.compile |" in out.replace("  ", "")
+    assert rows["torch.compile"][2] == "1.000" and rows["torch"][1] == "1.000"
+    assert float(rows["torch.compile"][3]) == pytest.approx(float(rows["torch"][3]), abs=1e-4)
+    assert re.search(r"First step of torch\.compile \d+\.\d s \(compiles", out)

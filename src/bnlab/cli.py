@@ -113,6 +113,13 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
                     help="also time a do-nothing Python autograd.Function: the overhead any "
                          "plain-tensor-op implementation pays before its math (default: off)")
     _add_device_flag(bn)
+    bn.add_argument("--acts", default="relu,sigmoid",
+                    help="activations of the batch norm + activation table (bnlab.nn.BatchNormAct "
+                         "fused, the same unfused, torch eager and torch.compile, module level); "
+                         "'none' leaves it out (default: relu,sigmoid)")
+    bn.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                    help="time torch.compile of torch's batch norm + activation too (compiles "
+                         "each shape first, excluded from the timings; default: on)")
     _add_write_docs_flag(bn)
     bn.set_defaults(handler=_run_bench_bn)
 
@@ -126,6 +133,9 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
     _add_data_dir_flag(step)
     _add_device_flag(step)
+    step.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                      help="also step torch.compile'd torch BN-LeNet (same weights and batches; "
+                           "its compilation is reported apart; default: on)")
     _add_write_docs_flag(step)
     step.set_defaults(handler=_run_bench_step)
 
@@ -193,9 +203,19 @@ def _run_bench_loader(args: argparse.Namespace) -> None:
 
 
 def _run_bench_step(args: argparse.Namespace) -> None:
+    import torch
+
     from bnlab.bench import step
     from bnlab.training.norms import check_norm_name
-    from bnlab.training.train import TrainConfig, build_loaders, resolve_device, seeded_steps
+    from bnlab.training.train import (
+        TrainConfig,
+        build_loaders,
+        make_step,
+        model_for,
+        optimizer_for,
+        resolve_device,
+        seeded_steps,
+    )
 
     _check_positive(args, "steps")
     norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
@@ -212,8 +232,17 @@ def _run_bench_step(args: argparse.Namespace) -> None:
     configs = {n: TrainConfig(model="bn-lenet", norm=n, lr=lr, batch_size=args.batch_size, seed=0,
                               val_size=0) for n in norms}
     batches = build_loaders(configs["torch"], _load_data(args), device).train
-    table = step.run_step_benchmark(seeded_steps(configs, device), batches, steps=args.steps,
-                                    setup=f"SGD lr {lr}, batch {args.batch_size}", device=device)
+    step_fns = seeded_steps(configs, device)
+    compiled: tuple[str, ...] = ()
+    if args.compiled:  # torch's model with the same seeded weights, compiled on its first step
+        torch.manual_seed(configs["torch"].seed)
+        model = model_for(configs["torch"], device).train()
+        compiled = ("torch.compile",)
+        step_fns["torch.compile"] = make_step(torch.compile(model, dynamic=False),
+                                              optimizer_for(model, configs["torch"]))
+    table = step.run_step_benchmark(step_fns, batches, steps=args.steps,
+                                    setup=f"SGD lr {lr}, batch {args.batch_size}", device=device,
+                                    compiled=compiled)
     _publish(args, "step", "BN-LeNet training step (`bench step`)", table)
 
 
@@ -232,7 +261,7 @@ def _run_bench_grid(args: argparse.Namespace) -> None:
 
 
 def _run_bench_bn(args: argparse.Namespace) -> None:
-    from bnlab.bench import bn
+    from bnlab.bench import bn, bn_act
     from bnlab.functional import IMPLEMENTATIONS
     from bnlab.kernels import cpp as _cpp
 
@@ -242,12 +271,20 @@ def _run_bench_bn(args: argparse.Namespace) -> None:
     if unknown or not impls:
         raise BnlabError(f"--impls: expected names from {', '.join(IMPLEMENTATIONS)} "
                          f"(got {args.impls!r})")
+    acts = () if args.acts == "none" else tuple(a.strip() for a in args.acts.split(",") if a.strip())
+    if not set(acts) <= set(bn_act.ACTIVATIONS):
+        raise BnlabError(f"--acts: expected names from {', '.join(bn_act.ACTIVATIONS)}, or none "
+                         f"(got {args.acts!r})")
     try:
         table = bn.run_bn_benchmark(repeats=args.repeats, device=args.device, impls=impls,
                                     floor=args.floor)
+        if acts:
+            table += "\n\n" + bn_act.run_bn_act_benchmark(
+                repeats=args.repeats, device=bn.resolve_device(args.device), activations=acts,
+                compile=args.compiled)
     except _cpp.KernelUnavailable as exc:
         raise BnlabError(str(exc)) from None
-    _publish(args, "bn", "Batch norm alone (`bench bn`)", table)
+    _publish(args, "bn", "Batch norm, alone and with its activation (`bench bn`)", table)
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:

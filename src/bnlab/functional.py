@@ -1,4 +1,5 @@
-"""``batch_norm`` as a function, a drop-in for ``torch.nn.functional.batch_norm``.
+"""``batch_norm`` as a function, a drop-in for ``torch.nn.functional.batch_norm``, and
+``batch_norm_act``: batch norm followed by an activation.
 
 Why a functional layer: the modules in ``bnlab.nn`` only decide *which* statistics to
 use and how fast the running averages move; the arithmetic lives here, once, and can be
@@ -13,7 +14,10 @@ tests read it). Every implementation takes torch's functional argument order
   builds during a forward; when it falls back for lack of a build it says so once on
   stderr, with the command that builds it.
 * ``"fast"``: ``bnlab.kernels.fused.FusedBatchNorm``, an autograd Function with the
-  hand-derived backward, in plain tensor ops: no compiler, any device.
+  hand-derived backward, in plain tensor ops: no compiler, any device. Under
+  ``torch.jit.trace`` it runs the reference formula instead: the tracer records a Python
+  autograd Function as an opaque op *and* the ops inside it, so a traced model would
+  update its running statistics twice, with this batch's size baked in.
 * ``"reference"``: ``bnlab.kernels.reference.reference_batch_norm``, the chapter's formula as
   plain tensor ops, differentiated by autograd. The one to read.
 * ``"cpp"``: ``bnlab.kernels.cpp``, the same math as one C++ loop per direction with the
@@ -25,6 +29,15 @@ tests read it). Every implementation takes torch's functional argument order
   call; ``bnlab bench bn --compiled`` shows whether it pays.
 
 Measured speeds are in docs/performance.md (written by ``bnlab bench bn --write-docs``).
+
+``batch_norm_act(..., activation=)``: ``activation(batch_norm(...))`` for an activation of
+:data:`ACTIVATIONS`. An implementation with a fused form (``Implementation.run_act``:
+``auto`` and ``cpp``, through the C++ kernel) computes both in one pass and saves for
+backward only what batch norm saves; for an activation the kernel does not fuse (tanh),
+the kernel's batch norm then torch's activation; where the kernel declines (devices,
+dtypes, transforms) and for the other implementations, their batch norm then torch's
+activation. Either way the result is batch norm then torch's activation, bit for bit
+(``bnlab.kernels.cpp``).
 
 Formula, per channel c (statistics over every dim but dim 1)::
 
@@ -51,12 +64,13 @@ from dataclasses import dataclass
 
 import torch
 
-from bnlab.kernels.cpp import kernel_batch_norm
+from bnlab.kernels.cpp import KERNEL_ACTIVATIONS, kernel_batch_norm
 from bnlab.kernels.fused import fused_batch_norm, stat_dtype
 from bnlab.kernels.reference import reference_batch_norm
 
-__all__ = ["DEFAULT_IMPL", "IMPLEMENTATIONS", "Implementation", "batch_norm", "check_arguments",
-           "check_input", "fused_batch_norm", "get_implementation"]
+__all__ = ["ACTIVATIONS", "DEFAULT_IMPL", "IMPLEMENTATIONS", "Implementation", "batch_norm",
+           "batch_norm_act", "check_activation", "check_arguments", "check_input",
+           "fused_batch_norm", "get_implementation", "run_batch_norm_act"]
 
 Impl = str
 """A key of :data:`IMPLEMENTATIONS`."""
@@ -64,6 +78,19 @@ Impl = str
 BatchNormFn = Callable[..., torch.Tensor]
 """``(input, running_mean, running_var, weight, bias, training, momentum, eps) -> output``,
 torch's functional order, arguments already checked."""
+
+BatchNormActFn = Callable[..., torch.Tensor]
+"""A :data:`BatchNormFn` with the keyword ``activation`` (a key of :data:`ACTIVATIONS`)."""
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": _identity, "relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+"""The activations ``batch_norm_act`` takes, as torch computes them (the unfused path).
+The C++ kernel fuses those of ``bnlab.kernels.cpp.KERNEL_ACTIVATIONS``."""
 
 
 @dataclass(frozen=True)
@@ -75,33 +102,46 @@ class Implementation:
     needs: str         # what it needs at run time, for docs and ``--help``
     what: str          # one line for tables
     compiles: str = "no"  # "no", "once" (per machine: the C++ kernel) or "each shape"
+    run_act: BatchNormActFn | None = None  # a fused BN + activation; None: run, then the activation
 
 
 def _kernel_else_fast(build: bool, input, running_mean, running_var, weight, bias, training,
-                      momentum, eps):
+                      momentum, eps, activation="identity"):
+    """The kernel's ``activation(batch_norm(...))``; for an activation it does not fuse, its
+    batch norm then the activation; where it declines, the fast path then the activation."""
     if running_mean is None or running_var is None:  # half-given: neither is updated
         running_mean = running_var = None
+    fused = activation if activation in KERNEL_ACTIVATIONS else "identity"
     y = kernel_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                          eps, build=build)
-    if y is not None:
-        return y
-    return fused_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                            eps)
+                          eps, build=build, activation=fused)
+    if y is None:
+        y, fused = fast_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                   momentum, eps), "identity"
+    return y if fused == activation else ACTIVATIONS[activation](y)
 
 
-def auto_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+def auto_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                    activation="identity"):
     """``impl="auto"``: the C++ kernel where it takes the call and is already built, the fast
     path everywhere else. Never builds (a forward must not start a compiler); without a
     build it says once on stderr why, and how to build."""
     return _kernel_else_fast(False, input, running_mean, running_var, weight, bias, training,
-                             momentum, eps)
+                             momentum, eps, activation)
 
 
-def cpp_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+def cpp_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                   activation="identity"):
     """``impl="cpp"``: the C++ kernel, built on first use; the fast path for inputs it
-    declines (off the CPU, other dtypes, transforms, tracing)."""
+    declines (off the CPU, other dtypes, transforms, torch.compile)."""
     return _kernel_else_fast(True, input, running_mean, running_var, weight, bias, training,
-                             momentum, eps)
+                             momentum, eps, activation)
+
+
+def fast_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """``impl="fast"``: ``fused_batch_norm``; the reference formula under ``torch.jit.trace``
+    (see the module docstring)."""
+    run = reference_batch_norm if torch.jit.is_tracing() else fused_batch_norm
+    return run(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 def compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
@@ -118,13 +158,15 @@ def _compiled_reference():
 
 IMPLEMENTATIONS: dict[str, Implementation] = {impl.name: impl for impl in (
     Implementation("auto", auto_batch_norm, "nothing (uses the C++ kernel once built)",
-                   "the C++ kernel where it applies and is built, else fast"),
-    Implementation("fast", fused_batch_norm, "nothing",
+                   "the C++ kernel where it applies and is built, else fast",
+                   run_act=auto_batch_norm),
+    Implementation("fast", fast_batch_norm, "nothing",
                    "autograd Function with the hand-derived backward, plain tensor ops"),
     Implementation("reference", reference_batch_norm, "nothing",
                    "the chapter's formula, differentiated by autograd"),
     Implementation("cpp", cpp_batch_norm, "a C++ compiler with OpenMP and ninja (builds on first use)",
-                   "bnlab's C++ kernel, autograd node in C++", compiles="once"),
+                   "bnlab's C++ kernel, autograd node in C++", compiles="once",
+                   run_act=cpp_batch_norm),
     Implementation("compiled", compiled_batch_norm,
                    "a C++ compiler (CPU) or Triton (CUDA); compiles each shape",
                    "the reference formula through torch.compile", compiles="each shape"),
@@ -139,6 +181,25 @@ def get_implementation(name: str) -> Implementation:
     except (KeyError, TypeError):
         raise ValueError(f"impl must be one of {', '.join(IMPLEMENTATIONS)} "
                          f"(got {name!r})") from None
+
+
+def check_activation(name: str) -> None:
+    """ValueError naming the choices unless ``name`` is a key of :data:`ACTIVATIONS`."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)} (got {name!r})")
+
+
+def run_batch_norm_act(impl: Implementation, input, running_mean, running_var, weight, bias,
+                       training, momentum, eps, activation: str) -> torch.Tensor:
+    """``activation(batch_norm(...))`` by ``impl``, arguments already checked: its fused form
+    where it has one, else its batch norm, then torch's activation."""
+    if activation == "identity":
+        return impl.run(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if impl.run_act is not None:
+        return impl.run_act(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps, activation=activation)
+    return ACTIVATIONS[activation](impl.run(input, running_mean, running_var, weight, bias,
+                                            training, momentum, eps))
 
 
 def check_input(x: torch.Tensor, num_features: int | None, training: bool) -> None:
@@ -228,6 +289,35 @@ def batch_norm(
     ``IMPLEMENTATIONS``).
     """
     run = get_implementation(impl).run  # a bad name fails before anything else
+    _check_call(input, running_mean, running_var, weight, bias, training, eps)
+    return run(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def batch_norm_act(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    activation: str = "relu",
+    impl: Impl = DEFAULT_IMPL,
+) -> torch.Tensor:
+    """``activation(batch_norm(input, ...))``: the same contract as :func:`batch_norm`, then
+    the activation (a key of :data:`ACTIVATIONS`); one pass where ``impl`` fuses it (see the
+    module docstring), its batch norm then torch's activation elsewhere."""
+    implementation = get_implementation(impl)
+    check_activation(activation)
+    _check_call(input, running_mean, running_var, weight, bias, training, eps)
+    return run_batch_norm_act(implementation, input, running_mean, running_var, weight, bias,
+                              training, momentum, eps, activation)
+
+
+def _check_call(input, running_mean, running_var, weight, bias, training, eps) -> None:
+    """Every check of the functional forms, before anything is touched."""
     if not training and (running_mean is None or running_var is None):
         raise ValueError(
             "running_mean and running_var must be given when training=False "
@@ -238,4 +328,3 @@ def batch_norm(
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         _check_vector(name, t, channels)
-    return run(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, jacrev, jvp, stack_module_state, v
 
 import bnlab.nn as bnn
 from bnlab.functional import batch_norm
-from tests.helpers import COMPILED_MARKS, COMPILED_SKIP, IMPL_PARAMS
+from tests.helpers import COMPILED_MARKS, COMPILED_SKIP, IMPL_PARAMS, NORM_SKIPS
 
 IMPLS = IMPL_PARAMS  # every implementation but the compiled one, which is tried on few cases
 COMPILED = pytest.param("compiled", marks=COMPILED_MARKS)
@@ -600,3 +600,94 @@ def test_compile_fullgraph_inductor(training):
     compiled = torch.compile(ours, fullgraph=True)
     x = torch.randn(8, 3)
     _assert_tree_close(_step(theirs, x), _step(compiled, x))
+
+
+# half precision ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind,shape", [(1, (8, 3)), (2, (8, 3, 4, 4))])
+def test_half_module_trains_as_torchs(impl, kind, shape):
+    """``module.half()`` (float16 parameters and statistics) trains as torch's module does:
+    statistics computed in float32 and stored in float16, float16 outputs and gradients.
+    (The fast path raised a RuntimeError about torch.func.vmap: its float32 statistics
+    could not be lerped into float16 buffers.)"""
+    theirs, ours = _pair(kind, impl)
+    theirs.half().train()
+    ours.half().train()
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        x = (torch.randn(shape, generator=g) * 2 + 3).half()
+        dy = torch.randn(shape, generator=g).half()
+        _assert_same_outcome(_outcome(lambda x=x, dy=dy: _step(theirs, x, dy)),
+                             _outcome(lambda x=x, dy=dy: _step(ours, x, dy)), rtol=1e-2, atol=1e-2)
+
+
+# torch.jit and the TorchScript ONNX exporter --------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "sigmoid"])
+def test_jit_trace_replays_any_batch(impl, training, activation):
+    """A traced module computes what the module computes, for batches of other sizes and
+    values than the traced one, running statistics included. (Was, with the C++ kernel: the
+    traced graph held only the output's allocation, so any input gave garbage; with the
+    fast path, the running statistics were updated twice with the traced batch's size.)"""
+    ours = (bnn.BatchNorm2d(3, impl=impl) if activation is None
+            else bnn.BatchNormAct2d(3, impl=impl, activation=activation))
+    _, source = _pair(2, impl)
+    ours.load_state_dict(source.state_dict())
+    ours.train(training)
+    expected = copy.deepcopy(ours)
+    traced = torch.jit.trace(copy.deepcopy(ours), torch.randn(4, 3, 5, 5), check_trace=False)
+    traced.load_state_dict(expected.state_dict())  # tracing ran one batch
+    g = torch.Generator().manual_seed(6)
+    for n in (8, 3):
+        x = torch.randn(n, 3, 5, 5, generator=g) * 3 + 1
+        torch.testing.assert_close(traced(x), expected(x))
+        _assert_tree_close(dict(expected.named_buffers()), dict(traced.named_buffers()))
+
+
+def test_jit_script_refuses_bnlab_modules():
+    """torch.jit.script cannot compile bnlab's modules (their forward picks an implementation
+    from a registry of Python functions): it raises, nothing is half-made. Trace them, or
+    script bnlab.nn.to_torch(model)."""
+    with pytest.raises(RuntimeError, match="BatchNorm2d"):
+        torch.jit.script(bnn.BatchNorm2d(3))
+    torch.jit.script(bnn.to_torch(nn.Sequential(bnn.BatchNormAct2d(3, activation="relu"))))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("norm", ["bnlab", "bnlab-fast", "bnlab-ref",
+                                  pytest.param("bnlab-cpp", marks=NORM_SKIPS["bnlab-cpp"])])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_onnx_torchscript_export_of_an_unconverted_bn_lenet(norm, fuse):
+    """torch.onnx.export(..., dynamo=False) of BN-LeNet with bnlab's batch norms as they are
+    (no to_torch) runs in onnxruntime with the model's output. (Was off by 0.31 with the
+    C++ kernel: the exporter traced a constant.)"""
+    pytest.importorskip("onnx", reason="onnx not installed (pip install 'bnlab[onnx]')")
+    ort = pytest.importorskip("onnxruntime",
+                              reason="onnxruntime not installed (pip install 'bnlab[onnx]')")
+    import io
+
+    from bnlab.training.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("bn-lenet", norm, fuse_activation=fuse)
+    with torch.no_grad():
+        for _ in range(3):  # running statistics away from (0, 1)
+            model(torch.rand(16, 1, 28, 28))
+    model.eval()
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x,), buffer, dynamo=False, dynamic_axes={"input": {0: "batch"}},
+                      input_names=["input"])
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    for batch in (x, torch.rand(3, 1, 28, 28)):
+        with torch.no_grad():
+            want = model(batch)
+        got = session.run(None, {"input": batch.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
+    assert expected.shape == (5, 10)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnlab.nn import BatchNorm1d, BatchNorm2d
+from bnlab.nn import BatchNorm1d, BatchNorm2d, unfuse_batch_norm_act
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.training import distributed, runs
 from bnlab.training.distributed import DistributedConfig, DistributedError, launch, spawn
@@ -94,7 +94,9 @@ def test_two_processes_with_local_bn_train_as_ghost_bn_of_half_the_batch(synthet
                                                                           tmp_path):
     torch.manual_seed(CONFIG.seed)
     ghost = tmp_path / "ghost"
-    _train_in_one_process(_ghost(model_for(CONFIG), 64), CONFIG, synthetic_fashion, ghost)
+    # Unfused: the ghost layers replace the batch norms, the activations stay as they were.
+    model = unfuse_batch_norm_act(model_for(CONFIG))
+    _train_in_one_process(_ghost(model, 64), CONFIG, synthetic_fashion, ghost)
     local = tmp_path / "local"
     launch(CONFIG, DistributedConfig(nproc=2), synthetic_fashion, local, progress=False)
     losses, reference = _losses(local), _losses(ghost)

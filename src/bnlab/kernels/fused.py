@@ -182,7 +182,12 @@ def _scale(invstd, weight):
 
 def _update_running(running_mean, running_var, batch_mean, batch_var, momentum):
     """``running = (1 - momentum) * running + momentum * batch`` for both buffers in one op
-    (``batch_var`` unbiased)."""
+    (``batch_var`` unbiased). float16/bfloat16 buffers with float32 statistics: computed in
+    float32, then stored (as torch does)."""
+    if running_mean.dtype != batch_mean.dtype:
+        for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
+            running.copy_(torch.lerp(running.to(batch.dtype), batch, momentum))
+        return
     if torch.compiler.is_compiling():  # a traced momentum may be symbolic: as a tensor
         momentum = _scalar(momentum, running_mean.dtype, running_mean.device)
     try:

@@ -2,8 +2,10 @@
 
 One concept per file, all re-exported here: ``batchnorm`` (``BatchNorm1d/2d/3d``, their lazy
 forms, ``convert_batchnorm``, ``is_batch_norm``; the formula and conventions are stated in
-``bnlab.functional``), ``ghost``, ``renorm``, ``frozen``, ``noisy``, ``sync``, ``precise``
-(``update_bn_stats``), ``fold`` (``fold_batch_norm``) and ``interop`` (``to_torch``).
+``bnlab.functional``), ``batchnorm_act`` (``BatchNormAct1d/2d/3d``: batch norm and an
+activation in one pass; ``fuse_batch_norm_act``, ``unfuse_batch_norm_act``, ``unfused``),
+``ghost``, ``renorm``, ``frozen``, ``noisy``, ``sync``, ``precise`` (``update_bn_stats``),
+``fold`` (``fold_batch_norm``) and ``interop`` (``to_torch``).
 Importing this package loads none of bnlab's lab (training, experiments, plots).
 """
 
@@ -17,6 +19,17 @@ from bnlab.nn.batchnorm import (
     convert_batchnorm,
     is_batch_norm,
     replace_all_batch_norm_modules_,
+)
+from bnlab.nn.batchnorm_act import (
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    LazyBatchNormAct1d,
+    LazyBatchNormAct2d,
+    LazyBatchNormAct3d,
+    fuse_batch_norm_act,
+    unfuse_batch_norm_act,
+    unfused,
 )
 from bnlab.nn.fold import fold_batch_norm
 from bnlab.nn.frozen import (
@@ -36,6 +49,9 @@ from bnlab.nn.sync import SyncBatchNorm
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d",
     "LazyBatchNorm3d", "convert_batchnorm", "is_batch_norm", "replace_all_batch_norm_modules_",
+    "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "LazyBatchNormAct1d",
+    "LazyBatchNormAct2d", "LazyBatchNormAct3d", "fuse_batch_norm_act", "unfuse_batch_norm_act",
+    "unfused",
     "GhostBatchNorm1d", "GhostBatchNorm2d", "BatchRenorm1d", "BatchRenorm2d",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batch_norm",
     "unfreeze_batch_norm", "NoisyBatchNorm1d", "NoisyBatchNorm2d", "SyncBatchNorm",

@@ -156,7 +156,12 @@ class _BatchNorm(nn.Module):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
-        # The input was checked above: the implementation is called without re-checks.
+        return self._normalize(input, running_mean, running_var, use_batch_stats, factor)
+
+    def _normalize(self, input: torch.Tensor, running_mean: torch.Tensor | None,
+                   running_var: torch.Tensor | None, use_batch_stats: bool,
+                   factor: float) -> torch.Tensor:
+        """The arithmetic, on arguments ``forward`` has checked (no re-checks)."""
         run = IMPLEMENTATIONS[self.impl].run
         return run(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
                    factor, self.eps)

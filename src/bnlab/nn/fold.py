@@ -29,7 +29,8 @@ only layout in which BatchNorm1d's channel is the linear layer's output.
 What folds: a batch norm (torch's, bnlab's plain, ghost, renorm or frozen layer, with
 running statistics; their prediction is plain batch norm) whose input is the output of
 one of the layers above, of matching channels and rank, when that output goes nowhere
-else and that layer is used once. Anything else stays as it was.
+else and that layer is used once. Anything else stays as it was. A ``BatchNormAct``
+folds its batch norm and keeps its activation (in its place, or as a call in the graph).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
+from bnlab.functional import ACTIVATIONS
 from bnlab.nn.batchnorm import _BatchNorm
+from bnlab.nn.batchnorm_act import _BatchNormAct
 from bnlab.nn.frozen import _FrozenBatchNorm
 
 __all__ = ["fold_batch_norm"]
@@ -112,7 +115,8 @@ def _fold_sequentials(model: nn.Module) -> nn.Module:
             layer, bn = seq._modules[first], seq._modules[second]
             if uses[id(layer)] == 1 and _can_fold(layer, bn):
                 _fold_into(layer, bn)
-                seq._modules[second] = nn.Identity()
+                # A fused activation stays: only the batch norm is folded.
+                seq._modules[second] = bn.act if isinstance(bn, _BatchNormAct) else nn.Identity()
     return model
 
 
@@ -138,7 +142,11 @@ def _fold_graph(model: nn.Module) -> fx.GraphModule:
         layer, bn = modules[prev.target], modules[node.target]
         if len(node.args) == 1 and not node.kwargs and _can_fold(layer, bn):
             _fold_into(layer, bn)
-            node.replace_all_uses_with(prev)
+            result = prev
+            if isinstance(bn, _BatchNormAct):  # a fused activation stays
+                with graph.inserting_after(node):
+                    result = graph.call_function(ACTIVATIONS[bn.activation], (prev,))
+            node.replace_all_uses_with(result)
             graph.erase_node(node)
             calls[node.target] -= 1
             if calls[node.target] == 0:

@@ -37,6 +37,7 @@ from torch import nn
 from bnlab.functional import batch_norm as functional_batch_norm
 from bnlab.functional import check_input
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, is_batch_norm
+from bnlab.nn.batchnorm_act import unfuse_batch_norm_act
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
            "freeze_batch_norm", "unfreeze_batch_norm"]
@@ -166,7 +167,9 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
     device, dtype and train/eval flag; the original class and arguments are remembered
     for :func:`unfreeze_batch_norm`. A batch norm without running statistics cannot be
     frozen: ``ValueError`` before anything is replaced. ``SyncBatchNorm`` and lazy layers
-    that are not yet initialized are refused the same way.
+    that are not yet initialized are refused the same way. A ``BatchNormAct`` is first split
+    into batch norm and activation (``bnlab.nn.unfuse_batch_norm_act``: the activation takes
+    the ``nn.Identity`` after it, if there is one), and its batch norm is frozen.
     """
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
@@ -179,7 +182,7 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
             if m.running_mean is None:
                 raise ValueError(f"cannot freeze {name or 'model'!r}: it has no running "
                                  "statistics (track_running_stats=False)")
-    return _swap(model, _is_freezable, _freeze_one)
+    return _swap(unfuse_batch_norm_act(model), _is_freezable, _freeze_one)
 
 
 def _unfreeze_one(frozen: _FrozenBatchNorm) -> nn.Module:

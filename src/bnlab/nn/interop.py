@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, take_state
+from bnlab.nn.batchnorm_act import unfuse_batch_norm_act
 
 __all__ = ["to_torch"]
 
@@ -31,6 +32,9 @@ def _to_torch_one(bn: _BatchNorm) -> nn.Module:
 
 def to_torch(module: nn.Module) -> nn.Module:
     """Replace every bnlab ``BatchNorm1d/2d/3d`` in ``module`` by torch's; return the root.
+    A ``BatchNormAct1d/2d/3d`` becomes torch's batch norm and its activation module
+    (``bnlab.nn.unfuse_batch_norm_act``: into the ``nn.Identity`` after it, if there is one,
+    else ``nn.Sequential(batch norm, activation)``).
 
     In place on children, returning the (possibly new) root, exactly as
     ``bnlab.nn.convert_batchnorm`` does in the other direction: the very same weight and
@@ -47,7 +51,7 @@ def to_torch(module: nn.Module) -> nn.Module:
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
             raise ValueError(f"cannot convert the uninitialized {type(m).__name__} "
                              f"{name or 'model'!r}: run one batch through the model first")
-    return _replace(module)
+    return _replace(unfuse_batch_norm_act(module))
 
 
 def _replace(module: nn.Module) -> nn.Module:

@@ -60,6 +60,7 @@ from torch.autograd.function import once_differentiable
 from bnlab.functional import DEFAULT_IMPL, Impl
 from bnlab.kernels.fused import stat_dtype
 from bnlab.nn.batchnorm import _BatchNorm, is_batch_norm, take_state
+from bnlab.nn.batchnorm_act import unfuse_batch_norm_act
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -261,7 +262,10 @@ class SyncBatchNorm(_BatchNorm):
         keeps the very same weight and bias Parameters and running-statistics buffers (so
         optimizers and state_dicts carry over), device, dtype and train/eval mode. bnlab
         modules keep their ``impl``. An uninitialized lazy batch norm raises ``ValueError``.
+        A ``BatchNormAct`` is first split into batch norm and activation
+        (``bnlab.nn.unfuse_batch_norm_act``), and its batch norm converted.
         """
+        module = unfuse_batch_norm_act(module)
         converted = module
         if _convertible(module):
             converted = _to_sync(module, process_group)

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from bnlab.kernels.reference import reference_batch_norm
+from bnlab.nn import unfuse_batch_norm_act
 from bnlab.nn.precise import batch_norm_layers
 
 METHODS = ("source", "bn-adapt", "tent")
@@ -121,8 +122,9 @@ class AdaptiveBatchNorm(nn.Module):
 
 def with_adaptive_batch_norms(model: nn.Module, prior: float = 0.0) -> tuple[nn.Module, int]:
     """A deep copy of ``model`` in eval mode with each batch norm that has running statistics
-    replaced by :class:`AdaptiveBatchNorm` (``prior``), and how many were replaced."""
-    adapted = copy.deepcopy(model).eval()
+    replaced by :class:`AdaptiveBatchNorm` (``prior``), and how many were replaced. A batch
+    norm fused with its activation is unfused first, so the activation stays."""
+    adapted = unfuse_batch_norm_act(copy.deepcopy(model)).eval()
     layers = batch_norm_layers(adapted)
     for name, layer in layers:
         parent_name, _, child = name.rpartition(".")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab.nn import unfused
 from bnlab.util.scoped import preserved_buffers, removing
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -70,7 +71,8 @@ def activation_stats(model: nn.Module, x: torch.Tensor) -> list[tuple[str, float
     call leaves BN running statistics unchanged. In the ``deep`` nets and the LeNets the
     activations end each block, so this is the statistics of each block's output: a
     sigmoid net whose std collapses towards 0 (or whose outputs saturate at 0/1) with depth
-    is one whose gradients vanish.
+    is one whose gradients vanish. A fused batch norm's activation (``bnlab.nn.BatchNormAct``)
+    is its ``act`` module, run as its own step here (``bnlab.nn.unfused``).
     """
     stats: list[tuple[str, float, float]] = []
 
@@ -81,7 +83,7 @@ def activation_stats(model: nn.Module, x: torch.Tensor) -> list[tuple[str, float
 
     handles = [module.register_forward_hook(record(name))
                for name, module in model.named_modules() if isinstance(module, ACTIVATION_LAYERS)]
-    with removing(handles), preserved_buffers(model):
+    with removing(handles), preserved_buffers(model), unfused(model):
         model(x)
     return stats
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab.nn import unfused
 from bnlab.probes.gradients import ACTIVATION_LAYERS, WEIGHT_LAYERS
 from bnlab.util.scoped import in_mode, preserved_buffers, removing, restored_values
 
@@ -57,13 +58,15 @@ def last_activation_input(model: nn.Module, x: torch.Tensor, train: bool = False
 
     In eval mode by default (running statistics, no noise); ``train=True`` uses batch
     statistics and, for noisy BN, noise drawn from an RNG seeded with ``seed`` (the caller's
-    RNG is untouched). The model's mode and buffers are restored.
+    RNG is untouched). The model's mode and buffers are restored. A fused batch norm's
+    activation (``bnlab.nn.BatchNormAct``) is its ``act`` module, run as its own step here
+    (``bnlab.nn.unfused``), so its input is seen.
     """
     captured: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda mod, inputs, out: captured.append(inputs[0]))
              for m in model.modules() if isinstance(m, ACTIVATION_LAYERS)]
     with removing(hooks), in_mode(model, train), torch.no_grad(), preserved_buffers(model), \
-            same_noise(x.device):
+            same_noise(x.device), unfused(model):
         torch.manual_seed(seed)
         model(x)
     if not captured:

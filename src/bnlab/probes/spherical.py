@@ -75,7 +75,10 @@ def _normalizes_by_batch_statistics(module: nn.Module) -> bool:
 def scale_invariant_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, weight) of every conv/linear weight whose output goes into a batch norm that
     normalizes by its input's statistics (see the module docstring), in model order."""
-    leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
+    # A batch norm fused with its activation (bnlab.nn.BatchNormAct) holds the activation as a
+    # child: it is a leaf here all the same.
+    leaves = [(name, m) for name, m in model.named_modules()
+              if not list(m.children()) or is_batch_norm(m)]
     out = []
     for index, (name, module) in enumerate(leaves):
         if not isinstance(module, WEIGHT_LAYERS):

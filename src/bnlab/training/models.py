@@ -15,6 +15,12 @@ Layout of BN-LeNet (the chapter's, shapes for a 28x28 input)::
 Plain LeNet (the baseline) pads the first conv by 2 and has no norm layers.
 Linear and conv layers are lazy, sized by a dry run, then Xavier-uniform initialized,
 as in the chapter.
+
+:func:`build_model` fuses each of bnlab's batch norms with the activation after it
+(``bnlab.nn.fuse_batch_norm_act``: one pass of the C++ kernel, ``nn.Identity`` in the
+activation's place, so layer indices and ``state_dict`` keys are those of the unfused
+model) unless ``fuse_activation=False``. On the lab's models this changes no number: the
+kernel's relu and sigmoid are torch's (see ``bnlab.kernels.cpp``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnlab.nn import is_batch_norm
+from bnlab.nn import fuse_batch_norm_act, is_batch_norm
 from bnlab.training import deep, resnet
 from bnlab.training.norms import create_norm_layer
 from bnlab.util.scoped import in_mode
@@ -133,12 +139,12 @@ def initialize(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
-    "bn-lenet": ("norm_slots", "dropout", "dropout_order"),
+    "bn-lenet": ("norm_slots", "dropout", "dropout_order", "fuse_activation"),
     "lenet": (),
-    "deep-mlp": ("depth", "width", "activation"),
-    "deep-cnn": ("depth", "width", "activation"),
-    "ioffe-mlp": (),
-    **{f"resnet{depth}": ("shortcut", "residual") for depth in resnet.DEPTHS},
+    "deep-mlp": ("depth", "width", "activation", "fuse_activation"),
+    "deep-cnn": ("depth", "width", "activation", "fuse_activation"),
+    "ioffe-mlp": ("fuse_activation",),
+    **{f"resnet{depth}": ("shortcut", "residual", "fuse_activation") for depth in resnet.DEPTHS},
 }
 """The options (``TrainConfig`` fields) each model takes beyond its norm."""
 
@@ -161,8 +167,9 @@ def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cp
 
     The LeNets are sized by a dry run and Xavier-initialized (:func:`initialize`); the deep
     nets (``bnlab.training.deep``) and the ResNets (``bnlab.training.resnet``) bring their own
-    initialization. Initialization
-    draws from torch's global RNG: seed it first for reproducible weights.
+    initialization. Initialization draws from torch's global RNG: seed it first for
+    reproducible weights. Then bnlab's batch norms are fused with the activations after them,
+    unless ``fuse_activation=False`` (module docstring; fusing draws nothing from the RNG).
     """
     if name not in MODEL_OPTIONS:
         raise ValueError(f"unknown model {name!r}; expected one of {list(MODEL_OPTIONS)}")
@@ -170,12 +177,17 @@ def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cp
     if unknown:
         raise ValueError(f"model {name!r} takes options {list(MODEL_OPTIONS[name])} (got {unknown})")
     check_norm(name, norm)
+    fuse = options.pop("fuse_activation", True)
+    model = _build(name, norm, device, options)
+    return fuse_batch_norm_act(model) if fuse else model
+
+
+def _build(name: str, norm: str, device: torch.device | str, options: dict[str, Any]) -> nn.Module:
     if name == "lenet":
         return initialize(lenet().to(device), torch.zeros(2, *INPUT_SHAPE, device=device))
     if name == "bn-lenet":
         model = bn_lenet(norm, **options).to(device)
         return initialize(model, torch.zeros(2, *INPUT_SHAPE, device=device))
-
     if name == "deep-mlp":
         return deep.deep_mlp(norm=norm, **options).to(device)
     if name == "ioffe-mlp":

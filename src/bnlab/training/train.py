@@ -126,6 +126,10 @@ class TrainConfig:
                 "frozen at its initialization); random (as many randomly chosen other entries, "
                 "drawn with --seed, all else frozen) (bnlab.training.trainable)",
         "choices": TRAIN_ONLY, OMIT_AT_DEFAULT: True})
+    fuse_activation: bool = field(default=True, metadata={
+        "help": "run each of bnlab's batch norms and the activation after it as one module "
+                "(bnlab.nn.BatchNormAct: one pass of the C++ kernel); the same numbers as "
+                "unfused", OMIT_AT_DEFAULT: True})
     epochs: int = field(default=10, metadata={"help": "training epochs"})
     lr: float = field(default=0.1, metadata={"help": "SGD learning rate"})
     batch_size: int = field(default=128, metadata={"help": "training minibatch size"})

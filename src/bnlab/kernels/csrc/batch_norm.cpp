@@ -1,4 +1,5 @@
-// bnlab's batch norm as one C++ kernel per direction (impl="cpp"; impl="auto" once built).
+// bnlab's batch norm as one C++ kernel per direction (impl="cpp"; impl="auto" once built),
+// optionally followed by an activation in the same pass (bnlab.nn.BatchNormAct*).
 //
 // Why: on small activations (the chapter's FC layers, (128, 120)) the plain-tensor-op
 // fast path is bound by per-op dispatch and Python, not by memory; one loop per direction
@@ -25,11 +26,29 @@
 // computes the gradients with differentiable ATen ops instead (differentiable_backward).
 // Inference (no grad needed) runs the forward kernel without an autograd node.
 //
+// Activation (relu, sigmoid; identity is plain batch norm): applied to each stretch of the
+// output right after it is written, while it is in cache, so BN+act moves the bytes of BN
+// alone. Backward saves nothing more than batch norm does (x and per-channel statistics):
+// it recomputes z = BN(x) per element from x and the saved statistics, the activation's
+// derivative from z (relu: y > 0; sigmoid: y (1 - y)), and dz = dy * act'(z), which then
+// takes batch norm's backward. Both use ATen's Vectorized ops exactly as torch's own relu
+// and sigmoid kernels do (sigmoid = 1 / (1 + exp(-z)) with the same vectorized exp), and the
+// scalar formula where torch's loop uses scalar code (ScalarRuns), so the fused result is
+// batch norm followed by torch's activation bit for bit.
+//
+// Operator: the same computation is registered as the torch.library op
+// <this build's name>::batch_norm, so that torch.jit.trace records one op (any input size
+// replays correctly) and the TorchScript ONNX exporter can map it (bnlab.kernels.cpp
+// registers the symbolic). Python calls the pybind function `batch_norm` directly otherwise
+// (no dispatcher round trip on the small FC shapes).
+//
 // Layouts: the input is seen as (outer, C, inner) with channel c of sample n at
 // x[(n * C + c) * inner + l]; a contiguous (N, C, *) input has inner = prod(spatial),
 // a channels_last one has outer = N * prod(spatial) and inner = 1. CPU, float32/float64.
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <atomic>
@@ -83,6 +102,168 @@ bool supported(const Tensor& x, const std::optional<Tensor>& running_mean, const
   return false;
 }
 
+// The activations the kernel fuses, numbered as bnlab.kernels.cpp's KERNEL_ACTIVATIONS.
+enum class Act : int64_t { Identity = 0, ReLU = 1, Sigmoid = 2 };
+
+template <typename scalar_t>
+using Vec = at::vec::Vectorized<scalar_t>;
+
+// act(z), as torch's CPU kernels compute it: relu is clamp_min(z, 0) (NaN stays NaN),
+// sigmoid is 1 / (1 + exp(0 - z)) with ATen's vectorized exp.
+template <Act A, typename scalar_t>
+inline Vec<scalar_t> activate(Vec<scalar_t> z) {
+  if constexpr (A == Act::ReLU) {
+    return at::vec::clamp_min(z, Vec<scalar_t>(scalar_t(0)));
+  } else if constexpr (A == Act::Sigmoid) {
+    return ((Vec<scalar_t>(scalar_t(0)) - z).exp() + Vec<scalar_t>(scalar_t(1))).reciprocal();
+  } else {
+    return z;
+  }
+}
+
+// dz = dy * act'(z) from y = act(z), as torch's backward kernels compute it: relu's
+// threshold_backward (y <= 0 ? 0 : dy), sigmoid's dy * (1 - y) * y.
+template <Act A, typename scalar_t>
+inline Vec<scalar_t> activation_grad(Vec<scalar_t> dy, Vec<scalar_t> y) {
+  if constexpr (A == Act::ReLU) {
+    const Vec<scalar_t> zero(scalar_t(0));
+    return Vec<scalar_t>::blendv(dy, zero, y <= zero);
+  } else if constexpr (A == Act::Sigmoid) {
+    return dy * (Vec<scalar_t>(scalar_t(1)) - y) * y;
+  } else {
+    return dy;
+  }
+}
+
+// The same, one value at a time, as torch's scalar code computes them.
+template <Act A, typename scalar_t>
+inline scalar_t activate_one(scalar_t z) {
+  if constexpr (A == Act::ReLU) {
+    return z < scalar_t(0) ? scalar_t(0) : z;  // std::max(z, 0): NaN stays NaN
+  } else if constexpr (A == Act::Sigmoid) {
+    return scalar_t(1) / (scalar_t(1) + std::exp(-z));
+  } else {
+    return z;
+  }
+}
+
+template <Act A, typename scalar_t>
+inline scalar_t activation_grad_one(scalar_t dy, scalar_t y) {
+  if constexpr (A == Act::ReLU) {
+    return y <= scalar_t(0) ? scalar_t(0) : dy;
+  } else if constexpr (A == Act::Sigmoid) {
+    return dy * (scalar_t(1) - y) * y;
+  } else {
+    return dy;
+  }
+}
+
+// Where torch computes an elementwise op with scalar code. Its CPU loops (TensorIterator's
+// for_each, then cpu_kernel_vec) split a contiguous tensor of n values into parallel chunks
+// (one when n <= at::internal::GRAIN_SIZE or on one thread, else min(threads, n / GRAIN_SIZE
+// rounded up) chunks of equal size, as at::parallel_for does) and compute the last
+// (chunk length mod two vectors) values of each chunk with scalar code: for sigmoid,
+// std::exp instead of the vectorized exp, which can differ in the last ulp. The fused
+// sigmoid computes those values (by offset in memory, the order torch iterates in) the
+// scalar way too, so that it stays bit-identical to batch norm then torch.sigmoid. (relu's
+// scalar and vector forms agree: it needs none.) Only bit-identity depends on this rule,
+// not correctness; the tests compare fused and unfused bit for bit on shapes that have runs.
+struct ScalarRuns {
+  std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) offsets
+
+  // f(i) for each offset i of [first, first + n) that torch computes with scalar code.
+  template <typename F>
+  void for_each_in(int64_t first, int64_t n, F f) const {
+    for (const auto& [begin, end] : runs)
+      for (int64_t i = std::max(begin, first); i < std::min(end, first + n); ++i) f(i);
+  }
+};
+
+template <Act A, typename scalar_t>
+ScalarRuns torch_scalar_runs(int64_t n, int64_t threads) {
+  ScalarRuns out;
+  if constexpr (A == Act::Sigmoid) {
+    const int64_t grain = at::internal::GRAIN_SIZE, step = 2 * Vec<scalar_t>::size();
+    const int64_t chunks = (n <= grain || threads <= 1) ? 1 : std::min(threads, (n + grain - 1) / grain);
+    const int64_t size = (n + chunks - 1) / chunks;
+    for (int64_t begin = 0; begin < n; begin += size) {
+      const int64_t end = std::min(n, begin + size), tail = (end - begin) % step;
+      if (tail) out.runs.emplace_back(end - tail, end);
+    }
+  }
+  return out;
+}
+
+// y[i] = act(y[i]) in place for i in [first, first + n) (the last vector partial); values
+// torch computes with scalar code are redone the scalar way from z_at(i), their input.
+template <Act A, typename scalar_t, typename Z>
+void activate_span(scalar_t* y, int64_t first, int64_t n, const ScalarRuns& runs, Z z_at) {
+  if constexpr (A != Act::Identity) {
+    constexpr int64_t width = Vec<scalar_t>::size();
+    scalar_t* p = y + first;
+    int64_t i = 0;
+    for (; i + width <= n; i += width) activate<A>(Vec<scalar_t>::loadu(p + i)).store(p + i);
+    if (i < n) activate<A>(Vec<scalar_t>::loadu(p + i, n - i)).store(p + i, n - i);
+    runs.for_each_in(first, n, [&](int64_t j) { y[j] = activate_one<A>(z_at(j)); });
+  }
+}
+
+// dz = dy * act'(z) for the values [first, first + n) of one channel, z recomputed from x
+// as the forward computed it: z = (x - center) * alpha + beta (scalar runs as above).
+template <Act A, typename scalar_t>
+void activation_grad_span(const scalar_t* dy, const scalar_t* x, scalar_t* dz, int64_t first, int64_t n,
+                          scalar_t center, scalar_t alpha, scalar_t beta, const ScalarRuns& runs) {
+  constexpr int64_t width = Vec<scalar_t>::size();
+  const Vec<scalar_t> m(center), a(alpha), k(beta);
+  const auto one = [&](int64_t i, int64_t count) {
+    const Vec<scalar_t> z = (Vec<scalar_t>::loadu(x + i, count) - m) * a + k;
+    activation_grad<A>(Vec<scalar_t>::loadu(dy + i, count), activate<A>(z)).store(dz + i, count);
+  };
+  int64_t i = first;
+  for (; i + width <= first + n; i += width) one(i, width);
+  if (i < first + n) one(i, first + n - i);
+  runs.for_each_in(first, n, [&](int64_t j) {
+    dz[j] = activation_grad_one<A>(dy[j], activate_one<A>((x[j] - center) * alpha + beta));
+  });
+}
+
+// The same over the row of C channels at offset `first` (rows layout), with per-channel
+// constants.
+template <Act A, typename scalar_t>
+void activation_grad_row(const scalar_t* dy, const scalar_t* x, scalar_t* dz, int64_t first, int64_t C,
+                         const scalar_t* center, const scalar_t* alpha, const scalar_t* beta,
+                         const ScalarRuns& runs) {
+  constexpr int64_t width = Vec<scalar_t>::size();
+  const auto one = [&](int64_t c, int64_t count) {
+    const auto load = [&](const scalar_t* p) { return Vec<scalar_t>::loadu(p, count); };
+    const Vec<scalar_t> z = (load(x + first + c) - load(center + c)) * load(alpha + c) + load(beta + c);
+    activation_grad<A>(load(dy + first + c), activate<A>(z)).store(dz + first + c, count);
+  };
+  int64_t c = 0;
+  for (; c + width <= C; c += width) one(c, width);
+  if (c < C) one(c, C - c);
+  runs.for_each_in(first, C, [&](int64_t j) {
+    const int64_t ch = j - first;
+    dz[j] = activation_grad_one<A>(dy[j], activate_one<A>((x[j] - center[ch]) * alpha[ch] + beta[ch]));
+  });
+}
+
+// Per-channel constants of y = (x - center) * alpha + beta: center = mean rounded to
+// scalar_t (x - center is exact for x near the mean), beta absorbing the rounding
+// (mean - center), so a large mean costs no precision. Forward and backward compute them
+// from the same doubles, so backward's z is the forward's bit for bit.
+template <typename scalar_t>
+struct Affine {
+  scalar_t center, alpha, beta;
+};
+
+template <typename scalar_t>
+Affine<scalar_t> affine_of(double mean, double invstd, const scalar_t* w, const scalar_t* b, int64_t c) {
+  const double wc = w ? double(w[c]) : 1.0, bc = b ? double(b[c]) : 0.0;
+  const scalar_t center = scalar_t(mean);
+  return {center, scalar_t(invstd * wc), scalar_t(bc - (mean - double(center)) * invstd * wc)};
+}
+
 constexpr int64_t kRowBlock = 64;   // rows of C channels per chunk (channels_last, 2D)
 constexpr int64_t kGrain = 32768;   // elements below which a loop runs on one thread
 
@@ -100,13 +281,16 @@ inline void prefetch_plane(const scalar_t* p, int64_t inner) {
   for (int64_t b = 0; b < inner * int64_t(sizeof(scalar_t)); b += 64) __builtin_prefetch(bytes + b);
 }
 // Backward's two sums over channel c's planes: sum_dy = sum dy, dot = sum dy * (x - mid).
-template <typename scalar_t>
+// `prepare(offset)` runs first on each plane (the fused activation writes dy there).
+template <typename scalar_t, typename Prepare>
 void plane_sums(const Layout& s, const scalar_t* dy, const scalar_t* x, int64_t c, scalar_t mid,
-                double& sum_dy, double& dot) {
+                double& sum_dy, double& dot, Prepare prepare) {
   double total_dy = 0.0, total_dot = 0.0;
   for (int64_t n = 0; n < s.outer; ++n) {
-    const scalar_t* g = dy + (n * s.channels + c) * s.inner;
-    const scalar_t* r = x + (n * s.channels + c) * s.inner;
+    const int64_t offset = (n * s.channels + c) * s.inner;
+    prepare(offset);
+    const scalar_t* g = dy + offset;
+    const scalar_t* r = x + offset;
     if (n + 1 < s.outer) {
       prefetch_plane(g + s.channels * s.inner, s.inner);
       prefetch_plane(r + s.channels * s.inner, s.inner);
@@ -176,7 +360,7 @@ void channel_dy_sums(const Layout& s, const scalar_t* dy, const scalar_t* x, con
     return;
   }
   at::parallel_for(0, C, plane_grain(s), [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) plane_sums(s, dy, x, c, center[c], sum_dy[c], dot[c]);
+    for (int64_t c = lo; c < hi; ++c) plane_sums(s, dy, x, c, center[c], sum_dy[c], dot[c], [](int64_t) {});
   });
 }
 
@@ -273,9 +457,10 @@ void row_mean_var(const Layout& s, const scalar_t* x, double* mean, double* var)
 // Runs over every element in vectorizable stretches: row(i, c) for each element of a
 // channels_last / (N, C) input (channel c = i % C, rows of C channels), plane(base, c)
 // for each contiguous stretch of `inner` values of channel c otherwise (the caller's loop
-// over it keeps the channel's constants in registers).
-template <typename Row, typename Plane>
-void for_each_element(const Layout& s, Row row, Plane plane) {
+// over it keeps the channel's constants in registers). `rows_done(first, count)` runs after
+// each thread's stretch of rows, on the `count` values from `first` (still in cache).
+template <typename Row, typename Plane, typename RowsDone>
+void for_each_element(const Layout& s, Row row, Plane plane, RowsDone rows_done) {
   const int64_t C = s.channels;
   if (s.inner == 1) {
     at::parallel_for(0, s.outer, std::max<int64_t>(1, kGrain / C), [&](int64_t lo, int64_t hi) {
@@ -284,6 +469,7 @@ void for_each_element(const Layout& s, Row row, Plane plane) {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) row(base + c, c);
       }
+      rows_done(lo * C, (hi - lo) * C);
     });
     return;
   }
@@ -306,34 +492,32 @@ void update_running(const Tensor& running_mean, const Tensor& running_var,
   }
 }
 
-// y = (x - center) * alpha + beta per channel; writes the batch (or running) mean and
-// invstd to mean_out / invstd_out when given (backward needs them).
+// y = act((x - center) * alpha + beta) per channel (Affine); writes the batch (or running)
+// mean and invstd to mean_out / invstd_out when given (backward needs them). `threads`:
+// torch's thread count, which says where torch's own activation uses scalar code (ScalarRuns).
 //
 // Training on a layout of planes (inner > 1) goes one channel at a time: the channel's
 // statistics, then its output while its planes are still in cache, so x comes from
 // memory once instead of twice. Rows of C channels (inner == 1) need every row for any
-// channel's statistics: statistics first, then the output.
-template <typename scalar_t>
+// channel's statistics: statistics first, then the output. The activation runs on each
+// plane, or each thread's stretch of rows, right after it is written.
+template <typename scalar_t, Act A>
 void forward_kernel(const Tensor& x, const Tensor& y, const Tensor& weight, const Tensor& bias,
                     const Tensor& running_mean, const Tensor& running_var, bool training,
-                    double momentum, double eps, double* mean_out, double* invstd_out) {
+                    double momentum, double eps, double* mean_out, double* invstd_out, int64_t threads) {
   const Layout s = layout_of(x);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const ScalarRuns runs = torch_scalar_runs<A, scalar_t>(x.numel(), threads);
   const int64_t count = s.outer * s.inner, C = s.channels;
   const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   std::vector<double> mean(C), var(C), invstd(C);
   std::vector<scalar_t> alpha(C), beta(C), center(C);
-  // y = (x - center) * alpha + beta with center = mean rounded to scalar_t: x - center is
-  // exact for x near the mean, and beta absorbs the rounding (mean - center), so a large
-  // mean costs no precision.
   const auto set_affine = [&](int64_t c) {
     invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-    const double wc = w ? double(w[c]) : 1.0, bc = b ? double(b[c]) : 0.0;
-    center[c] = scalar_t(mean[c]);
-    alpha[c] = scalar_t(invstd[c] * wc);
-    beta[c] = scalar_t(bc - (mean[c] - double(center[c])) * invstd[c] * wc);
+    const Affine<scalar_t> f = affine_of(mean[c], invstd[c], w, b, c);
+    center[c] = f.center, alpha[c] = f.alpha, beta[c] = f.beta;
   };
   const auto plane = [&](int64_t base, int64_t c) {
     const scalar_t m = center[c], a = alpha[c], k = beta[c];
@@ -341,6 +525,7 @@ void forward_kernel(const Tensor& x, const Tensor& y, const Tensor& weight, cons
     scalar_t* __restrict yr = yp + base;
 #pragma omp simd
     for (int64_t l = 0; l < s.inner; ++l) yr[l] = (xr[l] - m) * a + k;
+    activate_span<A>(yp, base, s.inner, runs, [&](int64_t i) { return (xp[i] - m) * a + k; });
   };
   if (training && s.inner > 1) {
     at::parallel_for(0, C, plane_grain(s), [&](int64_t lo, int64_t hi) {
@@ -361,7 +546,14 @@ void forward_kernel(const Tensor& x, const Tensor& y, const Tensor& weight, cons
     }
     for (int64_t c = 0; c < C; ++c) set_affine(c);
     const scalar_t *al = alpha.data(), *be = beta.data(), *ce = center.data();
-    for_each_element(s, [&](int64_t i, int64_t c) { yp[i] = (xp[i] - ce[c]) * al[c] + be[c]; }, plane);
+    for_each_element(
+        s, [&](int64_t i, int64_t c) { yp[i] = (xp[i] - ce[c]) * al[c] + be[c]; }, plane,
+        [&](int64_t first, int64_t n) {
+          activate_span<A>(yp, first, n, runs, [&](int64_t i) {
+            const int64_t c = i % C;
+            return (xp[i] - ce[c]) * al[c] + be[c];
+          });
+        });
   }
   if (training && running_mean.defined())
     update_running<scalar_t>(running_mean, running_var, mean, var, momentum, count);
@@ -371,20 +563,44 @@ void forward_kernel(const Tensor& x, const Tensor& y, const Tensor& weight, cons
 
 // dx, dgamma, dbeta. Training on planes (inner > 1) goes one channel at a time, as the
 // forward does: the channel's two sums, then its dx while dy and x are in cache.
-template <typename scalar_t>
-void backward_kernel(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& mean_t,
-                     const Tensor& invstd_t, bool training, const Tensor& dx, const Tensor& dweight,
-                     const Tensor& dbias) {
+//
+// With an activation, batch norm's incoming gradient is dz = dy * act'(z), z recomputed
+// from x and the saved statistics (and weight and bias): on planes it is written plane by
+// plane just before that plane is summed, elsewhere in one pass first. dz goes where dx will
+// be (dx is then computed from it in place), or into a scratch tensor when dx is not wanted.
+// `threads`: the forward's (ScalarRuns).
+template <typename scalar_t, Act A>
+void backward_kernel(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                     const Tensor& mean_t, const Tensor& invstd_t, bool training, const Tensor& dx,
+                     const Tensor& dweight, const Tensor& dbias, int64_t threads) {
   const Layout s = layout_of(x);
+  const ScalarRuns runs = torch_scalar_runs<A, scalar_t>(x.numel(), threads);
   const int64_t C = s.channels;
-  const scalar_t* g = dy.const_data_ptr<scalar_t>();
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   const double* mean = mean_t.const_data_ptr<double>();
   const double* invstd = invstd_t.const_data_ptr<double>();
   scalar_t* dw = dweight.defined() ? dweight.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* db_out = dbias.defined() ? dbias.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* out = dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+  Tensor scratch;
+  scalar_t* dz = nullptr;
+  std::vector<scalar_t> z_center(C), z_alpha(C), z_beta(C);  // the forward's Affine
+  if constexpr (A != Act::Identity) {
+    if (!out) scratch = at::empty_like(x);
+    dz = out ? out : scratch.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const Affine<scalar_t> f = affine_of(mean[c], invstd[c], w, bp, c);
+      z_center[c] = f.center, z_alpha[c] = f.alpha, z_beta[c] = f.beta;
+    }
+  }
+  const scalar_t* g = A == Act::Identity ? dyp : dz;  // batch norm's incoming gradient
+  const auto activation_grad_plane = [&](int64_t base, int64_t c) {
+    if constexpr (A != Act::Identity)
+      activation_grad_span<A>(dyp, xp, dz, base, s.inner, z_center[c], z_alpha[c], z_beta[c], runs);
+  };
   const double count = double(s.outer * s.inner);
   std::vector<scalar_t> center(C), a(C), b(C), k(C);
   for (int64_t c = 0; c < C; ++c) center[c] = scalar_t(mean[c]);
@@ -402,18 +618,20 @@ void backward_kernel(const Tensor& dy, const Tensor& x, const Tensor& weight, co
     b[c] = scalar_t(bc);
     k[c] = scalar_t(-wc * invstd[c] * db[c] / count - bc * (mean[c] - double(center[c])));
   };
+  // g and out may be one buffer (dz turned into dx in place): no __restrict on them.
   const auto train_plane = [&](int64_t base, int64_t c) {
     const scalar_t ac = a[c], bb = b[c], kc = k[c], m = center[c];
-    const scalar_t* __restrict gr = g + base;
+    const scalar_t* gr = g + base;
     const scalar_t* __restrict xr = xp + base;
-    scalar_t* __restrict o = out + base;
+    scalar_t* o = out + base;
 #pragma omp simd
     for (int64_t l = 0; l < s.inner; ++l) o[l] = gr[l] * ac + (xr[l] - m) * bb + kc;
   };
   if (training && s.inner > 1) {
     at::parallel_for(0, C, plane_grain(s), [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) {
-        plane_sums(s, g, xp, c, center[c], db[c], dot[c]);
+        plane_sums(s, g, xp, c, center[c], db[c], dot[c],
+                   [&](int64_t offset) { activation_grad_plane(offset, c); });
         finish(c);
         if (out)
           for (int64_t n = 0; n < s.outer; ++n) train_plane((n * C + c) * s.inner, c);
@@ -421,33 +639,61 @@ void backward_kernel(const Tensor& dy, const Tensor& x, const Tensor& weight, co
     });
     return;
   }
+  if constexpr (A != Act::Identity) {
+    if (s.inner == 1) {
+      at::parallel_for(0, s.outer, std::max<int64_t>(1, kGrain / C), [&](int64_t lo, int64_t hi) {
+        for (int64_t n = lo; n < hi; ++n)
+          activation_grad_row<A>(dyp, xp, dz, n * C, C, z_center.data(), z_alpha.data(), z_beta.data(), runs);
+      });
+    } else {
+      at::parallel_for(0, s.outer * C, std::max<int64_t>(1, kGrain / s.inner), [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) activation_grad_plane(r * s.inner, r % C);
+      });
+    }
+  }
   channel_dy_sums<scalar_t>(s, g, xp, center.data(), db.data(), dot.data());
   for (int64_t c = 0; c < C; ++c) finish(c);
   if (!out) return;
-  const scalar_t *ap = a.data(), *bp = b.data(), *kp = k.data(), *ce = center.data();
+  const scalar_t *ap = a.data(), *bq = b.data(), *kp = k.data(), *ce = center.data();
+  const auto nothing = [](int64_t, int64_t) {};
   if (training)
     for_each_element(
-        s, [&](int64_t i, int64_t c) { out[i] = g[i] * ap[c] + (xp[i] - ce[c]) * bp[c] + kp[c]; },
-        train_plane);
+        s, [&](int64_t i, int64_t c) { out[i] = g[i] * ap[c] + (xp[i] - ce[c]) * bq[c] + kp[c]; },
+        train_plane, nothing);
   else  // constant statistics: dx = dy * gamma * invstd
     for_each_element(
         s, [&](int64_t i, int64_t c) { out[i] = g[i] * ap[c]; },
         [&](int64_t base, int64_t c) {
           const scalar_t ac = ap[c];
-          const scalar_t* __restrict gr = g + base;
-          scalar_t* __restrict o = out + base;
+          const scalar_t* gr = g + base;
+          scalar_t* o = out + base;
 #pragma omp simd
           for (int64_t l = 0; l < s.inner; ++l) o[l] = gr[l] * ac;
-        });
+        },
+        nothing);
+}
+
+// Calls f with the activation as a compile-time constant (one instantiation each).
+template <typename F>
+void with_activation(int64_t activation, F f) {
+  switch (static_cast<Act>(activation)) {
+    case Act::Identity: return f(std::integral_constant<Act, Act::Identity>{});
+    case Act::ReLU: return f(std::integral_constant<Act, Act::ReLU>{});
+    case Act::Sigmoid: return f(std::integral_constant<Act, Act::Sigmoid>{});
+  }
+  TORCH_CHECK(false, "bnlab batch norm: unknown activation code ", activation,
+              " (0 identity, 1 relu, 2 sigmoid)");
 }
 
 // The gradients as differentiable ATen ops, for a backward that records a graph
 // (create_graph=True: gradient penalties, Hessian-vector products). Same formulas as
 // backward_kernel; in training the statistics are recomputed from x so that the second
-// derivative sees how they depend on it.
+// derivative sees how they depend on it, and with an activation z = x_hat * gamma + beta
+// is recomputed so that it sees how act'(z) depends on x, gamma and beta.
 tensor_list differentiable_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
-                                    const Tensor& mean, const Tensor& invstd, bool training, double eps,
-                                    bool need_dx, bool need_dw, bool need_db) {
+                                    const Tensor& bias, const Tensor& mean, const Tensor& invstd,
+                                    bool training, double eps, int64_t activation, bool need_dx,
+                                    bool need_dw, bool need_db) {
   std::vector<int64_t> dims{0}, shape(x.dim(), 1);
   for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
   shape[1] = x.size(1);
@@ -460,35 +706,51 @@ tensor_list differentiable_backward(const Tensor& dy, const Tensor& x, const Ten
     inv = invstd.to(x.scalar_type()).view(shape);
   }
   const Tensor x_hat = (x - mu) * inv;
+  Tensor g = dy;  // batch norm's incoming gradient: dy * act'(z)
+  if (static_cast<Act>(activation) != Act::Identity) {
+    Tensor z = weight.defined() ? x_hat * weight.view(shape) : x_hat;
+    if (bias.defined()) z = z + bias.view(shape);
+    g = static_cast<Act>(activation) == Act::ReLU ? at::threshold_backward(dy, at::relu(z), 0)
+                                                  : at::sigmoid_backward(dy, at::sigmoid(z));
+  }
   const Tensor scale = weight.defined() ? inv * weight.view(shape) : inv;
   Tensor dx, dweight, dbias;
-  if (need_db) dbias = dy.sum(dims);
-  if (need_dw) dweight = (dy * x_hat).sum(dims);
-  if (need_dx && training)  // scale * (dy - mean(dy) - x_hat * mean(dy * x_hat))
-    dx = scale * (dy - dy.mean(dims, true) - x_hat * (dy * x_hat).mean(dims, true));
+  if (need_db) dbias = g.sum(dims);
+  if (need_dw) dweight = (g * x_hat).sum(dims);
+  if (need_dx && training)  // scale * (g - mean(g) - x_hat * mean(g * x_hat))
+    dx = scale * (g - g.mean(dims, true) - x_hat * (g * x_hat).mean(dims, true));
   else if (need_dx)
-    dx = dy * scale;
+    dx = g * scale;
   return {dx, dweight, dbias};
 }
 
-// Autograd node; arguments in torch's functional order.
+// Autograd node; arguments in torch's functional order, then the activation's code.
 struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   // Optional tensors are std::optional: autograd records only the defined ones as inputs.
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& mean_opt,
                         const std::optional<Tensor>& var_opt, const std::optional<Tensor>& weight_opt,
-                        const std::optional<Tensor>& bias_opt, bool training, double momentum, double eps) {
+                        const std::optional<Tensor>& bias_opt, bool training, double momentum, double eps,
+                        int64_t activation) {
     const Tensor weight = weight_opt.value_or(Tensor()), bias = bias_opt.value_or(Tensor());
     const Tensor running_mean = mean_opt.value_or(Tensor()), running_var = var_opt.value_or(Tensor());
     auto y = at::empty_like(x);
+    const int64_t threads = at::get_num_threads();
     auto opts = x.options().dtype(at::kDouble);
     auto mean = at::empty({x.size(1)}, opts), invstd = at::empty({x.size(1)}, opts);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_batch_norm_forward", [&] {
-      forward_kernel<scalar_t>(x, y, weight, bias, running_mean, running_var, training, momentum,
-                               eps, mean.mutable_data_ptr<double>(), invstd.mutable_data_ptr<double>());
+      with_activation(activation, [&](auto act) {
+        forward_kernel<scalar_t, decltype(act)::value>(x, y, weight, bias, running_mean, running_var, training,
+                                                       momentum, eps, mean.mutable_data_ptr<double>(),
+                                                       invstd.mutable_data_ptr<double>(), threads);
+      });
     });
-    ctx->save_for_backward({x, weight, mean, invstd});
+    // Saved: x and per-channel vectors, whatever the activation (weight and bias are
+    // parameters: saving them keeps a reference, no copy).
+    ctx->save_for_backward({x, weight, bias, mean, invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["threads"] = threads;
     ctx->saved_data["stats"] = int64_t(running_mean.defined()) + int64_t(running_var.defined());
     ctx->saved_data["has_weight"] = weight.defined();
     ctx->saved_data["has_bias"] = bias.defined();
@@ -497,10 +759,12 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
+    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &invstd = saved[4];
     const bool training = ctx->saved_data["training"].toBool();
+    const int64_t activation = ctx->saved_data["activation"].toInt();
     Tensor dy = grads[0];
-    if (!dy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const Tensor none;
+    if (!dy.defined()) return {none, none, none, none, none, none, none, none, none};
     // needs_input_grad counts only the inputs that were defined tensors: x, the running
     // statistics if given (never differentiated), the weight if given, the bias if given.
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
@@ -511,8 +775,9 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     const bool need_db = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(b_index);
     Tensor dx, dweight, dbias;
     if (at::GradMode::is_enabled()) {  // create_graph: a backward that is itself differentiable
-      auto g = differentiable_backward(dy, x, weight, mean, invstd, training,
-                                       ctx->saved_data["eps"].toDouble(), need_dx, need_dw, need_db);
+      auto g = differentiable_backward(dy, x, weight, bias, mean, invstd, training,
+                                       ctx->saved_data["eps"].toDouble(), activation, need_dx, need_dw,
+                                       need_db);
       dx = g[0], dweight = g[1], dbias = g[2];
     } else {
       dy = dy.contiguous(x.suggest_memory_format());
@@ -520,30 +785,69 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
       if (need_dw) dweight = at::empty({x.size(1)}, x.options());
       if (need_db) dbias = at::empty({x.size(1)}, x.options());
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_batch_norm_backward", [&] {
-        backward_kernel<scalar_t>(dy, x, weight, mean, invstd, training, dx, dweight, dbias);
+        with_activation(activation, [&](auto act) {
+          backward_kernel<scalar_t, decltype(act)::value>(dy, x, weight, bias, mean, invstd, training, dx,
+                                                          dweight, dbias, ctx->saved_data["threads"].toInt());
+        });
       });
     }
-    return {dx, Tensor(), Tensor(), dweight, dbias, Tensor(), Tensor(), Tensor()};
+    return {dx, none, none, dweight, dbias, none, none, none, none};
   }
 };
 
-// The kernel's output, or None when it does not take this call (the caller falls back).
-// Arguments in torch's functional order (F.batch_norm's).
-std::optional<Tensor> batch_norm(const Tensor& x, const std::optional<Tensor>& running_mean,
-                                 const std::optional<Tensor>& running_var, const std::optional<Tensor>& weight,
-                                 const std::optional<Tensor>& bias, bool training, double momentum, double eps) {
-  if (!supported(x, running_mean, running_var, weight, bias)) return std::nullopt;
-  const auto wants_grad = [](const std::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
-  if (at::GradMode::is_enabled() && (x.requires_grad() || wants_grad(weight) || wants_grad(bias)))
-    return BatchNormFunction::apply(x, running_mean, running_var, weight, bias, training, momentum, eps);
-  // Nothing to differentiate (inference, no_grad): the kernel without an autograd node.
+// The computation without an autograd node (inference, no_grad, below autograd).
+Tensor forward_only(const Tensor& x, const std::optional<Tensor>& running_mean,
+                    const std::optional<Tensor>& running_var, const std::optional<Tensor>& weight,
+                    const std::optional<Tensor>& bias, bool training, double momentum, double eps,
+                    int64_t activation) {
   const Tensor none;
   Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_batch_norm_forward", [&] {
-    forward_kernel<scalar_t>(x, y, weight.value_or(none), bias.value_or(none), running_mean.value_or(none),
-                             running_var.value_or(none), training, momentum, eps, nullptr, nullptr);
+    with_activation(activation, [&](auto act) {
+      forward_kernel<scalar_t, decltype(act)::value>(x, y, weight.value_or(none), bias.value_or(none),
+                                                     running_mean.value_or(none), running_var.value_or(none),
+                                                     training, momentum, eps, nullptr, nullptr,
+                                                     at::get_num_threads());
+    });
   });
   return y;
+}
+
+// With the autograd node where a gradient is wanted, without it elsewhere.
+Tensor forward_autograd(const Tensor& x, const std::optional<Tensor>& running_mean,
+                        const std::optional<Tensor>& running_var, const std::optional<Tensor>& weight,
+                        const std::optional<Tensor>& bias, bool training, double momentum, double eps,
+                        int64_t activation) {
+  const auto wants_grad = [](const std::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  if (at::GradMode::is_enabled() && (x.requires_grad() || wants_grad(weight) || wants_grad(bias)))
+    return BatchNormFunction::apply(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                                    activation);
+  return forward_only(x, running_mean, running_var, weight, bias, training, momentum, eps, activation);
+}
+
+// The kernel's output, or None when it does not take this call (the caller falls back).
+// Arguments in torch's functional order (F.batch_norm's), then the activation's code.
+std::optional<Tensor> batch_norm(const Tensor& x, const std::optional<Tensor>& running_mean,
+                                 const std::optional<Tensor>& running_var, const std::optional<Tensor>& weight,
+                                 const std::optional<Tensor>& bias, bool training, double momentum, double eps,
+                                 int64_t activation) {
+  if (!supported(x, running_mean, running_var, weight, bias)) return std::nullopt;
+  return forward_autograd(x, running_mean, running_var, weight, bias, training, momentum, eps, activation);
+}
+
+// The registered op's kernels: the same computation, for inputs in the kernel's scope only
+// (a traced graph replayed on other inputs says so rather than reading them wrongly).
+template <Tensor (*Run)(const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                        const std::optional<Tensor>&, const std::optional<Tensor>&, bool, double, double,
+                        int64_t)>
+Tensor checked(const Tensor& x, const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, bool training,
+               double momentum, double eps, int64_t activation) {
+  TORCH_CHECK(supported(x, running_mean, running_var, weight, bias),
+              "bnlab's batch-norm op takes CPU float32/float64 tensors (the input contiguous or channels_last, "
+              "the per-channel vectors contiguous, all of one dtype); got a ", x.scalar_type(), " input on ",
+              x.device());
+  return Run(x, running_mean, running_var, weight, bias, training, momentum, eps, activation);
 }
 
 // Pieces at::parallel_for splits a loop of torch.get_num_threads() items into, one item
@@ -556,10 +860,34 @@ int64_t parallel_chunks() {
 
 }  // namespace bnlab
 
+// The op's namespace is this build's module name (TORCH_EXTENSION_NAME, set by
+// torch.utils.cpp_extension): two builds loaded in one process never collide. The
+// indirection expands the macro before TORCH_LIBRARY pastes it.
+#define BNLAB_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define BNLAB_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+BNLAB_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("batch_norm(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
+        "Tensor? bias, bool training, float momentum, float eps, int activation=0) -> Tensor");
+}
+
+BNLAB_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("batch_norm", &bnlab::checked<&bnlab::forward_only>);
+}
+
+BNLAB_LIBRARY_IMPL(TORCH_EXTENSION_NAME, Autograd, m) {
+  m.impl("batch_norm", &bnlab::checked<&bnlab::forward_autograd>);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm", &bnlab::batch_norm,
         "bnlab batch norm (CPU kernel, C++ autograd node), arguments as torch.nn.functional."
-        "batch_norm's; None where the kernel does not take the call");
+        "batch_norm's, then the activation's code (0 identity, 1 relu, 2 sigmoid); None where the "
+        "kernel does not take the call",
+        py::arg("input"), py::arg("running_mean"), py::arg("running_var"), py::arg("weight"), py::arg("bias"),
+        py::arg("training"), py::arg("momentum"), py::arg("eps"), py::arg("activation") = 0);
+  m.def("supported", &bnlab::supported,
+        "whether the kernel takes these tensors (input, running_mean, running_var, weight, bias)");
   m.def("parallel_chunks", &bnlab::parallel_chunks,
         "pieces at::parallel_for splits a loop of torch.get_num_threads() items into (1 without OpenMP)");
 }

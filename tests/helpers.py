@@ -8,10 +8,13 @@ shape (torch.compile) is left out of the parity grids and tested on its own.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from bnlab.data.dataset import FashionMNIST
 from bnlab.functional import IMPLEMENTATIONS
 from bnlab.kernels.cpp import build_requirements_missing, has_cxx_compiler
 from bnlab.training.norms import BNLAB_NORMS
@@ -44,3 +47,20 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 def buffers(model: nn.Module) -> list[torch.Tensor]:
     """Copies of ``model``'s buffers (running statistics), to check they were left alone."""
     return [b.clone() for b in model.buffers()]
+
+
+def make_synthetic_fashion(n_train: int = 1200, n_test: int = 200, seed: int = 0) -> FashionMNIST:
+    """Ten classes, each a fixed random 28x28 template plus noise: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.rand(10, 28, 28, generator=g)  # (10, 28, 28)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % 10  # balanced classes
+        noise = torch.rand(n, 28, 28, generator=g)
+        images = (0.6 * templates[labels] + 0.4 * noise) * 255  # (n, 28, 28)
+        return images.to(torch.uint8), labels
+
+    train_images, train_labels = split(n_train)
+    test_images, test_labels = split(n_test)
+    return FashionMNIST(train_images, train_labels, test_images, test_labels,
+                        root=Path("synthetic"), found_via="synthetic")

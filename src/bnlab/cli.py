@@ -260,6 +260,7 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
                       help="delete the demo's earlier runs in --out and start over")
     _add_common_run_flags(demo)
     demo.set_defaults(handler=_run_demo)
+    _add_runs_commands(sub)
 
 
 def _add_common_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -335,6 +336,37 @@ def _run_inspect(args: argparse.Namespace) -> None:
         return
     if path is not None:
         print(f"\nfigure: {path}")
+
+
+def _add_runs_commands(sub: argparse._SubParsersAction) -> None:
+    run_folders = sub.add_parser("runs", help="maintain run folders")
+    runs_sub = run_folders.add_subparsers(dest="runs_command", required=True, metavar="{upgrade}")
+    upgrade = runs_sub.add_parser(
+        "upgrade", help="rewrite checkpoints that do not load safely (tensors and plain "
+                        "containers only) in the safe form; this TRUSTS them: each is unpickled "
+                        "fully, which runs any code it holds",
+        description="bnlab loads checkpoint.pt with torch.load(weights_only=True), which builds "
+                    "nothing but tensors and plain containers, so a crafted file runs nothing. "
+                    "A checkpoint that holds more is refused; if you trust it (an older bnlab "
+                    "wrote it), this command unpickles it fully and rewrites it so that it "
+                    "loads safely. Checkpoints that load safely are left alone.")
+    upgrade.add_argument("dirs", nargs="+", metavar="DIR",
+                         help="a run folder, or a folder with run folders below it")
+    upgrade.set_defaults(handler=_run_runs_upgrade)
+
+
+def _run_runs_upgrade(args: argparse.Namespace) -> None:
+    from bnlab.training import runs
+    from bnlab.training.train import CHECKPOINT_KEYS
+
+    for root in map(Path, args.dirs):
+        if not root.is_dir():
+            raise BnlabError(f"{root}: no such folder")
+        folders = runs.checkpoints_under(root)
+        if not folders:
+            raise BnlabError(f"{root}: no {runs.CHECKPOINT} in it or below it")
+        for run_dir in folders:
+            runs.upgrade_checkpoint(run_dir, CHECKPOINT_KEYS)
 
 
 def _run_demo(args: argparse.Namespace) -> None:

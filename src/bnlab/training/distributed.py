@@ -72,7 +72,14 @@ from torch.multiprocessing.spawn import ProcessException
 from bnlab.data.loader import Loader
 from bnlab.nn.sync import SyncBatchNorm
 from bnlab.training import runs
-from bnlab.training.train import TrainingRun, build_loaders, make_step, model_for, resolve_device
+from bnlab.training.train import (
+    CHECKPOINT_KEYS,
+    TrainingRun,
+    build_loaders,
+    make_step,
+    model_for,
+    resolve_device,
+)
 from bnlab.util.config import check, check_at_least
 from bnlab.util.errors import BnlabError
 from bnlab.util.io import atomic_write_json, read_json
@@ -226,7 +233,7 @@ def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resu
         # The trainer's own restore and step hooks: the other ranks resume from rank 0's
         # checkpoint, and every rank steps through DDP on its shard.
         if rank != 0 and resume and checkpoint is not None and checkpoint.exists():
-            run._restore(torch.load(checkpoint, map_location="cpu", weights_only=False))
+            run._restore(runs.load_checkpoint(Path(out), CHECKPOINT_KEYS))
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
         run._step = global_step(make_step(ddp, run.optimizer), world_size)

@@ -276,7 +276,12 @@ def _config_or_error(cls, args, base=None):
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from bnlab.training.distributed import DistributedConfig, launched_by_torchrun, train_distributed
+    from bnlab.training.distributed import (
+        DistributedConfig,
+        check_resumed_alone,
+        launched_by_torchrun,
+        train_distributed,
+    )
     from bnlab.training.models import has_norm_layers
     from bnlab.training.train import TrainConfig, describe, start_run
 
@@ -296,6 +301,7 @@ def _run_train(args: argparse.Namespace) -> None:
     else:
         from bnlab.training.tensorboard import optional_logger
 
+        check_resumed_alone(out, args.resume)
         print(f"training {describe(config)} -> {out}")
         with optional_logger(args.tensorboard) as observer:
             summary = start_run(config, _load_data(args), out, args.resume,

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+import bnlab
 from bnlab import cli
 from bnlab.experiments import probed
 from bnlab.training import distributed, restore, runs
@@ -31,7 +32,7 @@ from bnlab.util.io import atomic_write_json
 TINY = dict(epochs=2, subset=100, batch_size=50, eval_batch_size=200, device="cpu")
 TINY_FLAGS = ["--epochs", "2", "--subset", "100", "--batch-size", "50", "--eval-batch-size",
               "200", "--device", "cpu", "--no-progress"]
-SRC = Path(__file__).resolve().parents[2] / "src" / "bnlab"
+SRC = Path(bnlab.__file__).parent
 
 
 class Crafted:

@@ -70,7 +70,7 @@ from torch import nn
 from torch.multiprocessing.spawn import ProcessException
 
 from bnlab.data.loader import Loader
-from bnlab.nn.sync import SyncBatchNorm
+from bnlab.nn.sync import SyncBatchNorm, check_convertible
 from bnlab.training import runs
 from bnlab.training.train import (
     CHECKPOINT_KEYS,
@@ -173,6 +173,17 @@ def global_step(step, world_size: int):
     return step_on_shard
 
 
+def check_sync_bn(config, model: nn.Module | None = None) -> None:
+    """DistributedError unless ``--sync-bn`` can synchronize every batch norm of ``config``'s
+    model (or of ``model``): one with math of its own (ghost, renorm, noisy BN) has no
+    synchronized form, and ``SyncBatchNorm`` would silently compute plain batch norm."""
+    try:
+        check_convertible(model_for(config) if model is None else model)
+    except ValueError as exc:
+        raise DistributedError(f"--sync-bn with --norm {config.norm}: {exc}; train it without "
+                               "--sync-bn or with a plain batch norm") from None
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process is a rank of a world set up outside bnlab (torchrun)."""
     return all(name in os.environ for name in _TORCHRUN_VARS)
@@ -196,6 +207,20 @@ def _check_world_file(run_dir: Path, info: dict, resume: bool) -> None:
         raise DistributedError(f"cannot resume {run_dir}: it ran as {saved}, asked for {info}")
 
 
+def check_resumed_alone(run_dir: str | Path, resume: bool) -> None:
+    """DistributedError when ``--resume`` in one process would continue ``run_dir``'s run of
+    several processes (its ``distributed.json``): it would silently go on as another run."""
+    path = Path(run_dir) / DISTRIBUTED
+    if not resume or not path.exists():
+        return
+    saved = read_json(path)
+    if saved.get("world_size", 1) != 1:
+        flags = f"--nproc {saved['world_size']}{' --sync-bn' if saved.get('sync_bn') else ''}"
+        raise DistributedError(f"cannot resume {run_dir} in one process: it ran on "
+                               f"{saved['world_size']} processes ({DISTRIBUTED}); resume it "
+                               f"with {flags}")
+
+
 def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resume: bool,
               progress: bool) -> dict[str, Any] | None:
     """Train ``config`` as one rank of the env:// world; rank 0 returns the summary."""
@@ -214,6 +239,7 @@ def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resu
         torch.manual_seed(config.seed)
         model = model_for(config, device)
         if dconfig.sync_bn:
+            check_sync_bn(config, model)
             model = SyncBatchNorm.convert_sync_batchnorm(model)
         train, test = build_loaders(config, dataset, device)
         if rank != 0:  # only rank 0's evaluation is recorded: the others take one image
@@ -334,6 +360,8 @@ def launch(config, dconfig: DistributedConfig, dataset, out: str | Path, resume:
                 local_bn=not dconfig.sync_bn)
     if config.compile:
         raise DistributedError("--compile is not supported with --nproc > 1")
+    if dconfig.sync_bn:
+        check_sync_bn(config)
     if config.freeze_bn_epochs:  # the frozen phase rebuilds the step without DDP's
         raise DistributedError("--freeze-bn-epochs is not supported with --nproc > 1")
     out = Path(out)

@@ -113,16 +113,30 @@ def _pool_task(config: TrainConfig, run_dir: str, tensorboard: str | None) -> di
     return train_run(config, _WORKER_DATASET, run_dir, tensorboard)
 
 
+@contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` inside the block (unchanged when None)."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class LocalExecutor:
-    """``jobs == 1``: runs one after another in this process. ``jobs > 1``: a pool of spawned
-    processes, each with ``threads`` torch threads (default ``cpu_count // jobs``). A run over
-    several processes (``PlannedRun.world``) starts its own processes and uses the whole
-    machine: those run one after another, before the pool."""
+    """``jobs == 1``: runs one after another in this process, with ``threads`` torch threads
+    when given (else this process's). ``jobs > 1``: a pool of spawned processes, each with
+    ``threads`` torch threads (default ``cpu_count // jobs``). A run over several processes
+    (``PlannedRun.world``) starts its own processes and uses the whole machine: those run one
+    after another, before the pool."""
 
     def __init__(self, jobs: int = 1, threads: int | None = None) -> None:
         if jobs < 1:
             raise ExecutorError(f"expected --jobs >= 1 (got {jobs})")
         self.jobs = jobs
+        self.threads_asked = threads
         self.threads = threads or max(1, (os.cpu_count() or 1) // jobs)
 
     def run(self, todo, dataset, progress: GridProgress, tensorboard=None) -> None:
@@ -130,8 +144,9 @@ class LocalExecutor:
         alone = [p for p in todo if self.jobs == 1 or p.world is not None]
         for p in alone:
             progress.started(p)
-            progress.report(p, lambda p=p: train_run(p.config, dataset, p.run_dir, tensorboard,
-                                                     p.world))
+            with _torch_threads(self.threads_asked if p.world is None else None):
+                progress.report(p, lambda p=p: train_run(p.config, dataset, p.run_dir,
+                                                         tensorboard, p.world))
         todo = [p for p in todo if p not in alone]
         if not todo:
             return

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bnlab.util.errors import BnlabError, describe_os_error
+from bnlab.util.stopping import say_stopped, stop_on_signals
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -481,16 +482,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command line as given, for pages that record it
     try:
-        code = args.handler(args)
+        with stop_on_signals():  # SIGTERM unwinds as Ctrl-C does; a second one exits at once
+            code = args.handler(args)
     except BnlabError as exc:
         print(f"bnlab: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the disk, the file system, permissions: one line, path and cause
         print(f"bnlab: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("bnlab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (stopping.Terminated)
+        return say_stopped(exc)
     return int(code or 0)
 
 

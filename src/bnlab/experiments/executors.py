@@ -7,7 +7,9 @@ protocol (a finished run has ``summary.json``, a cut-off one resumes exactly fro
 call happens:
 
 - :class:`LocalExecutor` (the default): in this process, or ``jobs`` spawned worker
-  processes that split the machine's threads between them;
+  processes that split the machine's threads between them. A signal or an error in this
+  process stops them at once (``bnlab.util.stopping``): no run goes on training or writing
+  after it; a stopped run resumes from its last checkpoint next time;
 - :class:`RayExecutor`: each run is a Ray task that reserves the CPUs (threads) it trains
   with, on a local Ray instance or a cluster (``address``). Run folders must be on storage
   every node sees; the dataset travels once through Ray's object store. A task whose
@@ -16,6 +18,7 @@ call happens:
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -32,6 +35,7 @@ from bnlab.training.distributed import DistributedConfig, launch
 from bnlab.training.tensorboard import optional_logger
 from bnlab.training.train import TrainConfig, bar_disabled, start_run
 from bnlab.util.errors import BnlabError
+from bnlab.util.stopping import stop_processes, worker_setup
 
 EXECUTORS = ("local", "ray")
 RAY_RETRIES = 3
@@ -105,6 +109,7 @@ _WORKER_DATASET = None
 
 def _init_worker(dataset, threads: int) -> None:
     global _WORKER_DATASET
+    worker_setup()  # the parent stops the pool on a signal; a worker outlives no parent
     _WORKER_DATASET = dataset
     torch.set_num_threads(threads)
 
@@ -150,13 +155,19 @@ class LocalExecutor:
         todo = [p for p in todo if p not in alone]
         if not todo:
             return
+        before = set(multiprocessing.active_children())
         with ProcessPoolExecutor(max_workers=self.jobs, mp_context=get_context("spawn"),
                                  initializer=_init_worker,
                                  initargs=(dataset, self.threads)) as pool:
-            futures = {pool.submit(_pool_task, p.config, str(p.run_dir), tensorboard): p
-                       for p in todo}
-            for future in as_completed(futures):
-                progress.report(futures[future], future.result)
+            try:
+                futures = {pool.submit(_pool_task, p.config, str(p.run_dir), tensorboard): p
+                           for p in todo}
+                for future in as_completed(futures):
+                    progress.report(futures[future], future.result)
+            except BaseException:  # a signal (KeyboardInterrupt) or an error: nothing goes on
+                pool.shutdown(wait=False, cancel_futures=True)
+                stop_processes(set(multiprocessing.active_children()) - before)
+                raise
 
 
 # --------------------------------------------------------------------------- ray

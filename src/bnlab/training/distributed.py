@@ -59,6 +59,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,11 +83,15 @@ from bnlab.training.train import (
     resolve_device,
 )
 from bnlab.util.config import check, check_at_least
-from bnlab.util.errors import BnlabError
+from bnlab.util.errors import BnlabError, describe_os_error
 from bnlab.util.io import atomic_write_json, read_json
+from bnlab.util.stopping import stop_processes, worker_setup
 
 DISTRIBUTED = "distributed.json"  # beside config.json in a run folder of N > 1 processes
 MIN_SHARD = 2  # images per process and step: local batch norm needs two values per channel
+MIN_DIST_TIMEOUT, MAX_DIST_TIMEOUT = 1.0, 1e9
+"""Bounds of ``--dist-timeout``: a second, as torch's timeouts are whole milliseconds and the
+processes need some to meet; 1e9 s (about 30 years, "never") fits its millisecond counter."""
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -106,7 +112,9 @@ class DistributedConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "nproc")
-        check(self.dist_timeout > 0, f"expected dist_timeout > 0 (got {self.dist_timeout})")
+        check(MIN_DIST_TIMEOUT <= self.dist_timeout <= MAX_DIST_TIMEOUT,
+              f"expected dist_timeout from {MIN_DIST_TIMEOUT:g} to {MAX_DIST_TIMEOUT:g} seconds "
+              f"(got {self.dist_timeout:g})")
 
 
 def check_split(batch_size: int, n_images: int, world_size: int, local_bn: bool) -> None:
@@ -232,9 +240,7 @@ def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resu
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(_backend(device), init_method="env://", rank=rank,
-                            world_size=world_size,
-                            timeout=datetime.timedelta(seconds=dconfig.dist_timeout))
+    join_world(_backend(device), dconfig.dist_timeout)
     try:
         torch.manual_seed(config.seed)
         model = model_for(config, device)
@@ -276,38 +282,104 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_STORE_HOSTED_BY_LAUNCHER = False
+"""Set in a process :func:`spawn` started: the launcher serves the rendezvous store."""
+
+
+def join_world(backend: str, timeout_s: float = DistributedConfig.dist_timeout) -> None:
+    """``init_process_group`` of this rank from the env:// variables (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``): as a client of the launcher's store in a process
+    :func:`spawn` started, else by torch's env:// rendezvous (torchrun's world). A failure
+    (the address in use or unreachable, a timeout) is a one-line DistributedError."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        if _STORE_HOSTED_BY_LAUNCHER:
+            store = dist.TCPStore(address, int(port), world_size, is_master=False, timeout=timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method="env://", rank=rank,
+                                    world_size=world_size, timeout=timeout)
+    except (RuntimeError, ValueError) as exc:  # torch's DistNetworkError, DistStoreError, ...
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistributedError(f"cannot join the process group at {address}:{port} (MASTER_ADDR, "
+                               f"MASTER_PORT) as rank {rank} of {world_size}: {message}") from None
+
+
+@contextmanager
+def _local_store(world_size: int, timeout_s: float) -> Iterator[int]:
+    """The rendezvous store of a world on this machine, served by this process on 127.0.0.1
+    only (torch's own listens on every interface); yields its port, held from the bind on,
+    so no other program can take it between choosing and listening."""
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+    except BaseException:
+        listener.close()
+        raise
+    port = listener.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=True,
+                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                          master_listen_fd=listener.detach())  # the store owns (closes) it now
+    try:
+        yield port
+    finally:
+        del store
+
+
+def _loopback_interface() -> str | None:
+    """This machine's loopback interface (``lo`` on Linux, ``lo0`` on macOS), if it has one."""
+    names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
+    return next((name for name in ("lo", "lo0") if name in names), None)
 
 
 def _spawned_rank(rank: int, world_size: int, port: int, error_dir: str, fn, args) -> None:
-    """Entry of a spawned process: the env:// variables torchrun would set, then ``fn``."""
+    """Entry of a spawned process: the env:// variables torchrun would set, then ``fn``.
+    Its collectives' own connections stay on the loopback interface too (unless the user
+    set ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``); SIGINT is the launcher's to act on,
+    and the process exits when the launcher is gone (``bnlab.util.stopping``)."""
+    global _STORE_HOSTED_BY_LAUNCHER
+    worker_setup()
+    _STORE_HOSTED_BY_LAUNCHER = True
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    loopback = _loopback_interface()
+    if loopback is not None:
+        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(name, loopback)
     try:
         fn(*args)
     except BaseException as exc:  # noqa: BLE001 -- reported to the launcher, then exit
         # The launcher prints the traceback of the rank that failed first only: the others'
-        # errors are usually their collectives failing because of it.
-        user_error = isinstance(exc, BnlabError)
+        # errors are usually their collectives failing because of it. A user error, or one
+        # of the disk (a read-only --out), is its one line.
+        user_error = isinstance(exc, BnlabError | OSError)
+        message = (describe_os_error(exc) if isinstance(exc, OSError)
+                   else str(exc) if user_error else f"{type(exc).__name__}: {exc}")
         atomic_write_json(Path(error_dir) / f"rank{rank}.json", {
-            "user_error": user_error, "traceback": traceback.format_exc(),
-            "message": f"{type(exc).__name__}: {exc}" if not user_error else str(exc)})
+            "user_error": user_error, "traceback": traceback.format_exc(), "message": message})
         os._exit(1)
 
 
-def spawn(fn, args: tuple, nproc: int, timeout: float | None = None) -> None:
+def spawn(fn, args: tuple, nproc: int, timeout: float | None = None,
+          rendezvous_timeout: float = 300.0) -> None:
     """Run ``fn(*args)`` in ``nproc`` local processes of one env:// world; wait for them.
 
-    A failure of any process stops the others and raises :class:`DistributedError` with
-    the first failing rank's error (or its exit signal); so does ``timeout`` (seconds).
+    The world's rendezvous store is served by this process on 127.0.0.1 (``MASTER_ADDR``
+    and ``MASTER_PORT`` point at it; store operations wait up to ``rendezvous_timeout``
+    seconds). A failure of any process stops the others and raises
+    :class:`DistributedError` with the first failing rank's error (or its exit signal); so
+    does ``timeout`` (seconds). Stopped by a signal (``KeyboardInterrupt``) or an error,
+    every process is stopped before this returns (``bnlab.util.stopping.stop_processes``).
     """
-    with tempfile.TemporaryDirectory(prefix="bnlab-dist-") as error_dir:
+    with tempfile.TemporaryDirectory(prefix="bnlab-dist-") as error_dir, \
+            _local_store(nproc, rendezvous_timeout) as port:
         context = mp.start_processes(
-            _spawned_rank, args=(nproc, _free_port(), error_dir, fn, args), nprocs=nproc,
+            _spawned_rank, args=(nproc, port, error_dir, fn, args), nprocs=nproc,
             join=False, start_method="spawn")
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         try:
@@ -319,10 +391,7 @@ def spawn(fn, args: tuple, nproc: int, timeout: float | None = None) -> None:
             raise DistributedError(_describe_failure(failure.error_index, context.processes,
                                                      Path(error_dir))) from None
         finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-                process.join(10)
+            stop_processes(context.processes)
 
 
 def _describe_failure(rank: int, processes, error_dir: Path) -> str:

@@ -196,8 +196,10 @@ def _run_bench_step(args: argparse.Namespace) -> None:
 
 def _run_bench_fold(args: argparse.Namespace) -> None:
     from bnlab.bench import fold
+    from bnlab.training.train import resolve_device
 
     _check_positive(args, "repeats")
+    resolve_device(args.device)  # --device cuda without CUDA: one line, before any work
     print(fold.run_fold_benchmark(repeats=args.repeats, device=args.device))
 
 
@@ -212,8 +214,10 @@ def _run_bench_bn(args: argparse.Namespace) -> None:
     from bnlab.bench import bn
     from bnlab.functional import IMPLEMENTATIONS
     from bnlab.kernels import cpp as _cpp
+    from bnlab.training.train import resolve_device
 
     _check_positive(args, "repeats")
+    resolve_device(args.device)  # --device cuda without CUDA: one line, before any work
     impls = tuple(n.strip() for n in args.impls.split(",") if n.strip())
     unknown = [n for n in impls if n not in IMPLEMENTATIONS]
     if unknown or not impls:

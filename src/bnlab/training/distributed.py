@@ -434,6 +434,7 @@ def launch(config, dconfig: DistributedConfig, dataset, out: str | Path, resume:
     if config.freeze_bn_epochs:  # the frozen phase rebuilds the step without DDP's
         raise DistributedError("--freeze-bn-epochs is not supported with --nproc > 1")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # a disk error (read-only, say) before any process
     spawn(rank_main, (config, dconfig, dataset, str(out), resume, progress), dconfig.nproc)
     return read_json(out / runs.SUMMARY)
 

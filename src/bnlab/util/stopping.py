@@ -14,7 +14,9 @@ then waits for every queued run to finish. The rules here:
   period, SIGKILL, reaped). The command then prints one line and exits with 128 + the
   signal's number.
 * A second SIGINT or SIGTERM while that happens exits at once: every child process is
-  SIGKILLed, the line printed, and the process ends (:func:`stop_on_signals`).
+  SIGKILLed, the line printed, and the process ends (:func:`stop_on_signals`); in the last
+  moments of the interpreter's exit, when Python has restored the default handlers, the
+  process dies of the signal itself.
 
 A run stopped this way resumes exactly (``--resume``, or the grid again): its folder holds
 the last finished epoch's checkpoint.
@@ -50,10 +52,15 @@ def exit_status(exc: KeyboardInterrupt) -> tuple[str, int]:
     return "interrupted", 128 + signal.SIGINT
 
 
+_said = False  # whether this process has printed its line
+
+
 def say_stopped(exc: KeyboardInterrupt) -> int:
     """Print the one line, ``bnlab: interrupted`` or ``bnlab: terminated``; return the exit code."""
+    global _said
     word, code = exit_status(exc)
     print(f"bnlab: {word}", file=sys.stderr, flush=True)
+    _said = True
     return code
 
 
@@ -64,10 +71,16 @@ def _kill_children() -> None:
 
 def _second_signal(signum: int, frame: FrameType | None) -> None:
     _kill_children()
-    os._exit(say_stopped(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()))
+    stop = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    os._exit(exit_status(stop)[1] if _said else say_stopped(stop))
+
+
+_stopping = False  # a first signal came: the second-signal handlers stay until the exit
 
 
 def _first_signal(signum: int, frame: FrameType | None) -> None:
+    global _stopping
+    _stopping = True
     for name in ("SIGINT", "SIGTERM"):
         signal.signal(getattr(signal, name), _second_signal)
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
@@ -76,19 +89,23 @@ def _first_signal(signum: int, frame: FrameType | None) -> None:
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Inside the block (a command's whole run, in the main thread): the first SIGINT or
-    SIGTERM raises ``KeyboardInterrupt`` / :class:`Terminated`, a second one SIGKILLs every
-    child process and exits at once. The handlers before are restored afterwards."""
+    SIGTERM raises ``KeyboardInterrupt`` / :class:`Terminated`; a second one, inside the block
+    or after it until the process exits, SIGKILLs every child process and exits at once. The
+    handlers before are restored when the block ends without a signal."""
+    global _stopping
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     before = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGINT", "SIGTERM")}
+    _stopping = False
     for name in before:
         signal.signal(getattr(signal, name), _first_signal)
     try:
         yield
     finally:
-        for name, handler in before.items():
-            signal.signal(getattr(signal, name), handler)
+        if not _stopping:
+            for name, handler in before.items():
+                signal.signal(getattr(signal, name), handler)
 
 
 def stop_processes(processes: Iterable[multiprocessing.Process], grace: float = 5.0) -> None:
@@ -113,8 +130,14 @@ def _quietly(send: Callable[[], None]) -> None:
 
 def worker_setup() -> None:
     """In a worker process (pool worker, rank): ignore SIGINT, the parent stops the workers;
-    exit (status 1) as soon as the parent is gone, whatever killed it."""
+    exit (status 1) as soon as the parent is gone, whatever killed it; and give tqdm a
+    thread lock: its default is a multiprocessing lock, whose semaphore a killed worker
+    leaves registered, and the resource tracker then warns of a "leaked semaphore" on stderr
+    after the parent's one line."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from tqdm import tqdm  # here, not at the top: the CLI imports this module at start
+
+    tqdm.set_lock(threading.RLock())  # the base class: every tqdm subclass inherits it
     parent = os.getppid()
 
     def watch() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bnlab import cli
 from bnlab.training import restore
@@ -185,3 +186,12 @@ def test_every_bench_module_imports(module):
     import importlib
 
     importlib.import_module(f"bnlab.bench.{module}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("bench", ["bn", "fold"])
+def test_bench_on_cuda_without_cuda_is_one_line(bench, capsys):
+    """Issue 26, item 9: torch's "not compiled with CUDA" traceback before."""
+    code, out, err = run_cli(capsys, "bench", bench, "--device", "cuda", "--repeats", "1")
+    assert code == 2 and out == ""
+    assert err == "bnlab: error: device 'cuda' asked for, but torch sees no CUDA device\n"

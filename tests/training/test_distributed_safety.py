@@ -6,12 +6,20 @@ Most refusals happen before any process is spawned; the tests that spawn are mar
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
+import socket
+from pathlib import Path
+
 import pytest
+import torch.distributed as dist
 
 from bnlab import cli
 from bnlab.training import distributed, runs
 from bnlab.training.train import TrainConfig, start_run
 from bnlab.util.io import atomic_write_json
+from tests.helpers import listening_addresses
 
 TINY_FLAGS = ["--subset", "100", "--batch-size", "50", "--eval-batch-size", "200",
               "--device", "cpu", "--no-progress"]
@@ -51,3 +59,81 @@ def test_a_run_of_two_processes_is_not_resumed_in_one(fake_dataset, synthetic_fa
     assert one_line_error(capsys) == (f"cannot resume {out} in one process: it ran on 2 processes "
                                       f"(distributed.json); resume it with --nproc 2 --sync-bn")
     assert (out / runs.METRICS).read_bytes() == before and not (out / runs.SUMMARY).exists()
+
+
+@pytest.mark.parametrize("timeout", ["inf", "1e-9", "nan", "0"])
+def test_a_dist_timeout_out_of_range_is_one_line(timeout, fake_dataset, tmp_path, capsys):
+    """Item 9: inf overflowed a timedelta and 1e-9 timed out at once, both with a traceback."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--nproc", "2", "--dist-timeout", timeout, *TINY_FLAGS,
+                     "--out", str(out)]) == 2
+    assert one_line_error(capsys) == (f"expected dist_timeout from 1 to 1e+09 seconds (got "
+                                      f"{float(timeout):g})")
+    assert not out.exists()
+
+
+def test_a_master_port_in_use_is_one_line(fake_dataset, tmp_path, capsys, monkeypatch):
+    """Item 9: under torchrun's variables (a world of one, so nothing is spawned) a
+    MASTER_PORT someone else listens on was a DistNetworkError traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=str(port)).items():
+            monkeypatch.setenv(name, value)
+        assert cli.main(["train", *TINY_FLAGS, "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"cannot join the process group at 127.0.0.1:{port} (MASTER_ADDR, "
+                          "MASTER_PORT) as rank 0 of 1: ") and "address already in use" in err
+
+
+def test_nproc_on_a_read_only_out_is_one_line(fake_dataset, tmp_path, capsys, mounts):
+    """Item 9: ``--nproc 2 --out`` on a read-only file system was rank 0's OSError traceback;
+    the folder is now made before any process starts."""
+    mounts.read_only(tmp_path)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--nproc", "2", *TINY_FLAGS, "--epochs", "1", "--out", str(out)]) == 2
+    assert one_line_error(capsys) == f"{out}: Read-only file system"
+
+
+@pytest.mark.slow
+def test_a_rank_failing_on_the_disk_is_one_line(fake_dataset, tmp_path, capsys, mounts):
+    """A rank's OSError (here: rank 0 cannot write config.json in a read-only --out that
+    exists) is its one line too, not an internal error's traceback."""
+    out = tmp_path / "run"
+    out.mkdir()
+    mounts.read_only(out)
+    assert cli.main(["train", "--nproc", "2", *TINY_FLAGS, "--epochs", "1", "--dist-timeout", "30",
+                     "--out", str(out)]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"rank 0: {out}/") and err.endswith(": Read-only file system"), err
+
+
+def _report_listening(out: str) -> None:
+    """A rank of :func:`distributed.spawn`: joins the world, then writes the addresses it and
+    the launcher listen on (the launcher serves the rendezvous store)."""
+    distributed.join_world("gloo", 30)
+    try:
+        dist.barrier()
+        rank = dist.get_rank()
+        found = {"rank": [str(a) for a in listening_addresses(os.getpid())],
+                 "launcher": [str(a) for a in listening_addresses(os.getppid())]}
+        atomic_write_json(Path(out) / f"rank{rank}.json", found)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc/net/tcp (Linux)")
+def test_a_world_of_this_machine_listens_on_loopback_only(tmp_path):
+    """torch's env:// store listened on every interface, and gloo on the host's address: the
+    rendezvous and the collectives of ``--nproc`` were reachable from the network."""
+    distributed.spawn(_report_listening, (str(tmp_path),), 2, timeout=120)
+    for rank in range(2):
+        found = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        addresses = [ipaddress.ip_address(a) for a in found["rank"] + found["launcher"]]
+        assert found["launcher"] and addresses, found  # the store, and gloo's listener
+        assert all(a.is_loopback or (a.version == 6 and a.ipv4_mapped and a.ipv4_mapped.is_loopback)
+                   for a in addresses), found

@@ -77,15 +77,16 @@ def make_synthetic_fashion(n_train: int = 1200, n_test: int = 200, seed: int = 0
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bnlab_process(*argv: str, cwd: Path | None = None, **popen) -> subprocess.Popen:
+def bnlab_process(*argv: str, cwd: Path | None = None,
+                  env: dict[str, str] | None = None) -> subprocess.Popen:
     """``bnlab ARGV`` on the synthetic data (``tests/synthetic_cli.py``) in a new session, so
     the process and everything it starts form one process group (id: its pid); stdout and
-    stderr are pipes (text)."""
+    stderr are pipes (text); ``env``: variables to add."""
     src = Path(bnlab.__file__).resolve().parents[1]  # the bnlab under test, in children too
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(REPO)])}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([str(src), str(REPO)])}
     return subprocess.Popen([sys.executable, "-m", "tests.synthetic_cli", *argv], cwd=cwd or REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **popen)
+                            start_new_session=True)
 
 
 def live_processes_in_group(pgid: int) -> list[str]:

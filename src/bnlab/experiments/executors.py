@@ -21,6 +21,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from bnlab.training import runs
 from bnlab.training.distributed import DistributedConfig, launch
 from bnlab.training.tensorboard import optional_logger
 from bnlab.training.train import TrainConfig, bar_disabled, start_run
@@ -54,13 +56,23 @@ def train_run(config: TrainConfig, dataset, run_dir: str | Path,
               world: DistributedConfig | None = None) -> dict[str, Any]:
     """Train (or resume, or finish) one run of a grid; with ``tensorboard``, log it into
     ``<tensorboard>/<run folder name>``; with ``world``, over ``world.nproc`` processes of
-    this machine (not logged to TensorBoard). Returns the run's summary."""
-    if world is not None:
-        return launch(config, world, dataset, run_dir, resume=True, progress=False)
-    logdir = None if tensorboard is None else Path(tensorboard) / Path(run_dir).name
-    with optional_logger(logdir) as observer:
-        return start_run(config, dataset, run_dir, resume=True, progress=False,
-                         observer=observer).train()
+    this machine (not logged to TensorBoard). Returns the run's summary.
+
+    The run folder is locked meanwhile (``runs.training_lock``): another process training
+    the same folder (a second ``bnlab exp`` on the same ``--out``) waits, then finds it done."""
+    run_dir = Path(run_dir)
+    with runs.training_lock(run_dir, lambda: _note_waiting(run_dir)):
+        if world is not None:
+            return launch(config, world, dataset, run_dir, resume=True, progress=False)
+        logdir = None if tensorboard is None else Path(tensorboard) / run_dir.name
+        with optional_logger(logdir) as observer:
+            return start_run(config, dataset, run_dir, resume=True, progress=False,
+                             observer=observer).train()
+
+
+def _note_waiting(run_dir: Path) -> None:
+    print(f"bnlab: note: {run_dir} is being trained by another process; waiting for it",
+          file=sys.stderr, flush=True)
 
 
 class GridProgress:

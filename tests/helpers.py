@@ -1,4 +1,6 @@
-"""Helpers the tests share (fixtures are in conftest.py).
+"""Helpers the tests share (fixtures are in conftest.py): the implementations to test, the
+synthetic Fashion-MNIST, and ``bnlab`` in a process group of its own with ways to see what
+of it is left (for tests that signal or race whole processes).
 
 The implementations the tests run are read from bnlab.functional's registry. One that
 compiles once (the C++ kernel) runs where a compiler and ninja are present and
@@ -117,9 +119,13 @@ def wait_until_group_is_gone(pgid: int, timeout: float = 15.0) -> list[str]:
 
 
 def kill_group(pgid: int) -> None:
-    """SIGKILL whatever is left of group ``pgid`` (a test's cleanup)."""
+    """SIGKILL whatever is left of group ``pgid`` (a test's cleanup): the group, and each
+    process found in it (a group whose leader is gone is not always reachable as one)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+    for entry in live_processes_in_group(pgid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(int(entry.split(":")[0]), signal.SIGKILL)
 
 
 def listening_addresses(pid: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:

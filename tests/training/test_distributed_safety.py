@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from bnlab import cli
@@ -82,7 +83,12 @@ def test_a_master_port_in_use_is_one_line(fake_dataset, tmp_path, capsys, monkey
         for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                                 MASTER_PORT=str(port)).items():
             monkeypatch.setenv(name, value)
-        assert cli.main(["train", *TINY_FLAGS, "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+        threads = torch.get_num_threads()  # a rank sets its threads: put this process's back
+        try:
+            assert cli.main(["train", *TINY_FLAGS, "--epochs", "1", "--out",
+                             str(tmp_path / "run")]) == 2
+        finally:
+            torch.set_num_threads(threads)
     err = one_line_error(capsys)
     assert err.startswith(f"cannot join the process group at 127.0.0.1:{port} (MASTER_ADDR, "
                           "MASTER_PORT) as rank 0 of 1: ") and "address already in use" in err

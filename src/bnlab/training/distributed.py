@@ -9,10 +9,13 @@ statistics of all B. This module runs ``bnlab train`` that way, on this machine 
 
 How a run is split:
 
-* ``torch.distributed`` with the env:// rendezvous (``MASTER_ADDR``, ``MASTER_PORT``,
+* ``torch.distributed`` with the env:// variables (``MASTER_ADDR``, ``MASTER_PORT``,
   ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, as torchrun sets them); gloo on CPU, nccl on
   CUDA (one GPU per process, ``cuda:LOCAL_RANK``). :func:`launch` spawns the N local
-  processes itself; under torchrun each process is already a rank (:func:`launched_by_torchrun`).
+  processes itself and serves their rendezvous store on 127.0.0.1 only (torch's env://
+  store would listen on every interface), their collectives on the loopback interface;
+  under torchrun each process is already a rank (:func:`launched_by_torchrun`) and the
+  rendezvous is torchrun's.
 * ``--batch-size`` is the global batch and must split evenly: every process gets B / N.
   Each epoch's seeded permutation is the single-process one (``Loader.order``); global
   batch k is the same B images as in one process, and rank r takes its r-th slice of it
@@ -35,7 +38,11 @@ How a run is split:
   checkpoint (on one machine, or a folder all nodes share).
 * Failure: a process that raises writes its error and exits; the launcher then stops the
   others and reports the first failing rank's error as one line (after its traceback,
-  for an internal error; a user error is the line alone). A process that dies
+  for an internal error; a user error or a disk error is the line alone).
+* Signals: the ranks ignore SIGINT and exit when the launcher is gone; a SIGINT or SIGTERM
+  to the launcher stops them all (``bnlab.util.stopping``). ``--sync-bn`` with a norm that
+  has no synchronized form (ghost, renorm, noisy BN) and a ``--resume`` in another world
+  (one process, say) are refused. A process that dies
   (killed, out of memory) is reported by its exit signal. Collectives time out after
   ``--dist-timeout`` seconds, so a rank stuck alive cannot hang the others forever. The
   run folder then holds the last finished epoch's checkpoint and no ``summary.json``.

@@ -37,7 +37,7 @@ from bnlab.training.distributed import DistributedConfig, launch
 from bnlab.training.tensorboard import optional_logger
 from bnlab.training.train import TrainConfig, bar_disabled, start_run
 from bnlab.util.errors import BnlabError
-from bnlab.util.stopping import stop_processes, worker_setup
+from bnlab.util.stopping import children_ignore_sigint, stop_processes, worker_setup
 
 EXECUTORS = ("local", "ray")
 RAY_RETRIES = 3
@@ -172,8 +172,9 @@ class LocalExecutor:
                                  initializer=_init_worker,
                                  initargs=(dataset, self.threads)) as pool:
             try:
-                futures = {pool.submit(_pool_task, p.config, str(p.run_dir), tensorboard): p
-                           for p in todo}
+                with children_ignore_sigint():  # the pool starts its workers on submit
+                    futures = {pool.submit(_pool_task, p.config, str(p.run_dir), tensorboard): p
+                               for p in todo}
                 for future in as_completed(futures):
                     progress.report(futures[future], future.result)
             except BaseException:  # a signal (KeyboardInterrupt) or an error: nothing goes on

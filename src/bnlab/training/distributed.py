@@ -92,7 +92,7 @@ from bnlab.training.train import (
 from bnlab.util.config import check, check_at_least
 from bnlab.util.errors import BnlabError, describe_os_error
 from bnlab.util.io import atomic_write_json, read_json
-from bnlab.util.stopping import stop_processes, worker_setup
+from bnlab.util.stopping import children_ignore_sigint, stop_processes, worker_setup
 
 DISTRIBUTED = "distributed.json"  # beside config.json in a run folder of N > 1 processes
 MIN_SHARD = 2  # images per process and step: local batch norm needs two values per channel
@@ -385,9 +385,10 @@ def spawn(fn, args: tuple, nproc: int, timeout: float | None = None,
     """
     with tempfile.TemporaryDirectory(prefix="bnlab-dist-") as error_dir, \
             _local_store(nproc, rendezvous_timeout) as port:
-        context = mp.start_processes(
-            _spawned_rank, args=(nproc, port, error_dir, fn, args), nprocs=nproc,
-            join=False, start_method="spawn")
+        with children_ignore_sigint():
+            context = mp.start_processes(
+                _spawned_rank, args=(nproc, port, error_dir, fn, args), nprocs=nproc,
+                join=False, start_method="spawn")
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         try:
             while not context.join(timeout=1.0):

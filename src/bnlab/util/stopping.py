@@ -6,8 +6,9 @@ workers train (and write run folders) on for minutes; a Ctrl-C unwinds the paren
 then waits for every queued run to finish. The rules here:
 
 * The parent decides. Workers ignore SIGINT (a Ctrl-C at a terminal reaches the whole
-  process group; the parent stops them) and exit by themselves when their parent is gone
-  (:func:`worker_setup`), so not even a SIGKILL of the parent leaves them running.
+  process group; the parent stops them), from their start (:func:`children_ignore_sigint`)
+  on, and exit by themselves when their parent is gone (:func:`worker_setup`), so not even
+  a SIGKILL of the parent leaves them running.
 * In the parent, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) like SIGINT
   raises ``KeyboardInterrupt``, so every ``finally`` runs: atomic writes remove their temp
   files, and executors stop their workers (:func:`stop_processes`: SIGTERM, a grace
@@ -25,6 +26,7 @@ the last finished epoch's checkpoint.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -34,8 +36,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from types import FrameType
 
-__all__ = ["Terminated", "exit_status", "say_stopped", "stop_on_signals", "stop_processes",
-           "worker_setup"]
+__all__ = ["Terminated", "children_ignore_sigint", "exit_status", "say_stopped", "stop_on_signals",
+           "stop_processes", "worker_setup"]
 
 PARENT_POLL_S = 0.5
 """How often a worker checks that its parent is still there."""
@@ -72,7 +74,12 @@ def _kill_children() -> None:
 def _second_signal(signum: int, frame: FrameType | None) -> None:
     _kill_children()
     stop = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-    os._exit(exit_status(stop)[1] if _said else say_stopped(stop))
+    code = exit_status(stop)[1] if _said else say_stopped(stop)
+    # What a normal exit would do for multiprocessing: unlink this process's semaphores (a
+    # process pool's queues), else its resource tracker warns of them after the line.
+    with suppress(Exception):
+        multiprocessing.util._exit_function()
+    os._exit(code)
 
 
 _stopping = False  # a first signal came: the second-signal handlers stay until the exit
@@ -106,6 +113,23 @@ def stop_on_signals() -> Iterator[None]:
         if not _stopping:
             for name, handler in before.items():
                 signal.signal(getattr(signal, name), handler)
+
+
+@contextmanager
+def children_ignore_sigint() -> Iterator[None]:
+    """Start worker processes inside this block: SIGINT is blocked in this thread meanwhile,
+    and a child inherits the mask through ``exec``, so it ignores Ctrl-C from its first
+    instruction (:func:`worker_setup` then ignores it for good), not only after its imports.
+    A SIGINT to this process meanwhile still arrives (through another thread, or when the
+    block ends)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def stop_processes(processes: Iterable[multiprocessing.Process], grace: float = 5.0) -> None:

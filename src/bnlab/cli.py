@@ -265,7 +265,6 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
                       help="delete the demo's earlier runs in --out and start over")
     _add_common_run_flags(demo)
     demo.set_defaults(handler=_run_demo)
-    _add_runs_commands(sub)
 
 
 def _add_common_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -463,6 +462,7 @@ COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_kernel_commands,
     _add_bench_commands,
     _add_train_commands,
+    _add_runs_commands,
     _add_experiment_commands,
 ]
 

@@ -13,28 +13,11 @@ import torch
 
 from bnlab.data import dataset
 from bnlab.data.dataset import FashionMNIST
-from tests.helpers import DEVICES
+from tests.helpers import DEVICES, make_synthetic_fashion
 
 # The suite's tensors are tiny: one intra-op thread is faster than two, and keeps the suite's
 # time steady on a loaded machine (OpenMP threads spin-waiting on busy cores are very slow).
 torch.set_num_threads(1)
-
-
-def make_synthetic_fashion(n_train: int = 2400, n_test: int = 200, seed: int = 0) -> FashionMNIST:
-    """Ten classes, each a fixed random 28x28 template plus noise: learnable in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    templates = torch.rand(10, 28, 28, generator=g)  # (10, 28, 28)
-
-    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.arange(n) % 10  # balanced classes
-        noise = torch.rand(n, 28, 28, generator=g)
-        images = (0.6 * templates[labels] + 0.4 * noise) * 255  # (n, 28, 28)
-        return images.to(torch.uint8), labels
-
-    train_images, train_labels = split(n_train)
-    test_images, test_labels = split(n_test)
-    return FashionMNIST(train_images, train_labels, test_images, test_labels,
-                        root=Path("synthetic"), found_via="synthetic")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from bnlab import cli
 from bnlab.training import restore
@@ -263,3 +264,12 @@ def test_bench_step_steps_torch_compiled_bn_lenet_beside(capsys, fake_dataset):
     assert rows["torch.compile"][2] == "1.000" and rows["torch"][1] == "1.000"
     assert float(rows["torch.compile"][3]) == pytest.approx(float(rows["torch"][3]), abs=1e-4)
     assert re.search(r"First step of torch\.compile \d+\.\d s \(compiles", out)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("bench", ["bn", "fold"])
+def test_bench_on_cuda_without_cuda_is_one_line(bench, capsys):
+    """Issue 26, item 9: torch's "not compiled with CUDA" traceback before."""
+    code, out, err = run_cli(capsys, "bench", bench, "--device", "cuda", "--repeats", "1")
+    assert code == 2 and out == ""
+    assert err == "bnlab: error: device 'cuda' asked for, but torch sees no CUDA device\n"

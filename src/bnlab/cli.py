@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bnlab.util.errors import BnlabError, describe_os_error
+from bnlab.util.stopping import say_stopped, stop_on_signals
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -248,8 +249,10 @@ def _run_bench_step(args: argparse.Namespace) -> None:
 
 def _run_bench_fold(args: argparse.Namespace) -> None:
     from bnlab.bench import fold
+    from bnlab.training.train import resolve_device
 
     _check_positive(args, "repeats")
+    resolve_device(args.device)  # --device cuda without CUDA: one line, before any work
     print(fold.run_fold_benchmark(repeats=args.repeats, device=args.device))
 
 
@@ -264,8 +267,10 @@ def _run_bench_bn(args: argparse.Namespace) -> None:
     from bnlab.bench import bn, bn_act
     from bnlab.functional import IMPLEMENTATIONS
     from bnlab.kernels import cpp as _cpp
+    from bnlab.training.train import resolve_device
 
     _check_positive(args, "repeats")
+    resolve_device(args.device)  # --device cuda without CUDA: one line, before any work
     impls = tuple(n.strip() for n in args.impls.split(",") if n.strip())
     unknown = [n for n in impls if n not in IMPLEMENTATIONS]
     if unknown or not impls:
@@ -340,7 +345,12 @@ def _config_or_error(cls, args, base=None):
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from bnlab.training.distributed import DistributedConfig, launched_by_torchrun, train_distributed
+    from bnlab.training.distributed import (
+        DistributedConfig,
+        check_resumed_alone,
+        launched_by_torchrun,
+        train_distributed,
+    )
     from bnlab.training.models import has_norm_layers
     from bnlab.training.train import TrainConfig, describe, start_run
     from bnlab.util.tables import counted
@@ -362,6 +372,7 @@ def _run_train(args: argparse.Namespace) -> None:
     else:
         from bnlab.training.tensorboard import optional_logger
 
+        check_resumed_alone(out, args.resume)
         print(f"training {describe(config)} -> {out}")
         with optional_logger(args.tensorboard) as observer:
             summary = start_run(config, _load_data(args), out, args.resume,
@@ -402,6 +413,37 @@ def _run_inspect(args: argparse.Namespace) -> None:
         return
     if path is not None:
         print(f"\nfigure: {path}")
+
+
+def _add_runs_commands(sub: argparse._SubParsersAction) -> None:
+    run_folders = sub.add_parser("runs", help="maintain run folders")
+    runs_sub = run_folders.add_subparsers(dest="runs_command", required=True, metavar="{upgrade}")
+    upgrade = runs_sub.add_parser(
+        "upgrade", help="rewrite checkpoints that do not load safely (tensors and plain "
+                        "containers only) in the safe form; this TRUSTS them: each is unpickled "
+                        "fully, which runs any code it holds",
+        description="bnlab loads checkpoint.pt with torch.load(weights_only=True), which builds "
+                    "nothing but tensors and plain containers, so a crafted file runs nothing. "
+                    "A checkpoint that holds more is refused; if you trust it (an older bnlab "
+                    "wrote it), this command unpickles it fully and rewrites it so that it "
+                    "loads safely. Checkpoints that load safely are left alone.")
+    upgrade.add_argument("dirs", nargs="+", metavar="DIR",
+                         help="a run folder, or a folder with run folders below it")
+    upgrade.set_defaults(handler=_run_runs_upgrade)
+
+
+def _run_runs_upgrade(args: argparse.Namespace) -> None:
+    from bnlab.training import runs
+    from bnlab.training.train import CHECKPOINT_KEYS
+
+    for root in map(Path, args.dirs):
+        if not root.is_dir():
+            raise BnlabError(f"{root}: no such folder")
+        folders = runs.checkpoints_under(root)
+        if not folders:
+            raise BnlabError(f"{root}: no {runs.CHECKPOINT} in it or below it")
+        for run_dir in folders:
+            runs.upgrade_checkpoint(run_dir, CHECKPOINT_KEYS)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
@@ -511,6 +553,7 @@ COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_kernel_commands,
     _add_bench_commands,
     _add_train_commands,
+    _add_runs_commands,
     _add_experiment_commands,
 ]
 
@@ -551,16 +594,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command line as given, for pages that record it
     try:
-        code = args.handler(args)
+        with stop_on_signals():  # SIGTERM unwinds as Ctrl-C does; a second one exits at once
+            code = args.handler(args)
     except BnlabError as exc:
         print(f"bnlab: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the disk, the file system, permissions: one line, path and cause
         print(f"bnlab: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("bnlab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (stopping.Terminated)
+        return say_stopped(exc)
     return int(code or 0)
 
 

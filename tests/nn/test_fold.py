@@ -4,7 +4,9 @@ exact), to_torch (the inverse of convert_batchnorm), and ONNX export through onn
 from __future__ import annotations
 
 import functools
+import pickle
 import random
+import re
 
 import pytest
 import torch
@@ -187,6 +189,62 @@ def test_fold_leaves_the_input_model_unchanged() -> None:
     weight = model[0].weight.detach().clone()
     fold_batch_norm(model)
     assert isinstance(model[1], BatchNorm1d) and torch.equal(model[0].weight, weight)
+
+
+class ReadsItsWeight(nn.Module):
+    """A conv followed by BN whose weight the forward also uses directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + nn.functional.conv2d(x, self.conv.weight, padding=1)
+
+
+def tied_sequential() -> nn.Sequential:
+    first, second = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+    second.weight = first.weight
+    return nn.Sequential(nn.Sequential(first, nn.BatchNorm2d(2)), second)
+
+
+@pytest.mark.parametrize("make, method, message", [
+    (ReadsItsWeight, "auto", r"cannot fold 'bn' into 'conv': its weight is also used elsewhere "
+                             r"\(read directly by the forward\)"),
+    (tied_sequential, "sequential", r"cannot fold '0\.1' into '0\.0': its weight is also used "
+                                    r"elsewhere \(tied to 1\.weight\)"),
+    (tied_sequential, "fx", r"cannot fold '0\.1' into '0\.0': its weight is also used "
+                            r"elsewhere \(tied to 1\.weight\)"),
+], ids=["read-by-forward", "tied-sequential", "tied-fx"])
+def test_a_layer_whose_weight_is_used_elsewhere_is_refused(make, method, message) -> None:
+    """Issue 26: the forward's own use of the weight saw the folded one (max error 2.1)."""
+    model = make().eval()
+    with pytest.raises(ValueError, match=message):
+        fold_batch_norm(model, method=method)
+
+
+@pytest.mark.parametrize("method", ["sequential", "fx"])
+@pytest.mark.parametrize("layer, rank, wrong", [
+    (nn.Linear(4, 3), 2, (5, 3, 4)),  # (N, L, features): BatchNorm1d's dim 1 is L, not features
+    (nn.Conv1d(2, 3, 1), 3, (2, 3)),  # unbatched (C, L): BatchNorm1d's dim 1 is L
+], ids=["linear-3d", "conv1d-unbatched"])
+def test_a_folded_batch_norm_1d_refuses_inputs_of_another_rank(layer, rank, wrong, method) -> None:
+    """Issue 26: Linear -> BatchNorm1d(3) on (5, 3, 4) inputs folded silently wrong (as
+    torch's fuser does); the folded model computes the right thing on the rank it assumed."""
+    bn = BatchNorm1d(3)
+    randomize_bn(bn, random.Random(0))
+    model = nn.Sequential(layer, bn).double().eval()
+    folded = fold_batch_norm(model, method=method)
+    right = torch.randn((5, 4) if rank == 2 else (5, 2, 7), dtype=torch.float64)
+    torch.testing.assert_close(folded(right), model(right), rtol=1e-12, atol=1e-12)
+    x = torch.randn(wrong, dtype=torch.float64)
+    model(x)  # the unfolded model accepts it
+    with pytest.raises(ValueError, match=rf"^'0' has a BatchNorm1d folded into it assuming "
+                                         rf"{rank}-D inputs \(got shape {re.escape(str(wrong))}\)"):
+        folded(x)
+    loaded = pickle.loads(pickle.dumps(folded))  # the check travels with the model
+    with pytest.raises(ValueError, match="folded into it"):
+        loaded(x)
 
 
 # ---------------------------------------------------------------- to_torch

@@ -323,3 +323,28 @@ def test_convert_sync_batchnorm_keeps_state_device_dtype_and_mode():
 def test_lazy_uninitialized_batch_norm_is_not_converted():
     with pytest.raises(ValueError, match="uninitialized"):
         SyncBatchNorm.convert_sync_batchnorm(nn.LazyBatchNorm2d())
+
+
+class _ScaledBatchNorm2d(nn.BatchNorm2d):
+    """A user's batch norm with math of its own, on torch's class."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("layer", [
+    lambda: bnn.GhostBatchNorm2d(3, virtual_batch_size=2),
+    lambda: bnn.BatchRenorm2d(3),
+    lambda: bnn.NoisyBatchNorm2d(3),
+    lambda: _ScaledBatchNorm2d(3),
+], ids=["ghost", "renorm", "noisy", "torch-subclass"])
+def test_a_batch_norm_with_math_of_its_own_is_refused_and_nothing_converted(layer):
+    """SyncBatchNorm computes plain batch norm: replacing ghost BN, renorm or noisy BN by it
+    would train another model under the same name (issue 26, item 2)."""
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3),
+                          nn.Sequential(nn.Identity(), layer()))
+    kept = type(model[2][1])
+    with pytest.raises(ValueError, match=rf"^layer '2\.1' is a {kept.__name__}, which has no "
+                                         "synchronized form"):
+        SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(model[1]) is nn.BatchNorm2d and type(model[2][1]) is kept  # nothing converted

@@ -43,7 +43,7 @@ def _losses(run_dir):
 
 
 def _weights(run_dir):
-    state = torch.load(run_dir / runs.CHECKPOINT, weights_only=False)["model"]
+    state = torch.load(run_dir / runs.CHECKPOINT, weights_only=True)["model"]
     return {k: v for k, v in state.items() if "running" not in k and "num_batches" not in k}
 
 

@@ -88,7 +88,7 @@ def folder_state(run_dir: Path) -> dict[str, object]:
             state[path.name] = {k: v for k, v in json.loads(path.read_text()).items()
                                 if k not in TIMING_KEYS}
         elif path.name == runs.CHECKPOINT:
-            checkpoint = torch.load(path, weights_only=False)
+            checkpoint = torch.load(path, weights_only=True)
             state[path.name] = ({k: v.tolist() for k, v in checkpoint["model"].items()},
                                 [{k: v for k, v in row.items() if k not in TIMING_KEYS}
                                  for row in checkpoint["history"]], checkpoint["step_losses"])

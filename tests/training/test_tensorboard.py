@@ -72,7 +72,7 @@ def test_event_files_hold_the_run_and_every_bn_layer(fake_dataset, tmp_path, cap
     for tag in histograms:
         assert [e.step for e in events.Histograms(tag)] == [1, 2], tag
     # The last epoch's histograms describe the checkpointed model.
-    state = torch.load(out / runs.CHECKPOINT, weights_only=False)["model"]
+    state = torch.load(out / runs.CHECKPOINT, weights_only=True)["model"]
     for layer, module in norm_layers(model):
         for key, attribute in [("gamma", "weight"), ("running_var", "running_var")]:
             value = state[f"{index[module]}.{attribute}"]

@@ -71,8 +71,8 @@ def test_resume_ends_with_the_metrics_of_an_uninterrupted_run(synthetic_fashion,
     assert without_timing(cut["metrics"]) == without_timing(whole["metrics"])
     assert runs.read_jsonl(tmp_path / "cut" / runs.STEPS) == runs.read_jsonl(
         tmp_path / "whole" / runs.STEPS)
-    state_whole = torch.load(tmp_path / "whole" / runs.CHECKPOINT, weights_only=False)["model"]
-    state_cut = torch.load(tmp_path / "cut" / runs.CHECKPOINT, weights_only=False)["model"]
+    state_whole = torch.load(tmp_path / "whole" / runs.CHECKPOINT, weights_only=True)["model"]
+    state_cut = torch.load(tmp_path / "cut" / runs.CHECKPOINT, weights_only=True)["model"]
     for key, value in state_whole.items():
         assert torch.equal(value, state_cut[key]), key
 

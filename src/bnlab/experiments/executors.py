@@ -7,7 +7,9 @@ protocol (a finished run has ``summary.json``, a cut-off one resumes exactly fro
 call happens:
 
 - :class:`LocalExecutor` (the default): in this process, or ``jobs`` spawned worker
-  processes that split the machine's threads between them;
+  processes that split the machine's threads between them. A signal or an error in this
+  process stops them at once (``bnlab.util.stopping``): no run goes on training or writing
+  after it; a stopped run resumes from its last checkpoint next time;
 - :class:`RayExecutor`: each run is a Ray task that reserves the CPUs (threads) it trains
   with, on a local Ray instance or a cluster (``address``). Run folders must be on storage
   every node sees; the dataset travels once through Ray's object store. A task whose
@@ -16,8 +18,10 @@ call happens:
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -28,10 +32,12 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from bnlab.training import runs
 from bnlab.training.distributed import DistributedConfig, launch
 from bnlab.training.tensorboard import optional_logger
 from bnlab.training.train import TrainConfig, bar_disabled, start_run
 from bnlab.util.errors import BnlabError
+from bnlab.util.stopping import children_ignore_sigint, stop_processes, worker_setup
 
 EXECUTORS = ("local", "ray")
 RAY_RETRIES = 3
@@ -50,13 +56,23 @@ def train_run(config: TrainConfig, dataset, run_dir: str | Path,
               world: DistributedConfig | None = None) -> dict[str, Any]:
     """Train (or resume, or finish) one run of a grid; with ``tensorboard``, log it into
     ``<tensorboard>/<run folder name>``; with ``world``, over ``world.nproc`` processes of
-    this machine (not logged to TensorBoard). Returns the run's summary."""
-    if world is not None:
-        return launch(config, world, dataset, run_dir, resume=True, progress=False)
-    logdir = None if tensorboard is None else Path(tensorboard) / Path(run_dir).name
-    with optional_logger(logdir) as observer:
-        return start_run(config, dataset, run_dir, resume=True, progress=False,
-                         observer=observer).train()
+    this machine (not logged to TensorBoard). Returns the run's summary.
+
+    The run folder is locked meanwhile (``runs.training_lock``): another process training
+    the same folder (a second ``bnlab exp`` on the same ``--out``) waits, then finds it done."""
+    run_dir = Path(run_dir)
+    with runs.training_lock(run_dir, lambda: _note_waiting(run_dir)):
+        if world is not None:
+            return launch(config, world, dataset, run_dir, resume=True, progress=False)
+        logdir = None if tensorboard is None else Path(tensorboard) / run_dir.name
+        with optional_logger(logdir) as observer:
+            return start_run(config, dataset, run_dir, resume=True, progress=False,
+                             observer=observer).train()
+
+
+def _note_waiting(run_dir: Path) -> None:
+    print(f"bnlab: note: {run_dir} is being trained by another process; waiting for it",
+          file=sys.stderr, flush=True)
 
 
 class GridProgress:
@@ -105,6 +121,7 @@ _WORKER_DATASET = None
 
 def _init_worker(dataset, threads: int) -> None:
     global _WORKER_DATASET
+    worker_setup()  # the parent stops the pool on a signal; a worker outlives no parent
     _WORKER_DATASET = dataset
     torch.set_num_threads(threads)
 
@@ -113,16 +130,30 @@ def _pool_task(config: TrainConfig, run_dir: str, tensorboard: str | None) -> di
     return train_run(config, _WORKER_DATASET, run_dir, tensorboard)
 
 
+@contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` inside the block (unchanged when None)."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class LocalExecutor:
-    """``jobs == 1``: runs one after another in this process. ``jobs > 1``: a pool of spawned
-    processes, each with ``threads`` torch threads (default ``cpu_count // jobs``). A run over
-    several processes (``PlannedRun.world``) starts its own processes and uses the whole
-    machine: those run one after another, before the pool."""
+    """``jobs == 1``: runs one after another in this process, with ``threads`` torch threads
+    when given (else this process's). ``jobs > 1``: a pool of spawned processes, each with
+    ``threads`` torch threads (default ``cpu_count // jobs``). A run over several processes
+    (``PlannedRun.world``) starts its own processes and uses the whole machine: those run one
+    after another, before the pool."""
 
     def __init__(self, jobs: int = 1, threads: int | None = None) -> None:
         if jobs < 1:
             raise ExecutorError(f"expected --jobs >= 1 (got {jobs})")
         self.jobs = jobs
+        self.threads_asked = threads
         self.threads = threads or max(1, (os.cpu_count() or 1) // jobs)
 
     def run(self, todo, dataset, progress: GridProgress, tensorboard=None) -> None:
@@ -130,18 +161,26 @@ class LocalExecutor:
         alone = [p for p in todo if self.jobs == 1 or p.world is not None]
         for p in alone:
             progress.started(p)
-            progress.report(p, lambda p=p: train_run(p.config, dataset, p.run_dir, tensorboard,
-                                                     p.world))
+            with _torch_threads(self.threads_asked if p.world is None else None):
+                progress.report(p, lambda p=p: train_run(p.config, dataset, p.run_dir,
+                                                         tensorboard, p.world))
         todo = [p for p in todo if p not in alone]
         if not todo:
             return
+        before = set(multiprocessing.active_children())
         with ProcessPoolExecutor(max_workers=self.jobs, mp_context=get_context("spawn"),
                                  initializer=_init_worker,
                                  initargs=(dataset, self.threads)) as pool:
-            futures = {pool.submit(_pool_task, p.config, str(p.run_dir), tensorboard): p
-                       for p in todo}
-            for future in as_completed(futures):
-                progress.report(futures[future], future.result)
+            try:
+                with children_ignore_sigint():  # the pool starts its workers on submit
+                    futures = {pool.submit(_pool_task, p.config, str(p.run_dir), tensorboard): p
+                               for p in todo}
+                for future in as_completed(futures):
+                    progress.report(futures[future], future.result)
+            except BaseException:  # a signal (KeyboardInterrupt) or an error: nothing goes on
+                pool.shutdown(wait=False, cancel_futures=True)
+                stop_processes(set(multiprocessing.active_children()) - before)
+                raise
 
 
 # --------------------------------------------------------------------------- ray

@@ -122,7 +122,7 @@ def _restored_threads(count: int) -> Iterator[None]:
 def _same_weights(model: torch.nn.Module, checkpoint: Path | None) -> bool | None:
     if checkpoint is None or not checkpoint.exists():
         return None
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    saved = runs.load_checkpoint(checkpoint.parent, required=("model",))["model"]
     mine = model.state_dict()
     return saved.keys() == mine.keys() and all(
         torch.equal(saved[k].cpu(), mine[k].cpu()) for k in saved)

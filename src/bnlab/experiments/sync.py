@@ -36,7 +36,7 @@ from bnlab.experiments.findings import Analysis
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
 from bnlab.nn.sync import SyncBatchNorm
-from bnlab.training.distributed import DistributedConfig, spawn
+from bnlab.training.distributed import DistributedConfig, join_world, spawn
 from bnlab.training.train import TrainConfig, make_step, model_for, optimizer_for
 from bnlab.util.io import atomic_write_json, read_json
 from bnlab.util.plots import legend, log_axis, plt, save_figure
@@ -94,7 +94,7 @@ def _cost_rank(batch: int, steps: int) -> dict[str, float] | None:
 
 
 def _cost_world(out: str, batch: int, steps: int) -> None:
-    dist.init_process_group("gloo", init_method="env://")
+    join_world("gloo")
     try:
         medians = _cost_rank(batch, steps)
         if medians is not None:

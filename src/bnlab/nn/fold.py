@@ -23,14 +23,25 @@ Where channel o lives in the weight:
 
 The products are formed in float64 and rounded once to the layer's dtype, so a folded
 float32 model agrees with the unfolded one to float32 rounding, a float64 one nearly
-exactly. ``Linear -> BatchNorm1d`` is folded assuming (N, features) activations, the
-only layout in which BatchNorm1d's channel is the linear layer's output.
+exactly.
 
 What folds: a batch norm (torch's, bnlab's plain, ghost, renorm or frozen layer, with
 running statistics; their prediction is plain batch norm) whose input is the output of
 one of the layers above, of matching channels and rank, when that output goes nowhere
 else and that layer is used once. Anything else stays as it was. A ``BatchNormAct``
 folds its batch norm and keeps its activation (in its place, or as a call in the graph).
+
+What is refused, since the folded model would be silently wrong:
+
+* a layer whose weight or bias is also used elsewhere (tied to another module's, or read
+  directly by the model's forward): the other use would see the folded values, or the tie
+  would be cut; folding raises ``ValueError`` naming both;
+* ``BatchNorm1d`` accepts (N, C) and (N, C, L), and normalizes dim 1 in both. After a
+  ``Linear`` that is its output features only for (N, features) inputs (on (N, L, features)
+  dim 1 is L), after a ``Conv1d`` only for batched (N, C, L) inputs. Which one a model gets
+  is known only when it runs, so a layer with a ``BatchNorm1d`` folded into it carries a
+  forward pre-hook that raises ``ValueError`` on an input of another rank. (torch's
+  ``fuse_linear_bn_eval`` folds the 3-D case silently wrong.)
 """
 
 from __future__ import annotations
@@ -102,6 +113,44 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
     layer.bias = nn.Parameter((bias * scale + shift).to(dtype))
 
 
+class _FoldedRank:
+    """Forward pre-hook of a layer that a ``BatchNorm1d`` was folded into: refuses inputs of
+    another rank than the fold assumed (a class, not a closure, so the model still pickles)."""
+
+    def __init__(self, rank: int, layer: str) -> None:
+        self.rank, self.layer = rank, layer
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if x.dim() != self.rank:
+            raise ValueError(
+                f"{self.layer!r} has a BatchNorm1d folded into it assuming {self.rank}-D inputs "
+                f"(got shape {tuple(x.shape)}): on this input BatchNorm1d normalizes dim 1, which "
+                f"is not the {type(module).__name__}'s output channel, so the folded weights do "
+                "not compute the model; use the unfolded model for such inputs")
+
+
+def _fold_pair(model: nn.Module, layer_name: str, layer: nn.Module, bn_name: str, bn: nn.Module,
+               reads: frozenset[str] = frozenset()) -> None:
+    """Fold ``bn`` into ``layer`` (their names in ``model``), refusing a layer whose parameters
+    are also used elsewhere: by another module, or read by the forward itself (``reads``: the
+    attributes of ``model`` the forward reads, as torch.fx's ``get_attr`` targets)."""
+    for kind in ("weight", "bias"):
+        param = getattr(layer, kind)
+        others = [f"{name}.{pname}" if name else pname
+                  for name, m in model.named_modules(remove_duplicate=False) if m is not layer
+                  for pname, q in m.named_parameters(recurse=False) if q is param]
+        read_directly = bool({layer_name, f"{layer_name}.{kind}"} & reads)
+        if param is not None and (others or read_directly):
+            where = f"tied to {', '.join(others)}" if others else "read directly by the forward"
+            raise ValueError(f"cannot fold {bn_name!r} into {layer_name!r}: its {kind} is also "
+                             f"used elsewhere ({where}), which would see the folded values or "
+                             "lose the tie; untie it or leave this batch norm unfolded")
+    _fold_into(layer, bn)
+    if len(_bn_ranks(bn)) > 1:  # BatchNorm1d: the rank decides which dim is its channel
+        layer.register_forward_pre_hook(_FoldedRank(_layer_rank(layer), layer_name))
+
+
 def _is_sequential_tree(model: nn.Module) -> bool:
     return isinstance(model, nn.Sequential) and all(
         isinstance(m, nn.Sequential) for m in model.modules() if next(m.children(), None))
@@ -109,12 +158,13 @@ def _is_sequential_tree(model: nn.Module) -> bool:
 
 def _fold_sequentials(model: nn.Module) -> nn.Module:
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+    for prefix, seq in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for first, second in zip(names, names[1:]):
             layer, bn = seq._modules[first], seq._modules[second]
             if uses[id(layer)] == 1 and _can_fold(layer, bn):
-                _fold_into(layer, bn)
+                path = f"{prefix}." if prefix else ""
+                _fold_pair(model, path + first, layer, path + second, bn)
                 # A fused activation stays: only the batch norm is folded.
                 seq._modules[second] = bn.act if isinstance(bn, _BatchNormAct) else nn.Identity()
     return model
@@ -133,6 +183,7 @@ def _fold_graph(model: nn.Module) -> fx.GraphModule:
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    reads = frozenset(n.target for n in graph.nodes if n.op == "get_attr")
     for node in list(graph.nodes):
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
             continue
@@ -141,7 +192,7 @@ def _fold_graph(model: nn.Module) -> fx.GraphModule:
             continue
         layer, bn = modules[prev.target], modules[node.target]
         if len(node.args) == 1 and not node.kwargs and _can_fold(layer, bn):
-            _fold_into(layer, bn)
+            _fold_pair(gm, prev.target, layer, node.target, bn, reads)
             result = prev
             if isinstance(bn, _BatchNormAct):  # a fused activation stays
                 with graph.inserting_after(node):
@@ -169,7 +220,10 @@ def fold_batch_norm(model: nn.Module, method: Method = "auto") -> nn.Module:
 
     Raises ``ValueError`` when any module of ``model`` is in training mode (a training
     batch norm normalizes with batch statistics, which no fixed weights reproduce: call
-    ``model.eval()`` first) or when a lazy layer is still uninitialized.
+    ``model.eval()`` first), when a lazy layer is still uninitialized, or when a layer to
+    fold into has its weight or bias used elsewhere. A layer with a ``BatchNorm1d`` folded
+    into it raises ``ValueError`` when called on an input of another rank than the fold
+    assumed (see the module docstring).
     """
     if method not in ("auto", "sequential", "fx"):
         raise ValueError(f"method must be 'auto', 'sequential' or 'fx' (got {method!r})")

@@ -59,10 +59,28 @@ from torch.autograd.function import once_differentiable
 
 from bnlab.functional import DEFAULT_IMPL, Impl
 from bnlab.kernels.fused import stat_dtype
-from bnlab.nn.batchnorm import _BatchNorm, is_batch_norm, take_state
-from bnlab.nn.batchnorm_act import unfuse_batch_norm_act
+from bnlab.nn.batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    _BatchNorm,
+    is_batch_norm,
+    take_state,
+)
+from bnlab.nn.batchnorm_act import (
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    LazyBatchNormAct1d,
+    LazyBatchNormAct2d,
+    LazyBatchNormAct3d,
+    unfuse_batch_norm_act,
+)
 
-__all__ = ["SyncBatchNorm", "sync_batch_norm"]
+__all__ = ["SyncBatchNorm", "check_convertible", "sync_batch_norm"]
 
 
 def _channel_shape(ndim: int) -> tuple[int, ...]:
@@ -255,35 +273,63 @@ class SyncBatchNorm(_BatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
-        """Replace every BatchNorm1d/2d/3d (bnlab's or torch's, and torch's SyncBatchNorm)
-        in ``module`` by ``SyncBatchNorm``; return the (possibly new) root.
+        """Replace every plain BatchNorm1d/2d/3d (bnlab's or torch's, their lazy forms, and
+        torch's SyncBatchNorm) in ``module`` by ``SyncBatchNorm``; return the (possibly new) root.
 
         As ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: works in place on children;
         keeps the very same weight and bias Parameters and running-statistics buffers (so
         optimizers and state_dicts carry over), device, dtype and train/eval mode. bnlab
-        modules keep their ``impl``. An uninitialized lazy batch norm raises ``ValueError``.
-        A ``BatchNormAct`` is first split into batch norm and activation
-        (``bnlab.nn.unfuse_batch_norm_act``), and its batch norm converted.
+        modules keep their ``impl``. Unlike torch's, a batch norm with math of its own (ghost,
+        renorm, noisy, or any other subclass) is not silently made plain batch norm: it has
+        no synchronized form, so ``ValueError`` names it, as it does an uninitialized lazy
+        batch norm; both are checked before anything is converted. A ``BatchNormAct`` is
+        split into batch norm and activation (``bnlab.nn.unfuse_batch_norm_act``), and its
+        batch norm converted.
         """
-        module = unfuse_batch_norm_act(module)
-        converted = module
-        if _convertible(module):
-            converted = _to_sync(module, process_group)
+        check_convertible(module)
+        return cls._convert(unfuse_batch_norm_act(module), process_group)
+
+    @classmethod
+    def _convert(cls, module: nn.Module, process_group: Any) -> nn.Module:
+        converted = _to_sync(module, process_group) if _convertible(module) else module
         for name, child in module.named_children():
-            new_child = cls.convert_sync_batchnorm(child, process_group)
+            new_child = cls._convert(child, process_group)
             if new_child is not child:
                 converted.add_module(name, new_child)
         return converted
 
 
+PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                     nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d, BatchNorm1d,
+                     BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d)
+"""The batch norms whose training math is SyncBatchNorm's on one process (exact types:
+a subclass may change it)."""
+FUSED_BATCH_NORMS = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, LazyBatchNormAct1d,
+                     LazyBatchNormAct2d, LazyBatchNormAct3d)
+"""Plain batch norm fused with its activation: split before converting, so convertible."""
+
+
+def check_convertible(module: nn.Module) -> None:
+    """``ValueError`` naming the first batch norm in ``module`` that ``convert_sync_batchnorm``
+    cannot turn into ``SyncBatchNorm``: one of other math than plain batch norm, or an
+    uninitialized lazy one."""
+    for name, m in module.named_modules():
+        where = f"{name!r} " if name else ""
+        if is_batch_norm(m) and type(m) not in (*PLAIN_BATCH_NORMS, *FUSED_BATCH_NORMS,
+                                                SyncBatchNorm):
+            raise ValueError(f"layer {where}is a {type(m).__name__}, which has no synchronized "
+                             "form: SyncBatchNorm would silently compute plain batch norm "
+                             "instead")
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            raise ValueError(f"cannot convert the uninitialized {type(m).__name__} {where}"
+                             "to SyncBatchNorm: run one batch through the model first")
+
+
 def _convertible(module: nn.Module) -> bool:
-    return is_batch_norm(module) and not isinstance(module, SyncBatchNorm)
+    return type(module) in PLAIN_BATCH_NORMS
 
 
 def _to_sync(bn: nn.Module, process_group: Any) -> SyncBatchNorm:
-    if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
-        raise ValueError(f"cannot convert an uninitialized {type(bn).__name__}: run one batch "
-                         "through the model first")
     ref = bn.weight if bn.weight is not None else bn.running_mean
     new = SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                         process_group, device=None if ref is None else ref.device,

@@ -9,10 +9,13 @@ statistics of all B. This module runs ``bnlab train`` that way, on this machine 
 
 How a run is split:
 
-* ``torch.distributed`` with the env:// rendezvous (``MASTER_ADDR``, ``MASTER_PORT``,
+* ``torch.distributed`` with the env:// variables (``MASTER_ADDR``, ``MASTER_PORT``,
   ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, as torchrun sets them); gloo on CPU, nccl on
   CUDA (one GPU per process, ``cuda:LOCAL_RANK``). :func:`launch` spawns the N local
-  processes itself; under torchrun each process is already a rank (:func:`launched_by_torchrun`).
+  processes itself and serves their rendezvous store on 127.0.0.1 only (torch's env://
+  store would listen on every interface), their collectives on the loopback interface;
+  under torchrun each process is already a rank (:func:`launched_by_torchrun`) and the
+  rendezvous is torchrun's.
 * ``--batch-size`` is the global batch and must split evenly: every process gets B / N.
   Each epoch's seeded permutation is the single-process one (``Loader.order``); global
   batch k is the same B images as in one process, and rank r takes its r-th slice of it
@@ -35,7 +38,11 @@ How a run is split:
   checkpoint (on one machine, or a folder all nodes share).
 * Failure: a process that raises writes its error and exits; the launcher then stops the
   others and reports the first failing rank's error as one line (after its traceback,
-  for an internal error; a user error is the line alone). A process that dies
+  for an internal error; a user error or a disk error is the line alone).
+* Signals: the ranks ignore SIGINT and exit when the launcher is gone; a SIGINT or SIGTERM
+  to the launcher stops them all (``bnlab.util.stopping``). ``--sync-bn`` with a norm that
+  has no synchronized form (ghost, renorm, noisy BN) and a ``--resume`` in another world
+  (one process, say) are refused. A process that dies
   (killed, out of memory) is reported by its exit signal. Collectives time out after
   ``--dist-timeout`` seconds, so a rank stuck alive cannot hang the others forever. The
   run folder then holds the last finished epoch's checkpoint and no ``summary.json``.
@@ -59,6 +66,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,15 +79,27 @@ from torch import nn
 from torch.multiprocessing.spawn import ProcessException
 
 from bnlab.data.loader import Loader
-from bnlab.nn.sync import SyncBatchNorm
+from bnlab.nn.sync import SyncBatchNorm, check_convertible
 from bnlab.training import runs
-from bnlab.training.train import Loaders, TrainingRun, build_loaders, make_step, model_for, resolve_device
+from bnlab.training.train import (
+    CHECKPOINT_KEYS,
+    Loaders,
+    TrainingRun,
+    build_loaders,
+    make_step,
+    model_for,
+    resolve_device,
+)
 from bnlab.util.config import check, check_at_least
-from bnlab.util.errors import BnlabError
+from bnlab.util.errors import BnlabError, describe_os_error
 from bnlab.util.io import atomic_write_json, read_json
+from bnlab.util.stopping import children_ignore_sigint, stop_processes, worker_setup
 
 DISTRIBUTED = "distributed.json"  # beside config.json in a run folder of N > 1 processes
 MIN_SHARD = 2  # images per process and step: local batch norm needs two values per channel
+MIN_DIST_TIMEOUT, MAX_DIST_TIMEOUT = 1.0, 1e9
+"""Bounds of ``--dist-timeout``: a second, as torch's timeouts are whole milliseconds and the
+processes need some to meet; 1e9 s (about 30 years, "never") fits its millisecond counter."""
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -99,7 +120,9 @@ class DistributedConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "nproc")
-        check(self.dist_timeout > 0, f"expected dist_timeout > 0 (got {self.dist_timeout})")
+        check(MIN_DIST_TIMEOUT <= self.dist_timeout <= MAX_DIST_TIMEOUT,
+              f"expected dist_timeout from {MIN_DIST_TIMEOUT:g} to {MAX_DIST_TIMEOUT:g} seconds "
+              f"(got {self.dist_timeout:g})")
 
 
 def check_split(batch_size: int, n_images: int, world_size: int, local_bn: bool) -> None:
@@ -166,6 +189,17 @@ def global_step(step, world_size: int):
     return step_on_shard
 
 
+def check_sync_bn(config, model: nn.Module | None = None) -> None:
+    """DistributedError unless ``--sync-bn`` can synchronize every batch norm of ``config``'s
+    model (or of ``model``): one with math of its own (ghost, renorm, noisy BN) has no
+    synchronized form, and ``SyncBatchNorm`` would silently compute plain batch norm."""
+    try:
+        check_convertible(model_for(config) if model is None else model)
+    except ValueError as exc:
+        raise DistributedError(f"--sync-bn with --norm {config.norm}: {exc}; train it without "
+                               "--sync-bn or with a plain batch norm") from None
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process is a rank of a world set up outside bnlab (torchrun)."""
     return all(name in os.environ for name in _TORCHRUN_VARS)
@@ -189,6 +223,20 @@ def _check_world_file(run_dir: Path, info: dict, resume: bool) -> None:
         raise DistributedError(f"cannot resume {run_dir}: it ran as {saved}, asked for {info}")
 
 
+def check_resumed_alone(run_dir: str | Path, resume: bool) -> None:
+    """DistributedError when ``--resume`` in one process would continue ``run_dir``'s run of
+    several processes (its ``distributed.json``): it would silently go on as another run."""
+    path = Path(run_dir) / DISTRIBUTED
+    if not resume or not path.exists():
+        return
+    saved = read_json(path)
+    if saved.get("world_size", 1) != 1:
+        flags = f"--nproc {saved['world_size']}{' --sync-bn' if saved.get('sync_bn') else ''}"
+        raise DistributedError(f"cannot resume {run_dir} in one process: it ran on "
+                               f"{saved['world_size']} processes ({DISTRIBUTED}); resume it "
+                               f"with {flags}")
+
+
 def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resume: bool,
               progress: bool) -> dict[str, Any] | None:
     """Train ``config`` as one rank of the env:// world; rank 0 returns the summary."""
@@ -200,13 +248,12 @@ def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resu
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(_backend(device), init_method="env://", rank=rank,
-                            world_size=world_size,
-                            timeout=datetime.timedelta(seconds=dconfig.dist_timeout))
+    join_world(_backend(device), dconfig.dist_timeout)
     try:
         torch.manual_seed(config.seed)
         model = model_for(config, device)
         if dconfig.sync_bn:
+            check_sync_bn(config, model)
             model = SyncBatchNorm.convert_sync_batchnorm(model)
         train, val, test = build_loaders(config, dataset, device)
         if rank != 0:  # only rank 0's evaluations are recorded: the others take one image
@@ -227,7 +274,7 @@ def rank_main(config, dconfig: DistributedConfig, dataset, out: str | None, resu
         # The trainer's own restore and step hooks: the other ranks resume from rank 0's
         # checkpoint, and every rank steps through DDP on its shard.
         if rank != 0 and resume and checkpoint is not None and checkpoint.exists():
-            run._restore(torch.load(checkpoint, map_location="cpu", weights_only=False))
+            run._restore(runs.load_checkpoint(Path(out), CHECKPOINT_KEYS))
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
         run._step = global_step(make_step(ddp, run.optimizer), world_size)
@@ -244,39 +291,106 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_STORE_HOSTED_BY_LAUNCHER = False
+"""Set in a process :func:`spawn` started: the launcher serves the rendezvous store."""
+
+
+def join_world(backend: str, timeout_s: float = DistributedConfig.dist_timeout) -> None:
+    """``init_process_group`` of this rank from the env:// variables (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``): as a client of the launcher's store in a process
+    :func:`spawn` started, else by torch's env:// rendezvous (torchrun's world). A failure
+    (the address in use or unreachable, a timeout) is a one-line DistributedError."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        if _STORE_HOSTED_BY_LAUNCHER:
+            store = dist.TCPStore(address, int(port), world_size, is_master=False, timeout=timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method="env://", rank=rank,
+                                    world_size=world_size, timeout=timeout)
+    except (RuntimeError, ValueError) as exc:  # torch's DistNetworkError, DistStoreError, ...
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistributedError(f"cannot join the process group at {address}:{port} (MASTER_ADDR, "
+                               f"MASTER_PORT) as rank {rank} of {world_size}: {message}") from None
+
+
+@contextmanager
+def _local_store(world_size: int, timeout_s: float) -> Iterator[int]:
+    """The rendezvous store of a world on this machine, served by this process on 127.0.0.1
+    only (torch's own listens on every interface); yields its port, held from the bind on,
+    so no other program can take it between choosing and listening."""
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+    except BaseException:
+        listener.close()
+        raise
+    port = listener.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=True,
+                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                          master_listen_fd=listener.detach())  # the store owns (closes) it now
+    try:
+        yield port
+    finally:
+        del store
+
+
+def _loopback_interface() -> str | None:
+    """This machine's loopback interface (``lo`` on Linux, ``lo0`` on macOS), if it has one."""
+    names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
+    return next((name for name in ("lo", "lo0") if name in names), None)
 
 
 def _spawned_rank(rank: int, world_size: int, port: int, error_dir: str, fn, args) -> None:
-    """Entry of a spawned process: the env:// variables torchrun would set, then ``fn``."""
+    """Entry of a spawned process: the env:// variables torchrun would set, then ``fn``.
+    Its collectives' own connections stay on the loopback interface too (unless the user
+    set ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``); SIGINT is the launcher's to act on,
+    and the process exits when the launcher is gone (``bnlab.util.stopping``)."""
+    global _STORE_HOSTED_BY_LAUNCHER
+    worker_setup()
+    _STORE_HOSTED_BY_LAUNCHER = True
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    loopback = _loopback_interface()
+    if loopback is not None:
+        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(name, loopback)
     try:
         fn(*args)
     except BaseException as exc:  # noqa: BLE001 -- reported to the launcher, then exit
         # The launcher prints the traceback of the rank that failed first only: the others'
-        # errors are usually their collectives failing because of it.
-        user_error = isinstance(exc, BnlabError)
+        # errors are usually their collectives failing because of it. A user error, or one
+        # of the disk (a read-only --out), is its one line.
+        user_error = isinstance(exc, BnlabError | OSError)
+        message = (describe_os_error(exc) if isinstance(exc, OSError)
+                   else str(exc) if user_error else f"{type(exc).__name__}: {exc}")
         atomic_write_json(Path(error_dir) / f"rank{rank}.json", {
-            "user_error": user_error, "traceback": traceback.format_exc(),
-            "message": f"{type(exc).__name__}: {exc}" if not user_error else str(exc)})
+            "user_error": user_error, "traceback": traceback.format_exc(), "message": message})
         os._exit(1)
 
 
-def spawn(fn, args: tuple, nproc: int, timeout: float | None = None) -> None:
+def spawn(fn, args: tuple, nproc: int, timeout: float | None = None,
+          rendezvous_timeout: float = 300.0) -> None:
     """Run ``fn(*args)`` in ``nproc`` local processes of one env:// world; wait for them.
 
-    A failure of any process stops the others and raises :class:`DistributedError` with
-    the first failing rank's error (or its exit signal); so does ``timeout`` (seconds).
+    The world's rendezvous store is served by this process on 127.0.0.1 (``MASTER_ADDR``
+    and ``MASTER_PORT`` point at it; store operations wait up to ``rendezvous_timeout``
+    seconds). A failure of any process stops the others and raises
+    :class:`DistributedError` with the first failing rank's error (or its exit signal); so
+    does ``timeout`` (seconds). Stopped by a signal (``KeyboardInterrupt``) or an error,
+    every process is stopped before this returns (``bnlab.util.stopping.stop_processes``).
     """
-    with tempfile.TemporaryDirectory(prefix="bnlab-dist-") as error_dir:
-        context = mp.start_processes(
-            _spawned_rank, args=(nproc, _free_port(), error_dir, fn, args), nprocs=nproc,
-            join=False, start_method="spawn")
+    with tempfile.TemporaryDirectory(prefix="bnlab-dist-") as error_dir, \
+            _local_store(nproc, rendezvous_timeout) as port:
+        with children_ignore_sigint():
+            context = mp.start_processes(
+                _spawned_rank, args=(nproc, port, error_dir, fn, args), nprocs=nproc,
+                join=False, start_method="spawn")
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         try:
             while not context.join(timeout=1.0):
@@ -287,10 +401,7 @@ def spawn(fn, args: tuple, nproc: int, timeout: float | None = None) -> None:
             raise DistributedError(_describe_failure(failure.error_index, context.processes,
                                                      Path(error_dir))) from None
         finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-                process.join(10)
+            stop_processes(context.processes)
 
 
 def _describe_failure(rank: int, processes, error_dir: Path) -> str:
@@ -328,9 +439,12 @@ def launch(config, dconfig: DistributedConfig, dataset, out: str | Path, resume:
                 local_bn=not dconfig.sync_bn)
     if config.compile:
         raise DistributedError("--compile is not supported with --nproc > 1")
+    if dconfig.sync_bn:
+        check_sync_bn(config)
     if config.freeze_bn_epochs:  # the frozen phase rebuilds the step without DDP's
         raise DistributedError("--freeze-bn-epochs is not supported with --nproc > 1")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # a disk error (read-only, say) before any process
     spawn(rank_main, (config, dconfig, dataset, str(out), resume, progress), dconfig.nproc)
     return read_json(out / runs.SUMMARY)
 

@@ -15,25 +15,40 @@ trained::
       checkpoint.pt    model, optimizer, history and RNG state after the last finished epoch
       curves.png       train loss, val loss and val acc against epoch
       analysis/<name>.json   a measurement of the finished model (``cached``), with its key
+      .lock            locked while a grid's process trains the run (``training_lock``)
 
 ``checkpoint.pt`` is the source of truth: the history files are derived from it (a resume
 rewrites any that disagree), ``summary.json`` is written last and marks a finished run. A
 file that cannot be read is an error naming it, what is wrong and what to do.
+
+Run folders are shared (a Ray cluster's storage, a colleague's results), so opening one must
+never run code from it. ``checkpoint.pt`` holds only tensors, numbers, strings, None and
+dicts, lists and tuples of them (:func:`check_plain`, enforced on every save), and is read
+with ``torch.load(..., weights_only=True)``, whose unpickler builds nothing else: a file
+holding anything else (a crafted pickle) is refused in one line naming it, before any of it
+runs. :func:`upgrade_checkpoint` (``bnlab runs upgrade``) is the one place that unpickles a
+checkpoint fully, for a file the user says they trust, and rewrites it in the safe form.
 """
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import io as io_module
 import json
 import math
+import pickle
+import re
 import sys
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+from torch import nn
 
 from bnlab.util.errors import BnlabError
 from bnlab.util.io import (
@@ -52,6 +67,7 @@ SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 CURVES = "curves.png"
 ANALYSIS = "analysis"
+LOCK = ".lock"
 
 
 class RunFolderError(BnlabError):
@@ -187,32 +203,214 @@ def _replace_unstarted(run_dir: Path, config: dict[str, Any]) -> None:
 
 
 def load_checkpoint(run_dir: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The checkpoint of ``run_dir``; RunFileError when it is damaged or lacks ``required`` keys."""
+    """The checkpoint of ``run_dir``, read without running any code from it; RunFileError when
+    it is damaged, holds more than tensors and plain containers, or lacks ``required`` keys."""
     path = run_dir / CHECKPOINT
-    advice = (f"delete it to train the run again from epoch 1 (keeping {CONFIG}), or "
-              f"{_start_over(run_dir)}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = _load_safely(path)
     except FileNotFoundError:
         raise RunFolderError(f"{run_dir} has no {CHECKPOINT} (no epoch finished yet)") from None
-    # A damaged file fails inside torch.load or pickle in many ways (EOFError, UnpicklingError,
-    # RuntimeError from the zip reader, OSError, ValueError, ...): all say "not a checkpoint".
-    except Exception as exc:  # noqa: BLE001
-        raise RunFileError(f"{path}: not a readable checkpoint, truncated or corrupt "
-                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                           f"{advice}") from None
+    except _UnsafeCheckpoint as exc:
+        raise RunFileError(f"{path}: refused: it holds {exc}, not only tensors and plain "
+                           f"containers (nothing of it was run); if you trust the file (a "
+                           f"checkpoint of an older bnlab), `bnlab runs upgrade {run_dir}` "
+                           f"converts it, else {_start_over(run_dir)}") from None
+    except _DamagedCheckpoint as exc:
+        raise RunFileError(f"{path}: not a readable checkpoint, truncated or corrupt ({exc}); "
+                           f"{_checkpoint_advice(run_dir)}") from None
+    return _checked(checkpoint, path, required)
+
+
+def _checkpoint_advice(run_dir: Path) -> str:
+    return (f"delete it to train the run again from epoch 1 (keeping {CONFIG}), or "
+            f"{_start_over(run_dir)}")
+
+
+def _checked(checkpoint: Any, path: Path, required: tuple[str, ...]) -> dict[str, Any]:
     missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
     if not isinstance(checkpoint, dict) or missing:
-        raise RunFileError(f"{path}: not a bnlab checkpoint (missing {missing}); {advice}")
+        raise RunFileError(f"{path}: not a bnlab checkpoint (missing {missing}); "
+                           f"{_checkpoint_advice(path.parent)}")
     return checkpoint
 
 
+class _UnsafeCheckpoint(Exception):
+    """The file holds objects that only a full unpickler builds (the message says which)."""
+
+
+class _DamagedCheckpoint(Exception):
+    """The file is no checkpoint at all (the message says what failed)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _load_safely(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU: tensors and plain containers only.
+
+    Raises FileNotFoundError, ``_UnsafeCheckpoint`` (the weights-only unpickler met something
+    else: a class, a function, an opcode it does not run) or ``_DamagedCheckpoint``.
+    """
+    try:
+        with warnings.catch_warnings():  # a bare pickle of another protocol draws a warning
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith("Weights only load failed"):
+            raise _UnsafeCheckpoint(_refused_part(str(exc))) from None
+        raise _DamagedCheckpoint(_first_line(exc)) from None
+    # A damaged file fails inside torch.load or pickle in many ways (EOFError, RuntimeError
+    # from the zip reader, OSError, ValueError, ...): all say "not a checkpoint".
+    except Exception as exc:  # noqa: BLE001
+        raise _DamagedCheckpoint(_first_line(exc)) from None
+
+
+def _refused_part(message: str) -> str:
+    """What torch's weights-only unpickler refused, from its several-paragraph message."""
+    if found := re.search(r"GLOBAL ([\w.]+)", message):
+        return f"a reference to {found.group(1)}"
+    if found := re.search(r"Unsupported operand (\d+)", message):
+        return f"pickle opcode {found.group(1)}"
+    return "an object the safe loader does not build"
+
+
+PLAIN_SCALARS = (bool, int, float, str, type(None))
+PLAIN_CONTAINERS = (dict, OrderedDict, list, tuple)  # OrderedDict: state_dict()'s type
+PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
+def check_plain(value: Any, where: str = "checkpoint") -> None:
+    """TypeError unless ``value`` is tensors, numbers, strings and None in dicts (str or int
+    keys), lists and tuples, exactly those types (no subclasses): what
+    ``torch.load(..., weights_only=True)`` reads back."""
+    for path, item in _walk(value, where):
+        if type(item) not in (*PLAIN_TENSORS, *PLAIN_SCALARS, *PLAIN_CONTAINERS):
+            raise TypeError(f"{path} is a {type(item).__module__}.{type(item).__qualname__}: a "
+                            "checkpoint holds only tensors, numbers, strings, None, dicts, "
+                            "lists and tuples")
+        if isinstance(item, dict) and not all(type(k) in (str, int) for k in item):
+            raise TypeError(f"{path} has a key that is neither a str nor an int")
+
+
+def _walk(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    yield path, value
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _walk(item, f"{path}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _walk(item, f"{path}[{index}]")
+
+
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (plain: :func:`check_plain`) atomically as ``run_dir``'s checkpoint."""
+    check_plain(state)
     # Serialized in memory first: torch.save into a file that fails (a full disk) raises
     # "unexpected pos ..."; a plain write raises the OSError that says what happened.
     buffer = io_module.BytesIO()
     torch.save(state, buffer)
     atomic_write(run_dir / CHECKPOINT, lambda f: f.write(buffer.getbuffer()))
+
+
+def checkpoints_under(root: Path) -> list[Path]:
+    """The run folder ``root`` (it has a checkpoint), else every run folder below it."""
+    if (root / CHECKPOINT).is_file():
+        return [root]
+    return sorted(path.parent for path in root.rglob(CHECKPOINT) if path.is_file())
+
+
+def upgrade_checkpoint(run_dir: Path, required: tuple[str, ...] = (),
+                       say: Callable[[str], None] = print) -> bool:
+    """Rewrite ``run_dir``'s checkpoint in the safe form when it does not load safely; True if
+    rewritten. This TRUSTS the file: it is unpickled fully, which runs any code it holds
+    (``say`` tells the user so before). A checkpoint that already loads safely is left alone."""
+    path = run_dir / CHECKPOINT
+    try:
+        _checked(_load_safely(path), path, required)
+        say(f"{path}: loads safely already; unchanged")
+        return False
+    except _DamagedCheckpoint as exc:
+        raise RunFileError(f"{path}: not a readable checkpoint, truncated or corrupt ({exc}); "
+                           f"{_checkpoint_advice(run_dir)}") from None
+    except _UnsafeCheckpoint:
+        pass
+    say(f"{path}: trusting it as you asked: unpickling it fully, which runs any code it holds")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 -- any failure of a full unpickle: not a checkpoint
+        raise RunFileError(f"{path}: not a readable checkpoint ({_first_line(exc)}); "
+                           f"{_checkpoint_advice(run_dir)}") from None
+    try:
+        plain = _to_plain(_checked(loaded, path, required), "checkpoint")
+    except TypeError as exc:
+        raise RunFileError(f"{path}: cannot be converted: {exc}") from None
+    save_checkpoint(run_dir, plain)
+    _checked(_load_safely(path), path, required)
+    say(f"{path}: rewritten with tensors and plain containers only; it now loads safely")
+    return True
+
+
+def _to_plain(value: Any, where: str) -> Any:
+    """``value`` in the types :func:`check_plain` allows: tensor subclasses become tensors,
+    numpy values tensors or numbers, subclasses of dict/list/tuple the plain type (an
+    OrderedDict keeps its type and a state_dict's ``_metadata``); TypeError naming anything
+    else."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().as_subclass(torch.Tensor)
+    if type(value) in PLAIN_SCALARS:
+        return value
+    if isinstance(value, dict):
+        plain = (OrderedDict if isinstance(value, OrderedDict) else dict)(
+            (key, _to_plain(item, f"{where}[{key!r}]")) for key, item in value.items())
+        if hasattr(value, "_metadata"):
+            plain._metadata = _to_plain(value._metadata, f"{where}._metadata")
+        return plain
+    if isinstance(value, list | tuple):
+        items = [_to_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    if type(value).__module__ == "numpy":  # numpy scalars and arrays, by name: no numpy import
+        return value.item() if value.shape == () else torch.as_tensor(value)
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}")
+
+
+@contextmanager
+def training_lock(run_dir: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold ``run_dir``'s lock (``flock`` on its ``.lock``) while the block trains the run.
+
+    Two processes on one output folder (two ``bnlab exp`` on the same ``--out``) would both
+    train every run; with this, the second waits here until the first is done with the run
+    and then finds it finished (or cut off, to resume). ``on_wait`` is called once when it
+    has to wait. A folder where the lock cannot be taken (read-only, a file system without
+    locks) is used without it. Closing the file (the block's end, or the process's) unlocks.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = open(run_dir / LOCK, "ab")  # noqa: SIM115 -- closed by the with below
+    except OSError:
+        handle = None
+    with handle if handle is not None else nullcontext():
+        if handle is not None:
+            _take_lock(handle, on_wait)
+        yield
+
+
+def _take_lock(handle: IO[bytes], on_wait: Callable[[], None] | None) -> None:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:  # held by another process
+        pass
+    except OSError:  # no locks on this file system (ENOLCK): go on without
+        return
+    if on_wait is not None:
+        on_wait()
+    fcntl.flock(handle, fcntl.LOCK_EX)
 
 
 def write_history(run_dir: Path, history: list[dict[str, Any]], step_losses: list[list[float]],
@@ -288,7 +486,7 @@ _measurement_observer: ContextVar[Callable[[str, bool], None] | None] = ContextV
     "bnlab_measurement_observer", default=None)
 
 
-@contextlib.contextmanager
+@contextmanager
 def observing_measurements(observer: Callable[[str, bool], None]) -> Iterator[None]:
     """Within the block, every :func:`cached` call ends with ``observer(name, computed)``
     (``computed`` False when the stored value was used): how a progress bar follows an

@@ -135,6 +135,49 @@ def test_percentile_record_is_of_the_last_sigmoid_input_and_leaves_model_alone()
     assert noisy == percentile_record(model, x, train=True, seed=3) != record
 
 
+# --------------------------------------------------------------------------- calibration
+# Issue 25: the stability measure must see the shift that noisy BN injects. The synthetic case
+# is issue 25's: a fixed N(0, 1) batch of 500 samples, 25 probes, and at every probe the
+# distortion of that issue's noisy BN (per step mu_t ~ U(-S, S), sigma_t ~ U(1, 1 + S); per
+# sample m ~ N(mu_t, S^2), s ~ N(sigma_t, (S/2)^2); y * s + m). Its known answer: the unit's
+# mean at probe t is mu_t + sigma_t * mean(x) (up to the per-sample noise's sampling error),
+# so over training it travels range_t(mu_t + sigma_t * mean(x)) in units of the noise-free
+# output's spread std(x).
+
+CALIBRATION_STRENGTHS = (0.5, 1.0, 2.0, 5.0, 20.0)
+
+
+def issue25_distortion(strength: float, probes: int = 25, n: int = 500, seed: int = 0):
+    """``(outputs (probes, n, 1), clean (n, 1), known shift over training in clean spreads)``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, generator=g, dtype=torch.float64)  # (n, 1) the fixed batch
+    outputs, centres = [], []
+    for _ in range(probes):
+        mu = (torch.rand((), generator=g, dtype=torch.float64) * 2 - 1) * strength
+        sigma = 1 + torch.rand((), generator=g, dtype=torch.float64) * strength
+        m = mu + strength * torch.randn(n, 1, generator=g, dtype=torch.float64)
+        s = sigma + strength / 2 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+        outputs.append(x * s + m)
+        centres.append((mu + sigma * x.mean()).item())
+    return torch.stack(outputs), x, (max(centres) - min(centres)) / x.std().item()
+
+
+def measured_shift(outputs: torch.Tensor, clean: torch.Tensor) -> float:
+    """The measure under calibration: how far the unit's distribution travelled over
+    training, in units of its spread (today: ``drift``'s location of unit 0's percentiles)."""
+    trajectory = [unit_percentiles(o)[:, 0].tolist() for o in outputs]
+    return drift(trajectory)["location"]
+
+
+def test_the_stability_measure_sees_the_injected_shift_growing_with_strength_and_zero_without():
+    for strength in CALIBRATION_STRENGTHS:
+        outputs, clean, known = issue25_distortion(strength)
+        read = measured_shift(outputs, clean)
+        assert 0.8 * known <= read <= 1.25 * known, (strength, read, known)
+    still, clean, known = issue25_distortion(0.0)
+    assert known == 0.0 and measured_shift(still, clean) < 0.05
+
+
 def test_drift_is_scale_free_and_zero_for_a_still_distribution():
     still = [[-1.0, 0.0, 1.0]] * 4
     assert drift(still) == {"location": 0.0, "scale": 0.0}

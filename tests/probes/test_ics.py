@@ -10,12 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab import nn as bnn
 from bnlab.experiments import probed
-from bnlab.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d
 from bnlab.probes.ics import drift, gradient_ics, percentile_record, unit_percentiles
 from bnlab.training import runs
-from bnlab.training.norms import create_norm_layer, parse_strength
+from bnlab.training.norms import create_norm_layer
 from bnlab.training.runs import CHECKPOINT
 from bnlab.training.train import TrainConfig, start_run
 from bnlab.util.scoped import preserved_buffers
@@ -48,61 +46,6 @@ def assert_unchanged(model: nn.Module, before) -> None:
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
     for b, c in zip(model.buffers(), buffers):
         assert torch.equal(b, c)
-
-
-# --------------------------------------------------------------------------- noisy BN
-
-@pytest.mark.parametrize("cls,shape", [(NoisyBatchNorm1d, (8, 4)), (NoisyBatchNorm2d, (8, 4, 3, 3))])
-def test_noisy_bn_at_strength_zero_is_bn_exactly(cls, shape):
-    x = torch.randn(*shape, dtype=torch.float64)
-    plain = (bnn.BatchNorm2d if len(shape) == 4 else bnn.BatchNorm1d)(4).double()
-    noisy = cls(4, strength=0.0).double()
-    noisy.load_state_dict(plain.state_dict())
-    with torch.no_grad():
-        plain.weight.uniform_()
-        noisy.weight.copy_(plain.weight)
-    rng = torch.get_rng_state()
-    assert torch.equal(noisy(x), plain(x))
-    assert torch.equal(torch.get_rng_state(), rng)  # no noise drawn at all
-    assert torch.equal(noisy.running_mean, plain.running_mean)
-    assert torch.equal(noisy.running_var, plain.running_var)
-
-
-def test_noise_is_per_sample_and_per_activation_and_moves_over_steps():
-    torch.manual_seed(0)
-    layer = NoisyBatchNorm1d(50, strength=1.0).double()
-    x = torch.randn(400, 50, dtype=torch.float64)
-    clean = bnn.BatchNorm1d(50).double()(x)
-    deltas = []
-    for _ in range(30):
-        deltas.append(layer(x) - clean)  # (400, 50): noise y*(s-1) + m
-    d = deltas[0]
-    # Per sample and per activation: within one step the noise varies along BOTH axes,
-    # i.e. it is not one shift per channel (constant over samples) nor one per sample.
-    within_channel = d.var(dim=0).mean()   # over samples, per channel
-    within_sample = d.var(dim=1).mean()    # over channels, per sample
-    assert within_channel > 0.5 and within_sample > 0.5
-    # Entries are uncorrelated across samples and across channels.
-    c = torch.corrcoef(d.T)  # (50, 50) channel correlations over samples
-    assert (c - torch.eye(50, dtype=torch.float64)).abs().max() < 0.3
-    # Each step's mean shift is re-drawn: the batch means of the noise differ between steps
-    # by far more than their sampling error, and are not zero on average.
-    step_means = torch.stack([t.mean() for t in deltas])
-    assert step_means.std() > 10 * d.std() / (d.numel() ** 0.5)
-    assert (step_means.abs() > 0.05).float().mean() > 0.5
-
-
-def test_noise_only_in_training_and_strength_parsing():
-    layer = create_norm_layer("noisy-bn:0.5", "conv", 3)
-    assert isinstance(layer, NoisyBatchNorm2d) and layer.strength == 0.5
-    assert create_norm_layer("noisy-bn", "fc", 3).strength == 1.0
-    layer.eval()
-    x = torch.randn(4, 3, 2, 2)
-    assert torch.equal(layer(x), layer(x))
-    with pytest.raises(ValueError, match="noisy-bn:STRENGTH"):
-        parse_strength("-1")
-    with pytest.raises(ValueError, match="noisy-bn:STRENGTH"):
-        parse_strength("abc")
 
 
 # --------------------------------------------------------------------------- percentiles

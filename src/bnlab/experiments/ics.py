@@ -21,15 +21,17 @@ compared: the plain net's best rate (so the baseline trains there; BN and noisy 
 it too). The paper's comparisons are at one rate for all; "each model's best rate" adds
 plain at its best against BN at its best.
 
-Every finished run is re-played with probes (``experiments.probed``) at anchors spread
-over training (``probed.PROBES``, fewer for short runs) and at the step after each
-(``bnlab.probes.ics``): on a fixed batch of held-out images (the first 500 test images) in
-training mode, each unit's input mean and standard deviation in every normalized layer
-(noisy BN's noise included: the next layer sees it), and its noise-free spread; condensed
-per layer into the step-to-step change and the range over training, absolute and relative
-to the spread, the median over units. At the anchors also the gradient ICS of every weight
-layer (Definition 2.1) on that step's batch at the run's rate, and the 15/50/85th
-percentiles of the last hidden layer's input (Ioffe & Szegedy's Fig. 1 picture).
+The runs that are compared (every norm at the same rate, BN at its best where that differs;
+the others only take part in choosing the rates) are re-played with probes
+(``experiments.probed``) at anchors spread over training (``probed.PROBES``, fewer for
+short runs) and at the step after each (``bnlab.probes.ics``): on a fixed batch of held-out
+images (the first 500 test images, 200 in a ``--quick`` grid) in training mode, each unit's
+input mean and standard deviation in every normalized layer (noisy BN's noise included: the
+next layer sees it), and its noise-free spread; condensed per layer into the step-to-step
+change and the range over training, absolute and relative to the spread, the median over
+units. At the anchors also the gradient ICS of every weight layer (Definition 2.1) on that
+step's batch at the run's rate, and the 15/50/85th percentiles of the last hidden layer's
+input (Ioffe & Szegedy's Fig. 1 picture).
 
 "Trains about as well" is judged on the final epoch's training loss with the noise on, as
 Santurkar et al.'s Fig. 2 shows training; the validation numbers of noisy BN (used only to
@@ -449,8 +451,9 @@ def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> 
     if dataset is None or not rows:
         return Analysis(["(no dataset or no finished runs: nothing to measure)"],
                         calibration=calibrated)
-    probes = {r.run_dir: measure(r, dataset, settings) for r in rows}
     nets = [net for net in NETS if select(rows, net=net)]
+    probed = [r for net in nets for _, group in _stability_rows(rows, net) for r in group]
+    probes = {r.run_dir: measure(r, dataset, settings) for r in probed}
     plot_fig1(rows, probes, nets, out / "ioffe_fig1.png")
     plot_stability(rows, probes, nets, out / "stability.png")
     plot_ics(rows, probes, nets, out / "gradient_ics.png")
@@ -462,7 +465,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> 
                 "![stability of layer inputs](stability.png)", "",
                 "![Ioffe & Szegedy Fig. 1 on Fashion-MNIST](ioffe_fig1.png)", "",
                 "## Gradient ICS", "", *(ics_table(rows, probes, net) for net in nets),
-                "![gradient ICS](gradient_ics.png)", "", *replay_lines(rows, probes)]
+                "![gradient ICS](gradient_ics.png)", "", *replay_lines(probed, probes)]
     verdicts = [v for net in nets for v in net_verdicts(rows, probes, net)]
     return Analysis(sections, rate_findings(rows, nets), verdicts, calibrated)
 
@@ -512,6 +515,8 @@ def rate_table(rows: list[Row], net: str) -> str:
 
 
 def _stability_rows(rows: list[Row], net: str) -> list[tuple[str, list[Row]]]:
+    """(label, runs) of every variant of ``net`` that is measured (the others only took part
+    in choosing the rates): each norm at the same rate, and BN at its best where that differs."""
     rate = rates(select(rows, net=net), net)
     out = [(f"{norm_label(norm)} lr={rate['same']:g}", select(rows, net=net, norm=norm,
                                                              lr=rate["same"]))
@@ -554,6 +559,7 @@ def ics_table(rows: list[Row], probes: dict[str, Any], net: str) -> str:
 
 
 def replay_lines(rows: list[Row], probes: dict[str, Any]) -> list[str]:
+    """Whether the probed replays of ``rows`` ended on their runs' weights."""
     unreproduced = [r.label for r in rows if probes[r.run_dir]["reproduces_run"] is False]
     if unreproduced:
         return ["The probed replay did not end on the run's weights for "
@@ -686,6 +692,6 @@ EXPERIMENT = Experiment(
     default_subset=30000,
     notes="MLP: ioffe-mlp (3x100 sigmoid, N(0, 0.05^2) init), batch 60, rates 0.1, 0.5, 2; "
           "LeNet: bn-lenet (--norm none without BN), batch 128, rates 0.1, 0.3, 1; plain SGD; "
-          "each without BN, with BN and with noisy BN at S = 0.5, 1, 2. Runs are re-played "
-          "with probes at anchors spread over training and the step after each.",
+          "each without BN, with BN and with noisy BN at S = 0.5, 1, 2. The compared runs are "
+          "re-played with probes at anchors spread over training and the step after each.",
 )

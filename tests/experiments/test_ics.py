@@ -51,8 +51,8 @@ def test_condense_pairs_each_anchor_with_the_next_step():
     # Unit means 0, 1, 3 at the anchors 0, 5, 9; one step later +0.5 each time.
     records = []
     for step, mean in ((0, 0.0), (5, 1.0), (9, 3.0)):
-        records.append({"step": step, "layers": moments(mean), "anchor": True, "eval": [1],
-                        "train": [2], "ics": [{"relative": 0.1, "cosine": 0.9}]})
+        records.append({"step": step, "layers": moments(mean), "anchor": True, "train": [2],
+                        "ics": [{"relative": 0.1, "cosine": 0.9}]})
         records.append({"step": step + 1, "layers": moments(mean + 0.5)})
     out = ics.condense({"records": records, "reproduces_run": True})
     (layer,) = out["layers"]

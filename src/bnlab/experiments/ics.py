@@ -149,14 +149,14 @@ def measure(row: Row, dataset, settings: ExpSettings) -> dict[str, Any]:
             x_held = held_out.to(x.device)
             record: dict[str, Any] = {"layers": layer_moments(model, x_held, seed=step)}
             if step in anchors:
-                record.update(anchor=True, eval=percentile_record(model, x_held),
+                record.update(anchor=True,
                               train=percentile_record(model, x_held, train=True, seed=step),
                               ics=gradient_ics(model, x, y, config.lr))
             return record
         return probe
 
     return cached_replay(row.run_dir, "ics-stability",
-                         {"probes": PROBES, "held_out": count, "measure": "moments"}, dataset,
+                         {"probes": PROBES, "held_out": count, "measure": "moments-v1"}, dataset,
                          lambda c: anchors_and_steps(total_steps(c, dataset))[1], probe_for,
                          reduce=condense)
 
@@ -175,7 +175,7 @@ def condense(result: dict[str, Any]) -> dict[str, Any]:
              for which in (0, 1) for key in ("mean", "std", "spread")} if len(pairs) >= 2 else {}
         layers.append(stability(m[0, "mean"], m[0, "std"], m[1, "mean"], m[1, "std"],
                                 m[0, "spread"]) if m else {})
-    anchors = [{k: r[k] for k in ("step", "eval", "train", "ics")} for r in records
+    anchors = [{k: r[k] for k in ("step", "train", "ics")} for r in records
                if r.get("anchor")]
     return {"reproduces_run": result["reproduces_run"], "layers": layers, "anchors": anchors}
 
@@ -275,6 +275,8 @@ def net_verdicts(rows: list[Row], probes: dict[str, Any], net: str) -> list[Verd
             mean_ics(probes[r.run_dir])
 
     same = rate["same"]
+    if same is None:  # no plain runs: no rate to compare at
+        return []
     where = f"{name}, lr {same:g} for both (the plain net's best)"
     out = [compare("BN stabilizes the distribution of layer inputs", IOFFE,
                    f"{MEASURES['run_mean_rel']}, BN - plain; {where}",

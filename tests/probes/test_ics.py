@@ -1,4 +1,5 @@
-"""Noisy BN, percentile tracking and gradient ICS (Santurkar et al. Def. 2.1) on tiny models."""
+"""The ICS probes on tiny models: percentiles, the stability of layer inputs (calibrated on
+issue 25's case), gradient ICS (Santurkar et al. Def. 2.1), and the probed replay."""
 
 from __future__ import annotations
 
@@ -10,16 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab import nn as bnn
 from bnlab.experiments import probed
-from bnlab.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d
-from bnlab.probes.ics import drift, gradient_ics, percentile_record, unit_percentiles
+from bnlab.experiments.ics import issue25_distortion, noisy_bn_stability, over_training_shift
+from bnlab.nn.noisy import without_noise
+from bnlab.probes.ics import (
+    gradient_ics,
+    layer_moments,
+    percentile_record,
+    stability,
+    unit_moments,
+    unit_percentiles,
+)
 from bnlab.training import runs
-from bnlab.training.norms import create_norm_layer, parse_strength
+from bnlab.training.norms import create_norm_layer
 from bnlab.training.runs import CHECKPOINT
 from bnlab.training.train import TrainConfig, start_run
 from bnlab.util.scoped import preserved_buffers
-from tests.util.figure_checks import check_saved_figures
 
 
 def tiny_net(norm: str = "bnlab", seed: int = 0) -> nn.Sequential:
@@ -48,61 +55,6 @@ def assert_unchanged(model: nn.Module, before) -> None:
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
     for b, c in zip(model.buffers(), buffers):
         assert torch.equal(b, c)
-
-
-# --------------------------------------------------------------------------- noisy BN
-
-@pytest.mark.parametrize("cls,shape", [(NoisyBatchNorm1d, (8, 4)), (NoisyBatchNorm2d, (8, 4, 3, 3))])
-def test_noisy_bn_at_strength_zero_is_bn_exactly(cls, shape):
-    x = torch.randn(*shape, dtype=torch.float64)
-    plain = (bnn.BatchNorm2d if len(shape) == 4 else bnn.BatchNorm1d)(4).double()
-    noisy = cls(4, strength=0.0).double()
-    noisy.load_state_dict(plain.state_dict())
-    with torch.no_grad():
-        plain.weight.uniform_()
-        noisy.weight.copy_(plain.weight)
-    rng = torch.get_rng_state()
-    assert torch.equal(noisy(x), plain(x))
-    assert torch.equal(torch.get_rng_state(), rng)  # no noise drawn at all
-    assert torch.equal(noisy.running_mean, plain.running_mean)
-    assert torch.equal(noisy.running_var, plain.running_var)
-
-
-def test_noise_is_per_sample_and_per_activation_and_moves_over_steps():
-    torch.manual_seed(0)
-    layer = NoisyBatchNorm1d(50, strength=1.0).double()
-    x = torch.randn(400, 50, dtype=torch.float64)
-    clean = bnn.BatchNorm1d(50).double()(x)
-    deltas = []
-    for _ in range(30):
-        deltas.append(layer(x) - clean)  # (400, 50): noise y*(s-1) + m
-    d = deltas[0]
-    # Per sample and per activation: within one step the noise varies along BOTH axes,
-    # i.e. it is not one shift per channel (constant over samples) nor one per sample.
-    within_channel = d.var(dim=0).mean()   # over samples, per channel
-    within_sample = d.var(dim=1).mean()    # over channels, per sample
-    assert within_channel > 0.5 and within_sample > 0.5
-    # Entries are uncorrelated across samples and across channels.
-    c = torch.corrcoef(d.T)  # (50, 50) channel correlations over samples
-    assert (c - torch.eye(50, dtype=torch.float64)).abs().max() < 0.3
-    # Each step's mean shift is re-drawn: the batch means of the noise differ between steps
-    # by far more than their sampling error, and are not zero on average.
-    step_means = torch.stack([t.mean() for t in deltas])
-    assert step_means.std() > 10 * d.std() / (d.numel() ** 0.5)
-    assert (step_means.abs() > 0.05).float().mean() > 0.5
-
-
-def test_noise_only_in_training_and_strength_parsing():
-    layer = create_norm_layer("noisy-bn:0.5", "conv", 3)
-    assert isinstance(layer, NoisyBatchNorm2d) and layer.strength == 0.5
-    assert create_norm_layer("noisy-bn", "fc", 3).strength == 1.0
-    layer.eval()
-    x = torch.randn(4, 3, 2, 2)
-    assert torch.equal(layer(x), layer(x))
-    with pytest.raises(ValueError, match="noisy-bn:STRENGTH"):
-        parse_strength("-1")
-    with pytest.raises(ValueError, match="noisy-bn:STRENGTH"):
-        parse_strength("abc")
 
 
 # --------------------------------------------------------------------------- percentiles
@@ -135,13 +87,83 @@ def test_percentile_record_is_of_the_last_sigmoid_input_and_leaves_model_alone()
     assert noisy == percentile_record(model, x, train=True, seed=3) != record
 
 
-def test_drift_is_scale_free_and_zero_for_a_still_distribution():
-    still = [[-1.0, 0.0, 1.0]] * 4
-    assert drift(still) == {"location": 0.0, "scale": 0.0}
-    moving = [[-1.0, 0.0, 1.0], [0.0, 1.0, 2.0], [0.0, 1.0, 4.0]]
-    d = drift(moving)
-    assert d["location"] == pytest.approx(1.0 / (8 / 3))
-    assert drift([[10 * v for v in r] for r in moving]) == pytest.approx(d)
+# --------------------------------------------------------------------------- calibration
+# Issue 25: the stability measure must see the shift that noisy BN injects. The synthetic case
+# is issue 25's: a fixed N(0, 1) batch of 500 samples, 25 probes, and at every probe the
+# distortion of that issue's noisy BN (per step mu_t ~ U(-S, S), sigma_t ~ U(1, 1 + S); per
+# sample m ~ N(mu_t, S^2), s ~ N(sigma_t, (S/2)^2); y * s + m). Its known answer: the unit's
+# mean at probe t is mu_t + sigma_t * mean(x) (up to the per-sample noise's sampling error),
+# so over training it travels range_t(mu_t + sigma_t * mean(x)) in units of the noise-free
+# output's spread std(x).
+
+CALIBRATION_STRENGTHS = (0.5, 1.0, 2.0, 5.0, 20.0)
+measured_shift = over_training_shift
+"""The measure under calibration: how far the unit's distribution travelled over training, in
+units of its spread (``stability``'s ``run_mean_rel``; before issue 25 ``drift``'s location of
+unit 0's percentiles, which read 0.32, 0.49, 0.61, 0.70, 0.73 here where the answer is 0.88,
+1.77, 3.54, 8.84, 35.4)."""
+
+
+def test_the_stability_measure_sees_the_injected_shift_growing_with_strength_and_zero_without():
+    for strength in CALIBRATION_STRENGTHS:
+        outputs, clean, known = issue25_distortion(strength)
+        read = measured_shift(outputs, clean)
+        assert 0.8 * known <= read <= 1.25 * known, (strength, read, known)
+    still, clean, known = issue25_distortion(0.0)
+    assert known == 0.0 and measured_shift(still, clean) < 0.05
+
+
+def test_stability_reads_the_known_shifts_of_hand_made_moments():
+    # Two units at 3 probes; the next step's moments one step later.
+    mean = torch.tensor([[0.0, 1.0], [1.0, 1.0], [3.0, 1.0]], dtype=torch.float64)  # (T, C)
+    std = torch.tensor([[1.0, 2.0], [1.0, 2.0], [2.0, 2.0]], dtype=torch.float64)
+    next_mean = mean + torch.tensor([[0.5, 0.0], [-0.5, 0.0], [0.5, 0.0]], dtype=torch.float64)
+    next_std = std + torch.tensor([[0.0, 0.3], [0.0, -0.3], [0.0, 0.3]], dtype=torch.float64)
+    spread = torch.tensor([[1.0, 4.0]] * 3, dtype=torch.float64)
+    got = stability(mean, std, next_mean, next_std, spread)
+    assert got["step_mean"] == pytest.approx(0.25)  # median of units' 0.5 and 0
+    assert got["step_mean_rel"] == pytest.approx(0.25)  # 0.5/1 and 0/4
+    assert got["step_std"] == pytest.approx(0.15) and got["step_std_rel"] == pytest.approx(0.0375)
+    assert got["run_mean"] == pytest.approx(1.5) and got["run_mean_rel"] == pytest.approx(1.5)
+    assert got["run_std"] == pytest.approx(0.5) and got["run_std_rel"] == pytest.approx(0.5)
+    still = stability(mean[:1].expand(3, 2), std, mean[:1].expand(3, 2), std, spread)
+    assert still["step_mean"] == still["run_mean"] == 0.0
+    dead = stability(mean, std, next_mean, next_std, torch.zeros_like(spread))
+    assert dead["step_mean_rel"] != dead["step_mean_rel"]  # nan: no unit has a spread
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0, 2.0])
+def test_stability_reads_noisy_bns_step_to_step_shift_and_zero_for_plain_bn(strength):
+    """The noise the experiment injects (bnlab.nn.noisy): each unit's mean moves by
+    E|mu_t+1 - mu_t| = 2S/3 and its standard deviation by E|sigma_t+1 - sigma_t| = S/3 per
+    step, in units of the noise-free spread (1: BN's output with gamma 1); plain BN on the
+    same fixed batch does not move at all."""
+    for norm, expect in ((f"noisy-bn:{strength:g}", 1.0), ("bnlab", 0.0)):
+        got = noisy_bn_stability(norm)  # 25 steps of a lone norm layer on a fixed N(0, 1) batch
+        assert got["step_mean_rel"] == pytest.approx(expect * 2 * strength / 3, rel=0.15, abs=1e-9)
+        assert got["step_std_rel"] == pytest.approx(expect * strength / 3, rel=0.2, abs=1e-9)
+
+
+def test_layer_moments_are_per_unit_of_every_normalized_layer_and_leave_the_model_alone():
+    model = tiny_net("noisy-bn:1")
+    x, _ = batch()
+    model.eval()
+    before = snapshot(model)
+    rng = torch.get_rng_state()
+    layers = layer_moments(model, x, seed=3)
+    assert [len(layer["mean"]) for layer in layers] == [7, 6]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(layers, layer_moments(model, x, seed=3))
+               for k in a)
+    assert not model.training and torch.equal(torch.get_rng_state(), rng)
+    assert_unchanged(model, before)
+    with torch.no_grad(), without_noise(model):
+        plain_bn = model.train()[1](model[0](x))  # (16, 7) the noise-free output of the first BN
+    assert torch.allclose(layers[0]["spread"], plain_bn.std(dim=0))
+    assert not torch.allclose(layers[0]["std"], layers[0]["spread"])
+    conv = torch.arange(2 * 3 * 2 * 2, dtype=torch.float64).reshape(2, 3, 2, 2)
+    mean, std = unit_moments(conv)  # a channel over (N, H, W)
+    assert torch.equal(mean, conv.transpose(0, 1).flatten(1).mean(dim=1))
+    assert torch.equal(std, conv.transpose(0, 1).flatten(1).std(dim=1))
 
 
 # --------------------------------------------------------------------------- gradient ICS
@@ -154,6 +176,17 @@ def test_gradient_ics_is_zero_when_the_previous_layers_do_not_move(norm):
     assert len(results) == 3
     for r in results:
         assert r["diff"] == 0.0 and r["relative"] == 0.0 and r["cosine"] == pytest.approx(1.0)
+
+
+def test_gradient_ics_grows_in_proportion_to_the_previous_layers_step():
+    """Calibration: G' - G is the first-order response to the previous layers' step, so
+    ||G - G'|| is proportional to lr for small lr (and 0 at lr 0, above)."""
+    model = tiny_net("bnlab")
+    x, y = batch()
+    reads = [gradient_ics(model, x, y, lr)[2]["relative"] for lr in (1e-4, 1e-3, 1e-2)]
+    assert 0 < reads[0] < reads[1] < reads[2]
+    assert reads[1] / reads[0] == pytest.approx(10, rel=0.02)
+    assert reads[2] / reads[1] == pytest.approx(10, rel=0.2)
 
 
 def test_gradient_ics_matches_a_by_hand_update_of_the_previous_layers():
@@ -188,26 +221,6 @@ def test_gradient_ics_leaves_parameters_grads_buffers_and_rng_alone():
     gradient_ics(model, x, y, lr=1.0)
     assert not model.training and torch.equal(torch.get_rng_state(), rng)
     assert_unchanged(model, before)
-
-
-@pytest.mark.slow
-def test_ics_experiment_quick_grid_runs_and_probes_are_cached(synthetic_fashion, tmp_path,
-                                                             monkeypatch):
-    from bnlab.experiments import get_experiment
-    from bnlab.experiments.runner import QUICK, run_experiment
-
-    figures = check_saved_figures(monkeypatch)
-    report = run_experiment(get_experiment("ics"), QUICK, tmp_path, synthetic_fashion,
-                            progress=False)
-    assert "Every probed replay ended on exactly its run's weights." in report
-    assert "noisy BN 1" in report and "Gradient ICS, LeNet vs BN-LeNet at lr 0.1" in report
-    caches = sorted(tmp_path.glob("runs/*/analysis/ics-probes.json"))
-    assert len(caches) == len(get_experiment("ics").variants(QUICK))
-    assert {"ics/ioffe_fig1.png", "ics/gradient_ics.png"} <= set(figures.problems)
-    assert figures.failing == {}
-    stamp = [c.stat().st_mtime_ns for c in caches]
-    run_experiment(get_experiment("ics"), QUICK, tmp_path, synthetic_fashion, progress=False)
-    assert [c.stat().st_mtime_ns for c in caches] == stamp  # nothing measured again
 
 
 def test_a_probed_replay_ends_on_exactly_the_run_s_weights(synthetic_fashion, tmp_path):

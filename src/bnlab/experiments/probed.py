@@ -132,10 +132,12 @@ def cached_replay(run_dir: str | Path, name: str, key: dict[str, Any], dataset,
                   steps_for: Callable[[TrainConfig], list[int]],
                   probe_for: Callable[[TrainConfig], Probe],
                   setup_for: Callable[[TrainConfig], Callable[[torch.nn.Module], None]] | None = None,
+                  reduce: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                   ) -> dict[str, Any]:
     """The replay of the run in ``run_dir`` with ``probe_for(config)`` at ``steps_for(config)``
     (and ``setup_for(config)`` as its ``setup``), measured once per ``key`` (plus the steps
-    and a fingerprint of the dataset) and kept in the run folder (``runs.cached``)."""
+    and a fingerprint of the dataset) and kept in the run folder (``runs.cached``). With
+    ``reduce``, what is kept is ``reduce(replay's result)`` (probes too big to keep whole)."""
     run = runs.load_run(run_dir)
     config = config_from_dict(TrainConfig, run["config"])
     steps = steps_for(config)
@@ -144,6 +146,11 @@ def cached_replay(run_dir: str | Path, name: str, key: dict[str, Any], dataset,
     key = {**key, "steps": steps, **({"threads": sorted(threads.items())} if threads else {}),
            "data": fingerprint(dataset.train_images, dataset.train_labels,
                                dataset.test_images, dataset.test_labels)}
-    return runs.cached(run_dir, name, key, lambda: replay(
-        config, dataset, steps, probe_for(config), Path(run_dir) / runs.CHECKPOINT,
-        progress=False, setup=setup_for(config) if setup_for else None, threads=threads))
+
+    def measure() -> dict[str, Any]:
+        result = replay(config, dataset, steps, probe_for(config), Path(run_dir) / runs.CHECKPOINT,
+                        progress=False, setup=setup_for(config) if setup_for else None,
+                        threads=threads)
+        return reduce(result) if reduce else result
+
+    return runs.cached(run_dir, name, key, measure)

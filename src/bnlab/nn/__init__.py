@@ -41,7 +41,7 @@ from bnlab.nn.frozen import (
 )
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.nn.interop import to_torch
-from bnlab.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d
+from bnlab.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d, without_noise
 from bnlab.nn.precise import update_bn_stats
 from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d
 from bnlab.nn.sync import SyncBatchNorm
@@ -54,6 +54,6 @@ __all__ = [
     "unfused",
     "GhostBatchNorm1d", "GhostBatchNorm2d", "BatchRenorm1d", "BatchRenorm2d",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batch_norm",
-    "unfreeze_batch_norm", "NoisyBatchNorm1d", "NoisyBatchNorm2d", "SyncBatchNorm",
+    "unfreeze_batch_norm", "NoisyBatchNorm1d", "NoisyBatchNorm2d", "without_noise", "SyncBatchNorm",
     "update_bn_stats", "fold_batch_norm", "to_torch",
 ]

@@ -41,6 +41,7 @@ from torch import nn
 
 from bnlab import nn as bnn
 from bnlab.functional import get_implementation
+from bnlab.nn.noisy import SCOPES as NOISE_SCOPES
 
 _KINDS = ("conv", "fc")
 
@@ -131,15 +132,24 @@ NOISY_STRENGTH = 1.0
 """Strength of the ``"noisy-bn"`` norm without a value."""
 
 
-def parse_strength(value: str) -> float:
-    """The ``1.5`` of ``"noisy-bn:1.5"`` -> 1.5 (ValueError unless a number >= 0)."""
+def parse_noise(value: str) -> tuple[float, str]:
+    """The ``1.5`` of ``"noisy-bn:1.5"`` -> (1.5, "unit"); ``"1.5:layer"`` -> (1.5, "layer")
+    (``bnlab.nn.noisy.SCOPES``); ValueError unless a number >= 0 and a known scope."""
+    text, _, scope = value.partition(":")
     try:
-        strength = float(value)
+        strength = float(text)
     except ValueError:
         strength = -1.0
-    if not strength >= 0:
-        raise ValueError(f"expected noisy-bn:STRENGTH with a number >= 0 (got 'noisy-bn:{value}')")
-    return strength
+    if not strength >= 0 or scope not in ("", *NOISE_SCOPES):
+        raise ValueError(f"expected noisy-bn:STRENGTH[:SCOPE] with a number >= 0 and SCOPE in "
+                         f"{NOISE_SCOPES} (got 'noisy-bn:{value}')")
+    return strength, scope or "unit"
+
+
+def _noisy_bn(kind: str, num_features: int,
+              noise: tuple[float, str] = (NOISY_STRENGTH, "unit")) -> nn.Module:
+    cls = bnn.NoisyBatchNorm2d if kind == "conv" else bnn.NoisyBatchNorm1d
+    return cls(num_features, *noise)
 
 
 def _by_kind(conv: type[nn.Module], fc: type[nn.Module], *defaults: Any) -> Callable[..., nn.Module]:
@@ -189,11 +199,13 @@ NORMS: dict[str, Norm] = {
                    "fresh ones are (0, 1) statistics and the identity affine, so training with "
                    "it is training without normalization: for inference and as a baseline "
                    "(bnlab.nn.frozen)", batch_statistics=False),
-    "noisy-bn": Norm(_by_kind(bnn.NoisyBatchNorm2d, bnn.NoisyBatchNorm1d, NOISY_STRENGTH),
-                     "Santurkar et al.'s noisy BN: bnlab's BN, then per-sample, per-activation "
-                     "noise y*s+m with a mean and scale re-drawn every step (bnlab.nn.noisy); "
-                     "'noisy-bn:S' sets the strength S (default 1; 0 = plain BN)",
-                     batch_statistics=True, parse_value=parse_strength),
+    "noisy-bn": Norm(_noisy_bn,
+                     "Santurkar et al.'s noisy BN: bnlab's BN, then y*s+m with each unit's mean "
+                     "shift and scale re-drawn every step, plus small per-sample noise; its "
+                     "expectation in eval mode (bnlab.nn.noisy); 'noisy-bn:S' sets the strength "
+                     "S (default 1; 0 = plain BN), 'noisy-bn:S:layer' draws one shift and scale "
+                     "per layer instead of per unit", batch_statistics=True,
+                     parse_value=parse_noise),
 }
 """Every norm the lab knows, by name."""
 

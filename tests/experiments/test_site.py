@@ -209,3 +209,18 @@ def test_report_rendering_escapes_and_keeps_links_in_the_site():
     assert "<b>" not in rendered.html and "&lt;b&gt;" in rendered.html
     assert "href=\"javascript" not in rendered.html and "Title" not in rendered.html
     assert rendered.figures == ["a.png"] and {"same", "same-2", "fig-a"} <= rendered.anchors
+
+
+@pytest.mark.parametrize(("lab_date", "status"), [("2026-03-01 10:00 UTC", "incomplete"),
+                                                  ("2026-01-01 10:00 UTC", "done")])
+def test_a_lab_failure_shows_until_the_experiment_is_analysed_again(tmp_path, lab_date, status):
+    folder = write_experiment(tmp_path, "lr", [], "# lr\n")
+    findings = json.loads((folder / "findings.json").read_text())
+    findings["provenance"]["date"] = "2026-02-01 10:00 UTC"
+    (folder / "findings.json").write_text(json.dumps(findings))
+    (tmp_path / "lab.json").write_text(json.dumps({"calls": [], "experiments": {"lr": {
+        "status": "incomplete", "error": "2 of 9 runs could not be used", "date": lab_date}}}))
+    site = build_site([tmp_path], tmp_path / "site")
+    row = (site / "index.html").read_text().split('id="exp-lr"')[1].split("</tr>")[0]
+    assert f'class="status {status}">{status}<' in row
+    assert ("2 of 9 runs" in row) == (status == "incomplete")

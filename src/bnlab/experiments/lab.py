@@ -123,6 +123,7 @@ class LabProgress:
                  every: float = 2.0) -> None:
         unique = {p.run_dir: p for planned in plans.values() for p in planned}
         self.runs = list(unique.values())
+        self.kinds = {p.run_dir: rate_key(p) for p in self.runs}
         self.experiments = len(plans)
         self.done_experiments = 0
         self.jobs = max(1, jobs)
@@ -149,7 +150,7 @@ class LabProgress:
         """The estimate's text (also what ``refresh`` shows)."""
         for p in self.runs:
             if p.run_dir not in self.rates and is_finished(p.run_dir):
-                self.rates[p.run_dir] = (rate_key(p), seconds_per_step(p.run_dir))
+                self.rates[p.run_dir] = (self.kinds[p.run_dir], seconds_per_step(p.run_dir))
         measured = [(kind, rate) for kind, rate in self.rates.values() if rate is not None]
         left = [sizing.run_size(p) for p in self.runs if p.run_dir not in self.rates]
         steps = sum(s.steps for s in left)
@@ -161,7 +162,8 @@ class LabProgress:
         for kind, rate in measured:
             by_kind.setdefault(kind, []).append(rate)
         fallback = statistics.median(rate for _, rate in measured)
-        seconds = sum(s.steps * statistics.median(by_kind.get(rate_key(s.run), [fallback]))
+        seconds = sum(s.steps * statistics.median(by_kind.get(self.kinds[s.run.run_dir],
+                                                              [fallback]))
                       for s in left) / self.jobs
         return (f"~{sizing.format_duration(seconds)} of training left (from "
                 f"{counted(len(measured), 'run')} measured)")

@@ -63,6 +63,7 @@ CHAPTER_SOURCES = ("chapter", "d2l")
 questions beyond it (papers the chapter cites or leads to)."""
 
 NOT_RUN, SMOKE, DONE, FAILED, UNREADABLE = "not run yet", "smoke test", "done", "failed", "unreadable"
+INCOMPLETE = "incomplete"  # analysed without some of its runs (their folders could not be used)
 OUTCOME_CLASSES = {SUPPORTED: "supported", CONTRADICTED: "contradicted",
                    UNRESOLVED: "unresolved", SMOKE_TEST: "smoke"}
 
@@ -221,11 +222,13 @@ def read_page(name: str, root: Path, lab: dict[str, Any]) -> tuple[Page, list[Pa
     last_call = LabCall.of_experiment(entries.get(name) if isinstance(entries, dict) else None)
     page = Page(name, experiment.title, experiment.question, NOT_RUN,
                 shlex.join(["bnlab", "exp", name, "--out", str(root)]), last_call=last_call)
-    if last_call is not None and last_call.status != "done":
-        page.status, page.note = FAILED, last_call.error
     if folder.is_symlink():
         page.status, page.note = UNREADABLE, f"{folder} is a symbolic link (not followed)"
         return page, []
+    lab_failed = last_call is not None and last_call.status != "done"
+    if lab_failed:  # said unless the experiment was analysed again since
+        page.status = INCOMPLETE if last_call.status == INCOMPLETE else FAILED
+        page.note = last_call.error
     if not _regular(folder / "findings.json"):
         return page, []
     try:
@@ -237,14 +240,13 @@ def read_page(name: str, root: Path, lab: dict[str, Any]) -> tuple[Page, list[Pa
         page.status, page.note = UNREADABLE, f"findings.json: {exc}"
         return page, []
     page.findings = findings
+    facts = findings.get("provenance") if isinstance(findings.get("provenance"), dict) else {}
+    page.command = str(facts.get("command", page.command))
+    if not (lab_failed and last_call.date >= str(facts.get("date", ""))):
+        page.status, page.note = (SMOKE if findings.get("smoke_test") else DONE), ""
     settings = findings.get("settings")
     if isinstance(settings, dict):
         page.settings = [(str(k), str(v)) for k, v in settings.items()]
-    if page.status != FAILED:
-        page.status = SMOKE if findings.get("smoke_test") else DONE
-    facts = findings.get("provenance")
-    if isinstance(facts, dict):
-        page.command = str(facts.get("command", page.command))
     files = copyable(folder)
     names = {p.name for p in files}
     text = ""

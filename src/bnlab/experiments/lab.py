@@ -120,11 +120,11 @@ class LabProgress:
     every ``every`` seconds from the run folders, so the experiments know nothing of it."""
 
     def __init__(self, plans: dict[str, list[PlannedRun]], jobs: int, progress: bool,
-                 every: float = 2.0) -> None:
+                 experiments: int | None = None, every: float = 2.0) -> None:
         unique = {p.run_dir: p for planned in plans.values() for p in planned}
         self.runs = list(unique.values())
         self.kinds = {p.run_dir: rate_key(p) for p in self.runs}
-        self.experiments = len(plans)
+        self.experiments = len(plans) if experiments is None else experiments
         self.done_experiments = 0
         self.jobs = max(1, jobs)
         self.rates: dict[Path, tuple[str, float | None]] = {}  # finished run -> (kind, s/step)
@@ -281,9 +281,9 @@ def run_lab(experiments: list[Experiment], settings: ExpSettings, out: str | Pat
     for e in experiments:
         try:
             plans[e.name] = sizing.planned_runs(e, settings, out)  # validates every config
-        except BnlabError as exc:
+        except Exception as exc:  # noqa: BLE001  said when its turn comes; the others run
             errors[e.name] = exc
-    bar = LabProgress(plans, jobs, progress)
+    bar = LabProgress(plans, jobs, progress, len(experiments))
     try:
         for e in experiments:
             bar.say(f"\n{e.name}: {e.title}")

@@ -194,7 +194,7 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser():
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="Playwright for Python is not installed (pip install "
@@ -238,7 +238,7 @@ def _images(page) -> list[tuple[str, int]]:
 
 
 @pytest.mark.slow
-def test_the_site_in_a_browser(lab, browser, tmp_path):
+def test_the_site_in_a_browser(browser, lab, tmp_path):  # skips before the lab runs
     out, code, _ = lab
     assert code == 0
     site = out / "site"

@@ -15,15 +15,17 @@ PYTEST_JOBS ?= auto
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.bnlab-installed
 
-.PHONY: demo test test-fast env kernel data data-if-possible lint clean strip-notebook
+.PHONY: demo test test-fast env kernel data data-if-possible browser site-screenshot lint clean \
+	strip-notebook
 
 demo: data kernel
 	$(BIN)/bnlab demo $(DEMO_ARGS)
 
 # The same set-up as the demo; the suite needs no real data (its one real-data test skips,
-# saying why, where Fashion-MNIST cannot be had), so a failed fetch does not stop it.
+# saying why, where Fashion-MNIST cannot be had), so a failed fetch does not stop it; and
+# Debian's chromium for the site's browser test (which skips, saying why, without it).
 # Lint first: CI runs `make test`, so it enforces ruff too.
-test: lint data-if-possible kernel
+test: lint data-if-possible kernel browser
 	$(BIN)/python -m pytest -n $(PYTEST_JOBS) $(PYTEST_ARGS)
 
 # The edit loop: lint and every test not marked slow (the end-to-end grids, demo and CLI runs).
@@ -44,6 +46,22 @@ data: env
 
 data-if-possible: env
 	-$(BIN)/bnlab data fetch
+
+# Debian's chromium, for the test that opens the site in a browser: installed where it is
+# missing and apt works as root (a no-op once installed); elsewhere set-up carries on, saying so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the site's browser test"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	      >/dev/null; } || echo "could not install chromium: the browser test will skip"; \
+	  else echo "no chromium, and no apt-get as root to install it: the browser test will skip"; \
+	  fi; }
+
+# The README's picture of the site: `bnlab lab` first (SITE is the site it wrote).
+SITE ?= runs/exp/site
+site-screenshot: browser
+	scripts/site_screenshot.sh $(SITE) docs/site-index.png
 
 # bnlab's C++ batch-norm kernel, built once per machine and torch (a no-op when built).
 # Without a compiler or ninja the build fails with a one-line reason and set-up carries

@@ -23,6 +23,7 @@ DATA_DIR_DEFAULT = ("(default: $BNLAB_DATA, else ~/.cache/bnlab/fashion-mnist, t
                     "/usr/share/datasets/fashion-mnist)")
 
 DEFAULT_REPORT_RUNS = ("runs/demo", "runs/exp")
+DEFAULT_SITE_RUNS = "runs/exp"
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -494,14 +495,53 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     _add_common_run_flags(exp)
     exp.set_defaults(handler=_run_experiment)
 
+    lab = sub.add_parser(
+        "lab", help="run every experiment (or the named ones) at its defaults, then write the site",
+        description="Run every experiment (or the NAMEs) one after another into --out, as `bnlab "
+                    "exp NAME` would: runs are shared by config hash, finished ones skipped and "
+                    "cut-off ones resumed, so a second call only re-analyses. A failing experiment "
+                    "is listed with its error and the others go on (the exit status says so). "
+                    "Then it prints each experiment's wall time in this call and its cost (what "
+                    "its runs, measurements and analysis recorded, over all calls), keeps them "
+                    "in --out/lab.json and writes the site into --out/site "
+                    "(`bnlab report --html`).")
+    lab.add_argument("names", nargs="*", metavar="NAME",
+                     help=f"experiments to run (default: all: {' '.join(EXPERIMENTS)})")
+    lab_size = lab.add_mutually_exclusive_group()
+    lab_size.add_argument("--quick", action="store_true",
+                          help="every experiment's smoke test (as exp --quick) (default: each "
+                               "experiment's own grid)")
+    lab_size.add_argument("--full", action="store_true",
+                          help="the chapter's settings for every experiment (as exp --full) "
+                               "(default: each experiment's own grid)")
+    lab.add_argument("--seeds", type=int,
+                     help="seeds per variant (default: 3; --quick: 1)")
+    lab.add_argument("--jobs", type=int, default=1,
+                     help="runs in parallel processes, as for exp (default: 1)")
+    lab.add_argument("--out", default="runs/exp", help="output folder (default: runs/exp)")
+    lab.add_argument("--executor", choices=EXECUTORS, default="local",
+                     help="where runs train, as for exp (default: local)")
+    lab.add_argument("--address", help="--executor ray: as for exp (default: start a local Ray)")
+    lab.add_argument("--threads", type=int, help="threads per run, as for exp (default: local "
+                     "cpu_count // jobs, ray 1)")
+    _add_common_run_flags(lab)
+    lab.set_defaults(handler=_run_lab)
+
     report = sub.add_parser(
-        "report", help="gather the demo and all experiment reports into one",
+        "report", help="gather the demo and all experiment reports into one (--html: a site)",
         description="Gather the demo's report.md and each experiment's report.md found under "
                     "the --runs folders into one Markdown file (--out), the experiments in "
-                    "bnlab's order, figure links rewritten to work from there.")
+                    "bnlab's order, figure links rewritten to work from there. With --html, "
+                    "write a static site instead: an index of every claim with its verdict and "
+                    "every experiment, and a page per experiment with its report and figures, "
+                    "self-contained (it works from file:// and from a zip).")
     report.add_argument("--runs", nargs="+",
-                        help=f"folders to gather from (default: {' '.join(DEFAULT_REPORT_RUNS)})")
-    report.add_argument("--out", default="runs/report.md", help="(default: runs/report.md)")
+                        help=f"folders to gather from (default: {' '.join(DEFAULT_REPORT_RUNS)}; "
+                             f"--html: {DEFAULT_SITE_RUNS})")
+    report.add_argument("--html", action="store_true",
+                        help="write the site, a folder, instead of one Markdown file (default: off)")
+    report.add_argument("--out", help="(default: runs/report.md; --html: the first --runs "
+                                      "folder's site/)")
     report.set_defaults(handler=_run_report)
 
 
@@ -534,6 +574,49 @@ def _run_experiment(args: argparse.Namespace) -> None:
     print(f"report: {args.out}/{experiment.name}/report.md")
 
 
+def _lab_exp_flags(args: argparse.Namespace) -> list[str]:
+    """The flags of `bnlab exp` that repeat what this `bnlab lab` call was asked."""
+    flags = ["--quick"] if args.quick else ["--full"] if args.full else []
+    for flag, value, default in (("--seeds", args.seeds, None), ("--jobs", args.jobs, 1),
+                                 ("--out", args.out, None), ("--executor", args.executor, "local"),
+                                 ("--address", args.address, None),
+                                 ("--threads", args.threads, None),
+                                 ("--data-dir", args.data_dir, None)):
+        if value != default:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _run_lab(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from bnlab.experiments import EXPERIMENTS, get_experiment
+    from bnlab.experiments.executors import make_executor
+    from bnlab.experiments.lab import run_lab, summary
+    from bnlab.experiments.runner import FULL, QUICK, ExpSettings
+
+    try:
+        experiments = [get_experiment(n) for n in dict.fromkeys(args.names or EXPERIMENTS)]
+    except ValueError as exc:
+        raise BnlabError(str(exc)) from None
+    settings = QUICK if args.quick else FULL if args.full else ExpSettings()
+    if args.seeds is not None:
+        settings = dataclasses.replace(settings, seeds=args.seeds)  # checked by ExpSettings
+    _check_positive(args, "jobs")
+    executor = make_executor(args.executor, args.jobs, args.address, args.threads)
+    dataset = _load_data(args)
+    flags = _lab_exp_flags(args)
+    result = run_lab(experiments, settings, args.out, dataset,
+                     lambda name: shlex.join(["bnlab", "exp", name, *flags]),
+                     shlex.join(["bnlab", *args.argv]), args.jobs, executor, args.progress)
+    print(summary(result, Path(args.out)))
+    if result.failed:
+        raise BnlabError(f"{len(result.failed)} of {len(result.outcomes)} experiments failed or "
+                         f"left runs out: {', '.join(o.name for o in result.failed)} (see above)")
+    if result.site is None:
+        raise BnlabError(f"the site was not written: {result.site_error}")
+
+
 def _run_report(args: argparse.Namespace) -> None:
     from bnlab.experiments import EXPERIMENTS
     from bnlab.experiments.report import build_report
@@ -543,8 +626,15 @@ def _run_report(args: argparse.Namespace) -> None:
         missing = [r for r in args.runs if not Path(r).is_dir()]
         if missing:
             raise BnlabError(f"--runs {' '.join(missing)}: no such folder")
-    path, gathered = build_report(args.runs or list(DEFAULT_REPORT_RUNS), args.out,
-                                  order=tuple(EXPERIMENTS))
+    if args.html:
+        from bnlab.experiments.site import build_site
+
+        roots = args.runs or [DEFAULT_SITE_RUNS]
+        site = build_site(roots, args.out or str(Path(roots[0]) / "site"))
+        print(f"site: {site / 'index.html'}")
+        return
+    path, gathered = build_report(args.runs or list(DEFAULT_REPORT_RUNS),
+                                  args.out or "runs/report.md", order=tuple(EXPERIMENTS))
     print(f"gathered {counted(len(gathered), 'report')} into {path}")
 
 

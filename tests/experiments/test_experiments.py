@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,13 @@ def test_cached_computes_once_per_key(tmp_path):
     runs.cached(tmp_path, "other", {"setting": 2}, compute)
     assert len(calls) == 3
     assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_cached_records_what_the_measurement_cost(tmp_path):
+    before = time.time()
+    runs.cached(tmp_path, "slow", {"k": 1}, lambda: time.sleep(0.05) or 1)
+    stored = json.loads((tmp_path / runs.ANALYSIS / "slow.json").read_text())
+    assert stored["seconds"] >= 0.05 and before <= stored["computed_at"] <= time.time()
 
 
 @pytest.mark.slow

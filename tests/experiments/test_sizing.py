@@ -134,10 +134,20 @@ def test_the_analysis_bar_follows_the_measurements(tmp_path, capsys):
     seen = []
     with sizing.grid_progress(planned, progress=True):
         with runs.observing_measurements(lambda name, computed: seen.append((name, computed))):
-            runs.cached(tmp_path, "m", {"k": 1}, lambda: 1)  # the inner observer wins inside
+            runs.cached(tmp_path, "m", {"k": 1}, lambda: 1)  # the bar sees it too
         runs.cached(tmp_path, "m", {"k": 1}, lambda: 1)
     assert seen == [("m", True)]
     assert "grid: 6 runs, 0 finished; 48 training steps to run" in capsys.readouterr().err
+
+
+def test_nested_observers_each_see_every_measurement(tmp_path):
+    outer, inner = [], []
+    with runs.observing_measurements(lambda name, computed: outer.append((name, computed))):
+        with runs.observing_measurements(lambda name, computed: inner.append((name, computed))):
+            runs.cached(tmp_path, "m", {"k": 1}, lambda: 1)
+        runs.cached(tmp_path, "m", {"k": 1}, lambda: 1)
+    assert inner == [("m", True)]
+    assert outer == [("m", True), ("m", False)]
 
 
 def test_the_analysis_bar_counts_measurements_left_per_name():

@@ -139,9 +139,9 @@ def test_eval_every_records_validation_between_epochs_and_survives_resume(synthe
     start_run(config, synthetic_fashion, tmp_path / "cut", resume=True, progress=False).train()
     whole = runs.load_run(tmp_path / "whole")["evals"]
     assert [e["step"] for e in whole] == list(range(10, 2 * steps_per_epoch + 1, 10))
-    assert all(e["train_seconds"] > 0 for e in whole)
+    assert all(e["train_seconds"] > 0 and e["eval_seconds"] > 0 for e in whole)
     resumed = runs.load_run(tmp_path / "cut")["evals"]
-    strip = lambda evals: [{k: v for k, v in e.items() if k != "train_seconds"} for e in evals]  # noqa: E731
+    strip = lambda evals: [{k: v for k, v in e.items() if k not in TIMING_KEYS} for e in evals]  # noqa: E731
     assert strip(resumed) == strip(whole)
     # Periodic evaluation does not change training.
     plain = start_run(small_config(epochs=2), synthetic_fashion, progress=False).train()

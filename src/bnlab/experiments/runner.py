@@ -17,8 +17,10 @@ Layout of ``<out>/``::
                     and the provenance of this analysis
     <experiment>/summary.md, summary.csv   mean ± 95% CI over seeds per variant (the CSV in
                     numeric columns: mean, low, high, n, diverged)
-    <experiment>/findings.json   the analysis's verdicts, findings, calibrations, provenance
-                    and whether the grid was a smoke test (what pages are built from)
+    <experiment>/findings.json   the analysis's verdicts, findings, calibrations, provenance,
+                    whether the grid was a smoke test (what pages are built from), and this
+                    call's timing: wall seconds training and analysing, and the names of the
+                    measurements the analysis read (``bnlab.experiments.costs``)
     <experiment>/*.png, report.md   the experiment's own plots and computed conclusions
 """
 
@@ -29,6 +31,7 @@ import hashlib
 import json
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,19 +384,24 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     remove_stray_temps(out)
     atomic_write_json(out / "settings.json", config_to_dict(settings))
     bad: list[BadRun] = []
+    started = time.perf_counter()
     execute(planned, dataset, jobs, progress, executor, tensorboard, bad)
-    rows = collect(planned, bad)
-    facts = provenance(command or f"run_experiment({experiment.name!r})", settings.quick)
-    table = write_results(out, rows, facts)
-    smoke = is_smoke_test(settings)
-    analysis = experiment.analyze(rows, out, dataset, settings)
+    timing = {"training_s": time.perf_counter() - started, "analysis_started_at": time.time()}
+    started, measurements = time.perf_counter(), set()
+    with runs.observing_measurements(lambda name, computed: measurements.add(name)):
+        rows = collect(planned, bad)
+        facts = provenance(command or f"run_experiment({experiment.name!r})", settings.quick)
+        table = write_results(out, rows, facts)
+        smoke = is_smoke_test(settings)
+        analysis = experiment.analyze(rows, out, dataset, settings)
     if smoke:
         analysis = analysis.as_smoke_test()
+    timing.update(analysis_s=time.perf_counter() - started, measurements=sorted(measurements))
     atomic_write_json(out / "findings.json", {
         "experiment": experiment.name, "title": experiment.title, "question": experiment.question,
         "smoke_test": smoke, "provenance": facts, "settings": config_to_dict(settings),
         "verdicts": [v.to_json() for v in analysis.verdicts], "findings": analysis.findings,
-        "calibration": [c.to_json() for c in analysis.calibration]})
+        "calibration": [c.to_json() for c in analysis.calibration], "timing": timing})
     report = "\n".join(_report_lines(experiment, settings, planned, smoke, facts, table,
                                       analysis, bad)) + "\n"
     atomic_write_text(out / "report.md", report)

@@ -10,7 +10,7 @@ trained::
       config.json      the TrainConfig, verbatim
       metrics.jsonl    one JSON object per finished epoch
       steps.jsonl      the training loss of every step, one line per epoch
-      evals.jsonl      validation every N steps (only with eval_every)
+      evals.jsonl      validation every N steps, with its seconds (only with eval_every)
       summary.json     final/best val acc, seconds per epoch, diverged (written at the end)
       checkpoint.pt    model, optimizer, history and RNG state after the last finished epoch
       curves.png       train loss, val loss and val acc against epoch
@@ -39,6 +39,7 @@ import math
 import pickle
 import re
 import sys
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
@@ -464,7 +465,9 @@ def cached(run_dir: str | Path, name: str, key: dict[str, Any], compute: Callabl
     value whose key differs from ``key`` (a changed setting, other images, a new version of
     the measurement) is recomputed and replaced. ``key`` and the value must be JSON (floats
     may be NaN); the value returned has been through JSON either way, so a first and a
-    cached analysis see exactly the same numbers.
+    cached analysis see exactly the same numbers. The file also records the seconds the
+    computation took and when it started (Unix time): what the measurement cost, for
+    ``bnlab.experiments.costs``.
     """
     path = Path(run_dir) / ANALYSIS / f"{name}.json"
     key = json.loads(json.dumps(key))
@@ -475,8 +478,10 @@ def cached(run_dir: str | Path, name: str, key: dict[str, Any], compute: Callabl
             if observer is not None:
                 observer(name, False)
             return stored["value"]
+    started, started_at = time.perf_counter(), time.time()
     value = json.loads(json.dumps(compute()))
-    atomic_write_json(path, {"key": key, "value": value})
+    atomic_write_json(path, {"key": key, "value": value, "seconds": time.perf_counter() - started,
+                             "computed_at": started_at})
     if observer is not None:
         observer(name, True)
     return value
@@ -490,8 +495,16 @@ _measurement_observer: ContextVar[Callable[[str, bool], None] | None] = ContextV
 def observing_measurements(observer: Callable[[str, bool], None]) -> Iterator[None]:
     """Within the block, every :func:`cached` call ends with ``observer(name, computed)``
     (``computed`` False when the stored value was used): how a progress bar follows an
-    experiment's analysis without the analysis knowing about it."""
-    token = _measurement_observer.set(observer)
+    experiment's analysis without the analysis knowing about it. In nested blocks every
+    observer sees each call, the innermost first."""
+    outer = _measurement_observer.get()
+
+    def chained(name: str, computed: bool) -> None:
+        observer(name, computed)
+        if outer is not None:
+            outer(name, computed)
+
+    token = _measurement_observer.set(chained)
     try:
         yield
     finally:

@@ -501,9 +501,11 @@ class TrainingRun:
                 return 0.0
             start = time.perf_counter()
             val_loss, val_acc = evaluate(self.model, self.loaders.val)
+            seconds = time.perf_counter() - start
             self.evals.append({"step": steps_before + step, "epoch": epoch, "val_loss": val_loss,
-                               "val_acc": val_acc, "train_seconds": seconds_before + train_seconds})
-            return time.perf_counter() - start
+                               "val_acc": val_acc, "train_seconds": seconds_before + train_seconds,
+                               "eval_seconds": seconds})
+            return seconds
 
         return after_step
 

@@ -112,19 +112,20 @@ def _path(loss0, slope, scale):
             "grad_change": [scale * d for d in sizes]}
 
 
-def _probed(bn_scale, seeds=3, both_train=True):
+def _probed(bn_scale, seeds=3, both_train=True, bn_speed=1.0):
     """An architecture whose BN arm's gradient changes are bn_scale x the plain arm's, with a
-    little seed-to-seed spread, at the same training losses."""
+    little seed-to-seed spread; the BN arm's loss falls bn_speed times as fast."""
     arch = ARCHITECTURES[1]
     rows, records = {}, {}
     for bn in (False, True):
         rows[bn] = [_row(arch.key, bn, 0.1, s, 0.8) for s in range(seeds)]
+        speed = bn_speed if bn else 1.0
         for r in rows[bn]:
             scale = (bn_scale if bn else 1.0) * (1 + 0.05 * r.seed)
+            losses = [2.0 / (1 + speed * t) for t in range(8)]
             records[r.run_dir] = [
-                {"step": t, "loss0": 2.0 / (1 + t), "grad_norm": 1.0,
-                 "gradient": _path(2.0 / (1 + t), 1.0, scale),
-                 "normalized": _path(2.0 / (1 + t), 1.0, scale)} for t in range(8)]
+                {"step": t, "loss0": loss, "grad_norm": 1.0, "gradient": _path(loss, 1.0, scale),
+                 "normalized": _path(loss, 1.0, scale)} for t, loss in enumerate(losses)]
     probed = Probed(arch, RateChoice(0.1, both_train), rows, records, 0.0)
     probed.level = matched_level(list(records.values()))
     return probed
@@ -178,3 +179,16 @@ def test_a_matching_that_ignores_the_loss_fails_the_calibration(monkeypatch):
                         lambda records, level, value: at_equal_steps(records, value))
     failing = {c.case for c in landscape.matching_calibration() if not c.ok}
     assert len(failing) == 3
+
+
+def test_arms_whose_probes_miss_a_common_loss_are_not_judged_at_matched_loss():
+    """BN's loss falls so fast that its probes skip past the level: the matched comparison
+    says so instead of comparing different losses; equal steps are still judged."""
+    p = _probed(0.1, bn_speed=50.0)
+    assert p.mismatch().startswith("the probes read do not match")
+    by_protocol = {v.claim: v for v in verdicts([p])}
+    matched = [v for c, v in by_protocol.items() if "matched loss" in c]
+    assert matched and all(v.effect is None and "do not match" in v.note for v in matched)
+    assert all(v.outcome == SUPPORTED for c, v in by_protocol.items() if "equal steps" in c
+               and "more predictive" in c)
+    assert _probed(0.1).mismatch() == ""

@@ -210,14 +210,25 @@ def matched_level(runs: list[list[dict[str, Any]]]) -> float:
     return max(lows) if lows else math.nan
 
 
-def at_matched_loss(records: list[dict[str, Any]], level: float, value: Value) -> float:
-    """The median of ``value`` over the :data:`MATCHED` probes of a run whose training loss is
-    nearest ``level`` in log (nan where the level or the losses are not finite)."""
+def matched_probes(records: list[dict[str, Any]], level: float
+                   ) -> list[tuple[dict[str, Any], float]]:
+    """(record, training loss) of the :data:`MATCHED` probes of a run whose training loss is
+    nearest ``level`` in log (none where the level is not a finite positive loss)."""
     if not (math.isfinite(level) and level > 0):
-        return math.nan
-    near = sorted(((abs(math.log(s / level)), i, r) for i, (r, s) in enumerate(training_losses(records))
-                   if math.isfinite(s) and s > 0), key=lambda t: (t[0], t[1]))
-    return _median([value(r) for _, _, r in near[:MATCHED]])
+        return []
+    losses = [(r, s) for r, s in training_losses(records) if math.isfinite(s) and s > 0]
+    return sorted(losses, key=lambda point: abs(math.log(point[1] / level)))[:MATCHED]
+
+
+def at_matched_loss(records: list[dict[str, Any]], level: float, value: Value) -> float:
+    """The median of ``value`` over :func:`matched_probes` (nan without them)."""
+    return _median([value(r) for r, _ in matched_probes(records, level)])
+
+
+MATCH_TOLERANCE = 1.25
+"""Two arms are *matched* when the mean training losses of the probes read (over seeds) are
+within this factor of each other; otherwise the probes missed the level (one arm passed it
+between two probes) and the matched comparison is not judged."""
 
 
 # --------------------------------------------------------------------------- the comparisons
@@ -267,6 +278,21 @@ class Probed:
         return {r.seed: (at_matched_loss(self.records[r.run_dir], self.level, value)
                          if matched else at_equal_steps(self.records[r.run_dir], value))
                 for r in self.rows[bn]}
+
+    def losses_read(self, bn: bool) -> list[float]:
+        """Per run of the arm, the median training loss of the probes read at the level."""
+        return [_median([s for _, s in matched_probes(self.records[r.run_dir], self.level)])
+                for r in self.rows[bn]]
+
+    def mismatch(self) -> str:
+        """Why the arms are not matched at the level ("" when they are; :data:`MATCH_TOLERANCE`)."""
+        read = [statistics.fmean(v) if (v := [x for x in self.losses_read(bn) if math.isfinite(x)])
+                else math.nan for bn in (False, True)]
+        if all(math.isfinite(x) and x > 0 for x in read) and \
+                max(read) / min(read) <= MATCH_TOLERANCE:
+            return ""
+        return (f"the probes read do not match in training loss within x{MATCH_TOLERANCE:g} "
+                f"(plain {read[0]:.3g}, BN {read[1]:.3g} at the level {self.level:.3g})")
 
     def readings(self, protocol: Protocol, key: str) -> dict[bool, dict[int, float]]:
         """Per arm, :meth:`per_seed` of ``key`` under ``protocol``."""
@@ -320,6 +346,9 @@ def verdicts(probed: list[Probed]) -> list[Verdict]:
                         "both arms trains (final validation accuracy above chance, no divergence)",
                         paper=PAPER))
                     continue
+                if protocol.matched and (why := p.mismatch()):
+                    out.append(not_measured(text, SOURCE, measure, why, paper=PAPER))
+                    continue
                 readings = p.readings(protocol, key)
                 logs = {bn: {s: _log10(v) for s, v in readings[bn].items()} for bn in (False, True)}
                 out.append(judge_difference(
@@ -365,9 +394,11 @@ def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> 
         "![landscape](landscape.png)", "",
         "## Smoothness at matched training loss", "", smoothness_table(probed, matched=True), "",
         f"Per run the median over the {MATCHED} probes whose training loss (the probed batch's "
-        f"loss, running median over {SMOOTHING} probes) is nearest, in log, to the level: the "
+        f"loss, running median over {SMOOTHING} probes) is nearest, in log, to the *level*: the "
         "lowest training loss that every run of the architecture's two arms reaches. Then "
-        "mean ± 95% CI over seeds.", "",
+        "mean ± 95% CI over seeds. *loss read*: the training loss of those probes; where the "
+        f"two arms' differ by more than x{MATCH_TOLERANCE:g}, the probes missed the level and "
+        "the matched comparison is not judged.", "",
         "![landscape at matched loss](landscape_matched.png)", "",
         "**Beside the paper.** Santurkar et al. probe VGG on CIFAR-10; here three small nets on "
         "Fashion-MNIST (28x28 grayscale) with plain SGD, batch 128, a few epochs. The verdicts "
@@ -405,10 +436,11 @@ def smoothness_table(probed: list[Probed], matched: bool) -> str:
         for bn in (False, True):
             for path in PATHS:
                 readings = [list(p.per_seed(bn, path, key, matched).values()) for key in MEASURES]
+                level = [f"{p.level:.3g}", format_mean_ci(p.losses_read(bn), ".3g")]
                 table.append([p.arch.name, f"{arm(bn)} lr={p.choice.lr:g}",
-                              *([f"{p.level:.3g}"] if matched else []), _path_name(path),
+                              *(level if matched else []), _path_name(path),
                               *(format_mean_ci(v, ".3g") for v in readings)])
-    headers = ["architecture", "arm", *(["matched loss"] if matched else []), "path",
+    headers = ["architecture", "arm", *(["level", "loss read"] if matched else []), "path",
                *(LABELS[k] for k in MEASURES)]
     return format_table(headers, table) if table else "(no architecture has probed runs)"
 
@@ -421,6 +453,9 @@ def findings(probed: list[Probed]) -> list[str]:
             lines.append(f"- {p.arch.name}: no rate of the sweep trains both arms; not compared.")
             continue
         for protocol in PROTOCOLS:
+            if protocol.matched and (why := p.mismatch()):
+                lines.append(f"- {p.arch.name}, {protocol.name}: not compared: {why}.")
+                continue
             cells = []
             for key in protocol.measures.values():
                 readings = p.readings(protocol, key)

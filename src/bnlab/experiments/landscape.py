@@ -317,15 +317,21 @@ def _log10(value: float) -> float:
     return math.log10(value) if math.isfinite(value) and value > 0 else math.nan
 
 
+def _failures(rows: list[Row]) -> str:
+    """"1/3 failed (1 diverged)": failed runs (``analysis.failed``), the diverged ones among them."""
+    diverged = sum(r.diverged for r in rows)
+    return (f"{sum(failed(r) for r in rows)}/{len(rows)} failed"
+            + (f" ({diverged} diverged)" if diverged else ""))
+
+
 def _failed_text(p: Probed, readings: dict[bool, dict[int, float]]) -> str:
-    """Failed runs and runs without a finite reading, per arm ("BN 1/3 failed")."""
+    """Per arm, failed runs and runs without a finite reading ("BN 1/3 failed (1 diverged)")."""
     parts = []
     for bn in (False, True):
         runs = p.rows[bn]
-        bad = sum(failed(r) for r in runs)
         missing = sum(not math.isfinite(_log10(v)) for v in readings[bn].values())
-        if bad:
-            parts.append(f"{arm(bn)} {bad}/{len(runs)} failed")
+        if any(failed(r) for r in runs):
+            parts.append(f"{arm(bn)} {_failures(runs)}")
         if missing:
             parts.append(f"{arm(bn)} {missing}/{len(runs)} without a finite positive reading")
     return "; ".join(parts)
@@ -381,7 +387,8 @@ def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> 
     sections = [
         "## Learning rates (chosen on validation)", "", rate_table(rows, probed), "",
         "Final validation accuracy, mean ± 95% CI over seeds (a diverged run counts at "
-        "chance), and the runs that failed (diverged, or validation accuracy at most 0.2). "
+        "chance), and the runs that failed (diverged, or final validation accuracy at most "
+        "0.2). "
         "*probed*: the rate of both arms, chosen on the validation split: of the rates at which "
         "every run of both arms trains, the one whose lower arm's mean validation accuracy is "
         "highest.", "",
@@ -417,8 +424,7 @@ def rate_table(rows: list[Row], probed: list[Probed]) -> str:
             cells = []
             for bn in (False, True):
                 group = select(rows, arch=arch.key, bn=bn, lr=lr)
-                cells.append(f"{format_mean_ci(finals(group))}, {sum(failed(r) for r in group)}/"
-                             f"{len(group)} failed" if group else "-")
+                cells.append(f"{format_mean_ci(finals(group))}, {_failures(group)}" if group else "-")
             if all(c == "-" for c in cells):
                 continue
             mark = ("" if choice is None or choice.lr != lr

@@ -72,7 +72,7 @@ from bnlab.util.plots import (
     save_figure,
     style,
 )
-from bnlab.util.tables import format_table
+from bnlab.util.tables import counted, format_table
 
 SOURCE = "Santurkar et al. 2018"
 ETAS = (0.05, 0.1, 0.2, 0.4)
@@ -258,7 +258,8 @@ CLAIMS = {"loss": "BN makes the loss vary less along the gradient",
 LABELS = {"loss_range": "loss range", "relative_loss_range": "loss range / loss",
           "grad_change": "max ||dg||", "relative_grad_change": "max ||dg|| / ||g||",
           "beta": "beta"}
-PAPER = "smaller with BN throughout training (Fig. 4: VGG, CIFAR-10, both arms at one rate)"
+PAPER = ("with BN the loss range, the gradient change and the effective beta along the gradient "
+         "are all smaller, throughout training (Fig. 4: VGG on CIFAR-10)")
 
 
 @dataclass
@@ -366,8 +367,10 @@ def verdicts(probed: list[Probed]) -> list[Verdict]:
 
 def _note(p: Probed, protocol: Protocol) -> str:
     level = f"{p.level:.3g} (the lowest both arms reach)"
-    return (f"{p.arch.name}, Fashion-MNIST, plain SGD, both arms at lr {p.choice.lr:g} (chosen "
-            "on validation); "
+    epochs = {r.config.get("epochs") for group in p.rows.values() for r in group} - {None}
+    budget = f", {counted(epochs.pop(), 'epoch')}" if len(epochs) == 1 else ""
+    return (f"{p.arch.name}, Fashion-MNIST, plain SGD{budget}, both arms at lr {p.choice.lr:g} "
+            "(chosen on validation); "
             + protocol.description.format(etas=list(ETAS), distances=list(DISTANCES), level=level))
 
 

@@ -153,15 +153,15 @@ def test_every_calibration_reads_its_known_answer():
     records = calibration()
     assert records and all(c.ok for c in records), [c for c in records if not c.ok]
     measures = {c.measure for c in records}
-    for label in ("loss range, W - eta g", "max ||dg||, W - eta g", "beta, W - eta g",
-                  "loss range / loss, W - d g/||g||", "max ||dg|| / ||g||, W - d g/||g||",
-                  "beta, W - d g/||g||", "log10 ratio at matched training loss"):
+    for label in ("loss range, W - eta g", "max ‖dg‖, W - eta g", "beta, W - eta g",
+                  "loss range / loss, W - d g/‖g‖", "max ‖dg‖ / ‖g‖, W - d g/‖g‖",
+                  "beta, W - d g/‖g‖", "log10 ratio at matched training loss"):
         assert label in measures
 
 
 def test_a_measure_per_unit_of_eta_fails_the_calibration(monkeypatch):
     """A beta divided by eta instead of the distance moved (or a gradient change not divided
-    by ||g||) would read wrong at |g| = 2: the calibration says so."""
+    by ‖g‖) would read wrong at |g| = 2: the calibration says so."""
     def per_eta(loss0, grad_norm, path):
         out = smoothness(loss0, grad_norm, path)
         out["beta"] = max((c / s for c, s in zip(path["grad_change"], path["sizes"])),
@@ -171,7 +171,7 @@ def test_a_measure_per_unit_of_eta_fails_the_calibration(monkeypatch):
 
     monkeypatch.setattr(landscape, "smoothness", per_eta)
     failing = {c.measure for c in calibration() if not c.ok}
-    assert "beta, W - eta g" in failing and "max ||dg|| / ||g||, W - d g/||g||" in failing
+    assert "beta, W - eta g" in failing and "max ‖dg‖ / ‖g‖, W - d g/‖g‖" in failing
 
 
 def test_a_matching_that_ignores_the_loss_fails_the_calibration(monkeypatch):

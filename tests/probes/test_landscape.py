@@ -160,6 +160,14 @@ def test_landscape_experiment_quick_grid_runs(synthetic_fashion, tmp_path, monke
         assert section in report
     assert "no verdict (smoke test)" in report and "**supported**" not in report
     assert "**NO**" not in report  # every calibration reads its known answer
+    # a "|" inside a cell (||g||) would split its row into more columns than its header has
+    table: list[str] = []
+    for line in [*report.splitlines(), ""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        assert all(row.count("|") == table[0].count("|") for row in table), table
+        table = []
     rows = len(landscape.ARCHITECTURES) * 2 * len(landscape.QUICK_RATES)
     assert len((tmp_path / "landscape" / "results.jsonl").read_text().splitlines()) == rows
     # only the runs at each architecture's chosen rate are probed: both arms, one seed

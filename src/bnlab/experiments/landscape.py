@@ -256,7 +256,7 @@ CLAIMS = {"loss": "BN makes the loss vary less along the gradient",
           "gradient": "BN makes the gradient more predictive along the gradient",
           "beta": "BN lowers the effective beta-smoothness along the gradient"}
 LABELS = {"loss_range": "loss range", "relative_loss_range": "loss range / loss",
-          "grad_change": "max ||dg||", "relative_grad_change": "max ||dg|| / ||g||",
+          "grad_change": "max ‖dg‖", "relative_grad_change": "max ‖dg‖ / ‖g‖",
           "beta": "beta"}
 PAPER = ("with BN the loss range, the gradient change and the effective beta along the gradient "
          "are all smaller, throughout training (Fig. 4: VGG on CIFAR-10)")
@@ -375,7 +375,7 @@ def _note(p: Probed, protocol: Protocol) -> str:
 
 
 def _path_name(path: str) -> str:
-    return "W - eta g" if path == "gradient" else "W - d g/||g||"
+    return "W - eta g" if path == "gradient" else "W - d g/‖g‖"
 
 
 # --------------------------------------------------------------------------- analysis
@@ -397,10 +397,10 @@ def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> 
         "highest.", "",
         "## Smoothness at equal steps", "", smoothness_table(probed, matched=False), "",
         "Per run the median over its probe steps (step 0 excluded), then mean ± 95% CI over "
-        f"seeds. *W - eta g*: eta in {list(ETAS)} (the paper's steps); *W - d g/||g||*: d in "
+        f"seeds. *W - eta g*: eta in {list(ETAS)} (the paper's steps); *W - d g/‖g‖*: d in "
         f"{list(DISTANCES)}. Loss range: max - min of the loss along the path (its start "
-        "included), over the loss at the start; max ||dg||: the largest change of the "
-        "gradient, over ||g||; beta: the largest ||dg|| per unit of distance moved.", "",
+        "included), over the loss at the start; max ‖dg‖: the largest change of the "
+        "gradient, over ‖g‖; beta: the largest ‖dg‖ per unit of distance moved.", "",
         "![landscape](landscape.png)", "",
         "## Smoothness at matched training loss", "", smoothness_table(probed, matched=True), "",
         f"Per run the median over the {MATCHED} probes whose training loss (the probed batch's "
@@ -528,16 +528,16 @@ def calibration() -> list[Calibration]:
 
     for path in PATHS:
         for lam in (1.0, 4.0, 16.0):
-            add(path, "beta", f"quadratic, curvature {lam:g} along g, |g| = {SLOPE:g}", SLOPE, lam)
-        add(path, "beta", f"linear loss, |g| = {SLOPE:g}", SLOPE, 0.0)
+            add(path, "beta", f"quadratic, curvature {lam:g} along g, ‖g‖ = {SLOPE:g}", SLOPE, lam)
+        add(path, "beta", f"linear loss, ‖g‖ = {SLOPE:g}", SLOPE, 0.0)
         key = "grad_change" if path == "gradient" else "relative_grad_change"
         for lam in (1.0, 4.0, 16.0):
-            add(path, key, f"quadratic, curvature {lam:g} along g, |g| = {SLOPE:g}", SLOPE, lam)
-        add(path, key, f"linear loss, |g| = {SLOPE:g}", SLOPE, 0.0)
+            add(path, key, f"quadratic, curvature {lam:g} along g, ‖g‖ = {SLOPE:g}", SLOPE, lam)
+        add(path, key, f"linear loss, ‖g‖ = {SLOPE:g}", SLOPE, 0.0)
         key = "loss_range" if path == "gradient" else "relative_loss_range"
         for slope in (0.5, 1.0, 2.0):
             add(path, key, f"linear loss, slope {slope:g}, loss 1 at the start", slope, 0.0)
-        add(path, key, f"quadratic, curvature 16 along g, |g| = {SLOPE:g}", SLOPE, 16.0)
+        add(path, key, f"quadratic, curvature 16 along g, ‖g‖ = {SLOPE:g}", SLOPE, 16.0)
     add("gradient", "loss_range", "flat region (g = 0)", 0.0, 0.0)
     add("gradient", "grad_change", "flat region (g = 0)", 0.0, 0.0)
     for path, key in (("normalized", "relative_grad_change"), ("gradient", "grad_change")):
@@ -642,7 +642,7 @@ def plot_matched(probed: list[Probed], path: Path) -> None:
         for ax, key in zip(row, MATCHED_PANELS):
             if math.isfinite(p.level) and p.level > 0:
                 ax.axvline(p.level, **REFERENCE_LINE)
-            ax.set_title(f"{p.arch.name}: {LABELS[key]}, W - d g/||g||")
+            ax.set_title(f"{p.arch.name}: {LABELS[key]}, W - d g/‖g‖")
             ax.set_xlabel("training loss (nats; dashed: matched level)")
             log_axis(ax, "y", label=LABELS[key])
             legend(ax)
@@ -669,6 +669,6 @@ EXPERIMENT = Experiment(
           f"{', '.join(f'{lr:g}' for lr in QUICK_RATES)}), batch 128, plain SGD. Per "
           "architecture one rate for both arms is probed, chosen on the validation split; its "
           "runs are re-played and probed at 25 steps spread over training (fewer in short "
-          f"runs), along W - eta g (eta in {list(ETAS)}) and W - d g/||g|| (d in "
+          f"runs), along W - eta g (eta in {list(ETAS)}) and W - d g/‖g‖ (d in "
           f"{list(DISTANCES)}), on the step's batch in train mode.",
 )

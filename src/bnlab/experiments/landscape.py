@@ -58,7 +58,7 @@ from bnlab.experiments.findings import (
     judge_difference,
     not_measured,
 )
-from bnlab.experiments.probed import cached_replay, default_probe_steps, total_steps
+from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps, total_steps
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import difference, format_mean_ci
 from bnlab.probes.landscape import MEASURES, PATHS, QuadraticLoss, probe, smoothness
@@ -668,7 +668,7 @@ EXPERIMENT = Experiment(
           f"without BN, at lr {', '.join(f'{lr:g}' for lr in LEARNING_RATES)} (a smoke test: "
           f"{', '.join(f'{lr:g}' for lr in QUICK_RATES)}), batch 128, plain SGD. Per "
           "architecture one rate for both arms is probed, chosen on the validation split; its "
-          "runs are re-played and probed at 25 steps spread over training (fewer in short "
+          f"runs are re-played and probed at {PROBES} steps spread over training (fewer in short "
           f"runs), along W - eta g (eta in {list(ETAS)}) and W - d g/‖g‖ (d in "
           f"{list(DISTANCES)}), on the step's batch in train mode.",
 )

@@ -141,6 +141,8 @@ def initialize(model: nn.Module, example: torch.Tensor, rule: str = "xavier") ->
     The dry run is in eval mode under no_grad so it leaves no trace in BN running stats;
     the model's train/eval mode is restored afterwards.
     """
+    if rule not in ("xavier", "he"):
+        raise ValueError(f"expected rule 'xavier' or 'he' (got {rule!r})")
     with in_mode(model, False), torch.no_grad():
         model(example)
     if rule == "he":

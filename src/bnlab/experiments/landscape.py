@@ -58,7 +58,13 @@ from bnlab.experiments.findings import (
     judge_difference,
     not_measured,
 )
-from bnlab.experiments.probed import PROBES, cached_replay, default_probe_steps, total_steps
+from bnlab.experiments.probed import (
+    PROBES,
+    cached_replay,
+    default_probe_steps,
+    probe_steps,
+    total_steps,
+)
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import difference, format_mean_ci
 from bnlab.probes.landscape import MEASURES, PATHS, QuadraticLoss, probe, smoothness
@@ -83,6 +89,8 @@ grids coincide where ``||g|| = 1``."""
 LEARNING_RATES = (0.03, 0.1, 0.3, 1.0)
 QUICK_RATES = (0.1, 1.0)
 """The sweep of a smoke test (``--quick``): the runs of two rates are enough to run every part."""
+QUICK_PROBES = 3
+"""Probe steps per run of a smoke test (the first, a middle and the last)."""
 MATCHED = 3
 """Probes per run read at the matched training loss (the nearest ones, in log loss)."""
 SMOOTHING = 3
@@ -159,8 +167,13 @@ def choose_rate(rows: list[Row], arch: str) -> RateChoice:
 
 # --------------------------------------------------------------------------- probes
 
-def measure(row: Row, dataset) -> list[dict[str, Any]]:
-    """The run's landscape probes (cached in its folder as ``landscape-probes.json``)."""
+def measure(row: Row, dataset, quick: bool = False) -> list[dict[str, Any]]:
+    """The run's landscape probes (cached in its folder as ``landscape-probes.json``): at
+    ``probed.default_probe_steps``, or :data:`QUICK_PROBES` steps for a smoke test."""
+
+    def steps_for(config) -> list[int]:
+        total = total_steps(config, dataset)
+        return probe_steps(total, QUICK_PROBES) if quick else default_probe_steps(total)
 
     def probe_for(config):
         def at_step(model, x, y, step):
@@ -169,8 +182,7 @@ def measure(row: Row, dataset) -> list[dict[str, Any]]:
 
     return cached_replay(row.run_dir, "landscape-probes",
                          {"version": 2, "etas": list(ETAS), "distances": list(DISTANCES)},
-                         dataset, lambda c: default_probe_steps(total_steps(c, dataset)),
-                         probe_for)["records"]
+                         dataset, steps_for, probe_for)["records"]
 
 
 Value = Callable[[dict[str, Any]], float]  # a probe record -> one number
@@ -300,7 +312,7 @@ class Probed:
         return {bn: self.per_seed(bn, protocol.path, key, protocol.matched) for bn in (False, True)}
 
 
-def probed_architectures(rows: list[Row], dataset) -> list[Probed]:
+def probed_architectures(rows: list[Row], dataset, quick: bool = False) -> list[Probed]:
     """Each architecture with runs: its rate (:func:`choose_rate`) and, at it, every run probed."""
     out = []
     for arch in ARCHITECTURES:
@@ -309,7 +321,7 @@ def probed_architectures(rows: list[Row], dataset) -> list[Probed]:
         choice = choose_rate(rows, arch.key)
         arms = {bn: select(rows, arch=arch.key, bn=bn, lr=choice.lr) if choice.lr is not None else []
                 for bn in (False, True)}
-        records = {r.run_dir: measure(r, dataset) for group in arms.values() for r in group}
+        records = {r.run_dir: measure(r, dataset, quick) for group in arms.values() for r in group}
         out.append(Probed(arch, choice, arms, records, matched_level(list(records.values()))))
     return out
 
@@ -384,7 +396,7 @@ def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> 
     if dataset is None or not rows:
         return Analysis(["(no dataset or no finished runs: nothing to probe)"],
                         calibration=calibration())
-    probed = probed_architectures(rows, dataset)
+    probed = probed_architectures(rows, dataset, settings.quick)
     plot_equal_steps(probed, out / "landscape.png")
     plot_matched(probed, out / "landscape_matched.png")
     sections = [
@@ -669,6 +681,6 @@ EXPERIMENT = Experiment(
           f"{', '.join(f'{lr:g}' for lr in QUICK_RATES)}), batch 128, plain SGD. Per "
           "architecture one rate for both arms is probed, chosen on the validation split; its "
           f"runs are re-played and probed at {PROBES} steps spread over training (fewer in short "
-          f"runs), along W - eta g (eta in {list(ETAS)}) and W - d g/‖g‖ (d in "
-          f"{list(DISTANCES)}), on the step's batch in train mode.",
+          f"runs; a smoke test: {QUICK_PROBES}), along W - eta g (eta in {list(ETAS)}) and "
+          f"W - d g/‖g‖ (d in {list(DISTANCES)}), on the step's batch in train mode.",
 )

@@ -16,6 +16,11 @@ Plain LeNet (the baseline) pads the first conv by 2 and has no norm layers.
 Linear and conv layers are lazy, sized by a dry run, then Xavier-uniform initialized,
 as in the chapter.
 
+ReLU-LeNet (``relu-lenet``) is BN-LeNet's layout with ReLU for every sigmoid, He-initialized
+(``bnlab.training.vgg.he_initialized``), and ``small-vgg`` is ``bnlab.training.vgg``'s small
+VGG: the ReLU networks of Santurkar et al.'s landscape claim, each with its norm chosen by
+name (``--norm none`` for the plain arm: the same architecture without the norm).
+
 :func:`build_model` fuses each of bnlab's batch norms with the activation after it
 (``bnlab.nn.fuse_batch_norm_act``: one pass of the C++ kernel, ``nn.Identity`` in the
 activation's place, so layer indices and ``state_dict`` keys are those of the unfused
@@ -32,7 +37,7 @@ import torch
 from torch import nn
 
 from bnlab.nn import fuse_batch_norm_act, is_batch_norm
-from bnlab.training import deep, resnet
+from bnlab.training import deep, resnet, vgg
 from bnlab.training.norms import create_norm_layer
 from bnlab.util.scoped import in_mode
 
@@ -71,13 +76,18 @@ def bn_lenet(
     dropout: float = 0.0,
     dropout_order: str = "after",
     num_classes: int = 10,
+    activation: str = "sigmoid",
 ) -> nn.Sequential:
     """The chapter's BN-LeNet with ``norm`` (a ``bnlab.training.norms`` name) in ``norm_slots``.
 
     ``dropout > 0`` adds dropout with that probability to the two hidden FC blocks, at
-    ``dropout_order`` (see :data:`DROPOUT_ORDERS`).
+    ``dropout_order`` (see :data:`DROPOUT_ORDERS`). ``activation`` (a name of
+    ``bnlab.training.deep.ACTIVATIONS``) replaces every sigmoid (``"relu"``: ReLU-LeNet).
     """
     slots = parse_norm_slots(norm_slots)
+    if activation not in deep.ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(deep.ACTIVATIONS)}")
+    act = deep.ACTIVATIONS[activation]
     if dropout_order not in DROPOUT_ORDERS:
         raise ValueError(f"expected dropout_order in {DROPOUT_ORDERS} (got {dropout_order!r})")
     if not 0.0 <= dropout < 1.0:
@@ -92,14 +102,14 @@ def bn_lenet(
 
     def fc_block(slot: str, features: int) -> list[nn.Module]:
         drop = [nn.Dropout(dropout)] if dropout > 0 else []
-        core = [norm_or_identity(slot, "fc", features), nn.Sigmoid()]
+        core = [norm_or_identity(slot, "fc", features), act()]
         return [nn.LazyLinear(features), *(drop + core if dropout_order == "before" else core + drop)]
 
     model = nn.Sequential(
         nn.LazyConv2d(6, kernel_size=5), norm_or_identity("conv1", "conv", 6),
-        nn.Sigmoid(), nn.AvgPool2d(kernel_size=2, stride=2),
+        act(), nn.AvgPool2d(kernel_size=2, stride=2),
         nn.LazyConv2d(16, kernel_size=5), norm_or_identity("conv2", "conv", 16),
-        nn.Sigmoid(), nn.AvgPool2d(kernel_size=2, stride=2),
+        act(), nn.AvgPool2d(kernel_size=2, stride=2),
         nn.Flatten(),
         *fc_block("fc1", 120),
         *fc_block("fc2", 84),
@@ -124,14 +134,19 @@ def lenet(num_classes: int = 10) -> nn.Sequential:
     )
 
 
-def initialize(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """Size lazy layers with a dry run on ``example``, then Xavier-uniform their weights.
+def initialize(model: nn.Module, example: torch.Tensor, rule: str = "xavier") -> nn.Module:
+    """Size lazy layers with a dry run on ``example``, then Xavier-uniform their weights
+    (``rule="xavier"``, the chapter's) or He-normal them with zero biases (``"he"``, for ReLU).
 
     The dry run is in eval mode under no_grad so it leaves no trace in BN running stats;
     the model's train/eval mode is restored afterwards.
     """
+    if rule not in ("xavier", "he"):
+        raise ValueError(f"expected rule 'xavier' or 'he' (got {rule!r})")
     with in_mode(model, False), torch.no_grad():
         model(example)
+    if rule == "he":
+        return vgg.he_initialized(model)
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(module.weight)
@@ -141,6 +156,8 @@ def initialize(model: nn.Module, example: torch.Tensor) -> nn.Module:
 MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "bn-lenet": ("norm_slots", "dropout", "dropout_order", "fuse_activation"),
     "lenet": (),
+    "relu-lenet": ("fuse_activation",),
+    "small-vgg": ("fuse_activation",),
     "deep-mlp": ("depth", "width", "activation", "fuse_activation"),
     "deep-cnn": ("depth", "width", "activation", "fuse_activation"),
     "ioffe-mlp": ("fuse_activation",),
@@ -165,8 +182,9 @@ def build_model(name: str, norm: str = "bnlab", device: torch.device | str = "cp
                 **options: Any) -> nn.Module:
     """A named model of :data:`MODEL_OPTIONS`, initialized and on ``device``.
 
-    The LeNets are sized by a dry run and Xavier-initialized (:func:`initialize`); the deep
-    nets (``bnlab.training.deep``) and the ResNets (``bnlab.training.resnet``) bring their own
+    The LeNets are sized by a dry run and Xavier-initialized (:func:`initialize`; ReLU-LeNet
+    He-initialized); the deep nets (``bnlab.training.deep``), the small VGG
+    (``bnlab.training.vgg``) and the ResNets (``bnlab.training.resnet``) bring their own
     initialization. Initialization draws from torch's global RNG: seed it first for
     reproducible weights. Then bnlab's batch norms are fused with the activations after them,
     unless ``fuse_activation=False`` (module docstring; fusing draws nothing from the RNG).
@@ -188,6 +206,11 @@ def _build(name: str, norm: str, device: torch.device | str, options: dict[str, 
     if name == "bn-lenet":
         model = bn_lenet(norm, **options).to(device)
         return initialize(model, torch.zeros(2, *INPUT_SHAPE, device=device))
+    if name == "relu-lenet":
+        model = bn_lenet(norm, activation="relu").to(device)
+        return initialize(model, torch.zeros(2, *INPUT_SHAPE, device=device), rule="he")
+    if name == "small-vgg":
+        return vgg.small_vgg(norm).to(device)
     if name == "deep-mlp":
         return deep.deep_mlp(norm=norm, **options).to(device)
     if name == "ioffe-mlp":

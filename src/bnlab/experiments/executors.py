@@ -32,11 +32,11 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from bnlab.training import runs
 from bnlab.training.distributed import DistributedConfig, launch
 from bnlab.training.tensorboard import optional_logger
 from bnlab.training.train import TrainConfig, bar_disabled, start_run
 from bnlab.util.errors import BnlabError
+from bnlab.util.io import folder_lock
 from bnlab.util.stopping import children_ignore_sigint, stop_processes, worker_setup
 
 EXECUTORS = ("local", "ray")
@@ -58,10 +58,10 @@ def train_run(config: TrainConfig, dataset, run_dir: str | Path,
     ``<tensorboard>/<run folder name>``; with ``world``, over ``world.nproc`` processes of
     this machine (not logged to TensorBoard). Returns the run's summary.
 
-    The run folder is locked meanwhile (``runs.training_lock``): another process training
+    The run folder is locked meanwhile (``bnlab.util.io.folder_lock``): another process training
     the same folder (a second ``bnlab exp`` on the same ``--out``) waits, then finds it done."""
     run_dir = Path(run_dir)
-    with runs.training_lock(run_dir, lambda: _note_waiting(run_dir)):
+    with folder_lock(run_dir, lambda: _note_waiting(run_dir)):
         if world is not None:
             return launch(config, world, dataset, run_dir, resume=True, progress=False)
         logdir = None if tensorboard is None else Path(tensorboard) / run_dir.name

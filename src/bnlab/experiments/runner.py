@@ -58,7 +58,7 @@ from bnlab.training.train import (
 )
 from bnlab.util.config import check, check_at_least, config_to_dict
 from bnlab.util.errors import BnlabError, ConfigError
-from bnlab.util.io import atomic_write_json, atomic_write_text, remove_stray_temps
+from bnlab.util.io import atomic_write_json, atomic_write_text, folder_lock, remove_stray_temps
 from bnlab.util.provenance import provenance, provenance_line
 from bnlab.util.tables import counted, format_table
 
@@ -381,12 +381,27 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     planned = plan(experiment, settings, runs_root)  # validates every config before any trains
     check_data(planned, dataset)
     out.mkdir(parents=True, exist_ok=True)
-    remove_stray_temps(out)
-    atomic_write_json(out / "settings.json", config_to_dict(settings))
+    with folder_lock(out):  # another process on this --out would remove our temps in flight
+        remove_stray_temps(out)
+        atomic_write_json(out / "settings.json", config_to_dict(settings))
     bad: list[BadRun] = []
     started = time.perf_counter()
     execute(planned, dataset, jobs, progress, executor, tensorboard, bad)
     timing = {"training_s": time.perf_counter() - started, "analysis_started_at": time.time()}
+    with folder_lock(out):
+        report = _analyze_and_report(experiment, settings, planned, out, dataset, command, bad,
+                                     timing)
+    if bad:
+        raise GridIncomplete(f"{len(bad)} of {len(planned)} runs could not be used (see above); "
+                             f"{out / 'report.md'} covers the others")
+    return report
+
+
+def _analyze_and_report(experiment: Experiment, settings: ExpSettings,
+                        planned: list[PlannedRun], out: Path, dataset: FashionMNIST,
+                        command: str | None, bad: list[BadRun], timing: dict[str, Any]) -> str:
+    """Collect the runs, analyze them, write results, findings.json and report.md."""
+    remove_stray_temps(out)
     started, measurements = time.perf_counter(), set()
     with runs.observing_measurements(lambda name, computed: measurements.add(name)):
         rows = collect(planned, bad)
@@ -405,9 +420,6 @@ def run_experiment(experiment: Experiment, settings: ExpSettings, out: str | Pat
     report = "\n".join(_report_lines(experiment, settings, planned, smoke, facts, table,
                                       analysis, bad)) + "\n"
     atomic_write_text(out / "report.md", report)
-    if bad:
-        raise GridIncomplete(f"{len(bad)} of {len(planned)} runs could not be used (see above); "
-                             f"{out / 'report.md'} covers the others")
     return report
 
 

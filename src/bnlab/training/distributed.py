@@ -372,6 +372,13 @@ def _spawned_rank(rank: int, world_size: int, port: int, error_dir: str, fn, arg
         atomic_write_json(Path(error_dir) / f"rank{rank}.json", {
             "user_error": user_error, "traceback": traceback.format_exc(), "message": message})
         os._exit(1)
+    # The rank's work is written and its process group destroyed; the interpreter's own
+    # teardown can still abort in gloo's threads ("terminate called without an active
+    # exception", seen once under load in CI, cf. pytorch#179291), which the launcher would
+    # report as a failed rank. Nothing is left to do that teardown would do: leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, args: tuple, nproc: int, timeout: float | None = None,

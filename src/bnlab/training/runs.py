@@ -15,7 +15,7 @@ trained::
       checkpoint.pt    model, optimizer, history and RNG state after the last finished epoch
       curves.png       train loss, val loss and val acc against epoch
       analysis/<name>.json   a measurement of the finished model (``cached``), with its key
-      .lock            locked while a grid's process trains the run (``training_lock``)
+      .lock            locked while a grid's process trains the run (``bnlab.util.io.folder_lock``)
 
 ``checkpoint.pt`` is the source of truth: the history files are derived from it (a resume
 rewrites any that disagree), ``summary.json`` is written last and marks a finished run. A
@@ -32,7 +32,6 @@ checkpoint fully, for a file the user says they trust, and rewrites it in the sa
 
 from __future__ import annotations
 
-import fcntl
 import io as io_module
 import json
 import math
@@ -43,10 +42,10 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,7 +67,6 @@ SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 CURVES = "curves.png"
 ANALYSIS = "analysis"
-LOCK = ".lock"
 
 
 class RunFolderError(BnlabError):
@@ -378,40 +376,6 @@ def _to_plain(value: Any, where: str) -> Any:
     if type(value).__module__ == "numpy":  # numpy scalars and arrays, by name: no numpy import
         return value.item() if value.shape == () else torch.as_tensor(value)
     raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}")
-
-
-@contextmanager
-def training_lock(run_dir: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """Hold ``run_dir``'s lock (``flock`` on its ``.lock``) while the block trains the run.
-
-    Two processes on one output folder (two ``bnlab exp`` on the same ``--out``) would both
-    train every run; with this, the second waits here until the first is done with the run
-    and then finds it finished (or cut off, to resume). ``on_wait`` is called once when it
-    has to wait. A folder where the lock cannot be taken (read-only, a file system without
-    locks) is used without it. Closing the file (the block's end, or the process's) unlocks.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        handle = open(run_dir / LOCK, "ab")  # noqa: SIM115 -- closed by the with below
-    except OSError:
-        handle = None
-    with handle if handle is not None else nullcontext():
-        if handle is not None:
-            _take_lock(handle, on_wait)
-        yield
-
-
-def _take_lock(handle: IO[bytes], on_wait: Callable[[], None] | None) -> None:
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-    except BlockingIOError:  # held by another process
-        pass
-    except OSError:  # no locks on this file system (ENOLCK): go on without
-        return
-    if on_wait is not None:
-        on_wait()
-    fcntl.flock(handle, fcntl.LOCK_EX)
 
 
 def write_history(run_dir: Path, history: list[dict[str, Any]], step_losses: list[list[float]],

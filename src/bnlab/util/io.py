@@ -11,11 +11,13 @@ user's other files.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Any
 
@@ -77,8 +79,8 @@ def write_text_if_changed(path: str | os.PathLike, text: str) -> bool:
 def remove_stray_temps(folder: str | os.PathLike) -> list[Path]:
     """Delete the temp files killed atomic writes left in ``folder``; return what was removed.
 
-    Call it only on a folder this process owns for writing (a run it trains, an experiment
-    it runs): another writer's temp file in flight looks the same.
+    Call it only on a folder this process owns for writing, under its ``folder_lock`` (a run
+    it trains, an experiment it analyzes): another writer's temp file in flight looks the same.
     """
     removed = []
     try:
@@ -97,3 +99,43 @@ def remove_stray_temps(folder: str | os.PathLike) -> list[Path]:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+LOCK = ".lock"
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike,
+                on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold ``folder``'s lock (``flock`` on its ``.lock``) for the block.
+
+    Two processes on one output folder (two ``bnlab exp`` on the same ``--out``) would both
+    train every run, and each would remove the other's temp files in flight; with this, the
+    second waits here until the first is done with the folder. ``on_wait`` is called once
+    when it has to wait. A folder where the lock cannot be taken (read-only, a file system
+    without locks) is used without it. Closing the file (the block's end, or the process's)
+    unlocks.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = open(folder / LOCK, "ab")  # noqa: SIM115 -- closed by the with below
+    except OSError:
+        handle = None
+    with handle if handle is not None else nullcontext():
+        if handle is not None:
+            _take_lock(handle, on_wait)
+        yield
+
+
+def _take_lock(handle: IO[bytes], on_wait: Callable[[], None] | None) -> None:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:  # held by another process
+        pass
+    except OSError:  # no locks on this file system (ENOLCK): go on without
+        return
+    if on_wait is not None:
+        on_wait()
+    fcntl.flock(handle, fcntl.LOCK_EX)

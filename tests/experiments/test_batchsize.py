@@ -37,6 +37,24 @@ def test_ghost_v_names_the_virtual_batch_size():
         TrainConfig(val_size=200, norm="ghost:4", batch_size=1)
 
 
+def test_ghost_runs_hash_the_revision_of_their_running_statistics():
+    """Ghost BN's running statistics changed definition (one update per step): its runs get
+    new folders, every other norm's keep theirs."""
+    import hashlib
+
+    from bnlab.experiments.runner import config_key
+    from bnlab.training.norms import norm_revision
+
+    def plain_hash(config: TrainConfig) -> str:  # the hash before revisions were hashed
+        blob = json.dumps(config_to_dict(config), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    assert norm_revision("ghost:4") == norm_revision("ghost") == 1
+    ghost, plain = TrainConfig(val_size=200, norm="ghost:4"), TrainConfig(val_size=200)
+    assert config_key(ghost) != plain_hash(ghost)
+    assert config_key(plain) == plain_hash(plain) and norm_revision("bnlab") == 0
+
+
 def _models(*norms: str) -> list[torch.nn.Module]:
     out = []
     for norm in norms:

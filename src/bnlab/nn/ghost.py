@@ -72,16 +72,20 @@ def chunk_statistics(x: torch.Tensor, virtual_batch_size: int) -> tuple[torch.Te
     x = x.detach()
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    dims = [0, *range(2, x.dim())]  # every dim but the channels
-    n = x.shape[0]
-    means, variances, weights = [], [], []
-    for chunk in torch.split(x, virtual_batch_size):  # each (n_k, C, ...)
-        var, mean = torch.var_mean(chunk, dim=dims, correction=1)  # (C,) each
-        means.append(mean)
-        variances.append(var)
-        weights.append(chunk.shape[0] / n)
-    w = torch.tensor(weights, dtype=x.dtype, device=x.device).unsqueeze(1)  # (K, 1)
-    return (torch.stack(means) * w).sum(0), (torch.stack(variances) * w).sum(0)
+    n, v = x.shape[0], virtual_batch_size
+    full = n // v  # whole chunks, then a smaller last one of n - full * v samples
+    mean_sum = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)  # (C,)
+    var_sum = torch.zeros_like(mean_sum)
+    if full:
+        chunks = x[:full * v].reshape(full, v, *x.shape[1:])  # (K, v, C, ...)
+        var, mean = torch.var_mean(chunks, dim=[1, *range(3, chunks.dim())], correction=1)  # (K, C)
+        mean_sum += mean.sum(0) * v
+        var_sum += var.sum(0) * v
+    if rest := n - full * v:
+        var, mean = torch.var_mean(x[full * v:], dim=[0, *range(2, x.dim())], correction=1)  # (C,)
+        mean_sum += mean * rest
+        var_sum += var * rest
+    return mean_sum / n, var_sum / n
 
 
 class _GhostBatchNorm(_BatchNorm):

@@ -46,8 +46,9 @@ is for batch norm; the whole batch is checked before any buffer moves.
 Prediction (``eval()``) is plain batch norm with the running statistics. Without running
 statistics (``track_running_stats=False``) every mode uses the chunks' statistics.
 
-Each chunk goes through ``bnlab.functional.batch_norm`` (the layer's ``impl``); only the
-split into chunks and the update of the running statistics are new here.
+Each chunk goes through ``bnlab.functional.batch_norm`` (the layer's ``impl``), which also
+returns the chunk's statistics (through buffers it updates with momentum 1); only the split
+into chunks and the average of their statistics are new here.
 """
 
 from __future__ import annotations
@@ -60,32 +61,16 @@ from bnlab.functional import DEFAULT_IMPL, Impl, check_input
 from bnlab.functional import batch_norm as functional_batch_norm
 from bnlab.nn.batchnorm import _BatchNorm
 
-__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "chunk_statistics"]
+__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "step_statistics"]
 
 
-@torch.no_grad()
-def chunk_statistics(x: torch.Tensor, virtual_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(step_mean, step_var)`` of the module docstring, each (C,), for ``x`` (N, C, ...)
-    cut into chunks of ``virtual_batch_size`` along N: the chunks' means and unbiased
-    variances averaged with weights ``n_k / N``. Computed in float32 for half inputs (as the
-    kernels do), else in ``x``'s dtype; every chunk must have two or more values per channel."""
-    x = x.detach()
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    n, v = x.shape[0], virtual_batch_size
-    full = n // v  # whole chunks, then a smaller last one of n - full * v samples
-    mean_sum = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)  # (C,)
-    var_sum = torch.zeros_like(mean_sum)
-    if full:
-        chunks = x[:full * v].reshape(full, v, *x.shape[1:])  # (K, v, C, ...)
-        var, mean = torch.var_mean(chunks, dim=[1, *range(3, chunks.dim())], correction=1)  # (K, C)
-        mean_sum += mean.sum(0) * v
-        var_sum += var.sum(0) * v
-    if rest := n - full * v:
-        var, mean = torch.var_mean(x[full * v:], dim=[0, *range(2, x.dim())], correction=1)  # (C,)
-        mean_sum += mean * rest
-        var_sum += var * rest
-    return mean_sum / n, var_sum / n
+def step_statistics(means: list[torch.Tensor], variances: list[torch.Tensor],
+                    sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(step_mean, step_var)`` of the module docstring, each (C,): the chunks' means and
+    unbiased variances averaged with weights ``n_k / N`` (``sizes``: the n_k)."""
+    weights = torch.tensor(sizes, dtype=means[0].dtype, device=means[0].device)
+    weights = (weights / weights.sum()).unsqueeze(1)  # (K, 1)
+    return (torch.stack(means) * weights).sum(0), (torch.stack(variances) * weights).sum(0)
 
 
 class _GhostBatchNorm(_BatchNorm):
@@ -119,23 +104,34 @@ class _GhostBatchNorm(_BatchNorm):
         chunks = torch.split(input, self.virtual_batch_size)  # each (<= v, C, ...)
         for chunk in chunks:  # every chunk checked before any buffer moves
             check_input(chunk, self.num_features, True)
-        if self.training and self.track_running_stats:
-            self._update_running_stats(input)
-        return torch.cat([functional_batch_norm(chunk, None, None, self.weight, self.bias, True,
-                                                0.0, self.eps, impl=self.impl)
-                          for chunk in chunks])  # (N, C, ...)
+        if not (self.training and self.track_running_stats):
+            return torch.cat([functional_batch_norm(chunk, None, None, self.weight, self.bias,
+                                                    True, 0.0, self.eps, impl=self.impl)
+                              for chunk in chunks])  # (N, C, ...)
+        outputs, means, variances = [], [], []
+        for chunk in chunks:
+            # With momentum 1 the kernel leaves exactly the chunk's mean and unbiased variance
+            # in these (C,) buffers: the statistics it normalized with, without a second pass.
+            mean, var = torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var)
+            outputs.append(functional_batch_norm(chunk, mean, var, self.weight, self.bias, True,
+                                                 1.0, self.eps, impl=self.impl))
+            means.append(mean)
+            variances.append(var)
+        self._update_running_stats(means, variances, [len(c) for c in chunks])
+        return torch.cat(outputs)  # (N, C, ...)
 
-    def _update_running_stats(self, input: torch.Tensor) -> None:
+    def _update_running_stats(self, means: list[torch.Tensor], variances: list[torch.Tensor],
+                              sizes: list[int]) -> None:
         """One update from the chunks' mean statistics (see the module docstring)."""
         self.num_batches_tracked.add_(1)
-        if input.shape[0] == 0:  # an empty batch has no statistics: counted, as batch norm does
+        if not sum(sizes):  # an empty batch has no statistics: counted, as batch norm does
             return
         factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
                   else self.momentum)
-        mean, var = chunk_statistics(input, self.virtual_batch_size)
-        with torch.no_grad():  # in the statistics' precision, then stored (as the kernels)
-            self.running_mean.copy_((1 - factor) * self.running_mean.to(mean.dtype) + factor * mean)
-            self.running_var.copy_((1 - factor) * self.running_var.to(var.dtype) + factor * var)
+        mean, var = step_statistics(means, variances, sizes)
+        with torch.no_grad():
+            self.running_mean.mul_(1 - factor).add_(factor * mean)
+            self.running_var.mul_(1 - factor).add_(factor * var)
 
 
 class GhostBatchNorm1d(_GhostBatchNorm):

@@ -100,9 +100,12 @@ def test_the_probe_evaluates_ema_0_1_as_the_model_and_population_as_update_bn_st
     assert set(record["acc"]) == {"ema:0.01", "ema:0.1", "ema:0.9", "pop:128", "pop:300"}
 
 
+@pytest.mark.parametrize("optimizer", [{}, {"momentum": 0.9, "weight_decay": 5e-4}],
+                         ids=["plain SGD", "Wu & Johnson's momentum and weight decay"])
 def test_a_replay_with_shadows_keeps_the_trajectory_and_probes_the_final_weights(synthetic_fashion,
-                                                                              tmp_path):
-    config = TrainConfig(val_size=200, lr=0.1, epochs=2, subset=200, batch_size=64, device="cpu")
+                                                                              tmp_path, optimizer):
+    config = TrainConfig(val_size=200, lr=0.1, epochs=2, subset=200, batch_size=64, device="cpu",
+                         **optimizer)
     start_run(config, synthetic_fashion, tmp_path, progress=False).train()
     shadows = precise.ShadowEMA()
     steps = precise.probe_steps(4, 2)  # 200 images at batch 64: 4 steps an epoch

@@ -770,7 +770,7 @@ EXPERIMENT = Experiment(
     variants=variants,
     analyze=analyze,
     default_epochs=3,
-    default_subset=0,
+    default_subset=0,  # all the images the validation split leaves: the largest N is 5·10^4
     notes=f"BN-LeNet in three arms trained on the same images for the same epochs: lr "
           f"{BASE_LR:g} and lr {HIGH_LR:g} at batch {BASE_BATCH} with plain SGD, and Wu & "
           f"Johnson's regime, batch {WJ_BATCH} with momentum {WJ_MOMENTUM:g} and weight decay "
@@ -779,6 +779,5 @@ EXPERIMENT = Experiment(
           "every 1/2 epoch after it: test accuracy of the same weights with EMA statistics of "
           f"momentum {', '.join(map(str, MOMENTA))} (shadow EMAs of one training) and with "
           f"population statistics of N in {list(SAMPLES)} samples and of the whole training "
-          "set (one pass; whole batches of the run's own size). Default: 3 epochs on all "
-          "the images the validation split leaves (50000), so the largest N is 5 times 10^4.",
+          "set (one pass; whole batches of the run's own size), N capped at the training set.",
 )

@@ -37,6 +37,24 @@ def test_ghost_v_names_the_virtual_batch_size():
         TrainConfig(val_size=200, norm="ghost:4", batch_size=1)
 
 
+def test_ghost_runs_hash_the_revision_of_their_running_statistics():
+    """Ghost BN's running statistics changed definition (one update per step): its runs get
+    new folders, every other norm's keep theirs."""
+    import hashlib
+
+    from bnlab.experiments.runner import config_key
+    from bnlab.training.norms import norm_revision
+
+    def plain_hash(config: TrainConfig) -> str:  # the hash before revisions were hashed
+        blob = json.dumps(config_to_dict(config), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    assert norm_revision("ghost:4") == norm_revision("ghost") == 1
+    ghost, plain = TrainConfig(val_size=200, norm="ghost:4"), TrainConfig(val_size=200)
+    assert config_key(ghost) != plain_hash(ghost)
+    assert config_key(plain) == plain_hash(plain) and norm_revision("bnlab") == 0
+
+
 def _models(*norms: str) -> list[torch.nn.Module]:
     out = []
     for norm in norms:
@@ -154,6 +172,75 @@ def test_freeze_loss_jump_reads_the_epochs_either_side_of_the_freeze():
     assert batchsize.freeze_loss_jump(row(8)) is None  # stopped before freezing
 
 
+def test_the_gaps_read_their_known_answers_on_the_one_hot_model():
+    """Each measure registers its effect (growing with it) and reads 0 where it is absent; a
+    measure that could not see it (or saw the other's) would fail here."""
+    records = batchsize.calibration()
+    assert all(c.ok for c in records), [c for c in records if not c.ok]
+    read = {(c.measure, c.case): c.read for c in records}
+    gap, inconsistency = "generalization gap (points)", "train-test inconsistency (points)"
+    assert read[(gap, "one-hot model, 10% of the test labels wrong")] == "+10.0"
+    assert read[(gap, "one-hot model, 30% of the test labels wrong")] == "+30.0"
+    assert read[(inconsistency, "one-hot model, 30% of the test labels wrong")] == "+0.0"
+    assert read[(inconsistency, "one-hot model, test images shifted on 5 of 10 channels")] == "+50.0"
+    assert read[(gap, "one-hot model, test images shifted on 5 of 10 channels")] == "+0.0"
+    assert read[(inconsistency, "one-hot model, test images like the training images")] == "+0.0"
+
+
+def test_ghost_running_variance_scatters_like_batch_norms():
+    assert 1.0 < batchsize.ghost_ema_scatter() < 2.0
+
+
+def _ghost_rows(gen_gap: dict[int, list[float]], inconsistency: dict[int, list[float]],
+                frozen_gain: list[float], fail: int | None = None):
+    """Plain Ghost BN runs at V = 2 and 128 (three seeds) with the given gaps (points), and
+    remedy runs at V = 2 whose test accuracy beats the population's by ``frozen_gain``."""
+    from bnlab.experiments.analysis import Row
+
+    rows, ways = [], {}
+    for v in (2, 128):
+        for seed in range(3):
+            run = f"ghost{v}-{seed}"
+            test_pop = 0.80
+            test_mini = test_pop + inconsistency[v][seed] / 100
+            ways[run] = {"train_minibatch": test_mini + gen_gap[v][seed] / 100,
+                         "test_minibatch": test_mini, "test_population": test_pop,
+                         "test_ema": test_pop}
+            val = 0.1 if v == fail else 0.8
+            rows.append(Row(f"ghost {v}", {"part": "ghost", "v": v, "frozen": False}, seed, {},
+                            [], {"final_val_acc": val, "final_test_acc": test_pop,
+                                 "diverged": False}, run))
+    for seed in range(3):
+        rows.append(Row("ghost 2, frozen", {"part": "ghost", "v": 2, "frozen": True}, seed,
+                        {"epochs": 10, "freeze_bn_epochs": 2}, [],
+                        {"final_val_acc": 0.8, "final_test_acc": 0.80 + frozen_gain[seed] / 100,
+                         "diverged": False}, f"frozen-{seed}"))
+    return rows, ways
+
+
+def test_paper_verdicts_pair_the_seeds_and_leave_nets_that_do_not_train_unjudged():
+    rows, ways = _ghost_rows({2: [1.0, 2.0, 1.5], 128: [4.0, 5.0, 4.4]},
+                             {2: [3.0, 2.5, 3.5], 128: [0.1, -0.1, 0.0]}, [2.0, 2.2, 1.8])
+    verdicts = batchsize.paper_verdicts(rows, ways)
+    assert [v.outcome for v in verdicts] == ["supported", "supported", "supported"]
+    assert verdicts[0].effect == pytest.approx((3.0 + 3.0 + 2.9) / 3)  # per-seed differences
+    assert all(v.method == "paired t over seeds" and v.n == 3 and v.paper and v.note
+               for v in verdicts)
+    lines = batchsize.findings(rows, ways)
+    assert any(line.startswith("- Mini-batch statistics beat population statistics on the test "
+                               "set (95% interval of the inconsistency above 0) at V = 2.")
+               for line in lines), lines
+    # no gap growth: the interval straddles 0; a V that does not train is not judged
+    rows, ways = _ghost_rows({2: [1.0, 2.0, 1.5], 128: [2.0, 1.0, 1.6]},
+                             {2: [3.0, 2.5, 3.5], 128: [0.1, -0.1, 0.0]}, [2.0, 2.2, 1.8])
+    assert batchsize.paper_verdicts(rows, ways)[0].outcome == "unresolved"
+    rows, ways = _ghost_rows({2: [1.0, 2.0, 1.5], 128: [4.0, 5.0, 4.4]},
+                             {2: [3.0, 2.5, 3.5], 128: [0.1, -0.1, 0.0]}, [2.0, 2.2, 1.8], fail=128)
+    first, second, third = batchsize.paper_verdicts(rows, ways)
+    assert first.effect is None and first.failed == "3/6 failed" and "does not train" in first.note
+    assert second.effect is None and third.outcome == "supported"
+
+
 @pytest.mark.slow
 def test_batchsize_quick_grid_runs_and_a_rerun_trains_and_measures_nothing(
         synthetic_fashion, tmp_path, monkeypatch):
@@ -164,10 +251,10 @@ def test_batchsize_quick_grid_runs_and_a_rerun_trains_and_measures_nothing(
     figures = check_saved_figures(monkeypatch)
     report = run_experiment(experiment, QUICK, tmp_path, synthetic_fashion, progress=False)
     for section in ("## Normalization batch at SGD batch 128", "## Small normalization batches",
-                    "## Findings", "The generalization gap is", "train-test inconsistency is",
-                    "Normalization batch 2: best", "| 128 |", "## Beside the paper",
-                    "> **Smoke test.**", "## Verdicts"):
+                    "| 128 |", "## Beside the paper", "> **Smoke test.**", "## Verdicts",
+                    "## Calibration", "test images shifted on 8 of 10 channels"):
         assert section in report, section
+    assert "## Findings" not in report  # a smoke test states none
     verdicts = json.loads((tmp_path / "batchsize" / "findings.json").read_text())["verdicts"]
     assert [v["claim"] for v in verdicts] == [
         "the generalization gap grows with the normalization batch",

@@ -1,5 +1,6 @@
-"""update_bn_stats: the running statistics become the whole dataset's statistics of each BN
-input (computed here by hand, all batches at once, in float64); nothing else changes."""
+"""update_bn_stats and population_statistics: the running statistics become the whole
+dataset's statistics of each BN input (computed here by hand, all batches at once, in
+float64); nothing else changes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab.nn import BatchNorm2d
-from bnlab.nn.precise import update_bn_stats
+from bnlab.nn.precise import population_statistics, update_bn_stats
 
 TIGHT = {"rtol": 1e-12, "atol": 1e-12}
 
@@ -115,3 +116,26 @@ def test_update_bn_stats_without_batch_norm_is_an_error() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, track_running_stats=False))
     with pytest.raises(ValueError, match="no batch-norm layer with running statistics"):
         update_bn_stats(model, [torch.randn(4, 3)], progress=False)
+
+
+def test_population_statistics_give_each_prefix_of_one_pass_and_leave_the_model_alone() -> None:
+    model = make_model()
+    batches = [torch.randn(n, 2, 4, 4, dtype=torch.float64) * 2 - 1 for n in (4, 7, 3, 6)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    forwards = []
+    hook = model[0].register_forward_hook(lambda *_: forwards.append(1))
+    per_count = population_statistics(model, batches, [3, 1, 9])
+    hook.remove()
+    assert len(forwards) == len(batches)  # one pass, up to the largest count (past the end: all)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for count, stats in zip([3, 1, len(batches)], per_count):
+        (mean1, var1), (mean2, var2) = expected_stats(model, batches[:count])
+        assert set(stats) == {"1", "7"}
+        torch.testing.assert_close(stats["1"][0], mean1, **TIGHT)
+        torch.testing.assert_close(stats["1"][1], var1, **TIGHT)
+        torch.testing.assert_close(stats["7"][0], mean2, **TIGHT)
+        torch.testing.assert_close(stats["7"][1], var2, **TIGHT)
+    for bad in ([], [0], [2, True]):
+        with pytest.raises(ValueError, match="integers >= 1"):
+            population_statistics(model, batches, bad)

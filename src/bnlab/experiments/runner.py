@@ -46,7 +46,7 @@ from bnlab.experiments.findings import Analysis, calibration_table, verdict_tabl
 from bnlab.experiments.stats import Estimate, estimate, to_csv
 from bnlab.training import runs
 from bnlab.training.distributed import DistributedConfig
-from bnlab.training.norms import check_norm_name
+from bnlab.training.norms import check_norm_name, norm_revision
 from bnlab.training.train import (
     DEFAULT_VAL_SIZE,
     SUBSET_HELP,
@@ -189,8 +189,13 @@ def periodic_eval_every(settings: ExpSettings, batch_size: int) -> int:
 
 
 def config_key(config: TrainConfig) -> str:
-    """A short stable hash of every field of ``config``."""
-    blob = json.dumps(config_to_dict(config), sort_keys=True).encode()
+    """A short stable hash of every field of ``config``, and of its norm's revision where
+    that is not 0 (``norms.Norm.revision``: runs of a layer whose numbers have changed since
+    are not taken for runs of the new one)."""
+    values = config_to_dict(config)
+    if revision := norm_revision(config.norm):
+        values["norm_revision"] = revision
+    blob = json.dumps(values, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 
 

@@ -26,6 +26,10 @@ except for the layers' ``running_mean``/``running_var``: train/eval flags, param
 ``.grad``, ``num_batches_tracked`` and every other buffer are restored; nothing is
 differentiated.
 
+``population_statistics`` returns the same statistics for several numbers of batches from
+one pass (the counts are prefixes of one stream), without setting them: how many samples
+an estimate needs, for the cost of the largest.
+
 Not offered: a debiased exponential average (Adam-style correction of the (0, 1)
 initialisation). For a fixed model the exact aggregate above is what such an average
 estimates, with no momentum to choose, at the same cost of one forward pass per batch.
@@ -33,7 +37,7 @@ estimates, with no momentum to choose, at the same cost of one forward pass per 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from itertools import islice
 
 import torch
@@ -41,7 +45,7 @@ from torch import nn
 
 from bnlab.nn.batchnorm import is_batch_norm
 
-__all__ = ["batch_norm_layers", "update_bn_stats"]
+__all__ = ["Statistics", "batch_norm_layers", "population_statistics", "update_bn_stats"]
 
 
 def batch_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -93,6 +97,70 @@ def _first_tensor(batch) -> torch.Tensor:
                     f"(got {type(batch).__name__})")
 
 
+Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Per batch-norm layer name: ``(running_mean, running_var)`` as batch norm stores them."""
+
+
+def population_statistics(model: nn.Module, batches: Iterable, num_batches: Sequence[int],
+                          progress: bool = False) -> list[Statistics]:
+    """What :func:`update_bn_stats` would set after each count of ``num_batches``, from one
+    pass over the first ``max(num_batches)`` batches (the counts are prefixes of one
+    stream: precise BN at several sample sizes for the cost of the largest).
+
+    Returns one :data:`Statistics` per count, in the order given, in the buffers' dtype; a
+    layer the forward never reached is left out. The model is left exactly as it was
+    (buffers, modes, everything: the statistics are returned, not set). A count past the
+    batches there are gets the statistics of all of them. ValueError as
+    :func:`update_bn_stats`, and for counts that are not integers >= 1.
+    """
+    counts = list(num_batches)
+    if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+        raise ValueError(f"num_batches must be integers >= 1 (got {num_batches!r})")
+    layers = batch_norm_layers(model)
+    if not layers:
+        raise ValueError("the model has no batch-norm layer with running statistics "
+                         "(torch's or bnlab's BatchNorm with track_running_stats=True)")
+    reference = next(iter(model.parameters()), None)
+    if reference is None:
+        reference = next(iter(model.buffers()))
+    modes = {m: m.training for m in model.modules()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    moments = {name: _Moments() for name, _ in layers}
+    hooks = [layer.register_forward_pre_hook(
+        lambda _m, args, acc=moments[name]: acc.add(args[0])) for name, layer in layers]
+    wanted, snapshots, seen = set(counts), {}, 0
+    try:
+        model.eval()
+        for _, layer in layers:
+            layer.train()
+        with torch.no_grad():
+            total = max(counts)
+            for batch in _with_progress(islice(batches, total), total, progress):
+                model(_first_tensor(batch).to(reference.device))
+                seen += 1
+                if seen in wanted:
+                    snapshots[seen] = _stored(layers, moments)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        for m, training in modes.items():
+            m.train(training)
+    if seen == 0:
+        raise ValueError("update_bn_stats got no batches (the iterable was empty)")
+    last = _stored(layers, moments)
+    return [snapshots.get(n, last) for n in counts]
+
+
+def _stored(layers: list[tuple[str, nn.Module]], moments: dict[str, _Moments]) -> Statistics:
+    """The moments so far as batch norm stores them (unbiased variance, buffers' dtype)."""
+    return {name: (moments[name].mean.to(layer.running_mean.dtype),
+                   moments[name].unbiased_var().to(layer.running_var.dtype))
+            for name, layer in layers if moments[name].mean is not None}
+
+
 def update_bn_stats(model: nn.Module, batches: Iterable, num_batches: int = 200,
                     progress: bool = True) -> nn.Module:
     """Set every batch norm's running statistics to its input's population statistics.
@@ -107,42 +175,10 @@ def update_bn_stats(model: nn.Module, batches: Iterable, num_batches: int = 200,
     """
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be an integer >= 1 (got {num_batches!r})")
-    layers = batch_norm_layers(model)
-    if not layers:
-        raise ValueError("the model has no batch-norm layer with running statistics "
-                         "(torch's or bnlab's BatchNorm with track_running_stats=True)")
-    reference = next(iter(model.parameters()), None)
-    if reference is None:
-        reference = next(iter(model.buffers()))
-    modes = {m: m.training for m in model.modules()}
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    moments = {name: _Moments() for name, _ in layers}
-    hooks = [layer.register_forward_pre_hook(
-        lambda _m, args, acc=moments[name]: acc.add(args[0])) for name, layer in layers]
-    seen = 0
-    try:
-        model.eval()
-        for _, layer in layers:
-            layer.train()
-        with torch.no_grad():
-            for batch in _with_progress(islice(batches, num_batches), num_batches, progress):
-                model(_first_tensor(batch).to(reference.device))
-                seen += 1
-    finally:
-        for hook in hooks:
-            hook.remove()
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-        for m, training in modes.items():
-            m.train(training)
-    if seen == 0:
-        raise ValueError("update_bn_stats got no batches (the iterable was empty)")
+    (stats,) = population_statistics(model, batches, [num_batches], progress)
     with torch.no_grad():
-        for name, layer in layers:
-            acc = moments[name]
-            if acc.mean is None:  # a layer the forward never reached keeps its statistics
-                continue
-            layer.running_mean.copy_(acc.mean)
-            layer.running_var.copy_(acc.unbiased_var())
+        for name, layer in batch_norm_layers(model):
+            if name in stats:  # a layer the forward never reached keeps its statistics
+                layer.running_mean.copy_(stats[name][0])
+                layer.running_var.copy_(stats[name][1])
     return model

@@ -56,6 +56,9 @@ class Norm:
     parse_value: Callable[[str], Any] | None = None  # the text of NAME:VALUE's VALUE -> the
     # value build gets (ValueError for a bad one); None: takes no value. Without :VALUE,
     # build gets no value and uses its own default.
+    revision: int = 0  # raised when the layer behind the name changes its numbers; a nonzero
+    # one is part of a run's config hash (experiments.runner.config_key), so runs trained
+    # before the change are not taken for runs of the new layer
 
 
 def _bnlab_batch_norm(kind: str, num_features: int, impl: str) -> nn.Module:
@@ -188,9 +191,11 @@ NORMS: dict[str, Norm] = {
                      batch_statistics=False),
     "ghost": Norm(_by_kind(bnn.GhostBatchNorm2d, bnn.GhostBatchNorm1d, GHOST_VIRTUAL_BATCH_SIZE),
                   f"ghost batch norm: batch norm on each chunk of {GHOST_VIRTUAL_BATCH_SIZE} "
-                  "samples, running statistics updated per chunk; prediction as batch norm "
-                  "(bnlab.nn.ghost); 'ghost:V' sets the chunk (virtual batch) size V >= 2",
-                  batch_statistics=True, parse_value=parse_virtual_batch_size),
+                  "samples, running statistics updated once per step from the chunks' mean "
+                  "statistics; prediction as batch norm (bnlab.nn.ghost); 'ghost:V' sets the "
+                  "chunk (virtual batch) size V >= 2",
+                  batch_statistics=True, parse_value=parse_virtual_batch_size,
+                  revision=1),  # 1: one update per step (0: one per chunk)
     "renorm": Norm(_by_kind(bnn.BatchRenorm2d, bnn.BatchRenorm1d),
                    "batch renormalization: r_max 3, d_max 5 after 100 steps of plain batch "
                    "norm; prediction as batch norm (bnlab.nn.renorm)", batch_statistics=True),
@@ -380,6 +385,11 @@ def uses_batch_statistics(name: str) -> bool:
     """Whether the norm named ``name`` (``NAME`` or ``NAME:VALUE``) normalizes over the batch
     in training, so cannot train on batches of one."""
     return _parse_norm_name(name)[0].batch_statistics
+
+
+def norm_revision(name: str) -> int:
+    """The :attr:`Norm.revision` of the norm named ``name`` (``NAME`` or ``NAME:VALUE``)."""
+    return _parse_norm_name(name)[0].revision
 
 
 def describe_norm(name: str) -> str:

@@ -18,6 +18,7 @@ def _row(tags, final_acc, diverged=False, seed=0, metrics=(), evals=(), config=N
     return Row(label=str(tags) if label is None else label, tags=tags, seed=seed,
                metrics=list(metrics), evals=list(evals), config=config or {}, run_dir="",
                summary={"diverged": diverged, "final_val_acc": None if diverged else final_acc,
+                        "final_test_acc": None if diverged else final_acc,
                         "epochs": max(len(metrics), 1)})
 
 
@@ -155,7 +156,7 @@ def test_best_lr_steps_and_the_ioffe_comparison():
     assert comparison["target"] == pytest.approx(0.82) and comparison["base_steps"] == 16
     assert comparison["bn"] == {1.0: 4, 3.0: None}
     text = "\n".join(convergence.findings(rows))
-    assert "**4.0x** fewer steps" in text  # 0.80: LeNet 16 steps, BN 4 steps
+    assert "4.0x fewer steps" in text  # 0.80: LeNet 16 steps, BN 4 steps
     assert "lr 1 (1x the rate): step 4, 4.0x fewer steps; lr 3 (3x the rate): never" in text
 
 
@@ -220,12 +221,17 @@ def test_only_batch_norm_depends_on_the_mode(synthetic_fashion, tmp_path):
 # --------------------------------------------------------------------------- robustness
 
 def test_relative_accuracy_and_comparison():
+    def seeds(*values):
+        return dict(enumerate(values))
+
     measured = {
-        "BN (lr 0.1)": {"fgsm": {0.0: [0.9, 0.9], 0.1: [0.45, 0.45], 0.2: [0.1, 0.12]}},
-        "no BN (lr 1)": {"fgsm": {0.0: [0.8, 0.8], 0.1: [0.6, 0.62], 0.2: [0.3, 0.31]}},
+        "BN (lr 0.1)": {"fgsm": {0.0: seeds(0.9, 0.9), 0.1: seeds(0.45, 0.45),
+                                 0.2: seeds(0.1, 0.12)}},
+        "no BN (lr 1)": {"fgsm": {0.0: seeds(0.8, 0.8), 0.1: seeds(0.6, 0.62),
+                                  0.2: seeds(0.3, 0.31)}},
     }
     rel = robustness_claim.relative(measured["BN (lr 0.1)"]["fgsm"])
-    assert rel[0.0] == [1.0, 1.0] and rel[0.1] == pytest.approx([0.5, 0.5])
+    assert rel[0.0] == {0: 1.0, 1: 1.0} and rel[0.1] == pytest.approx({0: 0.5, 1: 0.5})
     rows = robustness_claim.compare(measured, "fgsm", "BN (lr 0.1)")
     assert [r["size"] for r in rows] == [0.1, 0.2]
     assert rows[0]["acc"] == pytest.approx(0.45) and rows[0]["base_rel"] == pytest.approx(0.7625)
@@ -242,13 +248,14 @@ def test_failed_runs_are_not_measured_and_no_baseline_means_no_comparison(synthe
     assert robustness_claim.measure(rows, synthetic_fashion) == {}  # no model is even loaded
     assert robustness_claim.skipped(rows) == [f"- {robustness_claim.BASELINE}: 2/2 seeds failed "
                                               "and are not measured."]
-    text = robustness_claim.findings({"BN (lr 0.1)": {"noise": {0.0: [0.9]}}})
+    text = robustness_claim.findings({"BN (lr 0.1)": {"noise": {0.0: {0: 0.9}}}})
     assert text[-1].startswith("- No comparison")
 
 
 def test_robustness_controls_resolve_each_sigma_by_the_seeds_intervals():
     mine = {0.0: [0.9, 0.91, 0.9], 0.1: [0.8, 0.81, 0.8], 0.3: [0.2, 0.21, 0.2], 0.5: [0.5, 0.1, 0.3]}
     theirs = {0.0: [0.9, 0.9, 0.91], 0.1: [0.5, 0.51, 0.5], 0.3: [0.6, 0.61, 0.6], 0.5: [0.3, 0.4, 0.2]}
+    mine, theirs = ({size: dict(enumerate(v)) for size, v in d.items()} for d in (mine, theirs))
     assert robustness_claim.resolved_by_size(mine, theirs) == {"more": [0.1], "less": [0.3],
                                                               "open": [0.5]}
 
@@ -264,5 +271,5 @@ def test_measured_curves_start_at_the_run_s_own_clean_accuracy(synthetic_fashion
     assert set(measured) == {"noise", "fgsm", "pgd"}
     assert sorted(measured["fgsm"]) == list(robustness_claim.SIZES["fgsm"])
     # size 0 is the clean test accuracy the trainer measured (same images, eval mode)
-    assert measured["noise"][0.0] == measured["fgsm"][0.0] == [summary["final_test_acc"]]
+    assert measured["noise"][0.0] == measured["fgsm"][0.0] == {0: summary["final_test_acc"]}
     assert measured["fgsm"][0.2][0] < measured["fgsm"][0.0][0]

@@ -107,8 +107,8 @@ def test_a_second_invocation_trains_nothing(fake_dataset, tmp_path, monkeypatch,
 # Experiments that measure finished models: grid constants that shrink their --quick grids,
 # and flags (robustness measures only runs past chance, which one epoch here is not).
 SMALL_GRIDS = {"robustness": ({}, ["--epochs", "2"]), "dropout": ({}, []),
-               "depth": ({"DEPTHS": (5,), "LEARNING_RATES": (0.1,)}, []),
-               "norms": ({"BATCH_SIZES": (8, 128)}, [])}
+               "depth": ({"QUICK_DEPTHS": (5,), "QUICK_LEARNING_RATES": (0.1,)}, []),
+               "norms": ({"QUICK_BATCH_SIZES": (8, 128)}, [])}
 
 
 def _count_measurements(monkeypatch) -> list[str]:
@@ -246,7 +246,8 @@ def test_parallel_jobs_give_the_serial_results(synthetic_fashion, tmp_path):
 def _row(tags, final_acc, diverged=False, accs=()):
     metrics = [{"epoch": i + 1, "val_acc": a, "train_acc": a, "val_loss": 1.0}
                for i, a in enumerate(accs)]
-    return Row(label=str(tags), tags=tags, seed=0, config={}, metrics=metrics, run_dir="",
+    return Row(label=str(tags), tags=tags, seed=0, config={"val_size": 1000}, metrics=metrics,
+               run_dir="",
                summary={"diverged": diverged, "final_val_acc": None if diverged else final_acc,
                         "epochs": max(len(accs), 1)})
 
@@ -257,7 +258,7 @@ def test_norms_equal_steps_arm_has_equal_step_counts(settings):
 
     settings = resolve(settings, norm_choice.EXPERIMENT)
     arm = [v for v in norm_choice.variants(settings) if v.tags["arm"] == norm_choice.STEPS]
-    assert {v.tags["batch_size"] for v in arm} == set(norm_choice.BATCH_SIZES)
+    assert {v.tags["batch_size"] for v in arm} == set(norm_choice.batch_sizes(settings))
     steps = set()
     for v in arm:
         config = TrainConfig(**v.params)
@@ -360,6 +361,11 @@ def test_best_lr_per_model_reads_the_lr_experiment_beside(tmp_path):
     assert best_lr_per_model(tmp_path / "lr") == {True: 1.0, False: 0.1}
     (tmp_path / "lr" / "results.jsonl").write_text(json.dumps(rows[0].to_json()) + "\n")
     assert best_lr_per_model(tmp_path / "lr") is None  # LeNet has no rate
+    # a grid without a validation split chose on the test set: none of its rates is read
+    on_test = [dataclasses.replace(r, config={"val_size": 0}) for r in rows]
+    (tmp_path / "lr" / "results.jsonl").write_text(
+        "".join(json.dumps(r.to_json()) + "\n" for r in on_test))
+    assert best_lr_per_model(tmp_path / "lr") is None
 
 
 def test_periodic_evaluations_about_25_a_run_at_most_every_5_steps():

@@ -26,6 +26,7 @@ def curve_row(label: str, tags: dict, seed: int, final_acc: float, diverge_at: i
                for e, a in zip(range(1, epochs + 1), accs)]
     diverged = diverge_at is not None
     summary = {"diverged": diverged, "final_val_acc": None if diverged else accs[-1],
+               "final_test_acc": None if diverged else accs[-1] - 0.01,
                "final_train_acc": None if diverged else accs[-1] + 0.02,
                "best_val_acc": max(accs), "epochs": EPOCHS, "median_seconds_per_epoch": 1.0}
     return Row(label=label, tags=tags, seed=seed, config={"epochs": EPOCHS}, metrics=metrics,

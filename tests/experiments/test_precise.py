@@ -247,8 +247,9 @@ def test_the_lr_grid_beside_is_read_for_the_high_rate(tmp_path):
     assert "3, fixed in advance" in precise.lr_grid_note(tmp_path / "precise")[0]
     (tmp_path / "lr").mkdir()
 
-    def row(bn: bool, lr: float, acc: float) -> str:
-        return json.dumps({"label": "", "tags": {"bn": bn, "lr": lr}, "seed": 0, "config": {},
+    def row(bn: bool, lr: float, acc: float, val_size: int = 200) -> str:
+        return json.dumps({"label": "", "tags": {"bn": bn, "lr": lr}, "seed": 0,
+                           "config": {"val_size": val_size},
                            "metrics": [], "run_dir": "", "summary": {"final_val_acc": acc,
                                                                      "diverged": False}})
 
@@ -259,3 +260,7 @@ def test_the_lr_grid_beside_is_read_for_the_high_rate(tmp_path):
     assert "is among them" in note
     (tmp_path / "lr" / "results.jsonl").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
     assert "**not** among them" in precise.lr_grid_note(tmp_path / "precise")[0]
+    # A grid without a validation split chose on the test set: it is not read.
+    on_test = [row(True, 1.0, 0.9, 0), row(True, 3.0, 0.85, 0), row(False, 1.0, 0.8, 0)]
+    (tmp_path / "lr" / "results.jsonl").write_text("\n".join(on_test) + "\n")
+    assert "3, fixed in advance" in precise.lr_grid_note(tmp_path / "precise")[0]

@@ -188,8 +188,8 @@ def test_exp_sync_quick_writes_a_report_from_its_numbers(synthetic_fashion, tmp_
     from bnlab.experiments import sync
 
     monkeypatch.setattr(sync, "WORLD", 2)
-    monkeypatch.setattr(sync, "PER_RANK_BATCHES", (8,))
-    monkeypatch.setattr(sync, "COST_WORLDS", (2,))
+    monkeypatch.setattr(sync, "QUICK_PER_RANK_BATCHES", (8,))
+    monkeypatch.setattr(sync, "QUICK_COST_WORLDS", (2,))
     monkeypatch.setattr("bnlab.data.dataset.load_fashion_mnist", lambda *a: synthetic_fashion)
     figures = check_saved_figures(monkeypatch)
     out = tmp_path / "exp"
@@ -205,9 +205,10 @@ def test_exp_sync_quick_writes_a_report_from_its_numbers(synthetic_fashion, tmp_
     assert f"{cost[0]['sync'] - cost[0]['local']:+.2f}" in report
     assert (out / "sync" / "sync.png").stat().st_size > 0 and "(sync.png)" in report
     assert "sync/sync.png" in figures.problems and figures.failing == {}
-    sync_acc = next(r for r in rows if r["tags"]["variant"] == "sync")["summary"]["final_val_acc"]
+    sync_acc = next(r for r in rows if r["tags"]["variant"] == "sync")["summary"]["final_test_acc"]
     assert f"{sync_acc:.4f}" in report
-    assert "- b=8: SyncBN − local BN" in report
+    assert "SyncBN recovers small per-process batches" in report  # a verdict, stated as none
+    assert "- b=8: SyncBN − local BN" not in report  # a smoke test states no findings
 
 
 def test_sync_findings_name_the_step_counts_behind_a_change_across_batch_sizes():
@@ -219,7 +220,8 @@ def test_sync_findings_name_the_step_counts_behind_a_change_across_batch_sizes()
 
     rows = [Row(label="", tags={"variant": v, "per_rank_batch": b}, seed=0,
                 config={"epochs": 2, "subset": 4000, "batch_size": sync.WORLD * b},
-                metrics=[], summary={"final_val_acc": acc, "diverged": False}, run_dir="")
+                metrics=[], summary={"final_val_acc": acc, "final_test_acc": acc,
+                                     "diverged": False}, run_dir="")
             for v in sync.VARIANTS for b, acc in ((2, 0.5), (32, 0.7))]
     lines = [line for line in sync.findings(rows, []) if "moves by" in line]
     assert len(lines) == len(sync.VARIANTS)

@@ -233,8 +233,7 @@ def test_an_entry_point_names_a_plugin(entry_point):
 
 @pytest.mark.slow
 def test_a_quick_grid_with_plugins_runs_in_two_worker_processes(entry_point, fake_dataset,
-                                                                 tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(norm_choice, "BATCH_SIZES", (8, 128))
+                                                                 tmp_path, capsys):
     names = ["bnlab", "mynorms:RMSNorm:1e-3", entry_point]
     code, out, err = run_cli(capsys, "exp", "norms", "--norms", ",".join(names), "--quick",
                              "--jobs", "2", "--out", str(tmp_path), "--no-progress")

@@ -131,7 +131,8 @@ def best_lr(rows: list[Row], lrs: Sequence[float], criterion: Callable[[list[Row
             **tags: Any) -> float | None:
     """Of the rates ``lrs`` that have rows matching ``tags``, the one whose rows score highest
     by ``criterion`` (default: mean final validation accuracy, a diverged seed counting at
-    chance); ties go to the smaller rate; None when no rate has rows."""
+    chance: a choice, so made on the validation split, never on the test set); ties go to
+    the smaller rate; None when no rate has rows."""
     scores = {lr: criterion(group) for lr in lrs if (group := select(rows, **tags, lr=lr))}
     return max(sorted(scores), key=lambda lr: scores[lr], default=None)
 
@@ -144,13 +145,22 @@ def read_results(folder: str | Path) -> list[Row] | None:
     return [Row.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
+def chosen_on_validation(row: Row) -> bool:
+    """Whether the run held out a validation split (``val_size`` > 0), so a choice made on
+    its ``final_val_acc`` is not made on the test set."""
+    return bool(row.config.get("val_size", 0))
+
+
 def best_lr_per_model(folder: str | Path) -> dict[bool, float] | None:
     """Per model (the ``bn`` tag: BN-LeNet or LeNet), the best rate (:func:`best_lr`, over the
-    rates that ran) of a finished ``lr`` experiment whose results are in ``folder``; None
-    without one, or when a model has no rate."""
+    rates that ran, on validation accuracy) of a finished ``lr`` experiment whose results are
+    in ``folder``; None without one, or when a model has no rate. Runs without a validation
+    split (trained before it existed, or with ``--val-size 0``) are left out: their
+    "validation" accuracy is the test set's, and no choice is made on it."""
     rows = read_results(folder)
     if rows is None:
         return None
+    rows = [r for r in rows if chosen_on_validation(r)]
     rates = sorted({r.tags["lr"] for r in rows if "lr" in r.tags})
     best = {bn: best_lr(rows, rates, bn=bn) for bn in (False, True)}
     return None if None in best.values() else best

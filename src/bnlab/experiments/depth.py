@@ -33,9 +33,16 @@ only with 0.01 (0.66 at depth 110 after 3 epochs; chance at 0.1), ReLU without B
 at 0.01-0.1, and 0.001 rescued no configuration that failed at 0.01. Depth 5 is added to
 the issue's 10-110 so that the family that fails at 10 has a depth where it trains.
 
-Defaults: 5 epochs on a class-balanced subset of 10000 training images (395 steps of
-batch 128), SGD without momentum as in the chapter, 3 seeds: 270 runs (see the
-experiment's notes for the time it takes).
+Verdicts (``findings``' rule over seeds, test accuracy at each family's best rate on
+validation): per activation, the BN net of the grid's deepest depth trains (its accuracy
+above the failure bar ``analysis.FAIL_ACCURACY``) and the same net without BN does not;
+and at initialization, BN nets' gradients grow towards the input (a fitted factor above 1)
+by the mean-field factor (within :data:`GROWTH_MARGIN`). The fitted factor is read on a
+synthetic chain with a known per-layer growth in every report (:func:`calibrate_growth`).
+
+Defaults: 5 epochs on a class-balanced subset of 10000 training images, SGD without
+momentum as in the chapter, 3 seeds. ``--quick`` runs the shallowest and deepest depths
+at two rates, and a smaller finite-size sweep.
 """
 
 from __future__ import annotations
@@ -46,11 +53,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from bnlab.data.loader import stratified_subset
 from bnlab.experiments import analysis
 from bnlab.experiments.analysis import FAIL_ACCURACY, Row, finals, plot_intervals, select, trains
-from bnlab.experiments.findings import Analysis
+from bnlab.experiments.arms import cell, judge_bar
+from bnlab.experiments.findings import (
+    Analysis,
+    Calibration,
+    Verdict,
+    judge_difference,
+    judge_same,
+    not_measured,
+)
 from bnlab.experiments.measure import fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
 from bnlab.experiments.stats import format_mean_ci, mean_ci
@@ -83,18 +99,33 @@ PLOTTED_DEPTHS = (50, 110)
 SWEEP_DEPTH = 50
 SWEEP_WIDTHS = (16, 64, 256)  # at batch GRADIENT_BATCH
 SWEEP_BATCHES = (16, 64, 256, 1024)  # at width WIDTH
+QUICK_DEPTHS = (DEPTHS[0], DEPTHS[-1])
+QUICK_LEARNING_RATES = (0.01, 1.0)
+QUICK_SWEEP = ((16, 64), (16, 256))  # --quick: widths, batches
+GROWTH_MARGIN = 0.05
+"""A measured growth factor "matches" the mean-field one when it lies within 5% of it
+(the theory is a limit of infinite width and batch; width 64 is not)."""
 
 
 def label(activation: str, norm: str, depth: int, lr: float) -> str:
     return f"{activation} {NORMS[norm]} depth={depth} lr={lr:g}"
 
 
+def grid(settings: ExpSettings) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(depths, learning rates) of the grid: all of them, or with ``--quick`` the shallowest
+    and deepest depths at two rates (a smoke test within minutes)."""
+    if settings.quick:
+        return QUICK_DEPTHS, QUICK_LEARNING_RATES
+    return DEPTHS, LEARNING_RATES
+
+
 def variants(settings: ExpSettings) -> list[Variant]:
+    depths, rates = grid(settings)
     return [Variant(label(act, norm, depth, lr),
                     {"model": "deep-mlp", "norm": norm, "depth": depth, "width": WIDTH,
                      "activation": act, "lr": lr},
                     {"activation": act, "norm": norm, "depth": depth, "lr": lr})
-            for act in ACTIVATIONS for norm in NORMS for depth in DEPTHS for lr in LEARNING_RATES]
+            for act in ACTIVATIONS for norm in NORMS for depth in depths for lr in rates]
 
 
 # --------------------------------------------------------------------------- definitions
@@ -155,7 +186,8 @@ def gradient_profiles(rows: list[Row], dataset) -> dict[tuple, dict[str, Any]]:
                             for r in group]
                 profiles[(act, norm, depth)] = {"lr": lr, "seed": group[0].seed, **measured[0],
                                                 "row": group[0],
-                                                "init_by_seed": [m["init"] for m in measured]}
+                                                "init_by_seed": [m["init"] for m in measured],
+                                                "seeds": [r.seed for r in group]}
     return profiles
 
 
@@ -211,14 +243,15 @@ def plot_profiles(profiles: dict[tuple, dict[str, Any]], path: Path) -> None:
 
 
 def plot_accuracy_vs_depth(rows: list[Row], path: Path) -> None:
+    depths = depths_of(rows) or list(DEPTHS)
     fig, axes = plt.subplots(1, len(ACTIVATIONS), figsize=(12, 4), sharey=True, squeeze=False)
     for ax, act in zip(axes[0], ACTIVATIONS):
         for norm, name in NORMS.items():
             at_best = {depth: finals(select(rows, activation=act, norm=norm, depth=depth, lr=lr))
-                       for depth in DEPTHS if (lr := best_lr(rows, act, norm, depth)) is not None}
+                       for depth in depths if (lr := best_lr(rows, act, norm, depth)) is not None}
             plot_intervals(ax, at_best, label=name)
         reference_line(ax, FAIL_ACCURACY, label="fails at or below")
-        log_axis(ax, "x", ticks=DEPTHS, label="depth (weight layers)")
+        log_axis(ax, "x", ticks=depths, label="depth (weight layers)")
         ax.set_ylabel("final validation accuracy at the best lr")
         ax.set_title(act)
         legend(ax)
@@ -246,6 +279,69 @@ def measured_growth(profiles: dict[tuple, dict[str, Any]]) -> dict[tuple, list[f
             for key, profile in profiles.items()}
 
 
+def growth_by_seed(profiles: dict[tuple, dict[str, Any]], key: tuple) -> dict[int, float]:
+    """``{seed: fitted growth at initialization}`` of one (activation, norm, depth)."""
+    profile = profiles.get(key)
+    if profile is None:
+        return {}
+    return {seed: fitted_growth(p) for seed, p in zip(profile["seeds"], profile["init_by_seed"])}
+
+
+class _GradientGain(torch.autograd.Function):
+    """The identity forward; the backward multiplies the gradient by ``gain``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gain: float) -> torch.Tensor:
+        ctx.gain = gain
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.gain, None
+
+
+class GainChain(nn.Module):
+    """``layers`` orthogonal linear maps of width ``width``, each followed by a gradient gain
+    ``gain``: activations keep their norm forward, and ``||dL/dW||`` grows by exactly ``gain``
+    per layer towards the input (orthogonal maps keep both the activations' and the
+    gradients' norms). A synthetic chain with a known growth factor."""
+
+    def __init__(self, layers: int, width: int, gain: float, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(layers))
+        with torch.no_grad():
+            for layer in self.layers:
+                q, _ = torch.linalg.qr(torch.randn(width, width, generator=generator))
+                layer.weight.copy_(q)
+        self.gain = gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)  # (B, width)
+        for layer in self.layers:
+            x = _GradientGain.apply(layer(x), self.gain)
+        return x
+
+
+GAINS = (1.0, 1.1, 1.3)
+
+
+def calibrate_growth(layers: int = 12, width: int = 16, batch: int = 32) -> list[Calibration]:
+    """The fitted growth (``layer_gradient_norms`` then :func:`fitted_growth`) of
+    :class:`GainChain` at each gain of :data:`GAINS`: it must read the gain (1: no growth)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, width, generator=generator)  # (B, width)
+    y = torch.randint(0, width, (batch,), generator=generator)
+    out = []
+    for gain in GAINS:
+        norms = [v for _, v in layer_gradient_norms(GainChain(layers, width, gain), x, y)]
+        read = fitted_growth(norms)
+        out.append(Calibration("fitted growth of ||dL/dW|| per layer",
+                               f"{layers}-layer orthogonal chain, gradient x{gain:g} per layer",
+                               f"{gain:.4f}", f"{read:.4f}", abs(read - gain) <= 1e-3 * gain))
+    return out
+
+
 def init_profile(activation: str, depth: int, width: int, seed: int, images, labels) -> list[float]:
     """||dL/dW|| per weight layer of a fresh BN ``deep_mlp`` (seed ``seed``) on one batch,
     in train mode."""
@@ -258,14 +354,16 @@ def init_profile(activation: str, depth: int, width: int, seed: int, images, lab
 Sweep = dict[str, dict[str, dict[int, list[float]]]]  # activation -> width|batch -> value -> seeds
 
 
-def finite_size_sweep(dataset, seeds: list[int], out: Path) -> Sweep:
+def finite_size_sweep(dataset, seeds: list[int], out: Path,
+                      widths: tuple[int, ...] = SWEEP_WIDTHS,
+                      sweep_batches: tuple[int, ...] = SWEEP_BATCHES) -> Sweep:
     """Fitted growth factors at initialization of BN nets of depth ``SWEEP_DEPTH``: over
-    widths ``SWEEP_WIDTHS`` at batch ``GRADIENT_BATCH`` and over batches ``SWEEP_BATCHES``
-    at width ``WIDTH``, per seed. No training is involved; the result is cached in the
-    experiment folder (``runs.cached``) keyed by the sweep and the images."""
-    batches = {b: gradient_batch(dataset, b) for b in SWEEP_BATCHES}
+    ``widths`` at batch ``GRADIENT_BATCH`` and over ``sweep_batches`` at width ``WIDTH``, per
+    seed. No training is involved; the result is cached in the experiment folder
+    (``runs.cached``) keyed by the sweep and the images."""
+    batches = {b: gradient_batch(dataset, b) for b in sweep_batches}
     batches.setdefault(GRADIENT_BATCH, gradient_batch(dataset, GRADIENT_BATCH))
-    key = {"version": 1, "depth": SWEEP_DEPTH, "widths": SWEEP_WIDTHS, "batches": SWEEP_BATCHES,
+    key = {"version": 1, "depth": SWEEP_DEPTH, "widths": widths, "batches": sweep_batches,
            "batch": GRADIENT_BATCH, "width": WIDTH, "seeds": seeds, "activations": ACTIVATIONS,
            "data": {b: fingerprint(*v) for b, v in batches.items()}}
 
@@ -274,13 +372,13 @@ def finite_size_sweep(dataset, seeds: list[int], out: Path) -> Sweep:
             return [fitted_growth(init_profile(act, SWEEP_DEPTH, width, seed, *batches[batch]))
                     for seed in seeds]
 
-        return {act: {"width": {w: rates(act, w, GRADIENT_BATCH) for w in SWEEP_WIDTHS},
-                      "batch": {b: rates(act, WIDTH, b) for b in SWEEP_BATCHES}}
+        return {act: {"width": {w: rates(act, w, GRADIENT_BATCH) for w in widths},
+                      "batch": {b: rates(act, WIDTH, b) for b in sweep_batches}}
                 for act in ACTIVATIONS}
 
     stored = runs.cached(out, "init_sweep", key, compute)  # JSON: string keys, sorted
     return {act: {axis: {v: stored[act][axis][str(v)] for v in values}
-                  for axis, values in (("width", SWEEP_WIDTHS), ("batch", SWEEP_BATCHES))}
+                  for axis, values in (("width", widths), ("batch", sweep_batches))}
             for act in ACTIVATIONS}
 
 
@@ -299,13 +397,15 @@ def growth_table(growth: dict[tuple, list[float]]) -> str:
 
 
 def sweep_table(sweep: Sweep) -> str:
+    first = next(iter(sweep.values()))
+    widths, batches = list(first["width"]), list(first["batch"])
     rows = [[act, f"{predicted_growth(act):.4f}",
-             *[format_mean_ci(sweep[act]["width"][w], ".4f") for w in SWEEP_WIDTHS],
-             *[format_mean_ci(sweep[act]["batch"][b], ".4f") for b in SWEEP_BATCHES]]
+             *[format_mean_ci(sweep[act]["width"][w], ".4f") for w in widths],
+             *[format_mean_ci(sweep[act]["batch"][b], ".4f") for b in batches]]
             for act in sweep]
     return format_table(["activation", "predicted",
-                         *[f"width {w} (batch {GRADIENT_BATCH})" for w in SWEEP_WIDTHS],
-                         *[f"batch {b} (width {WIDTH})" for b in SWEEP_BATCHES]], rows)
+                         *[f"width {w} (batch {GRADIENT_BATCH})" for w in widths],
+                         *[f"batch {b} (width {WIDTH})" for b in batches]], rows)
 
 
 def agreement(measured: list[float], predicted: float) -> str:
@@ -379,29 +479,37 @@ def plot_sweep(sweep: Sweep, path: Path) -> None:
 
 # --------------------------------------------------------------------------- report
 
+def depths_of(rows: list[Row]) -> list[int]:
+    """The depths the grid ran, ascending."""
+    return sorted({r.tags["depth"] for r in rows})
+
+
 def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     plot_accuracy_vs_depth(rows, out / "accuracy_vs_depth.png")
-    headers = ["activation", "norm", *[f"depth {d}" for d in DEPTHS]]
+    depths = depths_of(rows)
+    headers = ["activation", "norm", *[f"depth {d}" for d in depths]]
     table_rows = []
     for act in ACTIVATIONS:
         for norm, name in NORMS.items():
             cells = [act, name]
-            for depth in DEPTHS:
+            for depth in depths:
                 lr = best_lr(rows, act, norm, depth)
                 if lr is None:
                     cells.append("-")
                     continue
                 group = select(rows, activation=act, norm=norm, depth=depth, lr=lr)
                 verdict = "" if trains_at(rows, act, norm, depth) else " FAILS"
-                cells.append(f"{format_mean_ci(finals(group))} (lr {lr:g}){verdict}")
+                cells.append(f"{cell(group)} (lr {lr:g}){verdict}")
             table_rows.append(cells)
-    sections = ["## Final validation accuracy by depth", "",
+    rates = sorted({r.tags["lr"] for r in rows})
+    sections = ["## Final test accuracy by depth", "",
                 format_table(headers, table_rows), "",
-                "Each cell: mean final validation accuracy over seeds at the learning rate of "
-                f"the sweep {list(LEARNING_RATES)} that is best for that cell; FAILS = no rate "
-                f"of the sweep trains every seed past {FAIL_ACCURACY} accuracy.", "",
-                *depth_findings(rows), "",
-                "![final accuracy against depth](accuracy_vs_depth.png)", ""]
+                "Each cell: final test accuracy (mean ± 95% CI over seeds) at the learning rate "
+                f"of the sweep {rates} with the highest mean final validation accuracy; FAILS = "
+                f"no rate of the sweep trains every seed past {FAIL_ACCURACY} validation "
+                "accuracy.", "", "![final accuracy against depth](accuracy_vs_depth.png)", ""]
+    findings = depth_findings(rows)
+    verdicts = depth_verdicts(rows)
     if dataset is not None and rows:
         profiles = gradient_profiles(rows, dataset)
         plot_profiles(profiles, out / "gradient_norms.png")
@@ -411,16 +519,19 @@ def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> 
                      "mode; 'trained' is the model after its run at the best rate (the steps "
                      "are the run's SGD steps). 'layers at 0': weight gradients that underflow "
                      "to exactly 0 in float32 (not drawn on the log scale).", "",
-                     *gradient_findings(profiles), "",
                      "![per-layer gradient norms](gradient_norms.png)", ""]
-        sections += growth_sections(profiles, dataset, sorted({r.seed for r in rows}), out)
-    return Analysis(sections)
+        findings += gradient_findings(profiles)
+        sweep = finite_size_sweep(dataset, sorted({r.seed for r in rows}), out,
+                                  *(QUICK_SWEEP if settings.quick else (SWEEP_WIDTHS, SWEEP_BATCHES)))
+        sections += growth_sections(profiles, sweep, sorted({r.seed for r in rows}), out)
+        findings += growth_findings(measured_growth(profiles), sweep)
+        verdicts += growth_verdicts(profiles)
+    return Analysis(sections, findings, verdicts, calibrate_growth())
 
 
-def growth_sections(profiles: dict[tuple, dict[str, Any]], dataset, seeds: list[int],
+def growth_sections(profiles: dict[tuple, dict[str, Any]], sweep: Sweep, seeds: list[int],
                     out: Path) -> list[str]:
     growth = measured_growth(profiles)
-    sweep = finite_size_sweep(dataset, seeds, out)
     plot_sweep(sweep, out / "finite_size.png")
     return ["## Gradient growth per layer at initialization: measured vs mean-field theory", "",
             growth_table(growth), "",
@@ -437,12 +548,72 @@ def growth_sections(profiles: dict[tuple, dict[str, Any]], dataset, seeds: list[
             "initialization (independent Gaussian weights); the no-BN rows have no prediction "
             f"here. Ours: width {WIDTH}, a batch of {GRADIENT_BATCH} class-balanced training "
             "images, train mode (batch statistics), the grid's initialization "
-            "(`bnlab.training.deep`).", "", *growth_findings(growth, sweep), "",
+            "(`bnlab.training.deep`).", "",
             "## Finite width and batch", "", sweep_table(sweep), "",
             f"Fitted factor at initialization of BN nets of depth {SWEEP_DEPTH} (no training), "
             f"mean ± 95% CI over seeds {seeds}: over widths at batch {GRADIENT_BATCH} and over "
             f"batches at width {WIDTH}. The theory's limit is width and batch to infinity.", "",
             "![growth factor against width and batch](finite_size.png)"]
+
+
+def depth_verdicts(rows: list[Row]) -> list[Verdict]:
+    """Per activation, at the grid's deepest depth (each family at its best rate on
+    validation): the BN net trains, the net without BN does not (test accuracy against the
+    failure bar)."""
+    depths = depths_of(rows)
+    if not depths:
+        return []
+    deepest = depths[-1]
+    out = []
+    for act in ACTIVATIONS:
+        for norm, direction in (("bnlab", 1), ("none", -1)):
+            lr = best_lr(rows, act, norm, deepest)
+            group = [] if lr is None else select(rows, activation=act, norm=norm, depth=deepest,
+                                                 lr=lr)
+            name = f"{act} {NORMS[norm]}, depth {deepest}" + ("" if lr is None else f", lr {lr:g}")
+            claim = (f"BN trains a plain {act} MLP of {deepest} layers" if direction > 0 else
+                     f"without BN, the plain {act} MLP of {deepest} layers does not train")
+            out.append(judge_bar(claim, "the chapter", f"final test accuracy minus the failure bar "
+                                 f"{FAIL_ACCURACY}, at the best of the rates", (name, group),
+                                 FAIL_ACCURACY, direction=direction,
+                                 paper="BN enabled networks of over 100 layers",
+                                 note=f"plain MLP of width {WIDTH}, no residual connections, "
+                                      "SGD without momentum, Fashion-MNIST; the chapter's "
+                                      "deep nets are (residual) CNNs on ImageNet"))
+    return out
+
+
+def growth_verdicts(profiles: dict[tuple, dict[str, Any]]) -> list[Verdict]:
+    """Per activation, BN nets of the deepest depth at initialization: the gradient grows
+    towards the input (fitted factor above 1), by the mean-field factor (within
+    :data:`GROWTH_MARGIN`)."""
+    depths = sorted({d for (_, _, d) in profiles})
+    if not depths:
+        return []
+    deepest = depths[-1]
+    out = []
+    for act in ACTIVATIONS:
+        growth = growth_by_seed(profiles, (act, "bnlab", deepest))
+        predicted = predicted_growth(act)
+        source = ("Yang et al. 2019" if act == "relu"
+                  else "mean-field argument of Yang et al. 2019 (bnlab's derivation)")
+        paper = (f"per-layer factor sqrt(pi/(pi-1)) = {predicted:.4f} of the gradient norm"
+                 if act == "relu" else f"predicted factor {predicted:.4f}")
+        note = (f"width {WIDTH}, batch {GRADIENT_BATCH}, depth {deepest}; the theory is a limit "
+                "of infinite width and batch")
+        measure = f"fitted growth of ||dL/dW|| per layer at initialization, {act} BN"
+        if not growth:
+            out.append(not_measured(f"BN nets' gradients explode towards the input ({act})",
+                                    source, measure, "no BN net of this activation ran"))
+            continue
+        out.append(judge_difference(f"BN nets' gradients explode towards the input ({act})",
+                                    source, measure + " minus 1", dict.fromkeys(growth, 1.0),
+                                    growth, paper=paper, note=note))
+        out.append(judge_same(f"the growth factor is the mean-field one ({act})", source,
+                              measure + f" minus the prediction (equivalence margin "
+                              f"±{GROWTH_MARGIN:.0%} of it)", dict.fromkeys(growth, predicted),
+                              growth, GROWTH_MARGIN * predicted, paper=paper, note=note))
+    return out
 
 
 def gradient_table(profiles: dict[tuple, dict[str, Any]]) -> str:
@@ -535,8 +706,9 @@ EXPERIMENT = Experiment(
     analyze=analyze,
     default_epochs=5,
     default_subset=10000,
-    notes=f"Plain MLPs of width {WIDTH}, depths {list(DEPTHS)}, SGD without momentum, batch 128, "
-          f"learning rates {list(LEARNING_RATES)} (a depth counts as trainable when one rate "
-          "trains every seed). Default: 5 epochs on 10000 images, sized so that the 270-run "
-          "grid fits 40 minutes on 2 cores (a tanh step costs what a sigmoid step does).",
+    notes=f"Plain MLPs of width {WIDTH}, SGD without momentum, batch 128, a small sweep of "
+          "learning rates per depth (a depth counts as trainable when one rate "
+          "trains every seed; each family's best rate is chosen on validation accuracy). "
+          "Gradient norms per layer are measured on one class-balanced batch of training "
+          "images, in train mode, at initialization and after training.",
 )

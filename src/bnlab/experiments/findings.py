@@ -5,7 +5,8 @@ same way, from intervals, never from the sign of a mean:
 
 * **supported**: the 95% interval of the effect lies entirely on the claimed side (beyond
   ``margin``, when the claim names a size);
-* **contradicted**: it lies entirely on the other side;
+* **contradicted**: it lies entirely on the other side (for a non-inferiority claim, "not
+  worse by more than a margin", entirely beyond that margin);
 * **unresolved**: it straddles, or there is no interval (fewer than two seeds on a side);
 * **no verdict (smoke test)**: the grid was a smoke test (``--quick``, or a single seed),
   so no verdict is stated at all (:meth:`Analysis.as_smoke_test`).
@@ -64,13 +65,15 @@ class Verdict:
 
 
 def _outcome(d: Difference, direction: int, margin: float) -> str:
-    """The rule for "``b - a`` has the sign of ``direction``" (by more than ``margin``)."""
+    """The rule for "``b - a`` has the sign of ``direction``" (by more than ``margin``). A
+    negative margin makes it a non-inferiority claim ("``b`` is not worse than ``a`` by more
+    than ``-margin``"): contradicted only where the interval lies below the margin."""
     if d.n < 2 or not math.isfinite(d.effect):
         return UNRESOLVED
     low, high = (d.low, d.high) if direction > 0 else (-d.high, -d.low)
     if low > margin:
         return SUPPORTED
-    if high < 0:
+    if high < min(0.0, margin):
         return CONTRADICTED
     return UNRESOLVED
 
@@ -78,7 +81,8 @@ def _outcome(d: Difference, direction: int, margin: float) -> str:
 def judge_difference(claim: str, source: str, measure: str, a: Sample, b: Sample,
                      direction: int = 1, margin: float = 0.0, **details: str) -> Verdict:
     """A claim that ``b`` exceeds ``a`` (``direction=1``) or falls below it (``-1``), by more
-    than ``margin`` when given; ``details`` fill :class:`Verdict`'s text fields."""
+    than ``margin`` when given (a negative ``margin``: ``b`` is at least as good as ``a`` up to
+    ``-margin``, a non-inferiority claim); ``details`` fill :class:`Verdict`'s text fields."""
     if direction not in (1, -1):
         raise ValueError(f"expected direction 1 or -1 (got {direction})")
     d = difference(a, b)

@@ -40,8 +40,16 @@ sizes (3 epochs of 10000 images are 15000 steps at batch 2 and 237 at batch 128)
 The train/eval mode sweep (train mode at batch 2 is 5000 forward passes per model) is
 measured on the equal-epochs arm only, once per finished run, and cached in its folder.
 
-Default: 3 epochs on a class-balanced subset of 10000 training images, 3 seeds: 60 runs in
-the equal-epochs arm and 60 in the equal-steps arm; see the notes for the time it takes.
+Verdicts (``findings``' rule, paired over seeds, equal-epochs arm, test accuracy): each
+alternative norm against BN, at the largest batch size as non-inferiority within
+:data:`MARGIN` ("an alternative") and at the smallest as superiority ("sometimes": where BN's
+batch statistics are worst); BN's accuracy in train mode below its eval-mode accuracy at
+the smallest batch, and each alternative's the same in both modes (within
+:data:`MODE_INDEPENDENT`). The mode difference is read on synthetic models with known
+answers in every report (``measure.calibrate_mode_difference``).
+
+Default: 3 epochs on a class-balanced subset of 10000 training images, 3 seeds. ``--quick``
+runs batch sizes :data:`QUICK_BATCH_SIZES` and sweeps the modes on fewer test images.
 ``--norms`` replaces the five norms with a list of one's own (plug-ins included, see
 ``bnlab.training.norms``); the comparisons with BN are made where ``bnlab`` is in it.
 """
@@ -52,11 +60,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bnlab.experiments.analysis import Row, failed, finals, mean_final, plot_intervals, select
-from bnlab.experiments.findings import Analysis
-from bnlab.experiments.measure import accuracy_in_mode, fingerprint
+from bnlab.experiments.analysis import Row, finals, plot_intervals, select
+from bnlab.experiments.arms import REPORTED, cell, judge_arms, same_arms
+from bnlab.experiments.findings import Analysis, Verdict
+from bnlab.experiments.measure import accuracy_in_mode, calibrate_mode_difference, fingerprint
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant, norm_list
-from bnlab.experiments.stats import UNBOUNDED, format_mean_ci, mean_ci
+from bnlab.experiments.stats import UNBOUNDED, estimate, mean_ci
 from bnlab.training import restore, runs
 from bnlab.training.train import drops_last_batch, steps_per_epoch, training_images
 from bnlab.util.plots import legend, log_axis, plt, reference_line, save_figure
@@ -67,6 +76,13 @@ NORMS = {"bnlab": "BN", "layer": "LayerNorm", "group": "GroupNorm", "instance": 
 """The default grid's norms and their names in the report; ``--norms`` gives another list
 (names it does not know are shown as given)."""
 BATCH_SIZES = (2, 8, 32, 128)
+QUICK_BATCH_SIZES = (8, 32)
+"""--quick's batch sizes: a smoke test whose every run takes at most two epochs (batch 2's
+hundreds of steps and batch 128's many equal-steps epochs would not fit minutes)."""
+QUICK_TEST_IMAGES = 1000  # --quick: test images of the train/eval mode sweep
+MARGIN = 0.01
+"""An alternative norm is "as accurate as" BN when its test accuracy is not below BN's by
+more than 1 point (paired over seeds)."""
 BASE_LR = 0.1
 BASE_BATCH = 128
 EVAL_BATCH = 1000
@@ -108,6 +124,16 @@ def norms_of(rows: list[Row]) -> dict[str, str]:
     return {norm: norm_label(norm) for norm in dict.fromkeys(r.tags["norm"] for r in rows)}
 
 
+def batch_sizes(settings: ExpSettings) -> tuple[int, ...]:
+    """The grid's training batch sizes: :data:`BATCH_SIZES`, or :data:`QUICK_BATCH_SIZES`."""
+    return QUICK_BATCH_SIZES if settings.quick else BATCH_SIZES
+
+
+def sizes_of(rows: list[Row]) -> list[int]:
+    """The batch sizes the grid ran, ascending."""
+    return sorted({r.tags["batch_size"] for r in rows})
+
+
 def variants(settings: ExpSettings) -> list[Variant]:
     target = equal_steps_target(settings)
     images = training_images(settings.subset, settings.val_size)
@@ -115,7 +141,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
     for arm in ARMS:
         for norm in norm_list(settings):
             name = norm_label(norm)
-            for bs in BATCH_SIZES:
+            for bs in batch_sizes(settings):
                 params = {"model": "bn-lenet", "norm": norm, "batch_size": bs, "lr": lr_for(bs)}
                 label = f"{name} bs={bs}"
                 if arm == STEPS:
@@ -128,12 +154,13 @@ def variants(settings: ExpSettings) -> list[Variant]:
 
 # --------------------------------------------------------------------------- definitions
 
-def mode_accuracies(row: Row, dataset) -> dict[str, float] | None:
-    """Test accuracy of a finished run's model in eval mode and in train mode (batches of
-    the training batch size); None for a diverged run. Cached in the run folder."""
+def mode_accuracies(row: Row, dataset, test_images: int | None = None) -> dict[str, float] | None:
+    """Test accuracy (on the first ``test_images``, default all) of a finished run's model
+    in eval mode and in train mode (batches of the training batch size); None for a diverged
+    run. Cached in the run folder."""
     if row.diverged:
         return None
-    images, labels = dataset.test_images, dataset.test_labels
+    images, labels = dataset.test_images[:test_images], dataset.test_labels[:test_images]
     key = {"version": 1, "eval_batch": EVAL_BATCH, "data": fingerprint(images, labels)}
 
     def compute() -> dict[str, float]:
@@ -162,40 +189,69 @@ def mode_independent(gaps: dict[tuple[str, int], float], norm: str,
 
 # --------------------------------------------------------------------------- report
 
+Measured = dict[str, dict[str, float]]  # run folder -> mode_accuracies
+
+
+def _eval_mode(measured: Measured):
+    def value(row: Row) -> float | None:
+        m = measured.get(row.run_dir)
+        return None if m is None else m["eval"]
+    return value
+
+
+def _train_mode(measured: Measured):
+    def value(row: Row) -> float | None:
+        m = measured.get(row.run_dir)
+        return None if m is None else m["train"]
+    return value
+
+
 def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
-    measured: dict[tuple[str, int], list[dict[str, float]]] = {}
+    test_images = QUICK_TEST_IMAGES if settings.quick else None
+    measured: Measured = {}
+    by_cell: dict[tuple[str, int], list[dict[str, float]]] = {}
     if dataset is not None:
         for row in select(rows, arm=EPOCHS):
-            result = mode_accuracies(row, dataset)
+            result = mode_accuracies(row, dataset, test_images)
             if result is not None:
-                measured.setdefault((row.tags["norm"], row.tags["batch_size"]), []).append(result)
-    gaps = mode_gaps(measured)
+                measured[row.run_dir] = result
+                by_cell.setdefault((row.tags["norm"], row.tags["batch_size"]), []).append(result)
+    gaps = mode_gaps(by_cell)
     names = norms_of(rows)
-    plot(rows, measured, out / "norms_by_batch_size.png")
+    sizes = sizes_of(rows)
+    plot(rows, by_cell, out / "norms_by_batch_size.png")
 
     sections = []
     for arm in ARMS:
         arm_rows = select(rows, arm=arm)
         if not arm_rows:
             continue
-        budget = {bs: _budget(select(arm_rows, batch_size=bs)) for bs in BATCH_SIZES}
-        headers = ["norm", *[f"bs {bs} (lr {lr_for(bs):.4g}; {budget[bs]})" for bs in BATCH_SIZES]]
-        acc_rows = [[name, *[_cell(select(arm_rows, norm=norm, batch_size=bs))
-                             for bs in BATCH_SIZES]] for norm, name in names.items()]
-        sections += [f"## Final validation accuracy (eval mode) by batch size: {arm}", "",
+        budget = {bs: _budget(select(arm_rows, batch_size=bs)) for bs in sizes}
+        headers = ["norm", *[f"bs {bs} (lr {lr_for(bs):.4g}; {budget[bs]})" for bs in sizes]]
+        acc_rows = [[name, *[cell(select(arm_rows, norm=norm, batch_size=bs)) for bs in sizes]]
+                    for norm, name in names.items()]
+        sections += [f"## Final test accuracy (eval mode) by batch size: {arm}", "",
                      format_table(headers, acc_rows), "",
-                     "Mean ± 95% CI over seeds; 'failed k/n' = seeds that diverged or ended at "
-                     "chance level. " + ARM_READING[arm], ""]
-    if measured:
-        gap_rows = [[name, *[_gap_cell(measured.get((norm, bs), [])) for bs in BATCH_SIZES]]
+                     "Mean ± 95% CI over seeds, n per cell; diverged runs are counted, not "
+                     "averaged. " + ARM_READING[arm], ""]
+    if by_cell:
+        n_test = len(dataset.test_labels[:test_images])
+        gap_rows = [[name, *[_gap_cell(by_cell.get((norm, bs), [])) for bs in sizes]]
                     for norm, name in names.items()]
         sections += ["## Train mode vs eval mode (equal epochs)", "",
-                     format_table(["norm", *[f"bs {bs}" for bs in BATCH_SIZES]], gap_rows), "",
-                     "Each cell: test accuracy in train mode (batches of the training batch size) "
-                     "/ in eval mode, and the gap train − eval in points (mean over seeds).", ""]
-    return Analysis(sections + findings(rows, gaps) + [
-        "", "![accuracy and mode gap by batch size](norms_by_batch_size.png)"])
+                     format_table(["norm", *[f"bs {bs}" for bs in sizes]], gap_rows), "",
+                     f"Each cell: accuracy on {n_test} test images in train mode (batches of the "
+                     "training batch size) / in eval mode, and the difference train − eval in "
+                     "points (mean over seeds, n seeds).", ""]
+    sections += [COMPARISONS, "", "![accuracy and mode gap by batch size](norms_by_batch_size.png)"]
+    return Analysis(sections, findings(rows, gaps), verdicts(rows, measured),
+                    calibrate_mode_difference())
 
+
+COMPARISONS = ("Which comparison each table supports: at one batch size (equal epochs: same steps "
+               "and samples for every norm) it compares norms; a change across batch sizes is "
+               "read in both arms, and only where it keeps its sign in both is it more than a "
+               "step-count (equal epochs) or sample-count (equal steps) effect.")
 
 ARM_READING = {
     EPOCHS: "Every batch size sees the same samples, so the small batches take more steps: "
@@ -203,6 +259,59 @@ ARM_READING = {
     STEPS: "Every batch size takes the same SGD steps, so the large batches see more "
            "samples: read along a row with that in mind, and beside the equal-epochs table.",
 }
+
+
+def verdicts(rows: list[Row], measured: Measured) -> list[Verdict]:
+    """The claim "layer norm (and friends) can sometimes replace BN", and the mode (see the
+    module docstring); made where ``bnlab`` is among the norms."""
+    names = norms_of(rows)
+    sizes = sizes_of(select(rows, arm=EPOCHS))
+    if "bnlab" not in names or not sizes:
+        return []
+    small, large = sizes[0], sizes[-1]
+    source = "the chapter"
+
+    def side(norm: str, bs: int) -> tuple[str, list[Row]]:
+        return f"{names[norm]} bs {bs}", select(rows, arm=EPOCHS, norm=norm, batch_size=bs)
+
+    alternatives = [n for n in names if n not in ("bnlab", "none")]
+    out = []
+    for norm in alternatives:
+        name = names[norm]
+        out += [
+            judge_arms(f"{name} is as accurate as BN at batch {large}", source,
+                       f"final test accuracy, {name} minus BN, batch {large} (non-inferiority "
+                       f"margin {MARGIN})", side("bnlab", large), side(norm, large),
+                       margin=-MARGIN, paper="layer normalization can sometimes be used as an "
+                       "alternative to batch normalization",
+                       note=f"BN-LeNet with the norm swapped, lr {lr_for(large):.4g}, equal epochs"),
+            judge_arms(f"{name} is more accurate than BN at batch {small}", source,
+                       f"final test accuracy, {name} minus BN, batch {small}",
+                       side("bnlab", small), side(norm, small),
+                       paper="BN's batch statistics are noisy in small batches",
+                       note=f"lr {lr_for(small):.4g} (square-root scaling), equal epochs: the "
+                            "small batch takes many more steps"),
+        ]
+    if not measured:
+        return out
+    eval_mode, train_mode = _eval_mode(measured), _train_mode(measured)
+    bn = side("bnlab", small)
+    out.append(judge_arms(f"BN is less accurate in train mode than in eval mode at batch {small}",
+                          source, f"test accuracy, train mode (batches of {small}) minus eval "
+                          "mode, BN", bn, bn, eval_mode, direction=-1, value_b=train_mode,
+                          paper="BN normalizes with batch statistics in training and with "
+                                "running averages in prediction",
+                          note="the same images in both modes, a copy of each model"))
+    for norm in alternatives:
+        alt = side(norm, small)
+        out.append(same_arms(f"{names[norm]}'s accuracy is the same in train and eval mode "
+                             f"(batch {small})", source,
+                             f"test accuracy, train mode minus eval mode, {names[norm]} "
+                             f"(equivalence margin ±{MODE_INDEPENDENT})", alt, alt,
+                             MODE_INDEPENDENT, eval_mode, train_mode,
+                             paper="layer normalization computes the same statistics in both "
+                                   "modes"))
+    return out
 
 
 def _budget(group: list[Row]) -> str:
@@ -213,47 +322,32 @@ def _budget(group: list[Row]) -> str:
             f"{row.config['subset'] or 'all'} img")
 
 
-def _cell(group: list[Row]) -> str:
-    if not group:
-        return "-"
-    fails = sum(failed(r) for r in group)
-    text = format_mean_ci(finals(group))
-    return text + (f" (failed {fails}/{len(group)})" if fails else "")
-
-
 def _gap_cell(values: list[dict[str, float]]) -> str:
     if not values:
         return "-"
     train = mean_ci([v["train"] for v in values])[0]
     ev = mean_ci([v["eval"] for v in values])[0]
-    return f"{train:.4f} / {ev:.4f} ({100 * (train - ev):+.2f})"
+    return f"{train:.4f} / {ev:.4f} ({100 * (train - ev):+.2f}; n={len(values)})"
 
 
 def _means(rows: list[Row], arm: str) -> dict[tuple[str, int], float]:
-    return {(n, bs): mean_final(g) for n in norms_of(rows) for bs in BATCH_SIZES
+    """Mean final test accuracy over the runs that did not diverge, per (norm, batch size)."""
+    return {(n, bs): estimate([r.summary.get(REPORTED) for r in g if not r.diverged]).mean
+            for n in norms_of(rows) for bs in sizes_of(rows)
             if (g := select(rows, arm=arm, norm=n, batch_size=bs))}
 
 
 def findings(rows: list[Row], gaps: dict[tuple[str, int], float]) -> list[str]:
     means = _means(rows, EPOCHS)
-    lines = ["Which comparison each finding supports: rankings at one batch size (equal epochs: "
-             "same steps and samples for every norm) compare norms; a change across batch "
-             "sizes is read in both arms, and only where it keeps its sign in both is it more "
-             "than a step-count (equal epochs) or sample-count (equal steps) effect.", ""]
-    for bs in BATCH_SIZES:
-        at = {n: v for (n, b), v in means.items() if b == bs}
+    lines = []
+    for bs in sizes_of(rows):
+        at = {n: v for (n, b), v in means.items() if b == bs and not math.isnan(v)}
         if at:
             ranked = sorted(at, key=at.get, reverse=True)
-            lines.append(f"- Batch {bs} (norms compared, equal epochs): "
+            lines.append(f"- Batch {bs} (norms compared, equal epochs, test accuracy): "
                          + ", ".join(f"{norm_label(n)} {at[n]:.4f}" for n in ranked)
                          + f" (best: **{norm_label(ranked[0])}**).")
     lines += batch_size_changes(rows)
-    alternatives = [n for n in norms_of(rows) if n not in ("bnlab", "none")
-                    and all((n, bs) in means and ("bnlab", bs) in means for bs in BATCH_SIZES)]
-    for n in alternatives:
-        better = [bs for bs in BATCH_SIZES if means[(n, bs)] >= means[("bnlab", bs)]]
-        lines.append(f"- {norm_label(n)} is at least as accurate as BN (equal epochs) at batch sizes: "
-                     + (", ".join(map(str, better)) if better else "none of the grid") + ".")
     if gaps:
         for norm in dict.fromkeys([*norms_of(rows), *(n for n, _ in gaps)]):
             name = norm_label(norm)
@@ -264,15 +358,18 @@ def findings(rows: list[Row], gaps: dict[tuple[str, int], float]) -> list[str]:
             lines.append(f"- {name}: largest |train mode − eval mode| accuracy gap "
                          f"{100 * abs(worst):.2f} points ("
                          + ("mode-independent" if verdict else "depends on the mode") + "); "
-                         + ", ".join(f"bs {bs}: {100 * gaps[(norm, bs)]:+.2f}"
-                                     for bs in BATCH_SIZES if (norm, bs) in gaps) + ".")
+                         + ", ".join(f"bs {bs}: {100 * g:+.2f}"
+                                     for (n, bs), g in sorted(gaps.items()) if n == norm) + ".")
     return lines
 
 
 def batch_size_changes(rows: list[Row]) -> list[str]:
     """Per norm: accuracy at the smallest minus the largest batch in each arm, whether the
     sign survives the change of budget, and BN's change minus each other norm's."""
-    small, large = min(BATCH_SIZES), max(BATCH_SIZES)
+    sizes = sizes_of(rows)
+    if not sizes:
+        return []
+    small, large = sizes[0], sizes[-1]
     norms = norms_of(rows)
     change = {arm: {n: m[(n, small)] - m[(n, large)] for n in norms
                     if (n, small) in (m := _means(rows, arm)) and (n, large) in m}
@@ -305,14 +402,15 @@ def batch_size_changes(rows: list[Row]) -> list[str]:
 
 
 def plot(rows: list[Row], measured: dict, path: Path) -> None:
+    sizes = sizes_of(rows) or list(BATCH_SIZES)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
     for norm, name in norms_of(rows).items():
         for ax, arm in zip(axes, ARMS):
-            plot_intervals(ax, {bs: finals(group) for bs in BATCH_SIZES
+            plot_intervals(ax, {bs: finals(group) for bs in sizes
                                 if (group := select(rows, arm=arm, norm=norm, batch_size=bs))},
                            label=name)
         plot_intervals(axes[2], {bs: [100 * (v["train"] - v["eval"]) for v in values]
-                                 for bs in BATCH_SIZES if (values := measured.get((norm, bs)))},
+                                 for bs in sizes if (values := measured.get((norm, bs)))},
                        UNBOUNDED, label=name)
     for ax, arm in zip(axes, ARMS):
         ax.set_ylabel("final validation accuracy (eval mode)")
@@ -321,7 +419,7 @@ def plot(rows: list[Row], measured: dict, path: Path) -> None:
     axes[2].set_title(EPOCHS)
     reference_line(axes[2], 0.0)
     for ax in axes:
-        log_axis(ax, "x", base=2, ticks=BATCH_SIZES, label="training batch size")
+        log_axis(ax, "x", base=2, ticks=sizes, label="training batch size")
         legend(ax)
     save_figure(fig, path)
 
@@ -338,9 +436,9 @@ EXPERIMENT = Experiment(
     default_subset=10000,
     norms=tuple(NORMS),
     notes="Learning rate 0.1·sqrt(batch/128), the same for every norm at a batch size. Two "
-          "arms: equal epochs (3 epochs on 10000 images: 15000 steps at batch 2, 237 at batch "
-          "128) and equal steps (batch 16's 1875 at every batch size). Default grid: 120 "
-          "distinct runs, sized to fit 40 minutes on 2 cores with the first analysis (the "
-          "equal-steps arm costs more: its batch-128 runs take 25 epochs); the analysis's "
-          "train-mode sweeps are cached, so a re-analysis trains and sweeps nothing.",
+          "arms: equal epochs (every batch size sees the grid's epochs and images, so small "
+          f"batches take more steps) and equal steps (every batch size takes batch "
+          f"{EQUAL_STEPS_BATCH}'s steps of the equal-epochs arm). The finished models of the "
+          "equal-epochs arm are evaluated on test images in eval mode and in train mode "
+          "(batches of their training batch size); the sweeps are cached per run.",
 )

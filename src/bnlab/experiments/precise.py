@@ -75,6 +75,7 @@ from bnlab.experiments.analysis import (
     FAIL_ACCURACY,
     Row,
     best_lr_per_model,
+    chosen_on_validation,
     failed,
     plot_mean_curves,
     read_results,
@@ -637,9 +638,10 @@ def _judge(group: list[Row], claim: str, measure: str, rule, a, b, **details) ->
 
 def lr_grid_note(out: Path) -> list[str]:
     rows = read_results(out.parent / "lr")
+    rows = None if rows is None else [r for r in rows if chosen_on_validation(r)] or None
     if rows is None:
-        return [f"- High rate: {HIGH_LR:g}, fixed in advance (no finished `lr` experiment beside "
-                "this one to compare with)."]
+        return [f"- High rate: {HIGH_LR:g}, fixed in advance (no finished `lr` experiment with "
+                "a validation split beside this one to compare with)."]
     rates = training_lrs(rows, bn=True)
     if not rates:
         return ["- The `lr` experiment beside this one finds no rate at which BN-LeNet trains."]

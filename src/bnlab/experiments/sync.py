@@ -10,11 +10,17 @@ should not care; the price of SyncBN is two all-reduces per BN layer and step.
 Grid: BN-LeNet, W = 4 processes on this machine (``bnlab.training.distributed``), per-process batch
 2, 4, 8 and 32 (global 8, 16, 32, 128): local BN, SyncBN, GroupNorm; 3 seeds. Learning
 rate 0.1 at global batch 128, scaled with the square root of the global batch (as the
-``norms`` experiment). Measured: final validation accuracy (eval mode), the train/val
+``norms`` experiment). Measured: final test accuracy (eval mode), the train/val
 gap (training accuracy over the last epoch, train mode, minus validation accuracy), and
 the per-step cost: BN-LeNet training steps under DDP with local BN and with SyncBN,
 stepped in turn on the same batches (per-process batch 32), at W = 2 and W = 4; the
-median difference is the synchronization's cost (cached in ``cost.json``).
+median difference is the synchronization's cost (cached in ``cost.json``). ``--quick``
+runs the smallest and largest per-process batches and the cost at 4 processes only.
+
+Verdicts (``findings``' rule, paired over seeds, final test accuracy): at the smallest
+per-process batch, SyncBN is more accurate than local BN (it normalizes over all W * b
+images) and so is GroupNorm (no batch statistics); at the largest, SyncBN and local BN are
+as accurate as each other within :data:`MARGIN` (the batch is large enough on its own).
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +37,10 @@ import torch.distributed as dist
 from torch import nn
 
 from bnlab.experiments.analysis import Row, plot_intervals, select, train_val_gap
-from bnlab.experiments.findings import Analysis
+from bnlab.experiments.arms import REPORTED, cell, judge_arms, same_arms
+from bnlab.experiments.findings import Analysis, Verdict
 from bnlab.experiments.runner import Experiment, ExpSettings, Variant
-from bnlab.experiments.stats import format_mean_ci, mean_ci
+from bnlab.experiments.stats import mean_ci
 from bnlab.nn.sync import SyncBatchNorm
 from bnlab.training.distributed import DistributedConfig, join_world, spawn
 from bnlab.training.train import TrainConfig, make_step, model_for, optimizer_for
@@ -48,12 +54,27 @@ VARIANTS = {"local": ("bnlab", False), "sync": ("bnlab", True), "group": ("group
 NAMES = {"local": "local BN", "sync": "SyncBN", "group": "GroupNorm"}
 BASE_LR, BASE_BATCH = 0.1, 128
 COST_WORLDS = (2, 4)
+QUICK_PER_RANK_BATCHES = (2, 32)
+QUICK_COST_WORLDS = (4,)
+"""--quick: the smallest and largest per-process batches, and the cost at 4 processes only
+(every run and cost measurement starts its processes anew: a smoke test within minutes)."""
 COST_BATCH = 32  # per process
 COST_STEPS = 30
+MARGIN = 0.01  # "as accurate": final test accuracies within 1 point, paired over seeds
 
 
 def lr_for(global_batch: int) -> float:
     return BASE_LR * math.sqrt(global_batch / BASE_BATCH)
+
+
+def per_rank_batches(settings: ExpSettings) -> tuple[int, ...]:
+    """The grid's per-process batches: :data:`PER_RANK_BATCHES`, or the quick ones."""
+    return QUICK_PER_RANK_BATCHES if settings.quick else PER_RANK_BATCHES
+
+
+def batches_of(rows: list[Row]) -> list[int]:
+    """The per-process batches the grid ran, ascending."""
+    return sorted({r.tags["per_rank_batch"] for r in rows})
 
 
 def variants(settings: ExpSettings) -> list[Variant]:
@@ -63,7 +84,7 @@ def variants(settings: ExpSettings) -> list[Variant]:
                      "lr": lr_for(WORLD * b)},
                     {"variant": variant, "per_rank_batch": b},
                     world=DistributedConfig(nproc=WORLD, sync_bn=sync_bn))
-            for variant, (norm, sync_bn) in VARIANTS.items() for b in PER_RANK_BATCHES]
+            for variant, (norm, sync_bn) in VARIANTS.items() for b in per_rank_batches(settings)]
 
 
 # --------------------------------------------------------------------------- cost
@@ -103,13 +124,15 @@ def _cost_world(out: str, batch: int, steps: int) -> None:
         dist.destroy_process_group()
 
 
-def measure_cost(out: Path, steps: int = COST_STEPS) -> list[dict[str, float]]:
-    """Per-step ms of local BN and SyncBN at each world size (cached in ``out/cost.json``)."""
+def measure_cost(out: Path, steps: int = COST_STEPS,
+                 worlds: tuple[int, ...] | None = None) -> list[dict[str, float]]:
+    """Per-step ms of local BN and SyncBN at each world size of ``worlds`` (default
+    :data:`COST_WORLDS`), cached in ``out/cost.json``."""
     cache = out / "cost.json"
     if cache.exists():
         return read_json(cache)
     rows = []
-    for world in COST_WORLDS:
+    for world in worlds or COST_WORLDS:
         path = out / f".cost-{world}.json"
         spawn(_cost_world, (str(path), COST_BATCH, steps), world, timeout=600)
         rows.append(read_json(path))
@@ -121,12 +144,8 @@ def measure_cost(out: Path, steps: int = COST_STEPS) -> list[dict[str, float]]:
 # --------------------------------------------------------------------------- report
 
 
-def _final_val_acc(row: Row) -> float:
-    return row.summary["final_val_acc"]
-
-
-def _cell(rows: list[Row], value: Callable[[Row], float]) -> str:
-    return format_mean_ci([value(r) for r in rows if not r.diverged])
+def _final_test_acc(row: Row) -> float:
+    return row.summary[REPORTED]
 
 
 def _select(rows: list[Row], variant: str, b: int) -> list[Row]:
@@ -134,34 +153,68 @@ def _select(rows: list[Row], variant: str, b: int) -> list[Row]:
 
 
 def report_sections(rows: list[Row], cost: list[dict[str, float]]) -> list[str]:
-    headers = ["norm", *[f"b={b} (global {WORLD * b})" for b in PER_RANK_BATCHES]]
-    acc = [[NAMES[v], *[_cell(_select(rows, v, b), _final_val_acc)
-                        for b in PER_RANK_BATCHES]] for v in VARIANTS]
-    gap = [[NAMES[v], *[_cell(_select(rows, v, b), train_val_gap) for b in PER_RANK_BATCHES]]
+    batches = batches_of(rows)
+    headers = ["norm", *[f"b={b} (global {WORLD * b})" for b in batches]]
+    acc = [[NAMES[v], *[cell(_select(rows, v, b), _final_test_acc) for b in batches]]
+           for v in VARIANTS]
+    gap = [[NAMES[v], *[cell(_select(rows, v, b), train_val_gap) for b in batches]]
            for v in VARIANTS]
     cost_rows = [[c["world"], f"{c['local']:.2f}", f"{c['sync']:.2f}",
                   f"{c['sync'] - c['local']:+.2f}", f"{c['sync'] / c['local']:.2f}x"]
                  for c in cost]
     return [
-        "## Final validation accuracy (eval mode) by per-process batch", "",
+        "## Final test accuracy (eval mode) by per-process batch", "",
         format_table(headers, acc), "",
         "## Train/val gap (training accuracy of the last epoch, train mode, minus validation "
         "accuracy)", "", format_table(headers, gap), "",
+        "Mean ± 95% CI over seeds, n per cell; diverged runs counted, not averaged.", "",
         f"## Cost of synchronization (BN-LeNet step under DDP, per-process batch {COST_BATCH}, "
         "median ms, stepped in turn)", "",
-        format_table(["processes", "local BN", "SyncBN", "difference", "ratio"], cost_rows), "",
-        *findings(rows, cost),
+        format_table(["processes", "local BN", "SyncBN", "difference", "ratio"], cost_rows),
+    ]
+
+
+def verdicts(rows: list[Row]) -> list[Verdict]:
+    """SyncBN and GroupNorm against local BN at the smallest per-process batch; SyncBN and
+    local BN the same at the largest (see the module docstring)."""
+    batches = batches_of(rows)
+    if not batches:
+        return []
+    small, large = batches[0], batches[-1]
+
+    def side(variant: str, b: int) -> tuple[str, list[Row]]:
+        return f"{NAMES[variant]} b={b}", _select(rows, variant, b)
+
+    note = (f"{WORLD} processes (gloo, one machine), BN-LeNet, global batch {WORLD} x b, lr "
+            "scaled with the square root of the global batch, equal epochs")
+    return [
+        judge_arms(f"SyncBN recovers small per-process batches: more accurate than local BN at "
+                   f"b={small}", "Peng et al. 2018 (cross-GPU BN)",
+                   f"final test accuracy, SyncBN minus local BN, b={small}",
+                   side("local", small), side("sync", small),
+                   paper="normalizing over every process's images makes small per-GPU batches "
+                         "train as a large batch", note=note),
+        judge_arms(f"GroupNorm is more accurate than local BN at b={small}", "Wu & He 2018",
+                   f"final test accuracy, GroupNorm minus local BN, b={small}",
+                   side("local", small), side("group", small),
+                   paper="GN's accuracy does not depend on the batch; BN's falls at small batches",
+                   note=note),
+        same_arms(f"at b={large}, SyncBN and local BN are as accurate", "Peng et al. 2018",
+                  f"final test accuracy, SyncBN minus local BN, b={large} (equivalence margin "
+                  f"±{MARGIN})", side("local", large), side("sync", large), MARGIN,
+                  paper="synchronizing matters only where per-process batches are small",
+                  note=note),
     ]
 
 
 def _mean(rows: list[Row], variant: str, b: int) -> float:
-    """Mean final validation accuracy of a cell's runs that did not diverge (nan if none)."""
-    return mean_ci([_final_val_acc(r) for r in _select(rows, variant, b) if not r.diverged])[0]
+    """Mean final test accuracy of a cell's runs that did not diverge (nan if none)."""
+    return mean_ci([_final_test_acc(r) for r in _select(rows, variant, b) if not r.diverged])[0]
 
 
 def findings(rows: list[Row], cost: list[dict[str, float]]) -> list[str]:
-    lines = ["## Findings (computed from the numbers above)", ""]
-    for b in PER_RANK_BATCHES:
+    lines = []
+    for b in batches_of(rows):
         means = {v: _mean(rows, v, b) for v in VARIANTS}
         if any(math.isnan(m) for m in means.values()):
             continue
@@ -170,7 +223,7 @@ def findings(rows: list[Row], cost: list[dict[str, float]]) -> list[str]:
                      f"points, GroupNorm − local BN = "
                      f"{100 * (means['group'] - means['local']):+.2f}; best: {NAMES[best]}.")
     for v in VARIANTS:
-        cells = [(b, m) for b in PER_RANK_BATCHES if not math.isnan(m := _mean(rows, v, b))]
+        cells = [(b, m) for b in batches_of(rows) if not math.isnan(m := _mean(rows, v, b))]
         if len(cells) > 1:
             (b0, first), (b1, last) = cells[0], cells[-1]
             steps = [_select(rows, v, b)[0].planned_steps for b in (b0, b1)]
@@ -186,17 +239,17 @@ def findings(rows: list[Row], cost: list[dict[str, float]]) -> list[str]:
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    """Final validation accuracy against the per-process batch, one line per norm."""
+    """Final test accuracy against the per-process batch, one line per norm."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for offset, v in zip((-0.04, 0.0, 0.04), VARIANTS):
-        points = {b * 2 ** offset: [_final_val_acc(r) for r in _select(rows, v, b)
+        points = {b * 2 ** offset: [_final_test_acc(r) for r in _select(rows, v, b)
                                    if not r.diverged]
-                  for b in PER_RANK_BATCHES if any(not r.diverged for r in _select(rows, v, b))}
+                  for b in batches_of(rows) if any(not r.diverged for r in _select(rows, v, b))}
         if points:
             plot_intervals(ax, points, label=NAMES[v])
-    log_axis(ax, "x", base=2, ticks=PER_RANK_BATCHES,
+    log_axis(ax, "x", base=2, ticks=batches_of(rows) or list(PER_RANK_BATCHES),
              label=f"per-process batch ({WORLD} processes)")
-    ax.set_ylabel("final validation accuracy (eval mode)")
+    ax.set_ylabel("final test accuracy (eval mode)")
     ax.set_title("Batch norm across processes (mean, 95% CI over seeds)")
     legend(ax)
     save_figure(fig, path)
@@ -205,9 +258,11 @@ def plot(rows: list[Row], path: Path) -> None:
 def analyze(rows: list[Row], out: Path, dataset: Any, settings: ExpSettings) -> Analysis:
     """The tables, the synchronization's cost per step (measured once, ``cost.json``), the
     findings and ``sync.png``."""
-    cost = measure_cost(out, steps=10 if settings.quick else COST_STEPS)
+    cost = (measure_cost(out, 10, QUICK_COST_WORLDS) if settings.quick
+            else measure_cost(out, COST_STEPS))
     plot(rows, out / "sync.png")
-    return Analysis([*report_sections(rows, cost), "", "![accuracy by per-process batch](sync.png)"])
+    return Analysis([*report_sections(rows, cost), "", "![accuracy by per-process batch](sync.png)"],
+                    findings(rows, cost), verdicts(rows))
 
 
 EXPERIMENT = Experiment(

@@ -10,6 +10,7 @@ from bnlab.experiments import (
     batchsize,
     chapter,
     convergence,
+    decay,
     depth,
     dropout,
     ics,
@@ -28,7 +29,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                         depth.EXPERIMENT, convergence.EXPERIMENT, norm_choice.EXPERIMENT,
                         robustness_claim.EXPERIMENT, sync.EXPERIMENT, ics.EXPERIMENT,
                         landscape.EXPERIMENT, precise.EXPERIMENT,
-                        batchsize.EXPERIMENT)
+                        batchsize.EXPERIMENT, decay.EXPERIMENT)
 }
 
 

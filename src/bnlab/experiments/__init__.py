@@ -7,6 +7,7 @@ registry is what ``bnlab exp NAME`` looks names up in.
 from __future__ import annotations
 
 from bnlab.experiments import (
+    adapt,
     batchsize,
     chapter,
     convergence,
@@ -29,7 +30,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                         depth.EXPERIMENT, convergence.EXPERIMENT, norm_choice.EXPERIMENT,
                         robustness_claim.EXPERIMENT, sync.EXPERIMENT, ics.EXPERIMENT,
                         landscape.EXPERIMENT, precise.EXPERIMENT,
-                        batchsize.EXPERIMENT, decay.EXPERIMENT)
+                        batchsize.EXPERIMENT, adapt.EXPERIMENT, decay.EXPERIMENT)
 }
 
 

@@ -212,6 +212,8 @@ def test_adapt_quick_grid_runs_and_a_rerun_trains_and_measures_nothing(synthetic
                     "## Error by corruption and severity", "## Calibration", "> **Smoke test.**"):
         assert section in report, section
     assert "**NO**" not in report
+    rows = (out / "adapt" / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and all(len(json.loads(r)["metrics"]) == 1 for r in rows)
     verdicts = json.loads((out / "adapt" / "findings.json").read_text())["verdicts"]
     assert len(verdicts) >= 8 and {v["outcome"] for v in verdicts} == {"no verdict (smoke test)"}
     names = {p.name for p in out.glob("runs/*/analysis/*.json")}

@@ -6,6 +6,7 @@ verdicts, on synthetic rows with known answers; the calibrations; the quick grid
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -180,6 +181,10 @@ def test_decay_quick_grid_records_windows_and_a_rerun_trains_nothing(synthetic_f
                     "## Weight decay on γ/β and on the scale-invariant weights", "> **Smoke test.**"):
         assert section in report, section
     assert "**NO**" not in report
+    rows = [json.loads(r) for r in (tmp_path / "decay" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == len(decay.variants(resolve(QUICK, decay.EXPERIMENT)))
+    assert all(w["invariant"] == (r["config"]["norm"] == "bnlab" and i % 5 < 4)
+               for r in rows for i, w in enumerate(r["metrics"][0]["spherical"]))
     assert {f"decay/{name}" for name in ("decay_bn.png", "decay_no_bn.png", "decay_accuracy.png")} \
         <= set(figures.problems) and figures.failing == {}
 

@@ -21,7 +21,7 @@ Fashion-MNIST-C (``bnlab.data.fashion_c``: the test set under the 9 corruptions 
   N = 0) and TENT (one step per batch on gamma/beta). For the GroupNorm and LayerNorm
   models every method is the source model (nothing to adapt): only the source is measured.
 * **where they break** (BN-LeNet, severity 5, every corruption): test batches of
-  :data:`BATCH_SIZES` on :data:`SWEEP_IMAGES` class-balanced test images, with BN-adapt,
+  :data:`BATCH_SIZES` on ``sweep_images`` class-balanced test images (:class:`Scale`), with BN-adapt,
   Schneider's mix with prior strength N, and TENT; a class-sorted and a class-imbalanced
   stream (``bnlab.data.streams``) of the test set at batch :data:`TEST_BATCH`; a continual
   stream, the 9 corruptions one after another, TENT never reset.
@@ -31,14 +31,14 @@ way at severity 5), never on the test set: TENT's optimizer and learning rate am
 :data:`TENT_CHOICES` (lowest mean validation error over corruptions and seeds; the paper's
 CIFAR-10-C setting, Adam at 1e-3, is reported beside it at severity 5 when it is not the
 one chosen), and Schneider's N among :data:`PRIORS` per test batch size (on
-:data:`PRIOR_IMAGES` validation images). Errors are fractions of the images of a stream;
+``prior_images`` validation images). Errors are fractions of the images of a stream;
 a cell's n is its seeds.
 
 Verdicts (BN-LeNet, paired over seeds, mean error over the corruptions at severity 5):
 BN-adapt below source; TENT below BN-adapt; BN-adapt at test batch :data:`SMALL_BATCH`
 above source, and the prior mix below BN-adapt there; BN-adapt and TENT on a class-sorted
-and on a class-imbalanced stream above source; continual TENT above TENT reset per
-corruption.
+stream, and BN-adapt on a class-imbalanced one, above source; continual TENT above TENT
+reset per corruption.
 """
 
 from __future__ import annotations
@@ -119,7 +119,6 @@ FULL = Scale(test_images=0, severities=SEVERITY_LEVELS, sweep_images=1000, prior
              val_images=0)
 QUICK = Scale(test_images=1000, severities=(1, ANCHOR), sweep_images=200, prior_images=100,
               val_images=0)
-SWEEP_IMAGES, PRIOR_IMAGES = FULL.sweep_images, FULL.prior_images
 
 
 def variants(settings: ExpSettings) -> list[Variant]:
@@ -827,8 +826,8 @@ EXPERIMENT = Experiment(
           f"{TEST_BATCH}, reset per corruption; TENT's optimizer/rate among "
           f"{[choice_name(c) for c in TENT_CHOICES]} and N among {[f'{n:g}' for n in PRIORS]} "
           "per batch size chosen on the corrupted validation split. Breaking tests at severity "
-          f"{ANCHOR}: test batches {list(BATCH_SIZES)} (on {SWEEP_IMAGES} test images), "
-          "class-sorted and class-imbalanced streams, a continual stream of the corruptions. "
+          f"{ANCHOR}: test batches {list(BATCH_SIZES)} (on a class-balanced part of the test "
+          "set), class-sorted and class-imbalanced streams, a continual stream of the corruptions. "
           "The analysis evaluates every finished run (cached per run folder) and costs more "
           "than the training.",
 )

@@ -85,7 +85,7 @@ EFFECTIVE_LRS = (0.1, 1.0)
 WEIGHT_DECAYS = (0.0, 1e-3, 1e-2)
 MOMENTA = (0.0, 0.9)
 MODELS = {True: ("BN", "bnlab"), False: ("no BN", "none")}
-WINDOW = 50
+WINDOW = 100
 """Steps per recorded window (``TrainConfig.spherical_every``)."""
 ABLATION = {"lr_eff": 0.1, "momentum": 0.9}
 """Where weight decay is left off a part: the chapter's rate 0.1 as an effective rate, with
@@ -667,7 +667,7 @@ EXPERIMENT = Experiment(
              "does weight decay on γ/β or on the scale-invariant weights change accuracy?",
     variants=variants,
     analyze=analyze,
-    default_epochs=4,
+    default_epochs=6,
     default_subset=0,
     notes=f"BN-LeNet and LeNet without norm layers (the same layers), batch 128, SGD at "
           f"effective rates η/(1−μ) in {list(EFFECTIVE_LRS)} with momentum μ in {list(MOMENTA)} "

@@ -452,8 +452,8 @@ def _cell(rows: list[Row], measured: Measured, value: Callable[[dict[str, Any]],
 def _columns(rows: list[Row]) -> list[tuple[str, list[Row], str]]:
     """(column name, runs, method) of every table: BN-LeNet's methods, then the controls."""
     bn = select(rows, bn=True)
-    out = [(f"BN {METHOD_NAMES[m]}", bn, m) for m in ("source", "bn-adapt", "tent")]
-    return out + [(f"{label} (source)", select(rows, norm=label), "source")
+    out = [(f"BN-LeNet: {METHOD_NAMES[m]}", bn, m) for m in ("source", "bn-adapt", "tent")]
+    return out + [(f"{label} LeNet (source)", select(rows, norm=label), "source")
                   for label in MODELS if label != "BN" and select(rows, norm=label)]
 
 
@@ -470,7 +470,7 @@ def corruption_table(rows: list[Row], measured: Measured) -> str:
     paper = [r for r in select(rows, bn=True) if r.run_dir in measured
              and "tent (paper)" in measured[r.run_dir]["test"][CORRUPTIONS[0]].get(str(ANCHOR), {})]
     if paper:
-        columns.append((f"BN {METHOD_NAMES['tent (paper)']}", paper, "tent (paper)"))
+        columns.append((f"BN-LeNet: {METHOD_NAMES['tent (paper)']}", paper, "tent (paper)"))
     return format_table(["corruption", *[c[0] for c in columns]], [
         [name, *[_cell(group, measured, lambda m, n=name, k=method:
                        m["test"][n].get(str(ANCHOR), {}).get(k, math.nan))
@@ -591,7 +591,9 @@ def verdicts(rows: list[Row], bn_rows: list[Row], measured: Measured,
                 for claim, source, measure, _, _, _, paper in claims]
     return [judge_difference(claim, source, measure, by_seed(bn_rows, measured, a),
                              by_seed(bn_rows, measured, b), direction, paper=paper, note=NOTE,
-                             failed=failed_text, evidence="Where they break")
+                             failed=failed_text,
+                             evidence="Beside the paper" if "lowers error" in claim
+                             else "Where they break")
             for claim, source, measure, a, b, direction, paper in claims]
 
 

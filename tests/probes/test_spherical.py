@@ -21,10 +21,13 @@ from bnlab.probes.spherical import (
     equilibrium_angular_update,
     equilibrium_weight_norm,
     scale_invariant_weights,
+    simulate_spherical_motion,
+    weight_layers,
 )
 from bnlab.training.deep import deep_mlp
 from bnlab.training.models import build_model
 from bnlab.training.train import TrainConfig, start_run
+from bnlab.util.errors import ConfigError
 
 TINY_EPS = 1e-30
 """BN's eps is the one thing that breaks scale invariance (BN_eps(c h) = BN_{eps/c^2}(h));
@@ -136,25 +139,6 @@ def test_pure_shrinking_by_weight_decay_is_no_angular_update() -> None:
     assert monitor.steps[1]["weight_decay"] == 0.5
 
 
-def simulate_spherical_motion(lr: float, weight_decay: float, momentum: float, steps: int,
-                              unit_grad_sq: float = 1.0, d: int = 500) -> SphericalMotionMonitor:
-    """SGD on a scale-invariant loss in the idealization of Wan et al.: each gradient a random
-    direction orthogonal to w, of norm sqrt(L) / ||w||."""
-    g = torch.Generator().manual_seed(0)
-    weight = nn.Parameter(0.3 * torch.randn(d, generator=g, dtype=torch.float64) / math.sqrt(d))
-    optimizer = torch.optim.SGD([weight], lr=lr, momentum=momentum, weight_decay=weight_decay)
-    monitor = SphericalMotionMonitor([("w", weight)]).attach(optimizer)
-    for step in range(steps):
-        direction = torch.randn(d, generator=g, dtype=torch.float64)
-        w = weight.detach()
-        direction -= (direction @ w) / (w @ w) * w
-        weight.grad = direction * math.sqrt(unit_grad_sq) / (direction.norm() * w.norm())
-        optimizer.step()
-        if (step + 1) % 500 == 0:
-            monitor.epoch_end(None, (step + 1) // 500, [], None)
-    return monitor
-
-
 @pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
 def test_the_equilibrium_predictions_on_a_simulated_spherical_motion(momentum) -> None:
     lr, weight_decay, unit_grad_sq = 0.5, 0.01, 2.0
@@ -216,3 +200,82 @@ def test_the_monitor_refuses_what_it_cannot_measure() -> None:
     weight = nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="does not train"):
         SphericalMotionMonitor([("w", weight)]).attach(torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=1))
+
+
+def test_windows_summarize_consecutive_steps_and_forget_them() -> None:
+    u, v = orthonormal_pair(20, 2)
+    weight = nn.Parameter(u.clone())
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    monitor = SphericalMotionMonitor([("w", weight)]).attach(optimizer)
+    thetas = [0.01, 0.03, 0.02, 0.05, 0.04]
+    for theta in thetas:  # rotate by theta in the plane of w and v, keeping the norm
+        w = weight.detach()
+        target = w.norm() * (math.cos(theta) * w / w.norm() + math.sin(theta) * v)
+        weight.grad = (w - target) / 0.1
+        optimizer.step()
+        v = v - (v @ weight.detach()) / weight.detach().norm() ** 2 * weight.detach()
+        v = v / v.norm()
+    windows = monitor.take_windows(3, 2, first_step=10, invariant=frozenset({"w"}))
+    assert [(r["window"], r["first_step"], r["steps"]) for r in windows] == [
+        (0, 10, 2), (1, 12, 2), (2, 14, 1)]
+    for r, expected in zip(windows, ([0.01, 0.03], [0.02, 0.05], [0.04])):
+        assert r["mean_angle"] == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+        assert r["epoch"] == 3 and r["invariant"] and r["layer"] == "w"
+    assert monitor.steps == [] and monitor.take_windows(4, 2) == []
+    with pytest.raises(ValueError, match="every >= 1"):
+        monitor.take_windows(4, 0)
+
+
+def test_weight_layers_are_every_conv_and_linear_weight_with_or_without_batch_norm() -> None:
+    for norm in ("bnlab", "none"):
+        model = build_model("bn-lenet", norm=norm)
+        names = [name for name, _ in weight_layers(model)]
+        assert len(names) == 5 and all(name.endswith(".weight") for name in names)
+    bn = build_model("bn-lenet", norm="bnlab")
+    assert [n for n, _ in scale_invariant_weights(bn)] == [n for n, _ in weight_layers(bn)][:4]
+
+
+def _recorded(config: TrainConfig, dataset, run_dir=None, resume=False):
+    run = start_run(config, dataset, run_dir, resume=resume, progress=False)
+    run.train()
+    return run
+
+
+@pytest.mark.parametrize("norm", ["bnlab", "none"])
+def test_a_run_records_windows_of_every_weight_and_ends_as_an_unrecorded_run(
+        synthetic_fashion, norm) -> None:
+    base = TrainConfig(val_size=200, epochs=2, subset=300, batch_size=64, lr=0.2, momentum=0.9,
+                       weight_decay=5e-3, norm=norm, device="cpu")
+    plain = _recorded(base, synthetic_fashion)
+    recorded = _recorded(TrainConfig(**{**base.__dict__, "spherical_every": 2}), synthetic_fashion)
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
+                                                 recorded.model.state_dict().values()))
+    assert [r["val_loss"] for r in recorded.history] == [r["val_loss"] for r in plain.history]
+    assert all("spherical" not in r for r in plain.history)
+    steps = len(recorded.train_loader)  # 5 a epoch: windows of 2, 2 and 1
+    for epoch, row in enumerate(recorded.history, start=1):
+        windows = row["spherical"]
+        assert len(windows) == 3 * 5
+        assert [w["first_step"] for w in windows[::5]] == [(epoch - 1) * steps + k for k in (0, 2, 4)]
+        assert sum(w["steps"] for w in windows[:5]) == 2 * 5
+        assert [w["invariant"] for w in windows[:5]] == [norm == "bnlab"] * 4 + [False]
+        assert all(0 < w["mean_angle"] < 1 and w["lr"] == 0.2 for w in windows)
+        assert windows[0]["predicted_angle"] == pytest.approx(math.sqrt(2 * 0.2 * 5e-3 / 1.9))
+
+
+def test_a_resumed_recorded_run_keeps_the_windows_of_an_uninterrupted_one(synthetic_fashion,
+                                                                           tmp_path) -> None:
+    config = TrainConfig(val_size=200, epochs=3, subset=300, batch_size=64, weight_decay=1e-3,
+                         spherical_every=3, device="cpu")
+    whole = _recorded(config, synthetic_fashion, tmp_path / "whole")
+    part = start_run(config, synthetic_fashion, tmp_path / "cut", progress=False)
+    part.train_next_epoch()
+    resumed = _recorded(config, synthetic_fashion, tmp_path / "cut", resume=True)
+    assert [r["spherical"] for r in resumed.history] == [r["spherical"] for r in whole.history]
+
+
+def test_recording_needs_every_weight_to_train() -> None:
+    with pytest.raises(ConfigError, match="spherical_every"):
+        TrainConfig(val_size=200, train_only="bn", spherical_every=5)
+    with pytest.raises(ConfigError, match="spherical_every"):
+        TrainConfig(val_size=200, spherical_every=-1)

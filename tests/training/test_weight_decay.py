@@ -14,14 +14,15 @@ import torch
 from bnlab.data.loader import Loader
 from bnlab.probes.spherical import scale_invariant_weights
 from bnlab.training.models import build_model
-from bnlab.training.train import TrainConfig, make_step, optimizer_for
+from bnlab.training.train import TrainConfig, optimizer_for
 from bnlab.training.weight_decay import (
     decay_groups,
+    exactly_scale_invariant,
+    li_arora_gap,
     li_arora_growth,
     li_arora_lr,
     li_arora_scheduler,
     norm_affine_parameters,
-    prime_momentum,
 )
 from bnlab.util.config import config_to_dict
 
@@ -40,80 +41,35 @@ def batches(synthetic_fashion) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def source_model() -> torch.nn.Module:
-    """BN-LeNet in float64 with BN's eps at 1e-30: eps is the one thing that breaks scale
-    invariance (BN_eps(c h) = BN_{eps/c^2}(h)), and 1e-30 vanishes next to any variance."""
+    """BN-LeNet in float64 with BN's eps at 1e-30 (``exactly_scale_invariant``)."""
     torch.manual_seed(0)
-    model = build_model("bn-lenet", norm="bnlab").double()
-    for module in model.modules():
-        if hasattr(module, "eps"):
-            module.eps = 1e-30
-    return model
-
-
-def scale_invariant_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """A copy in train mode whose trained parameters are its scale-invariant weights only
-    (gamma/beta, the biases and the head frozen), as the theorem assumes."""
-    model = copy.deepcopy(model).train()
-    weights = [p for _, p in scale_invariant_weights(model)]
-    model.requires_grad_(False)
-    for p in weights:
-        p.requires_grad_(True)
-    return model, weights
-
-
-def train(model, weights, batches, momentum, weight_decay=0.0, schedule=False, prime=False):
-    optimizer = torch.optim.SGD(weights, lr=LR, momentum=momentum, weight_decay=weight_decay)
-    scheduler = li_arora_scheduler(optimizer, WEIGHT_DECAY) if schedule else None
-    if prime:
-        prime_momentum(optimizer, WEIGHT_DECAY)
-    step = make_step(model, optimizer)
-    losses = []
-    for x, y in batches:
-        losses.append(step(x, y)[0].item())
-        if scheduler is not None:
-            scheduler.step()
-    return losses
-
-
-def directions(weights: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    return [w.detach() / w.detach().norm() for w in weights]
+    return exactly_scale_invariant(build_model("bn-lenet", norm="bnlab"))
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 def test_li_arora_weight_decay_equals_an_exponential_learning_rate(source_model, batches, momentum):
-    decayed, decayed_weights = scale_invariant_copy(source_model)
-    scheduled, scheduled_weights = scale_invariant_copy(source_model)
-    assert len(decayed_weights) == 4
-    with_decay = train(decayed, decayed_weights, batches, momentum, weight_decay=WEIGHT_DECAY)
-    with_schedule = train(scheduled, scheduled_weights, batches, momentum, schedule=True, prime=True)
-    torch.testing.assert_close(torch.tensor(with_schedule), torch.tensor(with_decay), rtol=1e-12, atol=0)
-    for a, b in zip(directions(scheduled_weights), directions(decayed_weights)):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    before = copy.deepcopy(source_model.state_dict())
+    gap = li_arora_gap(source_model, batches, LR, WEIGHT_DECAY, momentum)
+    assert gap.steps == STEPS
+    assert gap.loss < 1e-12 and gap.direction < 1e-13
     alpha = li_arora_growth(LR, WEIGHT_DECAY, momentum)
-    for a, b in zip(scheduled_weights, decayed_weights):  # w~_t = alpha^(-t) w_t
-        assert (a.norm() / b.norm()).item() == pytest.approx(alpha ** -STEPS, rel=1e-12)
+    assert gap.norm_ratio == pytest.approx(alpha ** -STEPS, rel=1e-12)  # w~_t = alpha^(-t) w_t
     assert alpha ** -STEPS > 2  # the weights did grow: the schedule is not a no-op here
+    assert all(torch.equal(v, before[k]) for k, v in source_model.state_dict().items())
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 def test_without_the_schedule_the_runs_differ(source_model, batches, momentum):
-    decayed, decayed_weights = scale_invariant_copy(source_model)
-    plain, plain_weights = scale_invariant_copy(source_model)
-    train(decayed, decayed_weights, batches, momentum, weight_decay=WEIGHT_DECAY)
-    train(plain, plain_weights, batches, momentum)
-    gap = max((a - b).abs().max().item()
-              for a, b in zip(directions(plain_weights), directions(decayed_weights)))
-    assert gap > 1e-3
+    assert li_arora_gap(source_model, batches, LR, WEIGHT_DECAY, momentum, schedule=False).direction > 1e-3
 
 
 def test_with_momentum_the_initial_buffer_is_part_of_the_equivalence(source_model, batches):
-    decayed, decayed_weights = scale_invariant_copy(source_model)
-    unprimed, unprimed_weights = scale_invariant_copy(source_model)
-    train(decayed, decayed_weights, batches, 0.5, weight_decay=WEIGHT_DECAY)
-    train(unprimed, unprimed_weights, batches, 0.5, schedule=True, prime=False)
-    gap = max((a - b).abs().max().item()
-              for a, b in zip(directions(unprimed_weights), directions(decayed_weights)))
-    assert gap > 1e-6
+    assert li_arora_gap(source_model, batches, LR, WEIGHT_DECAY, 0.5, prime=False).direction > 1e-6
+
+
+def test_the_gap_needs_scale_invariant_weights(batches):
+    with pytest.raises(ValueError, match="no scale-invariant weights"):
+        li_arora_gap(build_model("bn-lenet", norm="none").double(), batches, LR, WEIGHT_DECAY)
 
 
 def test_the_growth_factor_and_the_schedule() -> None:

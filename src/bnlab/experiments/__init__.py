@@ -7,9 +7,11 @@ registry is what ``bnlab exp NAME`` looks names up in.
 from __future__ import annotations
 
 from bnlab.experiments import (
+    adapt,
     batchsize,
     chapter,
     convergence,
+    decay,
     depth,
     dropout,
     ics,
@@ -28,7 +30,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                         depth.EXPERIMENT, convergence.EXPERIMENT, norm_choice.EXPERIMENT,
                         robustness_claim.EXPERIMENT, sync.EXPERIMENT, ics.EXPERIMENT,
                         landscape.EXPERIMENT, precise.EXPERIMENT,
-                        batchsize.EXPERIMENT)
+                        batchsize.EXPERIMENT, adapt.EXPERIMENT, decay.EXPERIMENT)
 }
 
 

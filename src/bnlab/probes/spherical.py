@@ -47,7 +47,10 @@ The monitor is an observer of a training run (``bnlab.training.train.TrainingRun
 hooks the optimizer's step (``Optimizer.register_step_pre_hook``/``_post_hook``), copies
 the tracked weights before each step and measures after it, all under ``no_grad`` and
 drawing no random numbers, so a monitored run ends with exactly the numbers of an
-unmonitored one. ``epoch_end`` (the ``TrainingRun`` observer call) closes an epoch.
+unmonitored one. ``epoch_end`` (the ``TrainingRun`` observer call) closes an epoch;
+``take_windows`` summarizes an epoch's steps in windows of a few steps each, which is what a
+training run records with ``TrainConfig.spherical_every`` (for every conv/linear weight,
+:func:`weight_layers`, so that a model without batch norm is measured the same way).
 """
 
 from __future__ import annotations
@@ -87,6 +90,13 @@ def scale_invariant_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         if _normalizes_by_batch_statistics(next(following, nn.Identity())):
             out.append((f"{name}.weight" if name else "weight", module.weight))
     return out
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, weight) of every conv/linear layer, in model order: what the monitor follows in
+    a model with or without batch norm (the :func:`scale_invariant_weights` are among them)."""
+    return [(f"{name}.weight" if name else "weight", m.weight) for name, m in model.named_modules()
+            if isinstance(m, WEIGHT_LAYERS)]
 
 
 def angle(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -189,6 +199,53 @@ class SphericalMotionMonitor:
             records = [r for r in recent if r["layer"] == name]
             if records:
                 self.epochs.append(summarize(epoch, name, records))
+
+    def take_windows(self, epoch: int, every: int, first_step: int = 0,
+                     invariant: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+        """Summaries (:func:`summarize`) of the steps recorded since the last call, in windows of
+        ``every`` consecutive steps (the last may be shorter), per window then per weight; the
+        steps are then forgotten. Each summary adds ``window`` (0, 1, ...), ``first_step`` (its
+        first step counted from ``first_step``) and ``invariant`` (its name is in
+        ``invariant``). What a training run keeps per epoch (``TrainConfig.spherical_every``)."""
+        if every < 1:
+            raise ValueError(f"expected windows of every >= 1 steps (got {every})")
+        steps = sorted({r["step"] for r in self.steps})
+        offset = {step: i for i, step in enumerate(steps)}  # step -> its index in this call
+        out = []
+        for window in range(math.ceil(len(steps) / every)):
+            for name, _ in self.weights:
+                records = [r for r in self.steps if r["layer"] == name
+                           and offset[r["step"]] // every == window]
+                out.append({**summarize(epoch, name, records), "window": window,
+                            "first_step": first_step + window * every,
+                            "invariant": name in invariant})
+        self.steps = []
+        self._epoch_start = self._step
+        return out
+
+
+def simulate_spherical_motion(lr: float, weight_decay: float, momentum: float, steps: int,
+                              unit_grad_sq: float = 1.0, dim: int = 500, seed: int = 0,
+                              every: int = 500) -> SphericalMotionMonitor:
+    """SGD on a scale-invariant loss in the idealization behind the equilibrium predictions
+    (Wan et al. 2021): each gradient a random direction orthogonal to ``w``, of norm
+    ``sqrt(unit_grad_sq) / ||w||``, from a small random start in ``dim`` dimensions (float64).
+    The monitor it returns closes an "epoch" every ``every`` steps: a known case for the
+    predictions (``tests/probes/test_spherical.py``, the decay experiment's calibration)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = nn.Parameter(0.3 * torch.randn(dim, generator=g, dtype=torch.float64) / math.sqrt(dim))
+    optimizer = torch.optim.SGD([weight], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    monitor = SphericalMotionMonitor([("w", weight)]).attach(optimizer)
+    for step in range(steps):
+        direction = torch.randn(dim, generator=g, dtype=torch.float64)
+        w = weight.detach()
+        direction -= (direction @ w) / (w @ w) * w  # orthogonal to w
+        weight.grad = direction * math.sqrt(unit_grad_sq) / (direction.norm() * w.norm())
+        optimizer.step()
+        if (step + 1) % every == 0:
+            monitor.epoch_end(None, (step + 1) // every, [], None)
+    monitor.detach()
+    return monitor
 
 
 def summarize(epoch: int, layer: str, records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from bnlab.data.loader import Loader, stratified_subset
 from bnlab.data.split import validation_split
 from bnlab.nn.frozen import freeze_batch_norm
 from bnlab.nn.precise import update_bn_stats
+from bnlab.probes.spherical import SphericalMotionMonitor, scale_invariant_weights, weight_layers
 from bnlab.training import runs
 from bnlab.training.deep import check_architecture
 from bnlab.training.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
@@ -159,6 +160,11 @@ class TrainConfig:
     invariant_weight_decay: bool = field(default=True, metadata={
         "help": "apply weight_decay to the scale-invariant weights, those feeding a batch norm "
                 "(--no-invariant-weight-decay: not; bnlab.probes.spherical)", OMIT_AT_DEFAULT: True})
+    spherical_every: int = field(default=0, metadata={
+        "help": "record, for every conv/linear weight, its norm, effective learning rate and "
+                "angular update per step, averaged over windows of N steps, with their "
+                "equilibrium predictions, in each epoch's metrics row (bnlab.probes.spherical; "
+                "0 = off; the run's numbers are unchanged)", OMIT_AT_DEFAULT: True})
     flush_denormal: bool = field(default=True, metadata={
         "help": "flush denormal floats to zero on CPU while training and evaluating "
                 "(bnlab.util.denormals: where the CPU is slow at them, a saturated net otherwise "
@@ -176,7 +182,8 @@ class TrainConfig:
         check(not unused, f"{unused} set, but model {self.model!r} takes only "
                           f"{list(MODEL_OPTIONS[self.model])}")
         check_at_least(self, 1, "epochs", "batch_size", "eval_batch_size")
-        check_at_least(self, 0, "seed", "subset", "val_size", "eval_every", "freeze_bn_epochs")
+        check_at_least(self, 0, "seed", "subset", "val_size", "eval_every", "freeze_bn_epochs",
+                       "spherical_every")
         check(self.freeze_bn_epochs < self.epochs or not self.freeze_bn_epochs,
               f"expected freeze_bn_epochs < epochs (got {self.freeze_bn_epochs} of "
               f"{self.epochs}): the statistics are those of a model trained for some epochs")
@@ -207,6 +214,9 @@ class TrainConfig:
         check(self.train_only == "all" or not self.freeze_bn_epochs,
               "train_only and freeze_bn_epochs do not go together: freezing makes batch norm's "
               "gamma and beta buffers")
+        check(self.train_only == "all" or not self.spherical_every,
+              f"spherical_every follows every conv/linear weight as it trains: it needs "
+              f"train_only 'all' (got {self.train_only!r})")
         check_device_name(self.device)
 
 
@@ -398,6 +408,11 @@ class TrainingRun:
         self.step_losses: list[list[float]] = []
         self.evals: list[dict[str, Any]] = []  # every config.eval_every steps
         self.diverged: dict[str, int] | None = None
+        # config.spherical_every: the monitor only reads the weights around each step, so the
+        # run's numbers are those of an unmonitored run; its windows go into the metrics rows,
+        # which the checkpoint carries, so a resumed run keeps them.
+        self.spherical = (SphericalMotionMonitor(weight_layers(model)).attach(self.optimizer)
+                          if config.spherical_every else None)
         if self.run_dir is not None:
             checkpoint = runs.prepare(self.run_dir, config_to_dict(config), resume,
                                       required=CHECKPOINT_KEYS,
@@ -461,6 +476,11 @@ class TrainingRun:
             # (experiments.probed) needs the count to retrace the same weights.
             "threads": torch.get_num_threads(),
         }
+        if self.spherical is not None:
+            steps_before = sum(len(losses) for losses in self.step_losses[:-1])
+            invariant = frozenset(name for name, _ in scale_invariant_weights(self.model))
+            row["spherical"] = self.spherical.take_windows(epoch, self.config.spherical_every,
+                                                           steps_before, invariant)
         self.history.append(row)
         self._log(format_epoch(row, self.config.epochs))
         self._observe(epoch, result.step_losses, row)

@@ -26,15 +26,20 @@ w_0``, as ``v_0 = 0``), which in torch's form is the momentum buffer
 ``v~_0 = (alpha - 1) / (eta alpha) * w_0`` (:func:`prime_momentum`). The proof is three
 lines given scale invariance, ``grad L(c w) = grad L(w) / c``: substitute
 ``w~_t = alpha^(-t) w_t`` into the second run and the quadratic appears as the condition
-for the first run's update. ``tests/training/test_weight_decay.py`` checks it on BN-LeNet
-in float64, both runs to float rounding.
+for the first run's update. :func:`li_arora_gap` runs both on a model's scale-invariant weights;
+``tests/training/test_weight_decay.py`` checks it on BN-LeNet in float64, both runs to float
+rounding, and ``bnlab exp decay`` reports it as a calibration.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bnlab.nn import is_batch_norm
@@ -117,3 +122,72 @@ def prime_momentum(optimizer: torch.optim.SGD, weight_decay: float) -> None:
         alpha = li_arora_growth(lr, weight_decay, momentum)
         for p in group["params"]:
             optimizer.state[p]["momentum_buffer"] = (alpha - 1) / (lr * alpha) * p.detach().clone()
+
+
+# --------------------------------------------------------------------------- the equivalence, run
+
+EXACT_EPS = 1e-30
+"""BN's eps is the one thing that breaks scale invariance (``BN_eps(c h) = BN_{eps/c^2}(h)``);
+1e-30 vanishes next to any variance in float64."""
+
+
+def exactly_scale_invariant(model: nn.Module) -> nn.Module:
+    """``model`` (in place) in float64 with every batch norm's eps at :data:`EXACT_EPS`, so that
+    its scale-invariant weights are invariant to float rounding, as the theorem assumes."""
+    model.double()
+    for module in model.modules():
+        if is_batch_norm(module) and hasattr(module, "eps"):
+            module.eps = EXACT_EPS
+    return model
+
+
+@dataclass(frozen=True)
+class EquivalenceGap:
+    """How far apart the two runs of :func:`li_arora_gap` end."""
+
+    loss: float  # largest |loss - loss~| / |loss| over the steps
+    direction: float  # largest |w / ||w|| - w~ / ||w~||| over every entry of every trained weight
+    norm_ratio: float  # ||w~|| / ||w|| of the first trained weight after the last step
+    steps: int
+
+
+def li_arora_gap(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 lr: float, weight_decay: float, momentum: float = 0.0, schedule: bool = True,
+                 prime: bool = True) -> EquivalenceGap:
+    """Train two copies of ``model`` (train mode) on ``batches``, each updating only its
+    scale-invariant weights (everything else frozen, as the theorem assumes): one by SGD with
+    ``lr``, ``weight_decay`` and ``momentum``; the other by SGD without weight decay under
+    :func:`li_arora_scheduler` with :func:`prime_momentum` (``schedule=False``: at the constant
+    ``lr`` instead, the contrast; ``prime=False``: the momentum buffer left at 0). With the
+    schedule the two give the same losses and normalized weights up to float rounding, and
+    ``norm_ratio`` is ``alpha^(-steps)``; ``model`` is not changed."""
+    runs = []
+    for scheduled in (False, True):
+        copy_ = copy.deepcopy(model).train()
+        weights = [p for _, p in scale_invariant_weights(copy_)]
+        if not weights:
+            raise ValueError("the model has no scale-invariant weights to train")
+        copy_.requires_grad_(False)
+        for p in weights:
+            p.requires_grad_(True)
+        optimizer = torch.optim.SGD(weights, lr=lr, momentum=momentum,
+                                    weight_decay=0.0 if scheduled else weight_decay)
+        scheduler = li_arora_scheduler(optimizer, weight_decay) if scheduled and schedule else None
+        if scheduled and schedule and prime:
+            prime_momentum(optimizer, weight_decay)
+        losses = []
+        for x, y in batches:
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(copy_(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if scheduler is not None:
+                scheduler.step()
+        runs.append((losses, [w.detach() for w in weights]))
+    (losses, weights), (scheduled_losses, scheduled_weights) = runs
+    return EquivalenceGap(
+        loss=max(abs(a - b) / abs(a) for a, b in zip(losses, scheduled_losses)),
+        direction=max((a / a.norm() - b / b.norm()).abs().max().item()
+                      for a, b in zip(weights, scheduled_weights)),
+        norm_ratio=(scheduled_weights[0].norm() / weights[0].norm()).item(), steps=len(losses))

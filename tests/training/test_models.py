@@ -20,8 +20,10 @@ from bnlab.util.config import config_from_dict, config_to_dict
 MODELS = [("bn-lenet", {}, 64), ("ioffe-mlp", {}, 60),
           ("deep-mlp", {"depth": 4, "width": 24, "activation": "relu"}, 32),
           ("deep-cnn", {"depth": 3, "width": 4, "activation": "sigmoid"}, 10),
-          ("deep-mlp", {"depth": 3, "width": 16, "activation": "tanh"}, 32)]
-IDS = ["bn-lenet", "ioffe-mlp", "deep-mlp-relu", "deep-cnn-sigmoid", "deep-mlp-tanh"]
+          ("deep-mlp", {"depth": 3, "width": 16, "activation": "tanh"}, 32),
+          ("resnet20", {"block": "pre"}, 8)]
+IDS = ["bn-lenet", "ioffe-mlp", "deep-mlp-relu", "deep-cnn-sigmoid", "deep-mlp-tanh",
+       "resnet20-pre"]
 
 
 def _pair(name, options, norm="bnlab"):

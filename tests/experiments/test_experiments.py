@@ -52,9 +52,10 @@ from tests.util.figure_checks import check_saved_figures
 
 # tests/training/test_distributed.py runs sync's multi-process grid end to end (cut to 2
 # processes), and tests/probes/test_ics.py, test_landscape.py, tests/experiments/test_precise.py
-# and test_batchsize.py run their quick grids (with their caches); each checks its figures
+# and test_batchsize.py run their quick grids (with their caches), test_residual.py and
+# test_onlybn.py theirs with fewer depths; each checks its figures
 # (tests/util/figure_checks.py) as these do.
-OWN_QUICK_TESTS = {"ics", "landscape", "precise", "batchsize", "sync"}
+OWN_QUICK_TESTS = {"ics", "landscape", "precise", "batchsize", "sync", "residual", "onlybn"}
 
 
 @pytest.mark.slow

@@ -16,8 +16,10 @@ from bnlab.experiments import (
     landscape,
     lr,
     norm_choice,
+    onlybn,
     placement,
     precise,
+    residual,
     robustness_claim,
     sync,
 )
@@ -28,7 +30,8 @@ EXPERIMENTS: dict[str, Experiment] = {
                         depth.EXPERIMENT, convergence.EXPERIMENT, norm_choice.EXPERIMENT,
                         robustness_claim.EXPERIMENT, sync.EXPERIMENT, ics.EXPERIMENT,
                         landscape.EXPERIMENT, precise.EXPERIMENT,
-                        batchsize.EXPERIMENT)
+                        batchsize.EXPERIMENT, residual.EXPERIMENT,
+                        onlybn.EXPERIMENT)
 }
 
 

@@ -112,7 +112,7 @@ def test_quick_grid_runs_end_to_end(fake_dataset, tmp_path, capsys, monkeypatch)
     folder = tmp_path / "onlybn"
     rows = [Row.from_json(json.loads(line))
             for line in (folder / "results.jsonl").read_text().splitlines()]
-    assert sorted(r.config["train_only"] for r in rows) == ["all", "bn", "random"]
+    assert sorted(r.config.get("train_only", "all") for r in rows) == ["all", "bn", "random"]
     for row in rows:
         gammas = read_gammas(row)  # cached by the analysis: read back, not measured again
         assert (Path(row.run_dir) / runs.ANALYSIS / "onlybn-gammas.json").exists()
@@ -120,7 +120,7 @@ def test_quick_grid_runs_end_to_end(fake_dataset, tmp_path, capsys, monkeypatch)
         model, _ = restore.load_trained_model(row.run_dir)
         assert torch.tensor(gammas["stage3.block3.branch.norm2"]).equal(
             model.stage3.block3.branch.norm2.weight.detach())
-        if row.config["train_only"] == "random":
+        if row.tags["arm"] == "random":
             assert all(v == 1.0 for layer in gammas.values() for v in layer)
     report = (folder / "report.md").read_text()
     for heading in ("## Accuracy by depth", "## γ near zero", "## Calibration", "## Verdicts"):

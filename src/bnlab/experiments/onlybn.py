@@ -111,16 +111,15 @@ def pooled_fraction(gammas: Gammas, threshold: float = THRESHOLD) -> float:
 
 
 def read_gammas(row: Row) -> Gammas:
-    """Every batch norm's gamma of a finished run's model, kept in its folder (``runs.cached``)."""
-    def compute() -> Gammas:
+    """Every batch norm's gamma of a finished run's model, in forward order, kept in its folder
+    (``runs.cached``; stored as [name, gammas] pairs, since JSON objects are written sorted)."""
+    def compute() -> list[list]:
         model, _ = restore.load_trained_model(row.run_dir)
-        params = dict(model.named_parameters())
-        names = [n for n in batch_norm_parameters(model) if n.endswith(".weight")]
-        order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-        return {n.removesuffix(".weight"): params[n].detach().tolist()
-                for n in sorted(names, key=order.get)}
+        names = {n for n in batch_norm_parameters(model) if n.endswith(".weight")}
+        return [[n.removesuffix(".weight"), p.detach().tolist()]
+                for n, p in model.named_parameters() if n in names]
 
-    return runs.cached(row.run_dir, "onlybn-gammas", {"version": 1}, compute)
+    return dict(runs.cached(row.run_dir, "onlybn-gammas", {"version": 2}, compute))
 
 
 def measured_gammas(rows: list[Row]) -> dict[str, Gammas]:

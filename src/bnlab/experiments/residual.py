@@ -855,7 +855,7 @@ EXPERIMENT = Experiment(
     variants=variants,
     analyze=analyze,
     default_epochs=1,
-    default_subset=1024,
+    default_subset=2048,
     notes=f"Part 1: CIFAR ResNets at initialization (no training), pre- and post-activation "
           f"blocks, BN and no norm, one network per seed, {PROBE_BATCH} images. Part 2: "
           f"post-activation ResNets, SGD with momentum {MOMENTUM}, no weight decay, a constant "

@@ -54,9 +54,11 @@ from tests.util.figure_checks import check_saved_figures
 # tests/training/test_distributed.py runs sync's multi-process grid end to end (cut to 2
 # processes), and tests/experiments/test_ics.py, tests/probes/test_landscape.py,
 # tests/experiments/test_precise.py, test_batchsize.py, test_adapt.py (Fashion-MNIST-C in a
-# temporary cache folder) and test_decay.py run their quick grids (with their caches); each
-# checks its figures (tests/util/figure_checks.py) as these do.
-OWN_QUICK_TESTS = {"ics", "landscape", "precise", "batchsize", "sync", "adapt", "decay"}
+# temporary cache folder) and test_decay.py run their quick grids (with their caches),
+# test_residual.py and test_onlybn.py theirs with fewer depths; each checks its figures
+# (tests/util/figure_checks.py) as these do.
+OWN_QUICK_TESTS = {"ics", "landscape", "precise", "batchsize", "sync", "adapt", "decay",
+                   "residual", "onlybn"}
 
 
 @pytest.mark.slow

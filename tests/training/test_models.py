@@ -21,9 +21,9 @@ MODELS = [("bn-lenet", {}, 64), ("ioffe-mlp", {}, 60),
           ("deep-mlp", {"depth": 4, "width": 24, "activation": "relu"}, 32),
           ("deep-cnn", {"depth": 3, "width": 4, "activation": "sigmoid"}, 10),
           ("deep-mlp", {"depth": 3, "width": 16, "activation": "tanh"}, 32),
-          ("relu-lenet", {}, 32), ("small-vgg", {}, 16)]
+          ("relu-lenet", {}, 32), ("small-vgg", {}, 16), ("resnet20", {"block": "pre"}, 8)]
 IDS = ["bn-lenet", "ioffe-mlp", "deep-mlp-relu", "deep-cnn-sigmoid", "deep-mlp-tanh", "relu-lenet",
-       "small-vgg"]
+       "small-vgg", "resnet20-pre"]
 
 
 def _pair(name, options, norm="bnlab"):

@@ -1,5 +1,6 @@
 """CIFAR ResNets (bnlab.training.resnet): He et al.'s parameter counts and shapes, SkipInit's
-identity at alpha = 0, Fixup's initialization by its definition, every norm, and training."""
+identity at alpha = 0, Fixup's initialization by its definition, every norm, training, and the
+pre-activation layout (its parameters, its identity at alpha = 0, De & Smith's 1/l)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from bnlab import cli
+from bnlab.probes.residual import residual_variances
 from bnlab.training import runs
 from bnlab.training.models import build_model
 from bnlab.training.norms import NORMS
@@ -24,7 +26,7 @@ from bnlab.training.resnet import (
     fixup_scale,
     residual_blocks,
 )
-from bnlab.training.train import TrainConfig, start_run
+from bnlab.training.train import TrainConfig, describe, start_run
 from bnlab.util.errors import ConfigError
 from tests.helpers import NORM_SKIPS
 
@@ -260,3 +262,72 @@ def test_cli_trains_resnet20_on_one_and_two_processes(capsys, fake_dataset, tmp_
     assert len(one) == 4
     torch.testing.assert_close(synced, one, rtol=1e-5, atol=1e-5)
     assert runs.load_run(tmp_path / "local")["summary"]["epochs_completed"] == 1
+
+
+# --------------------------------------------------------------------------- pre-activation
+
+def test_pre_activation_layout_and_parameters() -> None:
+    """Branches norm-relu-conv-norm-relu-conv, no ReLU after the sum, a stem without ReLU and
+    a norm-relu before the pool. Against the post-activation net: each downsampling block's
+    first norm sees the block's input channels (16 and 32 fewer), the head's norm adds 64, so
+    +16 channels = 32 parameters; without a norm the same convs and fc."""
+    model = cifar_resnet(20, "bnlab", block="pre")
+    assert count(model) == count(cifar_resnet(20, "bnlab")) + 2 * (64 - 16 - 32)
+    assert count(cifar_resnet(20, "none", block="pre")) == count(cifar_resnet(20, "none"))
+    branch = model.stage2.block1.branch
+    assert list(dict(branch.named_children())) == ["norm1", "relu1", "conv1", "norm2", "relu2",
+                                                   "conv2"]
+    assert branch.norm1.num_features == 16 and branch.norm2.num_features == 32
+    assert all(isinstance(b.relu, nn.Identity) for b in residual_blocks(model))
+    assert list(dict(model.stem.named_children())) == ["conv", "norm"]
+    assert list(dict(model.head.named_children()))[:2] == ["norm", "relu"]
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    assert isinstance(residual_blocks(cifar_resnet(20, "bnlab"))[0].relu, nn.ReLU)
+
+
+@pytest.mark.parametrize("norm", ["none", "bnlab"])
+def test_pre_activation_skipinit_at_alpha_zero_is_exactly_the_skip_path(norm: str) -> None:
+    torch.manual_seed(0)
+    model = cifar_resnet(20, norm, residual="skipinit", block="pre").train()
+    seen = _block_inputs_and_outputs(model, torch.randn(6, 1, 28, 28))
+    assert len(seen) == 9
+    assert any((x < 0).any() for _, x, _ in seen)  # no ReLU on the skip path: inputs are signed
+    for block, x, out in seen:
+        with torch.no_grad():
+            assert torch.equal(out, block.shortcut(x))
+
+
+def test_pre_activation_with_bn_is_de_and_smiths_one_over_l() -> None:
+    """At initialization in train mode the stem's BN gives the skip path unit variance and
+    every branch (a He-initialized conv of relu(BN(x))) adds second moment 1, of which 1/pi is
+    its channels' squared means: per channel it adds variance c = 1 - 1/pi. So in stage 1 the
+    skip variance of block l is about 1 + (l - 1) c and the ratio c / (1 + (l - 1) c), which
+    goes as 1/l. The post-activation net's skip grows by about 1 - 2/pi per block (a reflected
+    random walk), well below."""
+    c = 1 - 1 / math.pi
+    x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    pre = residual_variances(cifar_resnet(56, "bnlab", block="pre").train(), x)[:9]
+    torch.manual_seed(0)
+    post = residual_variances(cifar_resnet(56, "bnlab").train(), x)[:9]
+    assert pre[0].skip == pytest.approx(1.0, abs=1e-3)  # the stem's BN output
+    for r in pre:
+        assert r.branch == pytest.approx(c, rel=0.2)
+        assert r.skip == pytest.approx(1 + (r.index - 1) * c, rel=0.15)
+    assert pre[-1].ratio * 9 == pytest.approx(9 * c / (1 + 8 * c), rel=0.2)
+    growth = (post[-1].skip - post[0].skip) / 8
+    assert growth == pytest.approx(1 - 2 / math.pi, rel=0.3)
+    assert (pre[-1].skip - pre[0].skip) / 8 > 1.5 * growth
+
+
+def test_pre_activation_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown block 'mid'"):
+        cifar_resnet(20, block="mid")
+    with pytest.raises(ValueError, match="Fixup is defined on post-activation blocks"):
+        cifar_resnet(20, "none", residual="fixup", block="pre")
+    with pytest.raises(ConfigError, match="Fixup is defined on post-activation blocks"):
+        TrainConfig(val_size=200, model="resnet20", norm="none", residual="fixup", block="pre")
+    with pytest.raises(ConfigError, match=r"\['block'\] set, but model 'bn-lenet'"):
+        TrainConfig(val_size=200, model="bn-lenet", block="pre")
+    config = TrainConfig(val_size=200, model="resnet20", block="pre")
+    assert "block=pre" in describe(config) and "block" not in describe(TrainConfig(model="resnet20"))

@@ -18,8 +18,10 @@ from bnlab.experiments import (
     landscape,
     lr,
     norm_choice,
+    onlybn,
     placement,
     precise,
+    residual,
     robustness_claim,
     sync,
 )
@@ -30,7 +32,8 @@ EXPERIMENTS: dict[str, Experiment] = {
                         depth.EXPERIMENT, convergence.EXPERIMENT, norm_choice.EXPERIMENT,
                         robustness_claim.EXPERIMENT, sync.EXPERIMENT, ics.EXPERIMENT,
                         landscape.EXPERIMENT, precise.EXPERIMENT,
-                        batchsize.EXPERIMENT, adapt.EXPERIMENT, decay.EXPERIMENT)
+                        batchsize.EXPERIMENT, adapt.EXPERIMENT, decay.EXPERIMENT,
+                        residual.EXPERIMENT, onlybn.EXPERIMENT)
 }
 
 

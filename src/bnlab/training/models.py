@@ -161,7 +161,8 @@ MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "deep-mlp": ("depth", "width", "activation", "fuse_activation"),
     "deep-cnn": ("depth", "width", "activation", "fuse_activation"),
     "ioffe-mlp": ("fuse_activation",),
-    **{f"resnet{depth}": ("shortcut", "residual", "fuse_activation") for depth in resnet.DEPTHS},
+    **{f"resnet{depth}": ("shortcut", "residual", "block", "fuse_activation")
+       for depth in resnet.DEPTHS},
 }
 """The options (``TrainConfig`` fields) each model takes beyond its norm."""
 

@@ -22,7 +22,9 @@ Layout (6n + 2 weight layers, shapes for a (N, 1, 28, 28) input)::
     head: global average pool -> flatten -> fc(10)    # (N, 64) -> (N, 10) logits
 
 Each block is ``relu(branch(x) + shortcut(x))`` (:class:`ResidualBlock`, He et al.'s
-post-activation block). The branch, by ``residual`` (:data:`RESIDUALS`):
+post-activation block), or with ``block="pre"`` (:data:`BLOCKS`) ``branch(x) + shortcut(x)``,
+He et al.'s (2016b) pre-activation block, whose branch starts with the norm and the ReLU (see
+"Pre-activation" below). The branch, by ``residual`` (:data:`RESIDUALS`):
 
 * ``standard``: conv3x3 -> norm -> relu -> conv3x3 -> norm.
 * ``skipinit`` (De & Smith 2020): the standard branch times a learnable scalar alpha,
@@ -40,6 +42,22 @@ The shortcut, where a block changes the shape (the first block of stages 2 and 3
 subsample by 2 and append zero channels (:class:`ZeroPadShortcut`); ``projection`` is option B:
 a 1x1 conv with stride 2, then the norm (Fixup: a scalar bias, then the 1x1 conv). Elsewhere
 the shortcut is the identity.
+
+Pre-activation (``block="pre"``, He et al. 2016b, "Identity Mappings in Deep Residual
+Networks"; the layout of De & Smith's analysis): the skip path is a sum with no ReLU on it::
+
+    stem: conv3x3(16) -> norm                         # no ReLU: the first branch starts with one
+    block: x + branch(x), branch = norm -> relu -> conv3x3 -> norm -> relu -> conv3x3 [* alpha]
+    head: norm -> relu -> global average pool -> flatten -> fc(10)
+
+With batch norm the stem's norm makes the skip path start at unit variance per channel, so
+that at initialization block l adds about 1 to it (De & Smith's 1/l); He et al.'s stem is the
+conv alone, as it is here with ``norm="none"``. Shortcuts as above, applied to the block's
+input. Fixup is defined on post-activation blocks only.
+
+Why both: the post-activation ReLU after the sum cuts part of what each branch adds (at
+initialization with batch norm the skip path's variance grows by about 1 - 2/pi per block, a
+reflected random walk, instead of 1), so De & Smith's exact 1/l is for pre-activation blocks.
 
 Initialization: every conv He-normal (fan-in, ReLU gain: preserves the forward variance, He et
 al. 2015), no conv biases (the norm's beta plays that part; without a norm there is none, so
@@ -74,6 +92,10 @@ SHORTCUTS = ("identity", "projection")
 """Shortcuts where a block changes shape: He et al.'s option A (``identity``: subsample and
 zero-pad) and option B (``projection``: 1x1 conv and norm)."""
 
+BLOCKS = ("post", "pre")
+"""Block layouts: He et al.'s post-activation ``relu(branch(x) + shortcut(x))`` (2016a) and
+pre-activation ``branch(x) + shortcut(x)`` with a norm-relu-conv branch (2016b)."""
+
 RESIDUALS = ("standard", "skipinit", "fixup")
 """The residual variants: He et al.'s block, SkipInit (De & Smith 2020), Fixup (Zhang et al. 2019)."""
 
@@ -88,8 +110,11 @@ def blocks_per_stage(depth: int) -> int:
     return (depth - 2) // 6
 
 
-def check_resnet(shortcut: str, residual: str, norm: str) -> None:
-    """ValueError unless ``shortcut`` and ``residual`` are known and ``residual`` suits ``norm``."""
+def check_resnet(shortcut: str, residual: str, norm: str, block: str = "post") -> None:
+    """ValueError unless ``shortcut``, ``residual`` and ``block`` are known and ``residual`` suits
+    ``norm`` and ``block``."""
+    if block not in BLOCKS:
+        raise ValueError(f"unknown block {block!r}; expected one of {list(BLOCKS)}")
     if shortcut not in SHORTCUTS:
         raise ValueError(f"unknown shortcut {shortcut!r}; expected one of {list(SHORTCUTS)}")
     if residual not in RESIDUALS:
@@ -97,6 +122,9 @@ def check_resnet(shortcut: str, residual: str, norm: str) -> None:
     if residual == "fixup" and norm != "none":
         raise ValueError(f"Fixup replaces normalization: residual 'fixup' takes only norm 'none' "
                          f"(got norm {norm!r}); use --norm none")
+    if residual == "fixup" and block != "post":
+        raise ValueError(f"Fixup is defined on post-activation blocks: residual 'fixup' takes only "
+                         f"block 'post' (got block {block!r})")
 
 
 class Scale(nn.Module):
@@ -141,16 +169,17 @@ class ZeroPadShortcut(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """``relu(branch(x) + shortcut(x))``: He et al.'s post-activation residual block.
+    """``relu(branch(x) + shortcut(x))``: He et al.'s post-activation residual block; with
+    ``post_activation=False`` the sum alone (a pre-activation block: its ``relu`` is the identity).
 
     ``branch`` and ``shortcut`` are its submodules by those names (probes find residual
     blocks by them, ``bnlab.probes.residual``).
     """
 
-    def __init__(self, branch: nn.Module, shortcut: nn.Module) -> None:
+    def __init__(self, branch: nn.Module, shortcut: nn.Module, post_activation: bool = True) -> None:
         super().__init__()
         self.branch, self.shortcut = branch, shortcut
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU() if post_activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.branch(x) + self.shortcut(x))  # (N, C_out, H', W')
@@ -161,8 +190,8 @@ def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 def _branch(in_channels: int, out_channels: int, stride: int, norm: str,
-            residual: str) -> nn.Sequential:
-    """The residual branch of ``residual`` (see the module docstring), named by layer."""
+            residual: str, block: str) -> nn.Sequential:
+    """The residual branch of ``residual`` and ``block`` (see the module docstring), named by layer."""
     if residual == "fixup":
         return nn.Sequential(OrderedDict([
             ("bias1a", Bias()), ("conv1", _conv3x3(in_channels, out_channels, stride)),
@@ -170,12 +199,20 @@ def _branch(in_channels: int, out_channels: int, stride: int, norm: str,
             ("bias2a", Bias()), ("conv2", _conv3x3(out_channels, out_channels)),
             ("scale", Scale(1.0)), ("bias2b", Bias()),
         ]))
-    layers = [
-        ("conv1", _conv3x3(in_channels, out_channels, stride)),
-        ("norm1", create_norm_layer(norm, "conv", out_channels)), ("relu1", nn.ReLU()),
-        ("conv2", _conv3x3(out_channels, out_channels)),
-        ("norm2", create_norm_layer(norm, "conv", out_channels)),
-    ]
+    if block == "pre":
+        layers = [
+            ("norm1", create_norm_layer(norm, "conv", in_channels)), ("relu1", nn.ReLU()),
+            ("conv1", _conv3x3(in_channels, out_channels, stride)),
+            ("norm2", create_norm_layer(norm, "conv", out_channels)), ("relu2", nn.ReLU()),
+            ("conv2", _conv3x3(out_channels, out_channels)),
+        ]
+    else:
+        layers = [
+            ("conv1", _conv3x3(in_channels, out_channels, stride)),
+            ("norm1", create_norm_layer(norm, "conv", out_channels)), ("relu1", nn.ReLU()),
+            ("conv2", _conv3x3(out_channels, out_channels)),
+            ("norm2", create_norm_layer(norm, "conv", out_channels)),
+        ]
     if residual == "skipinit":
         layers.append(("alpha", Scale(0.0)))
     return nn.Sequential(OrderedDict(layers))
@@ -195,44 +232,48 @@ def _shortcut(in_channels: int, out_channels: int, stride: int, norm: str, short
 
 
 def _stage(blocks: int, in_channels: int, out_channels: int, stride: int, norm: str,
-           shortcut: str, residual: str) -> nn.Sequential:
+           shortcut: str, residual: str, block: str) -> nn.Sequential:
     """``blocks`` residual blocks named block1 .. blockN; the first has ``stride``."""
     layers = []
     for index in range(1, blocks + 1):
         block_stride = stride if index == 1 else 1
         layers.append((f"block{index}", ResidualBlock(
-            _branch(in_channels, out_channels, block_stride, norm, residual),
-            _shortcut(in_channels, out_channels, block_stride, norm, shortcut, residual))))
+            _branch(in_channels, out_channels, block_stride, norm, residual, block),
+            _shortcut(in_channels, out_channels, block_stride, norm, shortcut, residual),
+            post_activation=block == "post")))
         in_channels = out_channels
     return nn.Sequential(OrderedDict(layers))
 
 
 def cifar_resnet(depth: int, norm: str = "bnlab", shortcut: str = "identity",
                  residual: str = "standard", num_classes: int = 10,
-                 in_channels: int = INPUT_CHANNELS) -> nn.Sequential:
+                 in_channels: int = INPUT_CHANNELS, block: str = "post") -> nn.Sequential:
     """The CIFAR ResNet of ``depth`` = 6n + 2 layers (see the module docstring), initialized.
 
     ``norm`` is a ``bnlab.training.norms`` name; ``shortcut`` one of :data:`SHORTCUTS`;
-    ``residual`` one of :data:`RESIDUALS` (``fixup`` takes only ``norm="none"``). Modules are
-    named ``stem.conv``, ``stage2.block1.branch.norm1``, ``stage3.block2.shortcut``, ``head.fc``.
+    ``residual`` one of :data:`RESIDUALS` (``fixup`` takes only ``norm="none"`` and
+    ``block="post"``); ``block`` one of :data:`BLOCKS`. Modules are named ``stem.conv``,
+    ``stage2.block1.branch.norm1``, ``stage3.block2.shortcut``, ``head.fc``.
     """
     n = blocks_per_stage(depth)
-    check_resnet(shortcut, residual, norm)
-    fixup = residual == "fixup"
+    check_resnet(shortcut, residual, norm, block)
+    fixup, pre = residual == "fixup", block == "pre"
     first, *_ = STAGE_CHANNELS
     stem_norm = ("bias", Bias()) if fixup else ("norm", create_norm_layer(norm, "conv", first))
     stages, channels = [], first
     for index, out_channels in enumerate(STAGE_CHANNELS, start=1):
         stride = 1 if index == 1 else 2
         stages.append((f"stage{index}", _stage(n, channels, out_channels, stride, norm, shortcut,
-                                               residual)))
+                                               residual, block)))
         channels = out_channels
-    head = [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]  # (N, C, 1, 1) -> (N, C)
+    # pre-activation: the last block's sum is normalized and activated before the pool
+    head = [("norm", create_norm_layer(norm, "conv", channels)), ("relu", nn.ReLU())] if pre else []
+    head += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]  # (N, C, 1, 1) -> (N, C)
     head += [("bias", Bias())] if fixup else []
     head.append(("fc", nn.Linear(channels, num_classes)))
+    stem = [("conv", _conv3x3(in_channels, first)), stem_norm] + ([] if pre else [("relu", nn.ReLU())])
     model = nn.Sequential(OrderedDict([
-        ("stem", nn.Sequential(OrderedDict([("conv", _conv3x3(in_channels, first)), stem_norm,
-                                            ("relu", nn.ReLU())]))),
+        ("stem", nn.Sequential(OrderedDict(stem))),
         *stages,
         ("head", nn.Sequential(OrderedDict(head))),
     ]))

@@ -34,7 +34,7 @@ from bnlab.training import runs
 from bnlab.training.deep import check_architecture
 from bnlab.training.models import MODEL_OPTIONS, build_model, check_norm, has_norm_layers, parse_norm_slots
 from bnlab.training.norms import NORMS, check_norm_name, uses_batch_statistics
-from bnlab.training.resnet import RESIDUALS, SHORTCUTS, check_resnet
+from bnlab.training.resnet import BLOCKS, RESIDUALS, SHORTCUTS, check_resnet
 from bnlab.training.trainable import TRAIN_ONLY, restrict_training, trainable_masks
 from bnlab.training.weight_decay import decay_groups
 from bnlab.util.config import (
@@ -122,6 +122,11 @@ class TrainConfig:
                 "a scalar initialized at 0; De & Smith use it with --norm none) or fixup (Zhang "
                 "et al.'s scalar biases, multiplier and initialization; --norm none only)",
         "choices": RESIDUALS, OMIT_AT_DEFAULT: True})
+    block: str = field(default="post", metadata={
+        "help": "resnet*: block layout: post (He et al. 2016a: relu(branch(x) + shortcut(x))) or "
+                "pre (He et al. 2016b: branch(x) + shortcut(x), the branch norm-relu-conv-norm-"
+                "relu-conv; not with fixup)",
+        "choices": BLOCKS, OMIT_AT_DEFAULT: True})
     train_only: str = field(default="all", metadata={
         "help": "which parameters train: all; bn (only every batch norm's gamma/beta, all else "
                 "frozen at its initialization); random (as many randomly chosen other entries, "
@@ -196,7 +201,7 @@ class TrainConfig:
             if "depth" in options:
                 check_architecture(self.depth, self.width, self.activation)
             if "residual" in options:
-                check_resnet(self.shortcut, self.residual, self.norm)
+                check_resnet(self.shortcut, self.residual, self.norm, self.block)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         has_batch_norms = uses_batch_statistics(self.norm) and has_norm_layers(self.model) and bool(slots)
@@ -628,7 +633,7 @@ def describe(config: TrainConfig) -> str:
     if has_norm_layers(config.model):
         slots = "" if config.norm_slots == "all" else f" @ {config.norm_slots}"
         norm = f" ({config.norm}{slots})"
-    changed = {name: getattr(config, name) for name in ("shortcut", "residual", "train_only")
+    changed = {name: getattr(config, name) for name in ("shortcut", "residual", "block", "train_only")
                if getattr(config, name) != _DEFAULTS[name]}
     extra = "".join(f" {name}={value}" for name, value in changed.items())
     return f"{config.model}{norm}{extra} lr={config.lr:g} bs={config.batch_size} seed={config.seed}"

@@ -16,7 +16,7 @@ BIN   := $(VENV)/bin
 STAMP := $(VENV)/.bnlab-installed
 
 .PHONY: demo test test-fast env kernel data data-if-possible browser site-screenshot lint clean \
-	strip-notebook
+	strip-notebook quick-times
 
 demo: data kernel
 	$(BIN)/bnlab demo $(DEMO_ARGS)
@@ -63,6 +63,11 @@ SITE ?= runs/exp/site
 site-screenshot: browser
 	scripts/site_screenshot.sh $(SITE) docs/site-index.png
 
+# Every experiment's --quick timed alone against its 3-minute budget: a benchmark, for an
+# otherwise idle machine (a timed test would only measure the machine's load).
+quick-times: data kernel
+	$(BIN)/python scripts/quick_times.py
+
 # bnlab's C++ batch-norm kernel, built once per machine and torch (a no-op when built).
 # Without a compiler or ninja the build fails with a one-line reason and set-up carries
 # on: impl="auto" then uses the fast path and says so.
@@ -70,7 +75,7 @@ kernel: env
 	-$(BIN)/bnlab kernel build
 
 lint: env
-	$(BIN)/python -m ruff check src tests
+	$(BIN)/python -m ruff check src tests scripts
 
 # The notebook is committed without outputs: run this before committing it.
 strip-notebook: env

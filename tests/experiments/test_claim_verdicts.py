@@ -133,6 +133,25 @@ def test_lr_tolerance_verdict():
     assert never[0].outcome == UNRESOLVED and "trains at no rate" in never[0].note
 
 
+def test_lr_tolerance_stops_at_the_first_failure_not_at_a_fluke_over_the_bar():
+    """A run that clears the bar above rates that all failed (BN-LeNet at lr 1000 with 25%
+    after failing at 100, in the default grid) is not a rate that trains: the plain maximum
+    counted it."""
+    rows = _lr_rows({False: [1.0] * 3, True: [30.0] * 3})
+    for row in rows:
+        if row.tags["bn"] and row.tags["lr"] == 1000.0 and row.seed != SEEDS[0]:
+            row.summary.update(diverged=False, final_val_acc=0.25, final_test_acc=0.25)
+    assert lr.largest_training_rate(rows, bn=True) == dict.fromkeys(SEEDS, 30.0)
+    assert lr.verdicts(rows)[0].effect == pytest.approx(math.log10(30))
+
+
+def test_the_largest_stable_rate_is_calibrated_on_known_answers():
+    readings = lr.calibration()
+    assert [c.ok for c in readings] == [True] * 4, readings
+    assert math.isnan(lr.largest_stable_rate({0.1: False, 1.0: False}))
+    assert lr.largest_stable_rate({0.1: True, 1.0: False, 10.0: True}) == 0.1
+
+
 def test_lr_accuracy_verdict_compares_each_model_at_its_validated_best_rate():
     rows = [_row("LeNet lr=1", {"bn": False, "lr": 1.0}, s, 0.80, val=0.9) for s in SEEDS]
     rows += [_row("LeNet lr=0.3", {"bn": False, "lr": 0.3}, s, 0.95, val=0.5) for s in SEEDS]

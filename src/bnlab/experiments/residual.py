@@ -369,7 +369,8 @@ def _mean_over_seeds(by_seed: dict[int, list[BlockVariance]], field: str) -> lis
 
 def init_verdicts(probes: Probes, depth: int) -> list[Verdict]:
     ones = {seed: 1.0 for seed in agreement_by_seed(probes, "pre", depth)}
-    twos = {seed: DOUBLING for seed in growth_by_seed(probes, "pre", depth)}
+    growth = growth_by_seed(probes, "pre", depth)
+    twos = dict.fromkeys(growth, DOUBLING)
     variance = ("our variance is per channel over batch and space, channel means removed, so a "
                 "branch's ")
     return [
@@ -389,7 +390,7 @@ def init_verdicts(probes: Probes, depth: int) -> list[Verdict]:
                    f"growth factor of the skip variance per block (geometric mean over the blocks "
                    f"that keep the shape), pre-activation ResNet-{depth} without norm (margin "
                    f"±{GROWTH_MARGIN:g})",
-                   twos, growth_by_seed(probes, "pre", depth), GROWTH_MARGIN,
+                   twos, growth, GROWTH_MARGIN,
                    paper="variance 2^l, ratio about 1",
                    note=variance + "channel means (a ReLU of an uncentred input) do not count; He "
                                    "initialization preserves the second moment",

@@ -117,6 +117,27 @@ def test_without_weight_decay_the_norm_growth_is_read_and_judged():
     assert decay.growth_verdicts(settled)[0].outcome != SUPPORTED
 
 
+
+def test_the_growth_finding_spans_every_setting_not_one_per_seed():
+    """The same seeds at two rates, the norm doubled at one and grown by 1.3 at the other: the
+    finding's range covers both (keyed by seed, one setting would hide the other)."""
+    rows = []
+    for lr_eff, factor in ((0.1, 1.3), (1.0, 2.0)):
+        for seed in range(3):
+            first = [{"layer": name, "norm": 1.0, "steps": 100} for name in ("a", "head")]
+            last = [{"layer": name, "norm": factor, "steps": 100} for name in ("a", "head")]
+            r = row(seed, last, {"wd": 0.0, "lr_eff": lr_eff})
+            r.metrics[0]["spherical"] = first
+            rows.append(r)
+    (line,) = [f for f in decay.findings(rows, {}, None) if "without weight decay" in f]
+    assert "1.30-2.00 times" in line and "6 runs" in line
+
+
+def test_the_per_layer_table_names_bn_lenets_layers():
+    assert decay.layer_labels(["0.weight", "4.weight", "9.weight", "12.weight"]) == [
+        "conv 1 (0.weight)", "conv 2 (4.weight)", "linear 1 (9.weight)", "linear 2 (12.weight)"]
+
+
 def accuracy_rows(no_decay: float, no_norm: float, no_invariant: float, best: float = 1e-3,
                   diverge: str | None = None) -> list[Row]:
     """Rows at the ablation's setting: test accuracy per arm (plus a seed's small offset),

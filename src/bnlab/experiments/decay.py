@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bnlab.experiments.analysis import FAIL_ACCURACY, Row, failed, final, plot_intervals, select
 from bnlab.experiments.findings import (
@@ -289,8 +290,22 @@ def layer_table(rows: list[Row], measured: Measured) -> str:
             table.append([f"{lr_eff:g}", f"{momentum:g}", f"{wd:g}", f"{name} / predicted", *(
                 _cell(group, lambda r, la=layer, k=f"{q}_ratio":
                       measured[r.run_dir].get(la, {}).get(k, math.nan)) for layer in layers)])
-    return format_table(["η_eff", "μ", "λ", "measure", *layers], table) if table else \
-        "(no BN-LeNet run with weight decay)"
+    return format_table(["η_eff", "μ", "λ", "measure", *layer_labels(layers)], table) if table \
+        else "(no BN-LeNet run with weight decay)"
+
+
+def layer_labels(names: list[str]) -> list[str]:
+    """BN-LeNet's parameter names as readable column heads: ``0.weight`` -> ``conv 1 (0.weight)``,
+    numbered per kind in model order."""
+    model = build_model("bn-lenet")
+    counts: dict[str, int] = {}
+    labels = []
+    for name in names:
+        module = model.get_submodule(name.rpartition(".")[0])
+        kind = {nn.Conv2d: "conv", nn.Linear: "linear"}.get(type(module), type(module).__name__)
+        counts[kind] = counts.get(kind, 0) + 1
+        labels.append(f"{kind} {counts[kind]} ({name})")
+    return labels
 
 
 def ablation_rows(rows: list[Row], wd: float, decay: str) -> list[Row]:
@@ -458,11 +473,12 @@ def findings(rows: list[Row], measured: Measured, chosen: float | None) -> list[
             if len(cells) == len(same):
                 lines.append(f"- BN-LeNet, μ {momentum:g}, the same η_eff·λ = {product:g} (the "
                              "prediction depends on the product only): " + "; ".join(cells) + ".")
-    growth = list(per_seed(select(rows, part="sweep", bn=True, wd=0.0), norm_growth).values())
+    # Every run of every rate and momentum: keyed by seed, the settings would overwrite each other.
+    growth = [norm_growth(r) for r in select(rows, part="sweep", bn=True, wd=0.0) if not r.diverged]
     if growth:
         lines.append(f"- BN-LeNet without weight decay: ||w|| ends at {min(growth):.2f}-"
-                     f"{max(growth):.2f} times its first window's value (every rate and "
-                     "momentum, mean over the hidden layers).")
+                     f"{max(growth):.2f} times its first window's value ({len(growth)} runs over "
+                     "every rate and momentum, mean over the hidden layers).")
     if chosen is not None:
         cells = {decay: [final(r, "final_test_acc") for r in ablation_rows(rows, chosen, decay)]
                  for decay in (ALL_DECAYED, *ABLATIONS)}

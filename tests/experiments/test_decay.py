@@ -117,7 +117,6 @@ def test_without_weight_decay_the_norm_growth_is_read_and_judged():
     assert decay.growth_verdicts(settled)[0].outcome != SUPPORTED
 
 
-
 def test_the_growth_finding_spans_every_setting_not_one_per_seed():
     """The same seeds at two rates, the norm doubled at one and grown by 1.3 at the other: the
     finding's range covers both (keyed by seed, one setting would hide the other)."""
